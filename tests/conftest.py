@@ -1,0 +1,90 @@
+"""Shared fixtures: the repository on sys.path, the embedded sample, optional ../shared data, run helpers."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_TOKENIZER = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+SHARED_DATASET = SHARED / "data" / "datasets" / "fineweb_sample_sp1024"
+SHARED_DOCS = SHARED / "data" / "fineweb_sample" / "docs.jsonl"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
+torch.set_num_threads(2)
+
+# The smallest config that still exercises every feature: XSA, VE, BigramHash, U-Net skips, late QAT.
+TINY_ENV = {
+    "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
+    "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "2048", "ITERATIONS": "12",
+    "WARMDOWN_ITERS": "4", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
+    "TRAIN_LOG_EVERY": "1", "VAL_BATCH_SIZE": "65536", "MUON_MOMENTUM_WARMUP_STEPS": "4",
+    "EMA_DECAY": "0.9", "VE_LAYERS": "2,3", "VE_DIM": "16", "XSA_LAST_N": "2", "BIGRAM_VOCAB_SIZE": "256",
+    "BIGRAM_DIM": "16", "ROPE_DIMS": "8", "SEED": "1337",
+}
+
+
+def tiny_hyperparameters(**overrides):
+    import train_gpt
+
+    env = dict(TINY_ENV, DATA_PATH="unused", TOKENIZER_PATH="unused")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return train_gpt.Hyperparameters(env)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    """The embedded KJV sample, built offline into a temporary directory: (dataset_dir, tokenizer_path)."""
+    import build_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    info = build_sample.build(REPO / "data" / "sample" / "kjv_chapters.jsonl.xz", root)
+    return str(info["dataset"]), str(info["tokenizer"])
+
+
+@pytest.fixture(scope="session")
+def fineweb_or_sample(sample_data):
+    """Real FineWeb text from ../shared when present, else the embedded sample."""
+    if SHARED_DATASET.is_dir() and SHARED_TOKENIZER.is_file():
+        return str(SHARED_DATASET), str(SHARED_TOKENIZER)
+    return sample_data
+
+
+def clean_environment() -> dict:
+    """The parent environment minus every variable train_gpt.py reads (so a developer's exports don't leak)."""
+    import train_gpt
+
+    names = set(train_gpt.Hyperparameters({}).env_names) | set(train_gpt.DROPPED_RECORD_VARIABLES)
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_script(cwd: Path, env_overrides: dict, args=(), timeout=600, nproc: int = 1, script=None):
+    """Run train_gpt.py (or torchrun with nproc ranks) in cwd; returns the CompletedProcess."""
+    env = clean_environment()
+    env.update({k: str(v) for k, v in env_overrides.items()})
+    script = str(script or REPO / "train_gpt.py")
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    else:
+        command = [sys.executable, script]
+    return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(cwd: Path, run_id: str) -> str:
+    return (Path(cwd) / "logs" / f"{run_id}.txt").read_text(encoding="utf-8")
+
+
+def parse_metric(log: str, label: str) -> dict:
+    """Fields of the last line starting with label, e.g. parse_metric(log, 'final_int6_roundtrip_exact')."""
+    lines = [line for line in log.splitlines() if line.startswith(label + " ")]
+    assert lines, f"no line starting with {label!r} in the log"
+    return {k: float(v.rstrip("ms")) if re.fullmatch(r"-?[\d.]+(ms)?", v) else v
+            for k, v in re.findall(r"(\w+):(\S+)", lines[-1])}

@@ -1,0 +1,33 @@
+"""A tiny config trained for a few steps on real text, through export and the roundtrip evaluation."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
+
+
+def test_tiny_run_end_to_end(tmp_path, fineweb_or_sample):
+    dataset, tokenizer = fineweb_or_sample
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="e2e", ARTIFACT_PATH="out/model.ptz")
+    result = run_script(tmp_path, env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = read_log(tmp_path, "e2e")
+    code = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    assert log.startswith(code)  # the log holds the exact code that ran
+    assert re.search(r"^python:\S+ torch:\S+", log, re.M) and re.search(r"^device:cpu", log, re.M)
+    assert re.search(r"^model_params:\d+$", log, re.M)
+    losses = [float(x) for x in re.findall(r"^step:\d+/12 train_loss:([\d.]+) train_time:\S+ step_avg:\S+ tok_s:\d+ eta:\d+s$",
+                                            log, re.M)]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
+    artifact = parse_metric(log, "artifact")
+    model_bytes = (tmp_path / "out" / "model.ptz").stat().st_size
+    assert artifact["model_bytes"] == model_bytes and artifact["code_bytes"] == len(code.encode("utf-8"))
+    assert artifact["total_bytes"] == model_bytes + artifact["code_bytes"] and artifact["cap"] == 16_000_000
+    roundtrip = parse_metric(log, "final_int6_roundtrip")
+    exact = parse_metric(log, "final_int6_roundtrip_exact")
+    assert abs(roundtrip["val_bpb"] - exact["val_bpb"]) < 1e-4 and 1.0 < exact["val_bpb"] < 4.0
+    assert re.search(r"val_bpb:\d+\.\d{8}$", log.strip().splitlines()[-1])
+    assert log.strip().splitlines()[-1].startswith("final_int6_roundtrip_exact ")
+    # Quantization costs something but not much: the roundtrip is close to the pre-quantization score.
+    assert abs(exact["val_bpb"] - parse_metric(log, "DIAGNOSTIC post_average")["val_bpb"]) < 0.05

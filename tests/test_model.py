@@ -1,0 +1,205 @@
+"""The model: parameter count, components, and the CUDA code path exercised on the CPU."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from conftest import tiny_hyperparameters
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return train_gpt.GPT(tiny_hyperparameters(**overrides))
+
+
+def tiny_batch(batch=2, seq=64, vocab=1024, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def test_default_parameter_count_matches_record():
+    """#549 logs model_params:26928220 for the configuration it ran (BigramHash 1536)."""
+    model = build_on_meta(train_gpt.Hyperparameters({}))
+    assert sum(p.numel() for p in model.parameters()) == 26_928_220
+    with_code_default = build_on_meta(train_gpt.Hyperparameters({"BIGRAM_VOCAB_SIZE": "2048"}))
+    assert sum(p.numel() for p in with_code_default.parameters()) == 26_993_756
+
+
+def build_on_meta(h):
+    original = train_gpt.GPT._init_weights
+    train_gpt.GPT._init_weights = lambda self, h: None  # shapes only: skip the (slow) orthogonal init
+    try:
+        with torch.device("meta"):
+            return train_gpt.GPT(h)
+    finally:
+        train_gpt.GPT._init_weights = original
+
+
+def test_init_scheme():
+    model = tiny_model()
+    n = model.num_layers
+    assert torch.count_nonzero(model.qo_bank[n:]) == 0 and torch.count_nonzero(model.mlp_down_bank) == 0
+    q = model.qo_bank[0]
+    assert torch.allclose(q @ q.T, torch.eye(q.size(0)), atol=1e-5)  # orthogonal
+    assert torch.count_nonzero(model.bigram_hash.embed.weight) == 0
+    proj = model.bigram_hash.proj.weight
+    assert torch.allclose(proj.T @ proj, torch.eye(proj.size(1)), atol=1e-5)
+    assert torch.all(model.blocks[0].attn.q_gain == 1.5)
+    assert torch.all(model.blocks[0].resid_mix[0] == 1) and torch.all(model.blocks[0].resid_mix[1] == 0)
+
+
+def test_blocks_start_as_identity_and_loss_is_log_vocab():
+    model = tiny_model()
+    inputs, targets = tiny_batch()
+    with torch.no_grad():
+        loss = model(inputs, targets)
+    assert abs(loss.item() - torch.log(torch.tensor(1024.0)).item()) < 0.05
+
+
+def test_bigram_hash_formula():
+    module = train_gpt.BigramHash(1536, 8, 16)
+    ids = torch.tensor([[5, 7, 1023]])
+    expected = [1535, ((36313 * 7) ^ (27191 * 5)) % 1535, ((36313 * 1023) ^ (27191 * 7)) % 1535]
+    assert module.bucket_ids(ids).tolist() == [expected]
+
+
+def test_xsa_removes_the_self_value_direction():
+    y, v = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
+    out = train_gpt.subtract_self_value(y, v)
+    v_for_head = v.repeat_interleave(2, dim=2)
+    assert torch.allclose((out * F.normalize(v_for_head, dim=-1)).sum(-1), torch.zeros(2, 5, 4), atol=1e-5)
+
+
+def test_partial_rotary_is_a_rotation_of_the_first_dims_only():
+    x = torch.randn(1, 6, 2, 16)
+    cos, sin = train_gpt.rotary_tables(6, 8, 10000.0, "cpu")
+    out = train_gpt.apply_partial_rotary(x, cos, sin)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    assert torch.allclose(out[..., :8].norm(dim=-1), x[..., :8].norm(dim=-1), atol=1e-5)
+    assert torch.equal(out[:, 0], x[:, 0])  # position 0 is not rotated
+
+
+def test_rotary_ntk_base_matches_record_at_2048():
+    cos, _ = train_gpt.rotary_tables(2048, 16, 10000.0, "cpu")
+    base = 10000.0 * 2 ** (16 / 14)  # #549: about 22,082 at T = 2048
+    inv_freq = 1.0 / base ** (torch.arange(0, 16, 2).float() / 16)
+    assert torch.allclose(cos[0, 100, 0], torch.cos(100 * inv_freq), atol=1e-4)
+
+
+def test_unet_skips_pair_lifo():
+    model = tiny_model(NUM_LAYERS=5)
+    order = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda module, args, i=i: order.append(i))
+    with torch.no_grad():
+        model(*tiny_batch())
+    assert order == [0, 1, 2, 3, 4] and model.num_encoder == 2 and model.skip_weights.shape[0] == 2
+
+
+def test_inference_mode_forward_then_training_backward():
+    """Scoring under inference_mode, then training (TTT): nothing cached under inference_mode may leak."""
+    model = tiny_model()
+    inputs, targets = tiny_batch()
+    with torch.inference_mode():
+        model(inputs, targets, reduction="none")
+    loss = model(inputs, targets)
+    loss.backward()
+    assert model.qo_bank.grad is not None
+
+
+def test_qat_reaches_the_banks():
+    model = tiny_model()
+    with torch.no_grad():
+        model.qo_bank[model.num_layers:].normal_(std=0.05)
+        model.mlp_down_bank.normal_(std=0.05)
+    inputs, targets = tiny_batch()
+    plain = model(inputs, targets)
+    model.qat_active = True
+    quantized = model(inputs, targets)
+    assert plain.item() != quantized.item()
+    quantized.backward()
+    assert model.mlp_down_bank.grad.abs().sum() > 0  # straight-through: gradients still reach the banks
+
+
+def test_bf16_autocast_steps_on_cpu():
+    """The CUDA precision path (bf16 autocast, bf16 Newton-Schulz) on the CPU: no dtype mismatch anywhere."""
+    h = tiny_hyperparameters()
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h)
+    optimizers = train_gpt.build_optimizers(model, h, torch.bfloat16, fused=False)
+    inputs, targets = tiny_batch()
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(inputs, targets)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.logits(inputs).dtype == torch.float32
+
+
+def test_flash_attention_call_contract(monkeypatch):
+    """A stand-in flash_attn_interface checks what the model passes to FlashAttention 3 on CUDA."""
+    calls = []
+
+    def flash_attn_func(q, k, v, causal=False):
+        assert causal is True
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16, (q.dtype, k.dtype, v.dtype)
+        batch, seq, heads, dim = q.shape
+        assert k.shape == v.shape == (batch, seq, 2, dim) and heads == 4 and dim == 16  # (B, T, H, D), GQA 4:2
+        calls.append(q.shape)
+        out = train_gpt.sdpa_attention(q, k, v)
+        return out, torch.zeros(batch, heads, seq)  # some FA3 builds return (out, lse)
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    name, attention = train_gpt.select_attention_backend(allow_flash=True)
+    assert name == "flash_attention_3"
+    h = tiny_hyperparameters()
+    torch.manual_seed(0)
+    flash_model = train_gpt.GPT(h, attention=attention)
+    torch.manual_seed(0)
+    sdpa_model = train_gpt.GPT(h)
+    inputs, targets = tiny_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flash_loss = flash_model(inputs, targets)
+        sdpa_loss = sdpa_model(inputs, targets)
+    assert len(calls) == h.num_layers
+    assert torch.allclose(flash_loss, sdpa_loss)
+    flash_loss.backward()
+
+
+def test_attention_falls_back_to_sdpa_without_flash():
+    assert train_gpt.select_attention_backend(allow_flash=False)[0] == "sdpa"
+
+
+def test_compiled_fullgraph_training_steps_on_cpu():
+    """torch.compile(fullgraph=True): a graph break that would crash the GPU run fails here too."""
+    h = tiny_hyperparameters(NUM_LAYERS=2, VE_LAYERS="1", XSA_LAST_N=1)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    optimizers = train_gpt.build_optimizers(model, h, torch.float32, fused=False)
+    inputs, targets = tiny_batch()
+    eager = model(inputs, targets).item()
+    for step in range(3):
+        model.qat_active = step == 2  # late QAT must reach the compiled graph (it recompiles once)
+        loss = compiled(inputs, targets)
+        if step == 0:
+            assert abs(loss.item() - eager) < 1e-4
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad()
+    model.qat_active = True
+    with torch.no_grad():
+        assert abs(compiled(inputs, targets).item() - model(inputs, targets).item()) < 1e-4

@@ -1,0 +1,1268 @@
+"""Parameter Golf trainer: the #549-class 11-layer GPT, from shards to a scored 16 MB artifact.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100: bf16, FlashAttention, compile, NCCL
+    python3 train_gpt.py                                        # CPU: fp32, SDPA, eager, one process
+
+Every knob is an environment variable read once in Hyperparameters (README has the table). Data flow:
+shards -> model -> Muon (banks) + AdamW training under a wallclock cap -> EMA/SWA -> int6/int8 export ->
+compressed artifact written to disk -> artifact read back and evaluated. Comments cite the record a choice
+comes from ("#549" = the merged 1.1194 record this reproduces) and its measured delta where one exists.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import json
+import lzma
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# Hyperparameters
+# ----------------------------------------------------------------------------------------------------
+
+
+class InputError(ValueError):
+    """Bad configuration or input data; the message names the variable or file and what is wrong."""
+
+
+class EnvReader:
+    """Typed reads of environment variables; remembers every name it was asked for."""
+
+    def __init__(self, environ):
+        self.environ, self.names = environ, []
+
+    def _get(self, name, default):
+        self.names.append(name)
+        value = self.environ.get(name)
+        return default if value is None or value.strip() == "" else value.strip()
+
+    def _parse(self, name, default, kind, convert):
+        raw = self._get(name, default)
+        if not isinstance(raw, str):
+            return raw
+        try:
+            return convert(raw)
+        except ValueError:
+            raise InputError(f"env {name}={raw!r}: expected {kind}") from None
+
+    def int(self, name, default, minimum=None):
+        value = self._parse(name, default, "an integer", int)
+        if minimum is not None and value < minimum:
+            raise InputError(f"env {name}={value}: must be >= {minimum}")
+        return value
+
+    def float(self, name, default, minimum=None):
+        value = self._parse(name, default, "a number", float)
+        if minimum is not None and value < minimum:
+            raise InputError(f"env {name}={value}: must be >= {minimum}")
+        return value
+
+    def flag(self, name, default):
+        value = self._get(name, default)
+        if isinstance(value, bool):
+            return value
+        if value not in ("0", "1"):
+            raise InputError(f"env {name}={value!r}: expected 0 or 1")
+        return value == "1"
+
+    def choice(self, name, default, choices):
+        value = self._get(name, default)
+        if value not in choices:
+            raise InputError(f"env {name}={value!r}: expected one of {', '.join(choices)}")
+        return value
+
+    def text(self, name, default):
+        return self._get(name, default)
+
+    def int_list(self, name, default):
+        raw = self._get(name, default)
+        try:
+            return [int(part) for part in raw.split(",") if part.strip()]
+        except ValueError:
+            raise InputError(f"env {name}={raw!r}: expected comma-separated integers") from None
+
+
+# Variables of #549's command line that this script deliberately does not read (dead or replaced there).
+DROPPED_RECORD_VARIABLES = {
+    "EMA_ENABLED": "EMA is on whenever EMA_DECAY > 0",
+    "LATE_QAT": "late QAT is on whenever LATE_QAT_THRESHOLD > 0",
+    "MUON_BETA2": "dead in #549",
+    "TIE_EMBEDDINGS": "embeddings are always tied",
+    "EMBED_LR": "only used untied in #549",
+    "HEAD_LR": "only used untied in #549",
+    "MTP_NUM_HEADS": "multi-token prediction was disabled in #549",
+    "MTP_LOSS_WEIGHT": "multi-token prediction was disabled in #549",
+    "LAWA_ENABLED": "disabled in #549",
+    "DTG_ENABLED": "disabled in #549",
+    "GATED_ATTENTION": "disabled in #549",
+    "VALUE_RESIDUAL": "disabled in #549",
+}
+
+
+class Hyperparameters:
+    """Every setting of a run. Names and defaults follow #549 (record_549.md section 2) where shared."""
+
+    def __init__(self, environ=None):
+        env = EnvReader(os.environ if environ is None else environ)
+        # Data and run bookkeeping.
+        self.data_path = env.text("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        self.tokenizer_path = env.text("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.run_id = env.text("RUN_ID", str(uuid.uuid4()))
+        self.seed = env.int("SEED", 1337)
+        self.artifact_path = env.text("ARTIFACT_PATH", "final_model.int6.ptz")
+        # Training length, batch and logging.
+        self.iterations = env.int("ITERATIONS", 20000, minimum=0)
+        self.warmup_steps = env.int("WARMUP_STEPS", 20, minimum=0)
+        self.warmdown_iters = env.int("WARMDOWN_ITERS", 3500, minimum=0)
+        self.max_wallclock_seconds = env.float("MAX_WALLCLOCK_SECONDS", 600.0, minimum=0.0)
+        self.train_batch_tokens = env.int("TRAIN_BATCH_TOKENS", 786_432, minimum=1)
+        self.train_seq_len = env.int("TRAIN_SEQ_LEN", 2048, minimum=2)
+        self.eval_seq_len = env.int("EVAL_SEQ_LEN", 2048, minimum=2)
+        self.val_batch_size = env.int("VAL_BATCH_SIZE", 524_288, minimum=1)
+        self.val_loss_every = env.int("VAL_LOSS_EVERY", 4000, minimum=0)
+        self.train_log_every = env.int("TRAIN_LOG_EVERY", 500, minimum=0)
+        # Model shape.
+        self.vocab_size = env.int("VOCAB_SIZE", 1024, minimum=2)
+        self.num_layers = env.int("NUM_LAYERS", 11, minimum=1)
+        self.model_dim = env.int("MODEL_DIM", 512, minimum=8)
+        self.num_heads = env.int("NUM_HEADS", 8, minimum=1)
+        self.num_kv_heads = env.int("NUM_KV_HEADS", 4, minimum=1)
+        self.mlp_mult = env.float("MLP_MULT", 3.0, minimum=0.0)
+        self.rope_base = env.float("ROPE_BASE", 10000.0, minimum=1.0)
+        self.rope_dims = env.int("ROPE_DIMS", 16, minimum=0)
+        self.qk_gain_init = env.float("QK_GAIN_INIT", 1.5)
+        self.logit_softcap = env.float("LOGIT_SOFTCAP", 30.0, minimum=0.0)
+        self.xsa_last_n = env.int("XSA_LAST_N", 4, minimum=0)
+        self.ln_scale = env.flag("LN_SCALE", True)
+        # 1536 is what #549 ran (its command line, submission and parameter count); its code default was 2048.
+        self.bigram_vocab_size = env.int("BIGRAM_VOCAB_SIZE", 1536, minimum=0)
+        self.bigram_dim = env.int("BIGRAM_DIM", 128, minimum=1)
+        self.ve_enabled = env.flag("VE_ENABLED", True)
+        self.ve_dim = env.int("VE_DIM", 128, minimum=1)
+        self.ve_layers = env.int_list("VE_LAYERS", "9,10")
+        self.tied_embed_init_std = env.float("TIED_EMBED_INIT_STD", 0.005, minimum=0.0)
+        # Optimizers.
+        self.matrix_lr = env.float("MATRIX_LR", 0.025, minimum=0.0)
+        self.scalar_lr = env.float("SCALAR_LR", 0.025, minimum=0.0)
+        self.tied_embed_lr = env.float("TIED_EMBED_LR", 0.035, minimum=0.0)
+        self.muon_momentum = env.float("MUON_MOMENTUM", 0.99, minimum=0.0)
+        self.muon_momentum_warmup_start = env.float("MUON_MOMENTUM_WARMUP_START", 0.92, minimum=0.0)
+        self.muon_momentum_warmup_steps = env.int("MUON_MOMENTUM_WARMUP_STEPS", 1500, minimum=0)
+        self.muon_backend_steps = env.int("MUON_BACKEND_STEPS", 5, minimum=1)
+        self.muon_wd = env.float("MUON_WD", 0.04, minimum=0.0)
+        self.adam_wd = env.float("ADAM_WD", 0.04, minimum=0.0)
+        self.beta1 = env.float("BETA1", 0.9, minimum=0.0)
+        self.beta2 = env.float("BETA2", 0.95, minimum=0.0)
+        self.adam_eps = env.float("ADAM_EPS", 1e-8, minimum=0.0)
+        self.grad_clip_norm = env.float("GRAD_CLIP_NORM", 0.3, minimum=0.0)
+        # Weight averaging and quantization-aware training.
+        self.ema_decay = env.float("EMA_DECAY", 0.997, minimum=0.0)
+        self.swa_enabled = env.flag("SWA_ENABLED", False)
+        self.swa_every = env.int("SWA_EVERY", 50, minimum=1)
+        self.qat_enabled = env.flag("QAT_ENABLED", False)
+        self.late_qat_threshold = env.float("LATE_QAT_THRESHOLD", 0.15, minimum=0.0)
+        # Export.
+        self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli"))
+        # Devices. "auto" means bf16 + compile on CUDA, fp32 + eager on the CPU.
+        self.compute_dtype = env.choice("COMPUTE_DTYPE", "auto", ("auto", "bf16", "fp32"))
+        self.compile = env.choice("COMPILE", "auto", ("auto", "0", "1"))
+        # Set by torchrun; absent for a single process.
+        self.rank = env.int("RANK", 0, minimum=0)
+        self.world_size = env.int("WORLD_SIZE", 1, minimum=1)
+        self.local_rank = env.int("LOCAL_RANK", 0, minimum=0)
+        self.distributed = "RANK" in env.environ and "WORLD_SIZE" in env.environ
+        self.env_names = tuple(env.names)
+        self.ignored_record_variables = sorted(n for n in DROPPED_RECORD_VARIABLES if n in env.environ)
+        self.validate()
+
+    def validate(self):
+        if self.model_dim % self.num_heads:
+            raise InputError(f"env MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise InputError(f"env NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise InputError(f"env ROPE_DIMS={self.rope_dims}: must be even and <= head_dim={head_dim} (0 = all)")
+        if self.xsa_last_n > self.num_layers:
+            raise InputError(f"env XSA_LAST_N={self.xsa_last_n} exceeds NUM_LAYERS={self.num_layers}")
+        bad_ve = [i for i in self.ve_layers if not 0 <= i < self.num_layers]
+        if self.ve_enabled and bad_ve:
+            raise InputError(f"env VE_LAYERS has layers {bad_ve} outside 0..{self.num_layers - 1}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise InputError(f"env EMA_DECAY={self.ema_decay}: must be in [0, 1); 0 disables EMA")
+        if 8 % self.world_size:
+            raise InputError(f"WORLD_SIZE={self.world_size}: must divide 8 (1, 2, 4 or 8 ranks), as in #549")
+        micro = self.world_size * self.grad_accum_steps * self.train_seq_len
+        if self.train_batch_tokens % micro:
+            raise InputError(f"env TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by "
+                             f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={micro}")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return 8 // self.world_size  # #549: the global batch is always split into 8 micro-batches
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: challenge shards, the training stream, validation tokens and bytes-per-token accounting
+# ----------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+
+
+def load_data_shard(path, vocab_size: int) -> np.ndarray:
+    """Read one shard (256 x int32 header, then uint16 tokens) and check it completely."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise InputError(f"{path}: {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header[0] != SHARD_MAGIC:
+        raise InputError(f"{path}: magic {header[0]} is not {SHARD_MAGIC}; not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise InputError(f"{path}: shard version {header[1]} is not {SHARD_VERSION}")
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or size != expected:
+        raise InputError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes")
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
+    if num_tokens and int(tokens.max()) >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise InputError(f"{path}: token id {int(tokens[position])} at position {position} is >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise InputError(f"no files match {pattern} (set DATA_PATH to the dataset directory)")
+    return files
+
+
+class TokenStream:
+    """The training shards read strictly in order, wrapping after the last one (#549: no shuffling)."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size = files, vocab_size
+        self.file_index, self.position = 0, 0
+        self.tokens = load_data_shard(files[0], vocab_size)
+
+    def take(self, count: int) -> np.ndarray:
+        pieces = []
+        while count > 0:
+            if self.position == len(self.tokens):
+                self.file_index = (self.file_index + 1) % len(self.files)
+                self.tokens, self.position = load_data_shard(self.files[self.file_index], self.vocab_size), 0
+            piece = self.tokens[self.position:self.position + count]
+            pieces.append(piece)
+            self.position += len(piece)
+            count -= len(piece)
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class DistributedTokenLoader:
+    """Every rank reads the same stream; rank r keeps span r of each block (spans overlap by nothing)."""
+
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(files, vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = local_tokens + 1  # the extra token is only ever a target
+        block = self.stream.take(span * self.world_size)
+        local = torch.from_numpy(block[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        inputs, targets = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+
+def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int) -> np.ndarray:
+    """All validation shards concatenated, trimmed to a whole number of sequences plus one token."""
+    files = shard_files(data_path, "val")
+    tokens = np.concatenate([load_data_shard(f, vocab_size) for f in files])
+    usable = ((len(tokens) - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise InputError(f"validation set {os.path.join(data_path, 'fineweb_val_*.bin')} has {len(tokens)} tokens: "
+                         f"fewer than one sequence of EVAL_SEQ_LEN={seq_len} plus one")
+    return tokens[:usable + 1]
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: tokenizer file not found (set TOKENIZER_PATH)")
+    try:
+        processor = spm.SentencePieceProcessor(model_file=path)
+    except Exception as error:  # sentencepiece raises bare RuntimeError/OSError on garbage
+        raise InputError(f"{path}: not a SentencePiece model ({error})") from None
+    if processor.vocab_size() != vocab_size:
+        raise InputError(f"{path}: tokenizer has {processor.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    return processor
+
+
+class ByteCounter:
+    """Bytes per target token exactly as #549 counts them (record_549.md section 4).
+
+    bytes(y | prev) = base_bytes[y] + [y starts with '▁' and prev is not a control/unknown token]:
+    byte-fallback pieces count 1 byte, control/unknown/unused pieces 0 (a BOS target adds loss, no bytes).
+    """
+
+    def __init__(self, processor, vocab_size: int, device: torch.device):
+        base = np.zeros(vocab_size, dtype=np.int16)
+        leading_space = np.zeros(vocab_size, dtype=np.bool_)
+        boundary = np.ones(vocab_size, dtype=np.bool_)
+        for token in range(processor.vocab_size()):
+            if processor.is_control(token) or processor.is_unknown(token) or processor.is_unused(token):
+                continue
+            boundary[token] = False
+            if processor.is_byte(token):
+                base[token] = 1
+                continue
+            piece = processor.id_to_piece(token)
+            if piece.startswith("\u2581"):
+                leading_space[token], piece = True, piece[1:]
+            base[token] = len(piece.encode("utf-8"))
+        self.base = torch.from_numpy(base).to(device)
+        self.leading_space = torch.from_numpy(leading_space).to(device)
+        self.boundary = torch.from_numpy(boundary).to(device)
+
+    def count(self, previous: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target byte counts (int) for targets and the token right before each."""
+        space = self.leading_space[targets] & ~self.boundary[previous]
+        return self.base[targets].to(torch.int64) + space.to(torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------
+
+ROPE_NTK_REFERENCE_LEN = 1024  # #549 builds every Rotary with this "train length"; base is NTK-rescaled above it
+BIGRAM_HASH_MULTIPLIERS = (36313, 27191)
+BIGRAM_INIT_SCALE, VE_INIT_SCALE, VE_EMBED_INIT_STD = 0.05, 0.1, 0.01
+MLP_NEGATIVE_SLOPE = 0.5  # LeakyReLU(0.5)^2: #549 ablation -0.0021 BPB vs ReLU^2
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def sdpa_attention(q, k, v):
+    """q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D); PyTorch SDPA with native GQA."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return out.transpose(1, 2)
+
+
+def select_attention_backend(allow_flash: bool):
+    """FlashAttention 3, else 2, else SDPA. Returns (name, fn) with fn(q, k, v) over (B, T, H, D) tensors.
+
+    Not verifiable here (no GPU): the real FA3/FA2 kernels. Tests check the call contract with a stand-in.
+    """
+    if allow_flash:
+        for module_name, name in (("flash_attn_interface", "flash_attention_3"), ("flash_attn", "flash_attention_2")):
+            try:
+                module = __import__(module_name)
+                flash_attn_func = module.flash_attn_func
+            except (ImportError, AttributeError):
+                continue
+
+            def flash_attention(q, k, v, _func=flash_attn_func):
+                out = _func(q, k, v, causal=True)
+                return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+
+            return name, flash_attention
+    return "sdpa", sdpa_attention
+
+
+def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (1, T, 1, rope_dims/2), fp32, built fresh on every call.
+
+    Never cached: a table created under inference_mode (scoring) and reused by autograd (TTT) raises
+    "Inference tensors cannot be saved for backward" (record_549.md pitfall 31). Building it is 8 x T flops.
+    """
+    if seq_len > ROPE_NTK_REFERENCE_LEN:
+        base = base * (seq_len / ROPE_NTK_REFERENCE_LEN) ** (rope_dims / (rope_dims - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
+    angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rope_dims dims of each head, paired (i, i + rope_dims/2); the rest pass through."""
+    half = cos.size(-1)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output its component along the token's own value vector (GQA-aware)."""
+    batch, seq, heads, dim = y.shape
+    kv_heads = v.size(2)
+    y = y.view(batch, seq, kv_heads, heads // kv_heads, dim)
+    direction = F.normalize(v, dim=-1).unsqueeze(3)
+    y = y - (y * direction).sum(-1, keepdim=True) * direction
+    return y.view(batch, seq, heads, dim)
+
+
+def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31) -> torch.Tensor:
+    """Straight-through int6 fake quantization per output row (late QAT, applied to the banks)."""
+    scale = weight.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    quantized = (weight / scale).round().clamp(-qmax, qmax) * scale
+    return weight + (quantized - weight).detach()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, h: Hyperparameters, use_xsa: bool, attention):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.use_xsa, self.attention = use_xsa, attention
+
+    def forward(self, x, q_w, k_w, v_w, out_w, rotary, value_embed=None):
+        batch, seq, _ = x.shape
+        q = F.linear(x, q_w).view(batch, seq, self.num_heads, self.head_dim)
+        k = F.linear(x, k_w).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = F.linear(x, v_w)
+        if value_embed is not None:
+            v = v + value_embed  # #549: VE joins V in the KV space, not the residual stream
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k = rms_norm(q), rms_norm(k)  # QK-norm without weights; only q gets a learned per-head gain
+        if rotary is not None:
+            q, k = apply_partial_rotary(q, *rotary), apply_partial_rotary(k, *rotary)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = self.attention(q.to(v.dtype), k.to(v.dtype), v)
+        if self.use_xsa:
+            y = subtract_self_value(y, v)
+        return F.linear(y.reshape(batch, seq, -1), out_w)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x <- mix(x, x0); x += a*Attn(norm(x)*s); x += m*MLP(norm(x)*s), s = 1/sqrt(layer+1)."""
+
+    def __init__(self, h: Hyperparameters, layer: int, attention):
+        super().__init__()
+        dim = h.model_dim
+        self.attn = CausalSelfAttention(h, layer >= h.num_layers - h.xsa_last_n, attention)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
+
+    def forward(self, x, x0, weights, rotary, value_embed=None):
+        q_w, k_w, v_w, out_w, up_w, down_w = weights
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        attn_out = self.attn(rms_norm(x) * self.ln_scale, q_w, k_w, v_w, out_w, rotary, value_embed)
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        hidden = F.leaky_relu(F.linear(rms_norm(x) * self.ln_scale, up_w), MLP_NEGATIVE_SLOPE)
+        return x + self.mlp_scale.to(x.dtype) * F.linear(hidden.square(), down_w)
+
+
+class SmearGate(nn.Module):
+    """out_t = (1 - g) * x_t + g * x_{t-1}, g = sigmoid(gate) per channel (init 0.5); x_{-1} = 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return (1 - g) * x + g * previous
+
+
+class BigramHash(nn.Module):
+    """Hashed (previous, current) token embedding projected to the model width (#549 section 5.7)."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(BIGRAM_INIT_SCALE))
+
+    def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        ids32 = ids.to(torch.int32)
+        a, b = BIGRAM_HASH_MULTIPLIERS
+        hashed = torch.bitwise_xor(a * ids32[:, 1:], b * ids32[:, :-1]) % (self.buckets - 1)
+        first = torch.full_like(ids32[:, :1], self.buckets - 1)  # reserved bucket for position 0
+        return torch.cat((first, hashed), dim=1).to(torch.int64)
+
+    def forward(self, ids):
+        return self.scale * self.proj(self.embed(self.bucket_ids(ids)))
+
+
+class ValueEmbedding(nn.Module):
+    """One token table shared by the VE layers, projected into the KV space; per-layer scalar gains."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int, num_layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(VE_INIT_SCALE))
+        self.layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in range(num_layers)])
+
+    def forward(self, ids):
+        return self.scale * self.proj(self.embed(ids))
+
+
+class GPT(nn.Module):
+    """The #549 model: U-Net of pre-norm blocks whose matrices live in four 3-D banks (for Parallel Muon).
+
+    Banks use the Linear [out, in] layout: qo_bank = [Q_0..Q_{L-1}, Out_0..Out_{L-1}], kv_bank = [K.., V..],
+    mlp_up_bank [L, hidden, d], mlp_down_bank [L, d, hidden].
+    """
+
+    def __init__(self, h: Hyperparameters, attention=sdpa_attention):
+        super().__init__()
+        dim, layers = h.model_dim, h.num_layers
+        kv_dim, hidden = h.num_kv_heads * h.head_dim, int(h.mlp_mult * dim)
+        self.num_layers, self.logit_softcap, self.vocab_size = layers, h.logit_softcap, h.vocab_size
+        self.rope_dims = h.rope_dims or h.head_dim
+        self.rope_base = h.rope_base
+        self.token_embedding = nn.Embedding(h.vocab_size, dim)
+        self.bigram_hash = BigramHash(h.bigram_vocab_size, h.bigram_dim, dim) if h.bigram_vocab_size else None
+        self.smear_gate = SmearGate(dim)
+        self.ve_layers = sorted(set(h.ve_layers)) if h.ve_enabled else []
+        self.value_embedding = (ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim, len(self.ve_layers))
+                                if self.ve_layers else None)
+        self.qo_bank = nn.Parameter(torch.empty(2 * layers, dim, dim))
+        self.kv_bank = nn.Parameter(torch.empty(2 * layers, kv_dim, dim))
+        self.mlp_up_bank = nn.Parameter(torch.empty(layers, hidden, dim))
+        self.mlp_down_bank = nn.Parameter(torch.empty(layers, dim, hidden))
+        self.blocks = nn.ModuleList([Block(h, i, attention) for i in range(layers)])
+        self.num_encoder = layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
+        self.qat_active = False  # a plain attribute: torch.compile guards on it and recompiles once
+        self._init_weights(h)
+
+    @torch.no_grad()
+    def _init_weights(self, h: Hyperparameters):
+        """#549 section 6: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens."""
+        nn.init.normal_(self.token_embedding.weight, std=h.tied_embed_init_std)
+        layers = self.num_layers
+        for i in range(layers):
+            for matrix in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[layers + i], self.mlp_up_bank[i]):
+                nn.init.orthogonal_(matrix)
+        self.qo_bank[layers:].zero_()
+        self.mlp_down_bank.zero_()
+        if self.bigram_hash is not None:
+            nn.init.zeros_(self.bigram_hash.embed.weight)
+            nn.init.orthogonal_(self.bigram_hash.proj.weight)  # a zero proj with a zero table never trains
+        if self.value_embedding is not None:
+            nn.init.normal_(self.value_embedding.embed.weight, std=VE_EMBED_INIT_STD)
+            nn.init.orthogonal_(self.value_embedding.proj.weight)
+
+    def banks(self) -> list[nn.Parameter]:
+        return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
+
+    def layer_weights(self, layer: int, banks) -> tuple:
+        qo, kv, up, down = banks
+        n = self.num_layers
+        return qo[layer], kv[layer], kv[n + layer], qo[n + layer], up[layer], down[layer]
+
+    def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        x = self.token_embedding(ids)
+        if self.bigram_hash is not None:
+            x = x + self.bigram_hash(ids)
+        x = self.smear_gate(rms_norm(x.to(compute_dtype)))
+        x0 = x
+        banks = self.banks()
+        if self.qat_active:
+            banks = [fake_quantize_rows(bank) for bank in banks]
+        rotary = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
+        ve_base = self.value_embedding(ids).to(compute_dtype) if self.value_embedding is not None else None
+        skips = []
+        for layer, block in enumerate(self.blocks):
+            if layer >= self.num_encoder and skips:
+                # U-Net: decoder layer num_encoder+i takes encoder output num_encoder-1-i (LIFO); the last gets none
+                x = x + self.skip_weights[layer - self.num_encoder].to(x.dtype) * skips.pop()
+            value_embed = None
+            if layer in self.ve_layers:
+                scale = self.value_embedding.layer_scales[self.ve_layers.index(layer)]
+                value_embed = scale.to(x.dtype) * ve_base
+            x = block(x, x0, self.layer_weights(layer, banks), rotary, value_embed)
+            if layer < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Soft-capped fp32 logits (B, T, V); the LM head is the tied token embedding."""
+        compute_dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) \
+            else self.token_embedding.weight.dtype
+        raw = F.linear(self.hidden_states(ids, compute_dtype), self.token_embedding.weight).float()
+        cap = self.logit_softcap
+        return cap * torch.tanh(raw / cap) if cap > 0 else raw
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        logits = self.logits(ids)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer: Muon on the banks, AdamW on embeddings and scalars, the LR schedule
+# ----------------------------------------------------------------------------------------------------
+
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic iteration of modded-nanogpt, as #549
+
+
+def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """Batched approximate polar factor U V^T of each matrix in update [..., rows, cols]."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = update
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+class BankMuon(torch.optim.Optimizer):
+    """Muon for 3-D parameter banks: Nesterov momentum, batched Newton-Schulz per matrix, decoupled WD.
+
+    W <- W * (1 - lr * wd) - lr * sqrt(max(1, rows/cols)) * NS(g + mu * buf)   (#549 section 9.2)
+    Newton-Schulz runs in ns_dtype (bf16 on CUDA as #549; fp32 on the CPU, which has no bf16 units).
+    """
+
+    def __init__(self, banks, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 ns_dtype: torch.dtype):
+        super().__init__(banks, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.ns_dtype = backend_steps, ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+            for bank in group["params"]:
+                if bank.grad is None:
+                    continue
+                buffer = self.state[bank].setdefault("momentum_buffer", torch.zeros_like(bank))
+                buffer.mul_(momentum).add_(bank.grad)
+                nesterov = bank.grad.add(buffer, alpha=momentum)
+                orthogonal = newton_schulz_orthogonalize(nesterov.to(self.ns_dtype), self.backend_steps)
+                aspect = math.sqrt(max(1.0, bank.size(-2) / bank.size(-1)))
+                bank.mul_(1 - lr * weight_decay)
+                bank.add_(orthogonal.to(bank.dtype), alpha=-lr * aspect)
+
+
+TOKEN_TABLE_SUFFIXES = ("token_embedding.weight", "bigram_hash.embed.weight", "value_embedding.embed.weight")
+
+
+def build_optimizers(model: GPT, h: Hyperparameters, ns_dtype: torch.dtype, fused: bool):
+    """Three optimizers as #549 section 9.1: Muon (banks), AdamW (token tables), AdamW (everything else)."""
+    bank_ids = {id(p) for p in model.banks()}
+    tables = [p for n, p in model.named_parameters() if n.endswith(TOKEN_TABLE_SUFFIXES)]
+    table_ids = {id(p) for p in tables}
+    scalars = [p for p in model.parameters() if id(p) not in bank_ids and id(p) not in table_ids]
+    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
+    muon = BankMuon(model.banks(), h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, ns_dtype)
+    token_adam = torch.optim.AdamW([dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)], **adam)
+    scalar_adam = torch.optim.AdamW([dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)], **adam)
+    return [token_adam, muon, scalar_adam]
+
+
+def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """1 until the warmdown, then linear to 0. With a wallclock cap the warmdown is WARMDOWN_ITERS steps'
+    worth of the measured step time before the cap (#549 section 10); without one, the last iterations."""
+    if h.warmdown_iters <= 0:
+        return 1.0
+    if h.max_wallclock_seconds <= 0:
+        remaining_steps = h.iterations - step
+        return max(remaining_steps / h.warmdown_iters, 0.0) if remaining_steps < h.warmdown_iters else 1.0
+    warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum_at(h: Hyperparameters, step: int) -> float:
+    fraction = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
+    return (1 - fraction) * h.muon_momentum_warmup_start + fraction * h.muon_momentum
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weight averaging: EMA (exported by default, as #549) and SWA (exported when SWA_ENABLED=1)
+# ----------------------------------------------------------------------------------------------------
+
+
+class ExponentialMovingAverage:
+    """fp32 shadow of every parameter: shadow <- decay * shadow + (1 - decay) * param, every step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        for param, value in zip(model.parameters(), self.shadow):
+            param.copy_(value)
+
+
+class SnapshotAverage:
+    """Uniform mean of snapshots taken every SWA_EVERY steps once the LR multiplier is below 0.2 (#549)."""
+
+    START_BELOW_LR_MULTIPLIER = 0.2
+
+    def __init__(self, model: nn.Module):
+        self.params, self.sum, self.count = list(model.parameters()), None, 0
+
+    @torch.no_grad()
+    def add(self):
+        values = [p.detach().float() for p in self.params]
+        if self.sum is None:
+            self.sum = [v.clone() for v in values]
+        else:
+            torch._foreach_add_(self.sum, values)
+        self.count += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        for param, total in zip(model.parameters(), self.sum):
+            param.copy_(total / self.count)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantize and pack: int6 banks, int8 tables, fp16 small tensors; a pickle-free compressed artifact
+# ----------------------------------------------------------------------------------------------------
+
+SMALL_TENSOR_NUMEL = 65_536  # other tensors with at most this many elements are stored fp16 as-is (#549)
+BANK_ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down")
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # #549's int6 clip candidates
+BITS_INT6, BITS_INT8 = 6, 8
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGAF", 1
+SIZE_CAP_BYTES = 16_000_000
+
+
+def export_state(model: GPT) -> dict[str, torch.Tensor]:
+    """Named fp32 CPU tensors with the banks split into one 2-D matrix per layer and role."""
+    bank_ids = {id(p) for p in model.banks()}
+    state = {n: p.detach().float().cpu() for n, p in model.named_parameters() if id(p) not in bank_ids}
+    for layer in range(model.num_layers):
+        weights = model.layer_weights(layer, model.banks())
+        for role, weight in zip(BANK_ROLES, weights):
+            state[f"blocks.{layer}.{role}"] = weight.detach().float().cpu()
+    return state
+
+
+@torch.no_grad()
+def load_exported_state(model: GPT, state: dict[str, torch.Tensor]):
+    """Inverse of export_state: copy named tensors into the model, re-banking the per-layer matrices."""
+    params = dict(model.named_parameters())
+    for layer in range(model.num_layers):
+        targets = model.layer_weights(layer, model.banks())
+        for role, target in zip(BANK_ROLES, targets):
+            target.copy_(state[f"blocks.{layer}.{role}"])
+    for name, param in params.items():
+        if name in state:
+            param.copy_(state[name])
+
+
+def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization to +-(2^(bits-1) - 1); each row picks the clip quantile of |w| with the
+    lowest squared error (#549 picks one per tensor). Scales are fp16-rounded before use, as stored."""
+    qmax = 2 ** (bits - 1) - 1
+    weight = weight.float()
+    clips = torch.quantile(weight.abs(), torch.tensor(CLIP_QUANTILES), dim=1)
+    best_q, best_scale, best_error = None, None, None
+    for clip in clips:
+        scale = (clip / qmax).clamp_min(1e-8).half().float()
+        q = (weight / scale[:, None]).round().clamp(-qmax, qmax)
+        error = (q * scale[:, None] - weight).square().sum(dim=1)
+        if best_q is None:
+            best_q, best_scale, best_error = q, scale, error
+        else:
+            better = error < best_error
+            best_q = torch.where(better[:, None], q, best_q)
+            best_scale, best_error = torch.where(better, scale, best_scale), torch.minimum(error, best_error)
+    return best_q.to(torch.int8), best_scale.half()
+
+
+def is_bank_matrix(name: str) -> bool:
+    return name.startswith("blocks.") and name.split(".", 2)[2] in BANK_ROLES
+
+
+def quantize_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Bank matrices -> int6 at any size, other 2-D tensors over 65,536 elements (token tables) -> int8, the
+    rest -> fp16. #549 kept every tensor <= 65,536 in fp16, so on small proxy configs (P1) it quantized
+    nothing; the default 11L config is treated identically either way."""
+    tensors, schemes = {}, {}
+    for name, value in state.items():
+        bank = is_bank_matrix(name)
+        if not bank and (value.numel() <= SMALL_TENSOR_NUMEL or value.ndim != 2):
+            tensors[name], schemes[name] = value.half(), "fp16"
+            continue
+        bits = BITS_INT6 if bank else BITS_INT8
+        tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(value, bits)
+        schemes[name] = f"int{bits}"
+    return tensors, schemes
+
+
+def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, scheme in schemes.items():
+        if scheme == "fp16":
+            state[name] = tensors[name].float()
+        else:
+            state[name] = tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]
+    return state
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
+    """A plain container (no pickle): u64 header length, JSON index, then the raw little-endian tensor bytes."""
+    index, blobs, offset = [], [], 0
+    for name, tensor in tensors.items():
+        blob = tensor.detach().contiguous().cpu().numpy().tobytes()
+        index.append(dict(name=name, dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape),
+                          offset=offset, nbytes=len(blob)))
+        blobs.append(blob)
+        offset += len(blob)
+    header = json.dumps(dict(tensors=index, meta=meta), separators=(",", ":")).encode()
+    return struct.pack("<Q", len(header)) + header + b"".join(blobs)
+
+
+def unpack_tensors(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    (header_len,) = struct.unpack_from("<Q", raw)
+    header = json.loads(raw[8:8 + header_len])
+    body = memoryview(raw)[8 + header_len:]
+    tensors = {}
+    for entry in header["tensors"]:
+        dtype = getattr(torch, entry["dtype"])
+        chunk = body[entry["offset"]:entry["offset"] + entry["nbytes"]]
+        tensors[entry["name"]] = torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(entry["shape"])
+    return tensors, header["meta"]
+
+
+def compress(raw: bytes, compressor: str) -> bytes:
+    if compressor == "lzma":
+        return lzma.compress(raw, preset=9)
+    if compressor == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=22).compress(raw)
+    import brotli
+
+    return brotli.compress(raw, quality=11)
+
+
+def decompress(blob: bytes, compressor: str) -> bytes:
+    if compressor == "lzma":
+        return lzma.decompress(blob)
+    if compressor == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(blob)
+    import brotli
+
+    return brotli.decompress(blob)
+
+
+def build_artifact(model: GPT, compressor: str) -> bytes:
+    """Quantize the model and wrap the compressed container in a self-describing, checksummed header."""
+    tensors, schemes = quantize_state(export_state(model))
+    body = compress(pack_tensors(tensors, dict(schemes=schemes)), compressor)
+    header = json.dumps(dict(version=ARTIFACT_VERSION, compressor=compressor, body_bytes=len(body),
+                             sha256=hashlib.sha256(body).hexdigest())).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + body
+
+
+def read_artifact(path: str) -> dict[str, torch.Tensor]:
+    """Read an artifact from disk, verify it and return the dequantized named state."""
+    blob = Path(path).read_bytes()
+    if blob[:4] != ARTIFACT_MAGIC or len(blob) < 8:
+        raise InputError(f"{path}: not a train_gpt.py artifact (bad magic)")
+    (header_len,) = struct.unpack_from("<I", blob, 4)
+    try:
+        header = json.loads(blob[8:8 + header_len])
+    except ValueError:
+        raise InputError(f"{path}: artifact header is corrupt") from None
+    body = blob[8 + header_len:]
+    if header.get("version") != ARTIFACT_VERSION:
+        raise InputError(f"{path}: artifact version {header.get('version')} is not {ARTIFACT_VERSION}")
+    if len(body) != header["body_bytes"]:
+        raise InputError(f"{path}: artifact is truncated ({len(body)} of {header['body_bytes']} body bytes)")
+    if hashlib.sha256(body).hexdigest() != header["sha256"]:
+        raise InputError(f"{path}: artifact checksum mismatch (corrupt file)")
+    tensors, meta = unpack_tensors(decompress(body, header["compressor"]))
+    return dequantize_state(tensors, meta["schemes"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluate
+# ----------------------------------------------------------------------------------------------------
+
+
+class ScoreAccumulator:
+    """float64 sums of NLL (nats), scored tokens and bytes; all-reduced as sums, never as ratios."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, nll: torch.Tensor, byte_counts: torch.Tensor):
+        self.sums += torch.stack((nll.double().sum(), torch.tensor(float(nll.numel()), dtype=torch.float64,
+                                                                    device=nll.device), byte_counts.double().sum()))
+
+    def result(self, distributed: bool) -> tuple[float, float, int, int]:
+        sums = self.sums.clone()
+        if distributed:
+            dist.all_reduce(sums)
+        nll, tokens, byte_total = sums.tolist()
+        return nll / tokens, nll / math.log(2) / byte_total, int(tokens), int(byte_total)
+
+
+@torch.inference_mode()
+def evaluate_sequences(model: GPT, val_tokens: np.ndarray, byte_counter: ByteCounter, run) -> tuple[float, float]:
+    """Mean NLL and BPB over non-overlapping EVAL_SEQ_LEN windows; ranks take contiguous sequence ranges."""
+    h = run.h
+    seq_len = h.eval_seq_len
+    num_seqs = (len(val_tokens) - 1) // seq_len
+    first, last = num_seqs * run.rank // run.world_size, num_seqs * (run.rank + 1) // run.world_size
+    batch_seqs = max(h.val_batch_size // (run.world_size * h.grad_accum_steps * seq_len), 1)
+    was_training = model.training
+    model.eval()
+    scores = ScoreAccumulator(run.device)
+    for start in range(first, last, batch_seqs):
+        end = min(start + batch_seqs, last)
+        chunk = torch.from_numpy(val_tokens[start * seq_len:end * seq_len + 1].astype(np.int64)).to(run.device)
+        inputs, targets = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+        with run.autocast():
+            nll = run.forward(model, inputs, targets, reduction="none")
+        scores.add(nll, byte_counter.count(inputs, targets))
+    model.train(was_training)
+    val_loss, val_bpb, _, _ = scores.result(run.world_size > 1)
+    return val_loss, val_bpb
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main: run context, logging, training loop, export, evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+class RunContext:
+    """Device, ranks, precision and logging for one process of a run."""
+
+    def __init__(self, h: Hyperparameters):
+        self.h = h
+        self.rank, self.world_size = h.rank, h.world_size
+        self.is_main = self.rank == 0
+        use_cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", h.local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if h.distributed:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
+        bf16 = h.compute_dtype == "bf16" or (h.compute_dtype == "auto" and use_cuda)
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
+        self.attention_name, self.attention = select_attention_backend(allow_flash=use_cuda)
+        self.compiled = {}
+        self.log_path = Path("logs") / f"{h.run_id}.txt"
+        if self.is_main:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
+
+    def forward(self, model: GPT, inputs, targets, reduction="mean"):
+        """model(inputs, targets), through torch.compile(fullgraph=True) when COMPILE is on."""
+        if not self.compile:
+            return model(inputs, targets, reduction)
+        if id(model) not in self.compiled:
+            self.compiled[id(model)] = torch.compile(model, dynamic=False, fullgraph=True)
+        return self.compiled[id(model)](inputs, targets, reduction)
+
+    def log(self, message: str, console: bool = True):
+        if not self.is_main:
+            return
+        if console:
+            print(message, flush=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(message + "\n")
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def log_run_header(run: RunContext, code: str):
+    """The log starts with the code and the environment, like #549's logs."""
+    run.log(code, console=False)
+    run.log("=" * 100, console=False)
+    run.log(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+            f"platform:{platform.platform()}")
+    if run.device.type == "cuda":
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            smi = "nvidia-smi unavailable"
+        run.log(f"device:cuda {torch.cuda.get_device_name(run.device)} x{run.world_size}")
+        run.log(smi, console=False)
+    else:
+        run.log(f"device:cpu {platform.processor() or platform.machine()} threads:{torch.get_num_threads()} "
+                f"x{run.world_size}")
+    run.log("=" * 100, console=False)
+    h = run.h
+    run.log(f"logfile:{run.log_path} run_id:{h.run_id}")
+    for name in h.ignored_record_variables:
+        run.log(f"warning: env {name} is set but ignored: {DROPPED_RECORD_VARIABLES[name]}")
+    run.log(f"compute_dtype:{str(run.compute_dtype).removeprefix('torch.')} attention:{run.attention_name} "
+            f"compile:{int(run.compile)} world_size:{run.world_size} grad_accum_steps:{h.grad_accum_steps}")
+
+
+def set_seeds(seed: int):
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(h: Hyperparameters, run: RunContext) -> GPT:
+    """Same weights on every rank: the model is built on the CPU under the seed, then moved."""
+    set_seeds(h.seed)
+    return GPT(h, attention=run.attention).to(run.device)
+
+
+class Trainer:
+    """The timed training loop of #549 section 11, with priming steps that are undone before the clock starts."""
+
+    def __init__(self, h: Hyperparameters, run: RunContext, model: GPT, val_tokens, byte_counter):
+        self.h, self.run, self.model = h, run, model
+        self.val_tokens, self.byte_counter = val_tokens, byte_counter
+        fused = run.device.type == "cuda"
+        self.optimizers = build_optimizers(model, h, run.compute_dtype, fused)
+        self.train_files = shard_files(h.data_path, "train")
+        self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
+
+    def new_loader(self) -> DistributedTokenLoader:
+        return DistributedTokenLoader(self.train_files, self.h.vocab_size, self.run.rank, self.run.world_size,
+                                      self.run.device)
+
+    def step(self, loader, step: int, multiplier: float) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean training loss (a tensor)."""
+        h, run, model = self.h, self.run, self.model
+        total = torch.zeros((), device=run.device)
+        for _ in range(h.grad_accum_steps):
+            inputs, targets = loader.next_batch(self.local_tokens, h.train_seq_len)
+            with run.autocast():
+                loss = run.forward(model, inputs, targets)
+            (loss / h.grad_accum_steps).backward()
+            total += loss.detach()
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * multiplier
+        self.optimizers[1].param_groups[0]["momentum"] = muon_momentum_at(h, step)
+        if h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+        if run.world_size > 1:
+            for param in model.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+                    param.grad /= run.world_size
+        for optimizer in self.optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return total / h.grad_accum_steps
+
+    def prime(self):
+        """WARMUP_STEPS real steps to trigger compilation and allocation, then restore weights, optimizer
+        state and data position (#549 pitfall 2). With late QAT, the last half primes the QAT graph too."""
+        h, model = self.h, self.model
+        if h.warmup_steps == 0:
+            return
+        saved_model = copy.deepcopy(model.state_dict())
+        saved_optimizers = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        loader = self.new_loader()
+        for i in range(h.warmup_steps):
+            model.qat_active = h.qat_enabled or (h.late_qat_threshold > 0 and self.run.compile
+                                                 and i >= h.warmup_steps // 2)
+            self.step(loader, i, 1.0)
+            self.run.log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+        model.load_state_dict(saved_model)
+        for optimizer, state in zip(self.optimizers, saved_optimizers):
+            optimizer.load_state_dict(state)
+        model.qat_active = h.qat_enabled
+
+    def validate(self, step: int, train_ms: float):
+        val_loss, val_bpb = evaluate_sequences(self.model, self.val_tokens, self.byte_counter, self.run)
+        self.run.log(f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+
+    def log_step(self, step: int, loss: torch.Tensor, train_ms: float):
+        h = self.h
+        step_avg = train_ms / step
+        tokens_per_s = h.train_batch_tokens * step / (train_ms / 1000.0)
+        eta_s = (h.iterations - step) * step_avg / 1000.0
+        if h.max_wallclock_seconds > 0:
+            eta_s = min(eta_s, max(h.max_wallclock_seconds - train_ms / 1000.0, 0.0))
+        self.run.log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
+                     f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
+
+    def stop_requested(self, train_ms: float) -> bool:
+        """Wallclock cap check agreed by all ranks (all-reduce MAX), so no rank waits for another forever."""
+        if self.h.max_wallclock_seconds <= 0:
+            return False
+        over = torch.tensor(float(train_ms >= 1000.0 * self.h.max_wallclock_seconds), device=self.run.device)
+        if self.run.world_size > 1:
+            dist.all_reduce(over, op=dist.ReduceOp.MAX)
+        return bool(over.item())
+
+    def train(self):
+        """Returns the averaging object whose weights should be exported (or None for the raw weights)."""
+        h, run, model = self.h, self.run, self.model
+        self.prime()
+        loader = self.new_loader()
+        ema = ExponentialMovingAverage(model, h.ema_decay) if h.ema_decay > 0 else None
+        swa = SnapshotAverage(model) if h.swa_enabled else None
+        train_ms, step, stop_after = 0.0, 0, None
+        run.sync()
+        started = time.perf_counter()
+        while True:
+            last_step = step == h.iterations or (stop_after is not None and step >= stop_after)
+            if last_step or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+                run.sync()
+                train_ms += 1000.0 * (time.perf_counter() - started)
+                self.validate(step, train_ms)  # validation time is not training time (#549)
+                run.sync()
+                started = time.perf_counter()
+            if last_step:
+                break
+            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - started)
+            multiplier = lr_multiplier(h, step, elapsed_ms)
+            if h.late_qat_threshold > 0 and multiplier < h.late_qat_threshold and not model.qat_active:
+                model.qat_active = True
+                run.log(f"late_qat:enabled step:{step} scale:{multiplier:.4f}")
+            loss = self.step(loader, step, multiplier)
+            if ema is not None:
+                ema.update()
+            step += 1
+            if swa is not None and multiplier < swa.START_BELOW_LR_MULTIPLIER and step % h.swa_every == 0:
+                if swa.count == 0:
+                    run.log(f"swa:start step:{step}")
+                swa.add()
+            now_ms = train_ms + 1000.0 * (time.perf_counter() - started)
+            if self.stop_requested(now_ms) and stop_after is None:
+                stop_after = step
+            if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0) or stop_after == step:
+                self.log_step(step, loss, now_ms)
+        if stop_after is not None and stop_after < h.iterations:
+            run.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+        if run.device.type == "cuda":
+            run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                    f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        model.qat_active = False
+        return self.apply_average(ema, swa)
+
+    def apply_average(self, ema, swa):
+        if swa is not None and swa.count > 0:
+            self.run.log(f"swa:applying mean of {swa.count} snapshots (exported instead of EMA)")
+            swa.copy_to(self.model)
+        elif ema is not None:
+            if swa is not None:
+                self.run.log("swa:no snapshots were taken; exporting EMA")
+            self.run.log(f"ema:applying EMA weights decay:{self.h.ema_decay}")
+            ema.copy_to(self.model)
+        else:
+            self.run.log("averaging:none; exporting the final weights")
+
+
+def write_artifact(run: RunContext, model: GPT) -> int:
+    """Rank 0 writes the artifact; every rank reads its size back from disk. Returns the total bytes."""
+    h = run.h
+    if run.is_main:
+        started = time.perf_counter()
+        blob = build_artifact(model, h.compressor)
+        Path(h.artifact_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(h.artifact_path).write_bytes(blob)
+        run.log(f"artifact:written compressor:{h.compressor} seconds:{time.perf_counter() - started:.1f}")
+    run.barrier()
+    code_bytes = len(Path(__file__).read_bytes())
+    model_bytes = Path(h.artifact_path).stat().st_size
+    total = code_bytes + model_bytes
+    run.log(f"artifact path:{h.artifact_path} code_bytes:{code_bytes} model_bytes:{model_bytes} "
+            f"total_bytes:{total} cap:{SIZE_CAP_BYTES}")
+    if total > SIZE_CAP_BYTES:
+        run.log(f"WARNING: ARTIFACT OVER THE CAP: {total} bytes > {SIZE_CAP_BYTES} by {total - SIZE_CAP_BYTES}")
+    return total
+
+
+def evaluate_pass(run: RunContext, model: GPT, label: str, evaluate) -> tuple[float, float]:
+    run.sync()
+    started = time.perf_counter()
+    val_loss, val_bpb = evaluate()
+    run.sync()
+    elapsed_ms = 1000.0 * (time.perf_counter() - started)
+    run.log(f"{label} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{elapsed_ms:.0f}ms")
+    return val_loss, val_bpb
+
+
+def main():
+    h = Hyperparameters()
+    run = RunContext(h)
+    code = Path(__file__).read_text(encoding="utf-8")
+    log_run_header(run, code)
+    processor = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    byte_counter = ByteCounter(processor, h.vocab_size, run.device)
+    val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len, h.vocab_size)
+    val_targets = torch.from_numpy(val_tokens.astype(np.int64))
+    val_bytes = int(byte_counter.count(val_targets[:-1].to(run.device), val_targets[1:].to(run.device)).sum())
+    run.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} "
+            f"tokens:{len(val_tokens) - 1} bytes:{val_bytes}")
+    run.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(shard_files(h.data_path, 'train'))}")
+    model = build_model(h, run)
+    run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    run.log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.use_xsa]}")
+    run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
+            f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
+    Trainer(h, run, model, val_tokens, byte_counter).train()
+    write_artifact(run, model)
+    evaluate_pass(run, model, "DIAGNOSTIC post_average",
+                  lambda: evaluate_sequences(model, val_tokens, byte_counter, run))
+    roundtrip_model = build_model(h, run)
+    load_exported_state(roundtrip_model, read_artifact(h.artifact_path))
+    val_loss, val_bpb = evaluate_pass(run, roundtrip_model, "final_int6_roundtrip",
+                                      lambda: evaluate_sequences(roundtrip_model, val_tokens, byte_counter, run))
+    run.log(f"final_int6_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    if h.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
