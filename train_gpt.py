@@ -641,45 +641,113 @@ def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1
     return x.mT if transposed else x
 
 
+# torch 2.13 renamed the tensor collectives (the old names warn); #549's torch 2.9 only has the old ones.
+reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class BankMuon(torch.optim.Optimizer):
     """Muon for 3-D parameter banks: Nesterov momentum, batched Newton-Schulz per matrix, decoupled WD.
 
     W <- W * (1 - lr * wd) - lr * sqrt(max(1, rows/cols)) * NS(g + mu * buf)   (#549 section 9.2)
-    Newton-Schulz runs in ns_dtype (bf16 on CUDA as #549; fp32 on the CPU, which has no bf16 units).
+
+    Parallel Muon over W ranks (#549 section 9.3, no DDP): each bank's leading dim is padded to a multiple
+    of W and split into W shards of whole matrices. reduce_gradients() launches one async reduce-scatter
+    (average) per bank, largest first, so each rank receives the mean gradient of its own shard only;
+    step() runs momentum + Newton-Schulz on that shard and launches an async all-gather of the result,
+    applying the previous bank's gathered update while this bank's Newton-Schulz runs. With W = 1 the same
+    code runs without communication. Communication and Newton-Schulz use comm_dtype (bf16 on CUDA as
+    #549; fp32 on the CPU, which has no bf16 units); momentum stays fp32.
     """
 
     def __init__(self, banks, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 ns_dtype: torch.dtype):
+                 comm_dtype: torch.dtype, rank: int = 0, world_size: int = 1):
         super().__init__(banks, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.backend_steps, self.ns_dtype = backend_steps, ns_dtype
+        self.backend_steps, self.comm_dtype = backend_steps, comm_dtype
+        self.rank, self.world_size = rank, world_size
+        self.order = sorted(banks, key=lambda bank: bank.numel(), reverse=True)  # biggest transfers first
+        self.reductions = {}
+
+    def shard_rows(self, bank) -> int:
+        return -(-bank.size(0) // self.world_size)
+
+    def _buffer(self, bank, name, rows, dtype):
+        state = self.state[bank]
+        if name not in state:
+            state[name] = torch.zeros(rows, *bank.shape[1:], dtype=dtype, device=bank.device)
+        return state[name]
 
     @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            for bank in group["params"]:
-                if bank.grad is None:
-                    continue
-                buffer = self.state[bank].setdefault("momentum_buffer", torch.zeros_like(bank))
-                buffer.mul_(momentum).add_(bank.grad)
-                nesterov = bank.grad.add(buffer, alpha=momentum)
-                orthogonal = newton_schulz_orthogonalize(nesterov.to(self.ns_dtype), self.backend_steps)
-                aspect = math.sqrt(max(1.0, bank.size(-2) / bank.size(-1)))
-                bank.mul_(1 - lr * weight_decay)
-                bank.add_(orthogonal.to(bank.dtype), alpha=-lr * aspect)
+    def reduce_gradients(self):
+        """Phase 1: launch the averaging of every bank gradient; each rank will hold its shard of the mean."""
+        if self.world_size == 1:
+            return
+        for bank in self.order:
+            rows = self.shard_rows(bank)
+            padded = self._buffer(bank, "padded_grad", rows * self.world_size, self.comm_dtype)
+            padded[:bank.size(0)].copy_(bank.grad)  # padding matrices stay zero; NS maps them to zero
+            shard = self._buffer(bank, "grad_shard", rows, self.comm_dtype)
+            self.reductions[bank] = reduce_scatter_into(shard, padded, op=dist.ReduceOp.AVG, async_op=True)
+
+    @torch.no_grad()
+    def gradient_shards(self) -> list[torch.Tensor]:
+        """Wait for the reductions; this rank's averaged gradient shard of each bank (in self.order)."""
+        if self.world_size == 1:
+            return [bank.grad for bank in self.order]
+        shards = []
+        for bank in self.order:
+            self.reductions.pop(bank).wait()
+            shards.append(self.state[bank]["grad_shard"])
+        return shards
+
+    @torch.no_grad()
+    def step(self, shards: list[torch.Tensor] | None = None, grad_scale=1.0):
+        """Phases 2-3 for the banks: momentum and NS on each shard, all-gather, apply (overlapped).
+        Without shards (plain optimizer use) it reduces and waits for the gradients itself."""
+        if shards is None:
+            self.reduce_gradients()
+            shards = self.gradient_shards()
+        group = self.param_groups[0]
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        pending = None
+        for bank, shard in zip(self.order, shards):
+            gradient = shard.float() * grad_scale
+            buffer = self._buffer(bank, "momentum_buffer", gradient.size(0), torch.float32)
+            buffer.mul_(momentum).add_(gradient)
+            nesterov = gradient.add(buffer, alpha=momentum)
+            orthogonal = newton_schulz_orthogonalize(nesterov.to(self.comm_dtype), self.backend_steps)
+            if self.world_size > 1:
+                gathered = self._buffer(bank, "full_update", orthogonal.size(0) * self.world_size, self.comm_dtype)
+                work = all_gather_into(gathered, orthogonal.contiguous(), async_op=True)
+            else:
+                gathered, work = orthogonal, None
+            if pending is not None:
+                self._apply(*pending, lr, weight_decay)
+            pending = (bank, gathered, work)
+        if pending is not None:
+            self._apply(*pending, lr, weight_decay)
+
+    @staticmethod
+    def _apply(bank, update, work, lr, weight_decay):
+        if work is not None:
+            work.wait()
+        aspect = math.sqrt(max(1.0, bank.size(-2) / bank.size(-1)))
+        bank.mul_(1 - lr * weight_decay)
+        bank.add_(update[:bank.size(0)].to(bank.dtype), alpha=-lr * aspect)
 
 
 TOKEN_TABLE_SUFFIXES = ("token_embedding.weight", "bigram_hash.embed.weight", "value_embedding.embed.weight")
 
 
-def build_optimizers(model: GPT, h: Hyperparameters, ns_dtype: torch.dtype, fused: bool):
+def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fused: bool, rank=0, world_size=1):
     """Three optimizers as #549 section 9.1: Muon (banks), AdamW (token tables), AdamW (everything else)."""
     bank_ids = {id(p) for p in model.banks()}
     tables = [p for n, p in model.named_parameters() if n.endswith(TOKEN_TABLE_SUFFIXES)]
     table_ids = {id(p) for p in tables}
     scalars = [p for p in model.parameters() if id(p) not in bank_ids and id(p) not in table_ids]
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
-    muon = BankMuon(model.banks(), h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, ns_dtype)
+    muon = BankMuon(model.banks(), h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, comm_dtype,
+                    rank, world_size)
     token_adam = torch.optim.AdamW([dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)], **adam)
     scalar_adam = torch.optim.AdamW([dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)], **adam)
     return [token_adam, muon, scalar_adam]
@@ -1063,7 +1131,9 @@ class Trainer:
         self.h, self.run, self.model = h, run, model
         self.val_tokens, self.byte_counter = val_tokens, byte_counter
         fused = run.device.type == "cuda"
-        self.optimizers = build_optimizers(model, h, run.compute_dtype, fused)
+        self.optimizers = build_optimizers(model, h, run.compute_dtype, fused, run.rank, run.world_size)
+        bank_ids = {id(p) for p in model.banks()}
+        self.replicated_params = [p for p in model.parameters() if id(p) not in bank_ids]
         self.train_files = shard_files(h.data_path, "train")
         self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
 
@@ -1072,7 +1142,7 @@ class Trainer:
                                       self.run.device)
 
     def step(self, loader, step: int, multiplier: float) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the mean training loss (a tensor)."""
+        """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
         h, run, model = self.h, self.run, self.model
         total = torch.zeros((), device=run.device)
         for _ in range(h.grad_accum_steps):
@@ -1081,21 +1151,47 @@ class Trainer:
                 loss = run.forward(model, inputs, targets)
             (loss / h.grad_accum_steps).backward()
             total += loss.detach()
+        token_adam, muon, scalar_adam = self.optimizers
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
-        self.optimizers[1].param_groups[0]["momentum"] = muon_momentum_at(h, step)
-        if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-        if run.world_size > 1:
-            for param in model.parameters():
-                if param.grad is not None:
-                    dist.all_reduce(param.grad)
-                    param.grad /= run.world_size
-        for optimizer in self.optimizers:
-            optimizer.step()
+        muon.param_groups[0]["momentum"] = muon_momentum_at(h, step)
+        muon.reduce_gradients()  # async reduce-scatters, largest bank first
+        replicated = self.average_replicated_gradients()  # overlaps the reduce-scatters in flight
+        shards = muon.gradient_shards()
+        scale = self.clip_scale(shards, replicated)
+        torch._foreach_mul_(replicated, scale)
+        token_adam.step()
+        scalar_adam.step()
+        muon.step(shards, scale)
         model.zero_grad(set_to_none=True)
         return total / h.grad_accum_steps
+
+    def average_replicated_gradients(self) -> list[torch.Tensor]:
+        """All-reduce (mean) the gradients of every non-bank parameter as one flat buffer (#549: one call per
+        tensor); returns them."""
+        grads = []
+        for param in self.replicated_params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
+        if self.run.world_size > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+            torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        return grads
+
+    def clip_scale(self, shards, replicated) -> torch.Tensor:
+        """Global-norm clip factor of the *averaged* gradient, so any world size trains the same model.
+        (#549 clipped each rank's local gradient before averaging: its 1- and 8-GPU runs differ.) Bank shards
+        are disjoint across ranks, so their squared norms add up; a tensor, so no host sync."""
+        if self.h.grad_clip_norm <= 0:
+            return torch.ones((), device=self.run.device)
+        bank_square = torch.stack([s.float().square().sum() for s in shards]).sum()
+        if self.run.world_size > 1:
+            dist.all_reduce(bank_square)
+        total = (bank_square + torch.stack([g.square().sum() for g in replicated]).sum()).sqrt()
+        return (self.h.grad_clip_norm / (total + 1e-6)).clamp(max=1.0)
 
     def prime(self):
         """WARMUP_STEPS real steps to trigger compilation and allocation, then restore weights, optimizer
@@ -1123,6 +1219,8 @@ class Trainer:
 
     def log_step(self, step: int, loss: torch.Tensor, train_ms: float):
         h = self.h
+        if self.run.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the global batch's loss, as one process would log it
         step_avg = train_ms / step
         tokens_per_s = h.train_batch_tokens * step / (train_ms / 1000.0)
         eta_s = (h.iterations - step) * step_avg / 1000.0
@@ -1184,6 +1282,7 @@ class Trainer:
             run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         model.qat_active = False
+        verify_replicas(run, model)
         return self.apply_average(ema, swa)
 
     def apply_average(self, ema, swa):
@@ -1199,8 +1298,24 @@ class Trainer:
             self.run.log("averaging:none; exporting the final weights")
 
 
-def write_artifact(run: RunContext, model: GPT) -> int:
-    """Rank 0 writes the artifact; every rank reads its size back from disk. Returns the total bytes."""
+def verify_replicas(run: RunContext, model: GPT):
+    """Without DDP, ranks stay in sync only through identical init and identical updates (#549 pitfall 29):
+    compare a SHA-256 of every parameter's bytes across ranks and stop loudly if any differs."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    digests = [digest.hexdigest()]
+    if run.world_size > 1:
+        digests = [None] * run.world_size
+        dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"replicas diverged: parameter SHA-256 per rank {digests}")
+    run.log(f"replicas:identical ranks:{run.world_size} sha256:{digests[0][:16]}")
+
+
+def write_artifact(run: RunContext, model: GPT, code: str) -> int:
+    """Rank 0 writes the artifact; every rank reads its size back from disk. The code counted is the text
+    this process started from (not the file now on disk, which may have been edited). Returns the total."""
     h = run.h
     if run.is_main:
         started = time.perf_counter()
@@ -1209,7 +1324,7 @@ def write_artifact(run: RunContext, model: GPT) -> int:
         Path(h.artifact_path).write_bytes(blob)
         run.log(f"artifact:written compressor:{h.compressor} seconds:{time.perf_counter() - started:.1f}")
     run.barrier()
-    code_bytes = len(Path(__file__).read_bytes())
+    code_bytes = len(code.encode("utf-8"))
     model_bytes = Path(h.artifact_path).stat().st_size
     total = code_bytes + model_bytes
     run.log(f"artifact path:{h.artifact_path} code_bytes:{code_bytes} model_bytes:{model_bytes} "
@@ -1232,7 +1347,7 @@ def evaluate_pass(run: RunContext, model: GPT, label: str, evaluate) -> tuple[fl
 def main():
     h = Hyperparameters()
     run = RunContext(h)
-    code = Path(__file__).read_text(encoding="utf-8")
+    code = Path(__file__).read_bytes().decode("utf-8")  # byte-exact: no newline translation
     log_run_header(run, code)
     processor = load_tokenizer(h.tokenizer_path, h.vocab_size)
     byte_counter = ByteCounter(processor, h.vocab_size, run.device)
@@ -1248,7 +1363,7 @@ def main():
     run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
             f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
     Trainer(h, run, model, val_tokens, byte_counter).train()
-    write_artifact(run, model)
+    write_artifact(run, model, code)
     evaluate_pass(run, model, "DIAGNOSTIC post_average",
                   lambda: evaluate_sequences(model, val_tokens, byte_counter, run))
     roundtrip_model = build_model(h, run)

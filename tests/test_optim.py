@@ -32,7 +32,7 @@ def test_bank_muon_update_formula():
     bank = torch.nn.Parameter(torch.randn(2, 12, 4))
     start = bank.detach().clone()
     grads = [torch.randn(2, 12, 4) for _ in range(2)]
-    muon = train_gpt.BankMuon([bank], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.5, ns_dtype=torch.float32)
+    muon = train_gpt.BankMuon([bank], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.5, comm_dtype=torch.float32)
     expected, buffer = start.clone(), torch.zeros_like(start)
     for grad in grads:
         bank.grad = grad.clone()

@@ -1,0 +1,50 @@
+"""Parallel Muon over torchrun on the CPU (gloo): sharded = unsharded, 2 ranks train the same model as 1."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from conftest import REPO, TINY_ENV, clean_environment, parse_metric, read_log, run_script
+
+
+def test_sharded_muon_equals_unsharded(tmp_path):
+    result_path = tmp_path / "result.json"
+    env = clean_environment()
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "muon_shard_worker.py"), str(result_path)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result_path.read_text())
+    assert outcome["shard_rows"] == [3, 2]  # banks of 5 and 3 matrices (largest first), padded to 6 and 4
+    # Same arithmetic on the same numbers; only the batching of the shard matmuls differs.
+    assert outcome["max_abs_difference"] < 1e-6
+
+
+def train_losses(log: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^step:\d+/\d+ train_loss:([\d.]+)", log, re.M)]
+
+
+def test_two_ranks_train_the_same_model_as_one(tmp_path, fineweb_or_sample):
+    dataset, tokenizer = fineweb_or_sample
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=8, OMP_NUM_THREADS=1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    single = run_script(one, dict(env, RUN_ID="one"), timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_script(two, dict(env, RUN_ID="two"), nproc=2, timeout=300)  # timeout: no rank may hang
+    assert double.returncode == 0, double.stderr[-3000:]
+    log_one, log_two = read_log(one, "one"), read_log(two, "two")
+    assert "world_size:2 grad_accum_steps:4" in log_two
+    assert re.search(r"^replicas:identical ranks:2 sha256:[0-9a-f]{16}$", log_two, re.M)
+    losses_one, losses_two = train_losses(log_one), train_losses(log_two)
+    assert len(losses_one) == len(losses_two) == 8
+    # Both runs see the same 8 micro-batches per step; only fp32 summation order differs (2 partial sums
+    # averaged vs one running sum), a relative 1e-7 per step that Muon's normalization keeps from growing.
+    assert max(abs(a - b) for a, b in zip(losses_one, losses_two)) <= 2e-4
+    exact_one = parse_metric(log_one, "final_int6_roundtrip_exact")["val_loss"]
+    exact_two = parse_metric(log_two, "final_int6_roundtrip_exact")["val_loss"]
+    assert abs(exact_one - exact_two) < 1e-3
