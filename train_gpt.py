@@ -119,7 +119,16 @@ class Hyperparameters:
 
     def __init__(self, environ=None):
         env = EnvReader(os.environ if environ is None else environ)
-        # Data and run bookkeeping.
+        self._read_run(env)
+        self._read_model(env)
+        self._read_optimizer(env)
+        self._read_evaluation(env)
+        self.env_names = tuple(env.names)
+        self.ignored_record_variables = sorted(n for n in DROPPED_RECORD_VARIABLES if n in env.environ)
+        self.validate()
+
+    def _read_run(self, env: EnvReader):
+        """Data, bookkeeping, training length, batch, logging, devices and ranks."""
         self.data_path = env.text("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.tokenizer_path = env.text("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
         self.run_id = env.text("RUN_ID", str(uuid.uuid4()))
@@ -136,7 +145,17 @@ class Hyperparameters:
         self.val_batch_size = env.int("VAL_BATCH_SIZE", 524_288, minimum=1)
         self.val_loss_every = env.int("VAL_LOSS_EVERY", 4000, minimum=0)
         self.train_log_every = env.int("TRAIN_LOG_EVERY", 500, minimum=0)
-        # Model shape.
+        # Devices. "auto" means bf16 + compile on CUDA, fp32 + eager on the CPU.
+        self.compute_dtype = env.choice("COMPUTE_DTYPE", "auto", ("auto", "bf16", "fp32"))
+        self.compile = env.choice("COMPILE", "auto", ("auto", "0", "1"))
+        # Set by torchrun; absent for a single process.
+        self.rank = env.int("RANK", 0, minimum=0)
+        self.world_size = env.int("WORLD_SIZE", 1, minimum=1)
+        self.local_rank = env.int("LOCAL_RANK", 0, minimum=0)
+        self.distributed = "RANK" in env.environ and "WORLD_SIZE" in env.environ
+
+    def _read_model(self, env: EnvReader):
+        """Model shape and initialization."""
         self.vocab_size = env.int("VOCAB_SIZE", 1024, minimum=2)
         self.num_layers = env.int("NUM_LAYERS", 11, minimum=1)
         self.model_dim = env.int("MODEL_DIM", 512, minimum=8)
@@ -156,7 +175,9 @@ class Hyperparameters:
         self.ve_dim = env.int("VE_DIM", 128, minimum=1)
         self.ve_layers = env.int_list("VE_LAYERS", "9,10")
         self.tied_embed_init_std = env.float("TIED_EMBED_INIT_STD", 0.005, minimum=0.0)
-        # Optimizers.
+
+    def _read_optimizer(self, env: EnvReader):
+        """Optimizers, weight averaging and quantization-aware training."""
         self.matrix_lr = env.float("MATRIX_LR", 0.025, minimum=0.0)
         self.scalar_lr = env.float("SCALAR_LR", 0.025, minimum=0.0)
         self.tied_embed_lr = env.float("TIED_EMBED_LR", 0.035, minimum=0.0)
@@ -170,25 +191,26 @@ class Hyperparameters:
         self.beta2 = env.float("BETA2", 0.95, minimum=0.0)
         self.adam_eps = env.float("ADAM_EPS", 1e-8, minimum=0.0)
         self.grad_clip_norm = env.float("GRAD_CLIP_NORM", 0.3, minimum=0.0)
-        # Weight averaging and quantization-aware training.
         self.ema_decay = env.float("EMA_DECAY", 0.997, minimum=0.0)
         self.swa_enabled = env.flag("SWA_ENABLED", False)
         self.swa_every = env.int("SWA_EVERY", 50, minimum=1)
         self.qat_enabled = env.flag("QAT_ENABLED", False)
         self.late_qat_threshold = env.float("LATE_QAT_THRESHOLD", 0.15, minimum=0.0)
-        # Export.
+
+    def _read_evaluation(self, env: EnvReader):
+        """Export, then evaluation: sliding window, legal TTT (on by default: #549's run used it), budget."""
         self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli"))
-        # Devices. "auto" means bf16 + compile on CUDA, fp32 + eager on the CPU.
-        self.compute_dtype = env.choice("COMPUTE_DTYPE", "auto", ("auto", "bf16", "fp32"))
-        self.compile = env.choice("COMPILE", "auto", ("auto", "0", "1"))
-        # Set by torchrun; absent for a single process.
-        self.rank = env.int("RANK", 0, minimum=0)
-        self.world_size = env.int("WORLD_SIZE", 1, minimum=1)
-        self.local_rank = env.int("LOCAL_RANK", 0, minimum=0)
-        self.distributed = "RANK" in env.environ and "WORLD_SIZE" in env.environ
-        self.env_names = tuple(env.names)
-        self.ignored_record_variables = sorted(n for n in DROPPED_RECORD_VARIABLES if n in env.environ)
-        self.validate()
+        self.eval_stride = env.int("EVAL_STRIDE", 64, minimum=1)
+        self.ttt_enabled = env.flag("TTT_ENABLED", True)
+        self.ttt_lr = env.float("TTT_LR", 0.002, minimum=0.0)
+        self.ttt_epochs = env.int("TTT_EPOCHS", 3, minimum=0)
+        self.ttt_chunk_tokens = env.int("TTT_CHUNK_TOKENS", 32768, minimum=1)
+        self.ttt_momentum = env.float("TTT_MOMENTUM", 0.9, minimum=0.0)
+        self.ttt_grad_clip = env.float("TTT_GRAD_CLIP", 1.0, minimum=0.0)
+        self.ttt_batch_seqs = env.int("TTT_BATCH_SEQS", 32, minimum=1)
+        self.ttt_freeze_blocks = env.int("TTT_FREEZE_BLOCKS", 0, minimum=0)
+        self.eval_budget_seconds = env.float("EVAL_BUDGET_SECONDS", 600.0, minimum=0.0)
+        self.eval_only = env.flag("EVAL_ONLY", False)
 
     def validate(self):
         if self.model_dim % self.num_heads:
@@ -205,6 +227,14 @@ class Hyperparameters:
             raise InputError(f"env VE_LAYERS has layers {bad_ve} outside 0..{self.num_layers - 1}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"env EMA_DECAY={self.ema_decay}: must be in [0, 1); 0 disables EMA")
+        if self.eval_stride > self.eval_seq_len or self.eval_seq_len % self.eval_stride:
+            raise InputError(f"env EVAL_STRIDE={self.eval_stride}: must divide EVAL_SEQ_LEN={self.eval_seq_len}")
+        chunk = self.ttt_chunk_tokens
+        if self.ttt_enabled and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)):
+            raise InputError(f"env TTT_CHUNK_TOKENS={chunk}: must be a multiple of EVAL_STRIDE={self.eval_stride} and "
+                             f">= EVAL_SEQ_LEN and TRAIN_SEQ_LEN, so no scoring window straddles two chunks")
+        if self.ttt_freeze_blocks > self.num_layers:
+            raise InputError(f"env TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds NUM_LAYERS={self.num_layers}")
         if 8 % self.world_size:
             raise InputError(f"WORLD_SIZE={self.world_size}: must divide 8 (1, 2, 4 or 8 ranks), as in #549")
         micro = self.world_size * self.grad_accum_steps * self.train_seq_len
@@ -606,18 +636,23 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Soft-capped fp32 logits (B, T, V); the LM head is the tied token embedding."""
+    def logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """Soft-capped fp32 logits (B, T, V) of the tied LM head; with last=n only the last n positions."""
         compute_dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) \
             else self.token_embedding.weight.dtype
-        raw = F.linear(self.hidden_states(ids, compute_dtype), self.token_embedding.weight).float()
+        hidden = self.hidden_states(ids, compute_dtype)
+        if last is not None:
+            hidden = hidden[:, -last:]  # sliding-window scoring needs only the newest positions' logits
+        raw = F.linear(hidden, self.token_embedding.weight).float()
         cap = self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        logits = self.logits(ids)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-        return loss if reduction == "mean" else loss.view(targets.shape)
+        """Cross-entropy of targets (B, n) given ids (B, T): targets are the next tokens of the last n inputs
+        (n = T in training). reduction: "mean", "sum", or "none" for the per-target NLL (B, n)."""
+        logits = self.logits(ids, last=targets.size(1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -717,8 +752,12 @@ class BankMuon(torch.optim.Optimizer):
             nesterov = gradient.add(buffer, alpha=momentum)
             orthogonal = newton_schulz_orthogonalize(nesterov.to(self.comm_dtype), self.backend_steps)
             if self.world_size > 1:
+                # Async collectives touch only persistent buffers: a work object must never hold the last
+                # reference to a Python tensor (freeing it needs the GIL on gloo's thread).
+                shard = self._buffer(bank, "update_shard", orthogonal.size(0), self.comm_dtype)
+                shard.copy_(orthogonal)
                 gathered = self._buffer(bank, "full_update", orthogonal.size(0) * self.world_size, self.comm_dtype)
-                work = all_gather_into(gathered, orthogonal.contiguous(), async_op=True)
+                work = all_gather_into(gathered, shard, async_op=True)
             else:
                 gathered, work = orthogonal, None
             if pending is not None:
@@ -1005,27 +1044,245 @@ class ScoreAccumulator:
         return nll / tokens, nll / math.log(2) / byte_total, int(tokens), int(byte_total)
 
 
+class SlidingWindows:
+    """The scoring plan of every evaluation pass. Window 0 scores targets [0, L) from inputs [0, L); window
+    k >= 1 scores targets [L + (k-1)s, L + ks) from the L inputs that end at its last target. Every target is
+    scored exactly once (#549 re-scored its last 64 tokens 32 times), with at least L - s tokens of context
+    after the first window; stride s = L is the plain evaluation over non-overlapping sequences."""
+
+    def __init__(self, num_targets: int, seq_len: int, stride: int):
+        count = 1 + max(-(-(num_targets - seq_len) // stride), 0)
+        self.score_hi = np.minimum(seq_len + stride * np.arange(count), num_targets)
+        self.score_lo = np.concatenate(([0], self.score_hi[:-1]))
+        self.starts = self.score_hi - seq_len
+        self.seq_len, self.stride, self.num_targets = seq_len, stride, num_targets
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def within(self, lo: int, hi: int) -> np.ndarray:
+        """Indices of the windows whose scored targets lie in [lo, hi)."""
+        return np.nonzero((self.score_lo >= lo) & (self.score_hi <= hi))[0]
+
+
+class IllegalTestTimeTraining(RuntimeError):
+    """Raised before an update that would train on a validation target that has not been scored yet."""
+
+
+class ScoreLedger:
+    """How often each target has been scored (summed over ranks) and what training used: the TTT audit.
+
+    mark() records this rank's scoring; sync(lo, hi) sums a range's counts over all ranks, which is also a
+    barrier: nothing can train on a range before every rank has scored its part of it. check_training()
+    runs before each update and raises if any target it uses is not yet scored; audit() checks at the end
+    that every target was scored exactly once and returns the per-chunk record.
+    """
+
+    def __init__(self, num_targets: int, run):
+        self.run, self.num_targets = run, num_targets
+        self.local = np.zeros(num_targets, dtype=np.uint8)
+        self.scored = np.zeros(num_targets, dtype=np.uint8)  # global counts of synced ranges
+        self.chunks = {}  # chunk -> [highest scored target, highest trained target or -1]
+        self.trained = np.zeros(num_targets, dtype=np.bool_)
+
+    def mark(self, lo: int, hi: int):
+        self.local[lo:hi] += 1
+
+    def sync(self, lo: int, hi: int, chunk: int = 0):
+        counts = torch.from_numpy(self.local[lo:hi].astype(np.int32))
+        if self.run.world_size > 1:
+            counts = counts.to(self.run.device)
+            dist.all_reduce(counts)
+        self.scored[lo:hi] = counts.cpu().numpy().clip(0, 255).astype(np.uint8)
+        scored = np.nonzero(self.scored[:hi])[0]
+        self.chunks.setdefault(chunk, [-1, -1])[0] = int(scored[-1]) if len(scored) else -1
+
+    def check_training(self, chunk: int, lo: int, hi: int):
+        if not self.scored[lo:hi].all():
+            first = lo + int(np.argmin(self.scored[lo:hi] > 0))
+            raise IllegalTestTimeTraining(f"chunk {chunk}: an update would train on targets [{lo}, {hi}) but target "
+                                          f"{first} has not been scored")
+        self.trained[lo:hi] = True
+        record = self.chunks.setdefault(chunk, [-1, -1])
+        record[1] = max(record[1], hi - 1)
+
+    def audit(self) -> str:
+        if not (self.scored == 1).all():
+            bad = int(np.argmax(self.scored != 1))
+            raise AssertionError(f"target {bad} was scored {int(self.scored[bad])} times (must be exactly once)")
+        for chunk, (scored, trained) in sorted(self.chunks.items()):
+            if trained > scored:
+                raise AssertionError(f"chunk {chunk}: trained up to target {trained}, scored only up to {scored}")
+        return f"chunks={len(self.chunks)} tokens_scored={self.num_targets} tokens_trained={int(self.trained.sum())}"
+
+
+def window_batches(plan: SlidingWindows, indices: np.ndarray, batch: int, pad: bool):
+    """Batches of windows with the same scored width (window 0 scores all L targets). With pad, short
+    batches repeat their last window (results dropped) so compiled graphs keep one static shape."""
+    widths = np.where(indices == 0, plan.seq_len, plan.stride)
+    for width in np.unique(widths):
+        group = indices[widths == width]
+        for first in range(0, len(group), batch):
+            chosen = group[first:first + batch]
+            real = len(chosen)
+            if pad and real < batch:
+                chosen = np.concatenate((chosen, np.repeat(chosen[-1:], batch - real)))
+            yield int(width), chosen, real
+
+
 @torch.inference_mode()
-def evaluate_sequences(model: GPT, val_tokens: np.ndarray, byte_counter: ByteCounter, run) -> tuple[float, float]:
-    """Mean NLL and BPB over non-overlapping EVAL_SEQ_LEN windows; ranks take contiguous sequence ranges."""
-    h = run.h
-    seq_len = h.eval_seq_len
-    num_seqs = (len(val_tokens) - 1) // seq_len
-    first, last = num_seqs * run.rank // run.world_size, num_seqs * (run.rank + 1) // run.world_size
-    batch_seqs = max(h.val_batch_size // (run.world_size * h.grad_accum_steps * seq_len), 1)
-    was_training = model.training
+def score_windows(model, run, tokens: np.ndarray, plan: SlidingWindows, indices, byte_counter, scores, ledger):
+    """Add the NLL and bytes of the given windows' scored targets to scores; mark them in the ledger."""
     model.eval()
-    scores = ScoreAccumulator(run.device)
-    for start in range(first, last, batch_seqs):
-        end = min(start + batch_seqs, last)
-        chunk = torch.from_numpy(val_tokens[start * seq_len:end * seq_len + 1].astype(np.int64)).to(run.device)
-        inputs, targets = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+    offsets = np.arange(plan.seq_len + 1)
+    for width, chosen, real in window_batches(plan, indices, run.window_batch, pad=run.compile):
+        window = torch.from_numpy(tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64)).to(run.device)
+        inputs, targets = window[:, :-1], window[:, -width:]
         with run.autocast():
             nll = run.forward(model, inputs, targets, reduction="none")
-        scores.add(nll, byte_counter.count(inputs, targets))
+        # Position p of the last `width` predicts target score_hi - width + p; keep those >= score_lo.
+        first_target = torch.from_numpy(plan.score_hi[chosen] - width)[:, None] + torch.arange(width)
+        keep = (first_target >= torch.from_numpy(plan.score_lo[chosen])[:, None]).to(run.device)
+        keep[real:] = False
+        scores.add(nll[keep], byte_counter.count(inputs[:, -width:][keep], targets[keep]))
+        for k in chosen[:real]:
+            ledger.mark(int(plan.score_lo[k]), int(plan.score_hi[k]))
+
+
+def evaluate(model: GPT, run, val_tokens: np.ndarray, byte_counter: ByteCounter, stride: int) -> tuple[float, float]:
+    """Mean NLL and BPB of every validation target, scored once each; ranks split the windows."""
+    num_targets = len(val_tokens) - 1
+    plan = SlidingWindows(num_targets, run.h.eval_seq_len, stride)
+    mine = np.array_split(np.arange(len(plan)), run.world_size)[run.rank]
+    scores, ledger = ScoreAccumulator(run.device), ScoreLedger(num_targets, run)
+    was_training = model.training
+    score_windows(model, run, val_tokens, plan, mine, byte_counter, scores, ledger)
     model.train(was_training)
+    ledger.sync(0, num_targets)
+    ledger.audit()
     val_loss, val_bpb, _, _ = scores.result(run.world_size > 1)
     return val_loss, val_bpb
+
+
+def score_first_schedule(num_chunks: int):
+    """The legal TTT order: score chunk c, then train on it; the last chunk is scored, never trained on."""
+    for chunk in range(num_chunks):
+        yield "score", chunk
+        if chunk < num_chunks - 1:
+            yield "train", chunk
+
+
+class TestTimeTrainer:
+    """Legal score-first TTT (#549 section 15.3): SGD on already-scored chunks, cosine LR over chunks, with
+    the ledger checking every update and a budget guard that stops training, never scoring."""
+
+    def __init__(self, model: GPT, run, val_tokens: np.ndarray, byte_counter: ByteCounter, eval_started: float):
+        h = self.h = run.h
+        self.model, self.run, self.tokens, self.byte_counter = model, run, val_tokens, byte_counter
+        self.num_targets = len(val_tokens) - 1
+        self.plan = SlidingWindows(self.num_targets, h.eval_seq_len, h.eval_stride)
+        self.num_chunks = -(-self.num_targets // h.ttt_chunk_tokens)
+        self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device)
+        self.bank_masks = freeze_blocks(model, h.ttt_freeze_blocks)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+        self.eval_started, self.training_stopped = eval_started, False
+        self.score_seconds, self.train_seconds = [], []
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        lo = chunk * self.h.ttt_chunk_tokens
+        return lo, min(lo + self.h.ttt_chunk_tokens, self.num_targets)
+
+    def score(self, chunk: int):
+        lo, hi = self.chunk_range(chunk)
+        mine = np.array_split(self.plan.within(lo, hi), self.run.world_size)[self.run.rank]
+        score_windows(self.model, self.run, self.tokens, self.plan, mine, self.byte_counter, self.scores, self.ledger)
+        self.ledger.sync(lo, hi, chunk)
+
+    def train(self, chunk: int):
+        """TTT_EPOCHS passes over the chunk's sequences; each step's TTT_BATCH_SEQS sequences are split evenly
+        over ranks."""
+        h, run, model = self.h, self.run, self.model
+        lo, hi = self.chunk_range(chunk)
+        seq_len, num_seqs = h.train_seq_len, (hi - lo) // h.train_seq_len
+        for group in self.optimizer.param_groups:
+            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(self.num_chunks - 1, 1)))
+        model.train()
+        per_step = h.ttt_batch_seqs  # global, so any world size takes the same steps (#549: per rank)
+        for _ in range(h.ttt_epochs):
+            for first in range(0, num_seqs, per_step):
+                count = min(per_step, num_seqs - first)
+                self.ledger.check_training(chunk, lo + first * seq_len, lo + (first + count) * seq_len)
+                a, b = first + count * run.rank // run.world_size, first + count * (run.rank + 1) // run.world_size
+                if b > a:
+                    window = torch.from_numpy(self.tokens[lo + a * seq_len:lo + b * seq_len + 1].astype(np.int64))
+                    window = window.to(run.device)
+                    with run.autocast():
+                        loss = model(window[:-1].view(-1, seq_len), window[1:].view(-1, seq_len), reduction="sum")
+                    (loss / (count * seq_len)).backward()  # summed over ranks below: the global batch mean
+                self.update()
+
+    def update(self):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.run.world_size > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            grads = [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
+        for param, grad in zip(self.params, grads):
+            param.grad = grad * self.bank_masks[id(param)] if id(param) in self.bank_masks else grad
+        if self.h.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def keep_training(self, chunk: int) -> bool:
+        """Budget guard: train on this chunk only if, after the average training time, the remaining chunks
+        can still all be scored at the average scoring time within EVAL_BUDGET_SECONDS (agreed by all ranks)."""
+        if self.training_stopped:
+            return False
+        elapsed = time.perf_counter() - self.eval_started
+        average = lambda values: sum(values) / len(values) if values else 0.0
+        projected = elapsed + average(self.train_seconds) + (self.num_chunks - 1 - chunk) * average(self.score_seconds)
+        over = torch.tensor(float(projected > self.h.eval_budget_seconds), device=self.run.device)
+        if self.run.world_size > 1:
+            dist.all_reduce(over, op=dist.ReduceOp.MAX)
+        if over.item():
+            self.training_stopped = True
+            self.run.log(f"ttt_budget: stopping training at chunk {chunk + 1}/{self.num_chunks}: elapsed {elapsed:.1f}s "
+                         f"+ projected {projected - elapsed:.1f}s > EVAL_BUDGET_SECONDS={self.h.eval_budget_seconds:.0f}; "
+                         f"scoring the remaining {self.num_chunks - chunk - 1} chunks with the current weights")
+        return not self.training_stopped
+
+    def run_schedule(self, schedule) -> tuple[float, float, str]:
+        for action, chunk in schedule:
+            self.run.sync()
+            started = time.perf_counter()
+            if action == "score":
+                self.score(chunk)
+                self.score_seconds.append(time.perf_counter() - started)
+                if (chunk + 1) % 10 == 0 or chunk + 1 == self.num_chunks:
+                    _, bpb, _, _ = self.scores.result(self.run.world_size > 1)
+                    self.run.log(f"  ttt_chunk [{chunk + 1}/{self.num_chunks}] bpb={bpb:.6f} "
+                                 f"elapsed={time.perf_counter() - self.eval_started:.1f}s")
+            elif self.keep_training(chunk):
+                self.train(chunk)
+                self.run.sync()
+                self.train_seconds.append(time.perf_counter() - started)
+        summary = self.ledger.audit()
+        val_loss, val_bpb, _, _ = self.scores.result(self.run.world_size > 1)
+        return val_loss, val_bpb, summary
+
+
+def freeze_blocks(model: GPT, count: int) -> dict[int, torch.Tensor]:
+    """Freeze the first `count` blocks for TTT, their bank slices included (#549's freeze never reached the
+    banks): per-block parameters stop requiring grad; returns per-bank masks over the leading (layer) dim."""
+    for block in model.blocks[:count]:
+        block.requires_grad_(False)
+    layers = torch.arange(model.num_layers, device=model.qo_bank.device) >= count
+    layer_mask = layers.float()
+    masks = {id(model.qo_bank): torch.cat((layer_mask, layer_mask)), id(model.kv_bank): torch.cat((layer_mask, layer_mask)),
+             id(model.mlp_up_bank): layer_mask, id(model.mlp_down_bank): layer_mask}
+    return {key: mask[:, None, None] for key, mask in masks.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1053,6 +1310,7 @@ class RunContext:
         self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
         self.attention_name, self.attention = select_attention_backend(allow_flash=use_cuda)
         self.compiled = {}
+        self.window_batch = max(h.val_batch_size // (self.world_size * h.grad_accum_steps * h.eval_seq_len), 1)
         self.log_path = Path("logs") / f"{h.run_id}.txt"
         if self.is_main:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1213,7 +1471,7 @@ class Trainer:
         model.qat_active = h.qat_enabled
 
     def validate(self, step: int, train_ms: float):
-        val_loss, val_bpb = evaluate_sequences(self.model, self.val_tokens, self.byte_counter, self.run)
+        val_loss, val_bpb = evaluate(self.model, self.run, self.val_tokens, self.byte_counter, self.h.eval_seq_len)
         self.run.log(f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                      f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
@@ -1334,14 +1592,43 @@ def write_artifact(run: RunContext, model: GPT, code: str) -> int:
     return total
 
 
-def evaluate_pass(run: RunContext, model: GPT, label: str, evaluate) -> tuple[float, float]:
+def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") -> tuple[float, float]:
+    """Run one evaluation pass and log its two lines: rounded with the time, then _exact (8 decimals)."""
     run.sync()
     started = time.perf_counter()
-    val_loss, val_bpb = evaluate()
+    val_loss, val_bpb = evaluate_fn()[:2]
     run.sync()
     elapsed_ms = 1000.0 * (time.perf_counter() - started)
-    run.log(f"{label} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{elapsed_ms:.0f}ms")
+    run.log(f"{label} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{suffix} eval_time:{elapsed_ms:.0f}ms")
+    run.log(f"{label}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     return val_loss, val_bpb
+
+
+def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: ByteCounter):
+    """Every scored pass runs on the artifact read back from disk. The eval budget starts at that read."""
+    h = run.h
+    eval_started = time.perf_counter()
+    model = build_model(h, run)
+    load_exported_state(model, read_artifact(h.artifact_path))
+    run.log(f"eval:artifact loaded path:{h.artifact_path} seconds:{time.perf_counter() - eval_started:.1f}")
+    evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_seq_len))
+    evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_stride),
+                  suffix=f" stride:{h.eval_stride}")
+    if h.ttt_enabled:
+        ttt = TestTimeTrainer(model, run, val_tokens, byte_counter, eval_started)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(
+            int((1 - mask).sum()) * bank.shape[1] * bank.shape[2] for bank in model.banks()
+            for mask in [ttt.bank_masks[id(bank)].flatten()])
+        total = sum(p.numel() for p in model.parameters())
+        run.log(f"ttt:start chunks={ttt.num_chunks} chunk_tokens={h.ttt_chunk_tokens} windows={len(ttt.plan)} "
+                f"stride={h.eval_stride} lr={h.ttt_lr} epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} "
+                f"params_unfrozen={total - frozen} params_frozen={frozen}")
+        outcome = {}
+        evaluate_pass(run, "legal_ttt", lambda: outcome.setdefault("r", ttt.run_schedule(score_first_schedule(ttt.num_chunks))))
+        run.log(f"ttt_audit ok: {outcome['r'][2]}")
+    total_s = time.perf_counter() - eval_started
+    run.log(f"eval:total seconds:{total_s:.1f} budget:{h.eval_budget_seconds:.0f}"
+            + (" OVER BUDGET" if total_s > h.eval_budget_seconds else ""))
 
 
 def main():
@@ -1356,23 +1643,36 @@ def main():
     val_bytes = int(byte_counter.count(val_targets[:-1].to(run.device), val_targets[1:].to(run.device)).sum())
     run.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} "
             f"tokens:{len(val_tokens) - 1} bytes:{val_bytes}")
-    run.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(shard_files(h.data_path, 'train'))}")
-    model = build_model(h, run)
-    run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    run.log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.use_xsa]}")
-    run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
-            f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
-    Trainer(h, run, model, val_tokens, byte_counter).train()
-    write_artifact(run, model, code)
-    evaluate_pass(run, model, "DIAGNOSTIC post_average",
-                  lambda: evaluate_sequences(model, val_tokens, byte_counter, run))
-    roundtrip_model = build_model(h, run)
-    load_exported_state(roundtrip_model, read_artifact(h.artifact_path))
-    val_loss, val_bpb = evaluate_pass(run, roundtrip_model, "final_int6_roundtrip",
-                                      lambda: evaluate_sequences(roundtrip_model, val_tokens, byte_counter, run))
-    run.log(f"final_int6_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    if h.eval_only:
+        if not Path(h.artifact_path).is_file():
+            raise InputError(f"{h.artifact_path}: EVAL_ONLY=1 needs an existing artifact (set ARTIFACT_PATH)")
+        run.log(f"eval_only: evaluating {h.artifact_path} without training")
+    else:
+        run.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(shard_files(h.data_path, 'train'))}")
+        model = build_model(h, run)
+        run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+        run.log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.use_xsa]}")
+        run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
+                f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
+        Trainer(h, run, model, val_tokens, byte_counter).train()
+        write_artifact(run, model, code)  # before any evaluation: a crash later loses nothing
+        evaluate_pass(run, "DIAGNOSTIC post_average",
+                      lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_seq_len))
+        del model
+    evaluate_artifact(run, val_tokens, byte_counter)
     if h.distributed:
-        dist.destroy_process_group()
+        end_distributed_run()
+
+
+def end_distributed_run():
+    """Barrier, tear down, and leave without interpreter finalization: gloo's worker threads may still be
+    freeing finished work objects, which takes the GIL; during finalization Python kills such a thread
+    inside C++ and the process aborts ("terminate called without an active exception", torch 2.13)."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def test_tiny_run_end_to_end(tmp_path, fineweb_or_sample):
     roundtrip = parse_metric(log, "final_int6_roundtrip")
     exact = parse_metric(log, "final_int6_roundtrip_exact")
     assert abs(roundtrip["val_bpb"] - exact["val_bpb"]) < 1e-4 and 1.0 < exact["val_bpb"] < 4.0
-    assert re.search(r"val_bpb:\d+\.\d{8}$", log.strip().splitlines()[-1])
-    assert log.strip().splitlines()[-1].startswith("final_int6_roundtrip_exact ")
+    for label in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
+        assert re.search(rf"^{label} val_loss:\d+\.\d{{8}} val_bpb:\d+\.\d{{8}}$", log, re.M), label
+    assert re.search(r"^ttt_audit ok: chunks=\d+ tokens_scored=\d+ tokens_trained=\d+$", log, re.M)
     # Quantization costs something but not much: the roundtrip is close to the pre-quantization score.
     assert abs(exact["val_bpb"] - parse_metric(log, "DIAGNOSTIC post_average")["val_bpb"]) < 0.05

@@ -1,0 +1,54 @@
+"""tools/pack_code.py: the packed train_gpt.py decodes to the stripped source and runs identically."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
+
+sys.path.insert(0, str(REPO / "tools"))
+import pack_code  # noqa: E402
+
+
+def test_strip_keeps_behaviour_and_drops_comments_and_docstrings():
+    source = 'def f(x):\n    """Doc."""\n    # comment\n    return "kept # not a comment" + x\n'
+    stripped = pack_code.strip_source(source)
+    assert "Doc." not in stripped and "# comment" not in stripped and "kept # not a comment" in stripped
+    namespace = {}
+    exec(stripped, namespace)
+    assert namespace["f"]("!") == "kept # not a comment!"
+
+
+def test_pack_then_verify(tmp_path):
+    packed = tmp_path / "train_gpt.py"
+    packed.write_text(pack_code.pack((REPO / "train_gpt.py").read_text()))
+    assert packed.stat().st_size < (REPO / "train_gpt.py").stat().st_size / 3
+    pack_code.verify(packed, REPO / "train_gpt.py")
+    tampered = tmp_path / "tampered.py"
+    tampered.write_text(pack_code.pack((REPO / "train_gpt.py").read_text().replace("0.997", "0.998")))
+    with pytest.raises(ValueError, match="does not decode to the stripped"):
+        pack_code.verify(tampered, REPO / "train_gpt.py")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "pack_code.py"), "--verify", str(packed),
+                             str(REPO / "train_gpt.py")], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("OK:")
+
+
+def test_packed_script_runs_identically(tmp_path, sample_data):
+    dataset, tokenizer = sample_data
+    packed_dir = tmp_path / "packed"
+    packed_dir.mkdir()
+    packed = packed_dir / "train_gpt.py"
+    packed.write_text(pack_code.pack((REPO / "train_gpt.py").read_text()))
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=4, TTT_CHUNK_TOKENS=16384)
+    readable, compact = tmp_path / "readable", tmp_path / "compact"
+    readable.mkdir()
+    compact.mkdir()
+    assert run_script(readable, dict(env, RUN_ID="r"), timeout=300).returncode == 0
+    result = run_script(compact, dict(env, RUN_ID="p"), timeout=300, script=packed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log_readable, log_packed = read_log(readable, "r"), read_log(compact, "p")
+    assert parse_metric(log_packed, "artifact")["code_bytes"] == packed.stat().st_size  # the packed bytes count
+    for label in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
+        assert parse_metric(log_packed, label) == parse_metric(log_readable, label), label
