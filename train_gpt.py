@@ -122,6 +122,7 @@ class Hyperparameters:
         self._read_run(env)
         self._read_model(env)
         self._read_optimizer(env)
+        self._read_export(env)
         self._read_evaluation(env)
         self.env_names = tuple(env.names)
         self.ignored_record_variables = sorted(n for n in DROPPED_RECORD_VARIABLES if n in env.environ)
@@ -197,9 +198,25 @@ class Hyperparameters:
         self.qat_enabled = env.flag("QAT_ENABLED", False)
         self.late_qat_threshold = env.float("LATE_QAT_THRESHOLD", 0.15, minimum=0.0)
 
-    def _read_evaluation(self, env: EnvReader):
-        """Export, then evaluation: sliding window, legal TTT (on by default: #549's run used it), budget."""
+    def _read_export(self, env: EnvReader):
+        """Quantization (per tensor group), GPTQ calibration, compression and the size planner."""
+        self.quant = env.choice("QUANT", "gptq_lite", ("gptq_lite", "gptq"))
+        self.quant_bits_mlp = env.int("QUANT_BITS_MLP", 6)
+        self.quant_bits_attn = env.int("QUANT_BITS_ATTN", 6)
+        self.quant_bits_embed = env.int("QUANT_BITS_EMBED", 8)
+        # 0: GPTQ on GPTQ-lite's per-row searched clip (best at equal size on P1); k > 0: SDClip k * std(row).
+        self.quant_clip_sigmas_mlp = env.float("QUANT_CLIP_SIGMAS_MLP", 0.0, minimum=0.0)
+        self.quant_clip_sigmas_attn = env.float("QUANT_CLIP_SIGMAS_ATTN", 0.0, minimum=0.0)
+        self.quant_clip_sigmas_embed = env.float("QUANT_CLIP_SIGMAS_EMBED", 0.0, minimum=0.0)
+        self.gptq_reserve_seconds = env.float("GPTQ_RESERVE_SECONDS", 8.0, minimum=0.0)
+        self.gptq_calib_batches = env.int("GPTQ_CALIB_BATCHES", 16, minimum=1)
         self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli"))
+        self.byte_shuffle = env.flag("BYTE_SHUFFLE", False)
+        self.size_fit = env.flag("SIZE_FIT", False)
+        self.dry_run = env.flag("DRY_RUN", False)
+
+    def _read_evaluation(self, env: EnvReader):
+        """Evaluation: sliding window, legal TTT (on by default: #549's run used it), budget, eval-only."""
         self.eval_stride = env.int("EVAL_STRIDE", 64, minimum=1)
         self.ttt_enabled = env.flag("TTT_ENABLED", True)
         self.ttt_lr = env.float("TTT_LR", 0.002, minimum=0.0)
@@ -233,6 +250,13 @@ class Hyperparameters:
         if self.ttt_enabled and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)):
             raise InputError(f"env TTT_CHUNK_TOKENS={chunk}: must be a multiple of EVAL_STRIDE={self.eval_stride} and "
                              f">= EVAL_SEQ_LEN and TRAIN_SEQ_LEN, so no scoring window straddles two chunks")
+        for group in ("mlp", "attn", "embed"):
+            bits = self.group_bits(group)
+            if not 5 <= bits <= 8:
+                raise InputError(f"env QUANT_BITS_{group.upper()}={bits}: must be 5, 6, 7 or 8")
+        if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
+            raise InputError(f"env GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
+                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if self.ttt_freeze_blocks > self.num_layers:
             raise InputError(f"env TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds NUM_LAYERS={self.num_layers}")
         if 8 % self.world_size:
@@ -241,6 +265,19 @@ class Hyperparameters:
         if self.train_batch_tokens % micro:
             raise InputError(f"env TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by "
                              f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={micro}")
+
+    def group_bits(self, group: str) -> int:
+        return {"mlp": self.quant_bits_mlp, "attn": self.quant_bits_attn, "embed": self.quant_bits_embed}[group]
+
+    def group_clip_sigmas(self, group: str) -> float:
+        return {"mlp": self.quant_clip_sigmas_mlp, "attn": self.quant_clip_sigmas_attn,
+                "embed": self.quant_clip_sigmas_embed}[group]
+
+    @property
+    def training_seconds(self) -> float:
+        """The training loop's share of the cap: GPTQ's Hessian collection runs inside the cap too."""
+        reserve = self.gptq_reserve_seconds if self.quant == "gptq" else 0.0
+        return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds > 0 else 0.0
 
     @property
     def grad_accum_steps(self) -> int:
@@ -468,7 +505,7 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.use_xsa, self.attention = use_xsa, attention
 
-    def forward(self, x, q_w, k_w, v_w, out_w, rotary, value_embed=None):
+    def forward(self, x, q_w, k_w, v_w, out_w, rotary, value_embed=None, record=None):
         batch, seq, _ = x.shape
         q = F.linear(x, q_w).view(batch, seq, self.num_heads, self.head_dim)
         k = F.linear(x, k_w).view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -483,7 +520,10 @@ class CausalSelfAttention(nn.Module):
         y = self.attention(q.to(v.dtype), k.to(v.dtype), v)
         if self.use_xsa:
             y = subtract_self_value(y, v)
-        return F.linear(y.reshape(batch, seq, -1), out_w)
+        y = y.reshape(batch, seq, -1)
+        if record is not None:
+            record("attn.out", y)
+        return F.linear(y, out_w)
 
 
 class Block(nn.Module):
@@ -498,14 +538,21 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
 
-    def forward(self, x, x0, weights, rotary, value_embed=None):
+    def forward(self, x, x0, weights, rotary, value_embed=None, record=None):
+        """record(role, inputs), when given, sees the input of every matrix (GPTQ calibration)."""
         q_w, k_w, v_w, out_w, up_w, down_w = weights
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        attn_out = self.attn(rms_norm(x) * self.ln_scale, q_w, k_w, v_w, out_w, rotary, value_embed)
-        x = x + self.attn_scale.to(x.dtype) * attn_out
-        hidden = F.leaky_relu(F.linear(rms_norm(x) * self.ln_scale, up_w), MLP_NEGATIVE_SLOPE)
-        return x + self.mlp_scale.to(x.dtype) * F.linear(hidden.square(), down_w)
+        attn_in = rms_norm(x) * self.ln_scale
+        if record is not None:
+            record("attn.qkv", attn_in)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(attn_in, q_w, k_w, v_w, out_w, rotary, value_embed, record)
+        mlp_in = rms_norm(x) * self.ln_scale
+        hidden = F.leaky_relu(F.linear(mlp_in, up_w), MLP_NEGATIVE_SLOPE).square()
+        if record is not None:
+            record("mlp.up", mlp_in)
+            record("mlp.down", hidden)
+        return x + self.mlp_scale.to(x.dtype) * F.linear(hidden, down_w)
 
 
 class SmearGate(nn.Module):
@@ -584,6 +631,7 @@ class GPT(nn.Module):
         self.num_encoder = layers // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
         self.qat_active = False  # a plain attribute: torch.compile guards on it and recompiles once
+        self.hessian_recorder = None  # GPTQ calibration: called with (name, matrix inputs) when set
         self._init_weights(h)
 
     @torch.no_grad()
@@ -631,10 +679,16 @@ class GPT(nn.Module):
             if layer in self.ve_layers:
                 scale = self.value_embedding.layer_scales[self.ve_layers.index(layer)]
                 value_embed = scale.to(x.dtype) * ve_base
-            x = block(x, x0, self.layer_weights(layer, banks), rotary, value_embed)
+            record = None
+            if self.hessian_recorder is not None:
+                record = lambda role, inputs, prefix=f"blocks.{layer}.": self.hessian_recorder(prefix + role, inputs)
+            x = block(x, x0, self.layer_weights(layer, banks), rotary, value_embed, record)
             if layer < self.num_encoder:
                 skips.append(x)
-        return rms_norm(x)
+        x = rms_norm(x)
+        if self.hessian_recorder is not None:
+            self.hessian_recorder("head", x)  # the tied embedding's input as the LM head
+        return x
 
     def logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """Soft-capped fp32 logits (B, T, V) of the tied LM head; with last=n only the last n positions."""
@@ -797,11 +851,11 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     worth of the measured step time before the cap (#549 section 10); without one, the last iterations."""
     if h.warmdown_iters <= 0:
         return 1.0
-    if h.max_wallclock_seconds <= 0:
+    if h.training_seconds <= 0:
         remaining_steps = h.iterations - step
         return max(remaining_steps / h.warmdown_iters, 0.0) if remaining_steps < h.warmdown_iters else 1.0
     warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+    remaining_ms = max(1000.0 * h.training_seconds - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
@@ -862,42 +916,64 @@ class SnapshotAverage:
 
 SMALL_TENSOR_NUMEL = 65_536  # other tensors with at most this many elements are stored fp16 as-is (#549)
 BANK_ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down")
-CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # #549's int6 clip candidates
-BITS_INT6, BITS_INT8 = 6, 8
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # #549's clip candidates ("GPTQ-lite")
+GPTQ_BLOCK_SIZE, GPTQ_DAMP = 128, 0.01  # as #609/#1089
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGAF", 1
 SIZE_CAP_BYTES = 16_000_000
+# The planner's stand-in for trained weights: Student-t entries with this many degrees of freedom, fitted so
+# #549's configuration (int6 GPTQ-lite + lzma) predicts 15.87 MB against its logged 15.79-15.90 MB. Gaussian
+# stand-ins predict 18.8 MB there: long training makes weights heavy-tailed and more compressible.
+PLANNER_TAIL_DOF = 4.4
 
 
 def export_state(model: GPT) -> dict[str, torch.Tensor]:
-    """Named fp32 CPU tensors with the banks split into one 2-D matrix per layer and role."""
+    """Named fp32 tensors (on the model's device) with the banks split into one matrix per layer and role."""
     bank_ids = {id(p) for p in model.banks()}
-    state = {n: p.detach().float().cpu() for n, p in model.named_parameters() if id(p) not in bank_ids}
+    state = {n: p.detach().float() for n, p in model.named_parameters() if id(p) not in bank_ids}
     for layer in range(model.num_layers):
-        weights = model.layer_weights(layer, model.banks())
-        for role, weight in zip(BANK_ROLES, weights):
-            state[f"blocks.{layer}.{role}"] = weight.detach().float().cpu()
+        for role, weight in zip(BANK_ROLES, model.layer_weights(layer, model.banks())):
+            state[f"blocks.{layer}.{role}"] = weight.detach().float()
     return state
 
 
 @torch.no_grad()
 def load_exported_state(model: GPT, state: dict[str, torch.Tensor]):
     """Inverse of export_state: copy named tensors into the model, re-banking the per-layer matrices."""
-    params = dict(model.named_parameters())
     for layer in range(model.num_layers):
-        targets = model.layer_weights(layer, model.banks())
-        for role, target in zip(BANK_ROLES, targets):
+        for role, target in zip(BANK_ROLES, model.layer_weights(layer, model.banks())):
             target.copy_(state[f"blocks.{layer}.{role}"])
-    for name, param in params.items():
+    for name, param in model.named_parameters():
         if name in state:
             param.copy_(state[name])
 
 
+def is_bank_matrix(name: str) -> bool:
+    return name.startswith("blocks.") and name.split(".", 2)[2] in BANK_ROLES
+
+
+def quantization_group(name: str, value: torch.Tensor) -> str | None:
+    """"attn"/"mlp" for bank matrices at any size (#549 kept every tensor <= 65,536 elements in fp16, so on
+    small proxies like P1 it quantized nothing), "embed" for the other large 2-D tensors (token, bigram and
+    value-embedding tables), None for the small tensors stored in fp16."""
+    if is_bank_matrix(name):
+        return name.split(".")[2]
+    return "embed" if value.ndim == 2 and value.numel() > SMALL_TENSOR_NUMEL else None
+
+
+def hessian_name(name: str) -> str:
+    """Which recorded input Gram matrix belongs to a weight: q/k/v share theirs; the tied embedding's is the
+    LM head's input (#1394 GPTQ'd the embedding that way)."""
+    if name == "token_embedding.weight":
+        return "head"
+    return name[:-2] + ".qkv" if name.endswith((".attn.q", ".attn.k", ".attn.v")) else name
+
+
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row quantization to +-(2^(bits-1) - 1); each row picks the clip quantile of |w| with the
-    lowest squared error (#549 picks one per tensor). Scales are fp16-rounded before use, as stored."""
+    """GPTQ-lite: symmetric per-row round-to-nearest to +-(2^(bits-1) - 1); each row picks the clip quantile of
+    |w| with the lowest squared error (#549 picks one per tensor). Scales are fp16-rounded before use."""
     qmax = 2 ** (bits - 1) - 1
     weight = weight.float()
-    clips = torch.quantile(weight.abs(), torch.tensor(CLIP_QUANTILES), dim=1)
+    clips = torch.quantile(weight.abs(), torch.tensor(CLIP_QUANTILES, device=weight.device), dim=1)
     best_q, best_scale, best_error = None, None, None
     for clip in clips:
         scale = (clip / qmax).clamp_min(1e-8).half().float()
@@ -912,22 +988,63 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     return best_q.to(torch.int8), best_scale.half()
 
 
-def is_bank_matrix(name: str) -> bool:
-    return name.startswith("blocks.") and name.split(".", 2)[2] in BANK_ROLES
+def sd_clip_scale(weight: torch.Tensor, sigmas: float, qmax: int) -> torch.Tensor:
+    """SDClip (#1394): per-row scale k * std(row) / qmax, fp16-rounded as stored. Larger k: coarser grid,
+    lower entropy, smaller artifact (#1394: H(q) ~ b - log2 k)."""
+    return (sigmas * weight.float().std(dim=1, unbiased=False) / qmax).clamp_min(1e-8).half().float()
 
 
-def quantize_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Bank matrices -> int6 at any size, other 2-D tensors over 65,536 elements (token tables) -> int8, the
-    rest -> fp16. #549 kept every tensor <= 65,536 in fp16, so on small proxy configs (P1) it quantized
-    nothing; the default 11L config is treated identically either way."""
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Full-Hessian GPTQ (Frantar et al.) on given per-row scales: quantize columns in order of descending
+    Hessian diagonal, pushing each column's error onto the not-yet-quantized ones through the upper Cholesky
+    factor of H^-1; blocks of 128 columns with lazy updates. H = sum of X^T X of the matrix's inputs."""
+    w, h = weight.float().clone(), hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    for attempt in range(4):  # a non-positive-definite H gets 10x more damping
+        damped = h + GPTQ_DAMP * 10 ** attempt * torch.diag(h).mean() * torch.eye(len(h), device=h.device)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            break
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    q = torch.zeros_like(w)
+    for first in range(0, w.size(1), GPTQ_BLOCK_SIZE):
+        last = min(first + GPTQ_BLOCK_SIZE, w.size(1))
+        block, errors = w[:, first:last].clone(), torch.zeros(w.size(0), last - first, device=w.device)
+        for j in range(last - first):
+            q[:, first + j] = (block[:, j] / scale).round().clamp(-qmax, qmax)
+            error = (block[:, j] - q[:, first + j] * scale) / upper[first + j, first + j]
+            block[:, j:] -= error[:, None] * upper[first + j, first + j:last][None, :]
+            errors[:, j] = error
+        w[:, last:] -= errors @ upper[first:last, last:]
+    return q[:, torch.argsort(order)].to(torch.int8)
+
+
+def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=None):
+    """Quantize each tensor by its group's bit width (QUANT_BITS_*): GPTQ-lite, or with QUANT=gptq full GPTQ
+    where a Hessian exists (round-to-nearest elsewhere) on GPTQ-lite's searched row scales, or on SDClip scales
+    when QUANT_CLIP_SIGMAS_* > 0. Returns (tensors to store, scheme per name)."""
     tensors, schemes = {}, {}
     for name, value in state.items():
-        bank = is_bank_matrix(name)
-        if not bank and (value.numel() <= SMALL_TENSOR_NUMEL or value.ndim != 2):
+        group = quantization_group(name, value)
+        if group is None:
             tensors[name], schemes[name] = value.half(), "fp16"
             continue
-        bits = BITS_INT6 if bank else BITS_INT8
-        tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(value, bits)
+        bits = h.group_bits(group)
+        qmax = 2 ** (bits - 1) - 1
+        if h.quant == "gptq":
+            sigmas = h.group_clip_sigmas(group)
+            scale = sd_clip_scale(value, sigmas, qmax) if sigmas > 0 else quantize_rows(value, bits)[1].float()
+            hessian = (hessians or {}).get(hessian_name(name))
+            q = gptq_quantize(value, hessian, scale, qmax) if hessian is not None else \
+                (value / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
+            tensors[name + ".q"], tensors[name + ".scale"] = q, scale.half()
+        else:
+            tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(value, bits)
         schemes[name] = f"int{bits}"
     return tensors, schemes
 
@@ -943,7 +1060,7 @@ def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) 
 
 
 def pack_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
-    """A plain container (no pickle): u64 header length, JSON index, then the raw little-endian tensor bytes."""
+    """A plain container (never pickle): u64 header length, JSON index, then raw little-endian tensor bytes."""
     index, blobs, offset = [], [], 0
     for name, tensor in tensors.items():
         blob = tensor.detach().contiguous().cpu().numpy().tobytes()
@@ -956,15 +1073,35 @@ def pack_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
 
 
 def unpack_tensors(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
-    (header_len,) = struct.unpack_from("<Q", raw)
-    header = json.loads(raw[8:8 + header_len])
-    body = memoryview(raw)[8 + header_len:]
-    tensors = {}
-    for entry in header["tensors"]:
-        dtype = getattr(torch, entry["dtype"])
-        chunk = body[entry["offset"]:entry["offset"] + entry["nbytes"]]
-        tensors[entry["name"]] = torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(entry["shape"])
-    return tensors, header["meta"]
+    """Parse a container; anything else (a pickle, a torch.save zip) is refused without being executed."""
+    try:
+        (header_len,) = struct.unpack_from("<Q", raw)
+        header = json.loads(raw[8:8 + header_len])
+        body = memoryview(raw)[8 + header_len:]
+        tensors = {}
+        for entry in header["tensors"]:
+            dtype = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}[entry["dtype"]]
+            chunk = body[entry["offset"]:entry["offset"] + entry["nbytes"]]
+            tensors[entry["name"]] = torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(entry["shape"])
+        return tensors, header["meta"]
+    except (struct.error, ValueError, KeyError, TypeError, RuntimeError):
+        raise InputError("artifact payload is not a tensor container (pickles are never loaded)") from None
+
+
+def byte_shuffle(raw: bytes, stride: int) -> bytes:
+    """All bytes at offset 0 mod stride, then 1 mod stride, ... (#1089: stride 2 groups fp16 high/low bytes)."""
+    array = np.frombuffer(raw, dtype=np.uint8)
+    return b"".join(array[i::stride].tobytes() for i in range(stride))
+
+
+def byte_unshuffle(data: bytes, stride: int) -> bytes:
+    array, out = np.frombuffer(data, dtype=np.uint8), np.empty(len(data), dtype=np.uint8)
+    start = 0
+    for i in range(stride):
+        count = len(range(i, len(data), stride))
+        out[i::stride] = array[start:start + count]
+        start += count
+    return out.tobytes()
 
 
 def compress(raw: bytes, compressor: str) -> bytes:
@@ -991,17 +1128,18 @@ def decompress(blob: bytes, compressor: str) -> bytes:
     return brotli.decompress(blob)
 
 
-def build_artifact(model: GPT, compressor: str) -> bytes:
-    """Quantize the model and wrap the compressed container in a self-describing, checksummed header."""
-    tensors, schemes = quantize_state(export_state(model))
-    body = compress(pack_tensors(tensors, dict(schemes=schemes)), compressor)
-    header = json.dumps(dict(version=ARTIFACT_VERSION, compressor=compressor, body_bytes=len(body),
-                             sha256=hashlib.sha256(body).hexdigest())).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + body
+def encode_artifact(tensors: dict[str, torch.Tensor], schemes: dict[str, str], h: Hyperparameters) -> bytes:
+    """Container -> optional byte shuffle -> compressor, behind a self-describing, checksummed header."""
+    raw = pack_tensors(tensors, dict(schemes=schemes))
+    transform = "byte_shuffle2" if h.byte_shuffle else "none"
+    body = compress(byte_shuffle(raw, 2) if h.byte_shuffle else raw, h.compressor)
+    header = json.dumps(dict(version=ARTIFACT_VERSION, compressor=h.compressor, transform=transform,
+                             raw_bytes=len(raw), body_bytes=len(body), sha256=hashlib.sha256(body).hexdigest()))
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header.encode() + body
 
 
 def read_artifact(path: str) -> dict[str, torch.Tensor]:
-    """Read an artifact from disk, verify it and return the dequantized named state."""
+    """Read an artifact from disk, verify it completely and return the dequantized named state."""
     blob = Path(path).read_bytes()
     if blob[:4] != ARTIFACT_MAGIC or len(blob) < 8:
         raise InputError(f"{path}: not a train_gpt.py artifact (bad magic)")
@@ -1017,8 +1155,73 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: artifact is truncated ({len(body)} of {header['body_bytes']} body bytes)")
     if hashlib.sha256(body).hexdigest() != header["sha256"]:
         raise InputError(f"{path}: artifact checksum mismatch (corrupt file)")
-    tensors, meta = unpack_tensors(decompress(body, header["compressor"]))
+    raw = decompress(body, header["compressor"])
+    if header.get("transform") == "byte_shuffle2":
+        raw = byte_unshuffle(raw, 2)
+    try:
+        tensors, meta = unpack_tensors(raw)
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from None
     return dequantize_state(tensors, meta["schemes"])
+
+
+def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> bytes:
+    """SIZE_FIT: zero the least important +-1 quantized values, smallest row scale first (cost s^2 q^2, as
+    #609/#1089), until the encoded artifact fits the budget: bisection on the count, to within 1/64 of the
+    candidates (7 encodes). If pruning all of them is not enough, the run reports the artifact over the cap."""
+    blob = encode_artifact(tensors, schemes, h)
+    names = [n for n, scheme in schemes.items() if scheme != "fp16"]
+    costs, owners, positions = [], [], []
+    for index, name in enumerate(names):
+        q, scale = tensors[name + ".q"], tensors[name + ".scale"].float()
+        ones = (q.abs() == 1).reshape(-1).nonzero().squeeze(1)
+        costs.append(scale.repeat_interleave(q.size(1))[ones].square())
+        owners.append(torch.full_like(ones, index))
+        positions.append(ones)
+    order = torch.argsort(torch.cat(costs))
+    owners, positions = torch.cat(owners)[order], torch.cat(positions)[order]
+
+    def pruned(count: int) -> bytes:
+        trial = dict(tensors)
+        for index, name in enumerate(names):
+            chosen = positions[:count][owners[:count] == index]
+            if len(chosen):
+                trial[name + ".q"] = tensors[name + ".q"].clone().reshape(-1).index_fill_(0, chosen, 0).view_as(
+                    tensors[name + ".q"])
+        return encode_artifact(trial, schemes, h)
+
+    count = 0
+    if len(blob) > budget:
+        low, high = 0, len(order)  # invariant: pruning `low` is too big, pruning `high` fits (if anything does)
+        blob = pruned(high)
+        while high - low > max(len(order) // 64, 1) and len(blob) <= budget:
+            middle = (low + high) // 2
+            trial = pruned(middle)
+            if len(trial) > budget:
+                low = middle
+            else:
+                high, blob = middle, trial
+        count = high
+    log(f"size_fit: pruned {count} of {len(order)} +-1 values ({100 * count / max(len(order), 1):.2f}%), "
+        f"model_bytes:{len(blob)} budget:{budget}")
+    return blob
+
+
+def plan_artifact(h: Hyperparameters) -> int:
+    """DRY_RUN size planner: the configured model's tensors, with every quantized one replaced by a trained-
+    weight stand-in (Student-t, PLANNER_TAIL_DOF), quantized and packed with the configured scheme. One row
+    in 8 of each quantized tensor is compressed and its ratio applied to the whole (the rows are i.i.d.)."""
+    torch.manual_seed(h.seed)
+    state = export_state(GPT(h))
+    stand_in = torch.distributions.StudentT(PLANNER_TAIL_DOF)
+    state = {n: stand_in.sample(v.shape) if quantization_group(n, v) else v for n, v in state.items()}
+    tensors, schemes = quantize_state(state, h)
+    quantized = {n + suffix for n, scheme in schemes.items() if scheme != "fp16" for suffix in (".q", ".scale")}
+    sample = {n: t[::8] if n in quantized else t for n, t in tensors.items()}
+    sample_raw, sample_blob = pack_tensors(sample, dict(schemes=schemes)), encode_artifact(sample, schemes, h)
+    overhead = 8 + struct.unpack_from("<I", sample_blob, 4)[0]
+    full_raw = len(pack_tensors(tensors, dict(schemes=schemes)))
+    return overhead + int(full_raw * (len(sample_blob) - overhead) / len(sample_raw))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1482,16 +1685,16 @@ class Trainer:
         step_avg = train_ms / step
         tokens_per_s = h.train_batch_tokens * step / (train_ms / 1000.0)
         eta_s = (h.iterations - step) * step_avg / 1000.0
-        if h.max_wallclock_seconds > 0:
-            eta_s = min(eta_s, max(h.max_wallclock_seconds - train_ms / 1000.0, 0.0))
+        if h.training_seconds > 0:
+            eta_s = min(eta_s, max(h.training_seconds - train_ms / 1000.0, 0.0))
         self.run.log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
 
     def stop_requested(self, train_ms: float) -> bool:
         """Wallclock cap check agreed by all ranks (all-reduce MAX), so no rank waits for another forever."""
-        if self.h.max_wallclock_seconds <= 0:
+        if self.h.training_seconds <= 0:
             return False
-        over = torch.tensor(float(train_ms >= 1000.0 * self.h.max_wallclock_seconds), device=self.run.device)
+        over = torch.tensor(float(train_ms >= 1000.0 * self.h.training_seconds), device=self.run.device)
         if self.run.world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         return bool(over.item())
@@ -1541,7 +1744,25 @@ class Trainer:
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         model.qat_active = False
         verify_replicas(run, model)
-        return self.apply_average(ema, swa)
+        self.apply_average(ema, swa)
+        return self.calibrate(loader, train_ms) if h.quant == "gptq" else None
+
+    def calibrate(self, loader, train_ms: float) -> dict[str, torch.Tensor]:
+        """GPTQ Hessians of the exported (averaged) weights on the next training batches, inside the cap: the
+        loop stopped GPTQ_RESERVE_SECONDS early (training data may only be read within the 600 s)."""
+        h, run = self.h, self.run
+        run.sync()
+        started = time.perf_counter()
+        hessians = collect_hessians(self.model, run, loader, self.local_tokens)
+        run.sync()
+        seconds = time.perf_counter() - started
+        ended = train_ms / 1000.0 + seconds
+        run.log(f"gptq:hessians batches:{h.gptq_calib_batches} tokens:{h.gptq_calib_batches * self.local_tokens * run.world_size} "
+                f"seconds:{seconds:.1f} ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s")
+        if 0 < h.max_wallclock_seconds < ended:
+            run.log(f"WARNING: GPTQ CALIBRATION ENDED {ended - h.max_wallclock_seconds:.1f}s AFTER THE TRAINING CAP; "
+                    f"raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_BATCHES")
+        return hessians
 
     def apply_average(self, ema, swa):
         if swa is not None and swa.count > 0:
@@ -1554,6 +1775,34 @@ class Trainer:
             ema.copy_to(self.model)
         else:
             self.run.log("averaging:none; exporting the final weights")
+
+
+@torch.inference_mode()
+def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int) -> dict[str, torch.Tensor]:
+    """Sum X^T X (fp32) of every matrix's inputs over GPTQ_CALIB_BATCHES training micro-batches per rank,
+    summed over ranks. Runs eagerly: the recorder hooks are Python callbacks."""
+    h, sums = run.h, {}
+
+    def record(name: str, inputs: torch.Tensor):
+        with torch.autocast(inputs.device.type, enabled=False):
+            flat = inputs.reshape(-1, inputs.size(-1)).float()
+            gram = flat.T @ flat
+        sums[name] = sums[name] + gram if name in sums else gram
+
+    model.eval()
+    model.hessian_recorder = record
+    try:
+        for _ in range(h.gptq_calib_batches):
+            inputs, _ = loader.next_batch(local_tokens, h.train_seq_len)
+            with run.autocast():
+                model.hidden_states(inputs, run.compute_dtype)
+    finally:
+        model.hessian_recorder = None
+        model.train()
+    if run.world_size > 1:
+        for gram in sums.values():
+            dist.all_reduce(gram)
+    return sums
 
 
 def verify_replicas(run: RunContext, model: GPT):
@@ -1571,24 +1820,52 @@ def verify_replicas(run: RunContext, model: GPT):
     run.log(f"replicas:identical ranks:{run.world_size} sha256:{digests[0][:16]}")
 
 
-def write_artifact(run: RunContext, model: GPT, code: str) -> int:
-    """Rank 0 writes the artifact; every rank reads its size back from disk. The code counted is the text
-    this process started from (not the file now on disk, which may have been edited). Returns the total."""
+def log_size_plan(run: RunContext, code: str) -> int | None:
+    """Predict the artifact (rank 0) before anything else, so an over-size configuration fails fast."""
+    if not run.is_main:
+        return None
     h = run.h
+    started = time.perf_counter()
+    predicted = plan_artifact(h)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(h).parameters())
+    code_bytes = len(code.encode("utf-8"))
+    total = code_bytes + predicted
+    run.log(f"size_plan params:{params} code_bytes:{code_bytes} predicted_model_bytes:{predicted} "
+            f"predicted_total_bytes:{total} cap:{SIZE_CAP_BYTES} headroom:{SIZE_CAP_BYTES - total}")
+    run.log(f"size_plan:scheme quant:{h.quant} bits_mlp/attn/embed:{h.quant_bits_mlp}/{h.quant_bits_attn}/"
+            f"{h.quant_bits_embed} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
+            f"seconds:{time.perf_counter() - started:.1f}")
+    if total > SIZE_CAP_BYTES:
+        run.log(f"WARNING: PREDICTED ARTIFACT OVER THE CAP by {total - SIZE_CAP_BYTES} bytes"
+                + ("" if h.size_fit else " (SIZE_FIT=1 would prune to fit)"))
+    return predicted
+
+
+def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predicted=None) -> int:
+    """Rank 0 quantizes and writes the artifact; every rank reads its size back from disk. The code counted
+    is the text this process started from (not the file now on disk). Returns the total bytes."""
+    h = run.h
+    code_bytes = len(code.encode("utf-8"))
     if run.is_main:
         started = time.perf_counter()
-        blob = build_artifact(model, h.compressor)
+        tensors, schemes = quantize_state(export_state(model), h, hessians)
+        blob = fit_to_budget(tensors, schemes, h, SIZE_CAP_BYTES - code_bytes, run.log) if h.size_fit \
+            else encode_artifact(tensors, schemes, h)
         Path(h.artifact_path).parent.mkdir(parents=True, exist_ok=True)
         Path(h.artifact_path).write_bytes(blob)
-        run.log(f"artifact:written compressor:{h.compressor} seconds:{time.perf_counter() - started:.1f}")
+        run.log(f"artifact:written quant:{h.quant} compressor:{h.compressor} seconds:{time.perf_counter() - started:.1f}")
     run.barrier()
-    code_bytes = len(code.encode("utf-8"))
     model_bytes = Path(h.artifact_path).stat().st_size
     total = code_bytes + model_bytes
     run.log(f"artifact path:{h.artifact_path} code_bytes:{code_bytes} model_bytes:{model_bytes} "
             f"total_bytes:{total} cap:{SIZE_CAP_BYTES}")
+    if predicted is not None:
+        run.log(f"size_plan:check predicted_model_bytes:{predicted} actual_model_bytes:{model_bytes} "
+                f"error:{100 * (predicted - model_bytes) / model_bytes:+.1f}%")
     if total > SIZE_CAP_BYTES:
-        run.log(f"WARNING: ARTIFACT OVER THE CAP: {total} bytes > {SIZE_CAP_BYTES} by {total - SIZE_CAP_BYTES}")
+        run.log(f"ERROR: ARTIFACT OVER THE CAP: {total} bytes > {SIZE_CAP_BYTES} by {total - SIZE_CAP_BYTES}; "
+                f"it is written and will be evaluated, then the run exits with status 3")
     return total
 
 
@@ -1631,11 +1908,15 @@ def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: Byt
             + (" OVER BUDGET" if total_s > h.eval_budget_seconds else ""))
 
 
-def main():
+def main() -> int:
+    """Returns the exit status: 0, or 3 when the artifact is over the 16,000,000-byte cap."""
     h = Hyperparameters()
     run = RunContext(h)
     code = Path(__file__).read_bytes().decode("utf-8")  # byte-exact: no newline translation
     log_run_header(run, code)
+    predicted = log_size_plan(run, code) if not h.eval_only else None
+    if h.dry_run:  # the size plan needs neither data nor a tokenizer
+        return 0
     processor = load_tokenizer(h.tokenizer_path, h.vocab_size)
     byte_counter = ByteCounter(processor, h.vocab_size, run.device)
     val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len, h.vocab_size)
@@ -1643,6 +1924,7 @@ def main():
     val_bytes = int(byte_counter.count(val_targets[:-1].to(run.device), val_targets[1:].to(run.device)).sum())
     run.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} "
             f"tokens:{len(val_tokens) - 1} bytes:{val_bytes}")
+    total_bytes = 0
     if h.eval_only:
         if not Path(h.artifact_path).is_file():
             raise InputError(f"{h.artifact_path}: EVAL_ONLY=1 needs an existing artifact (set ARTIFACT_PATH)")
@@ -1654,17 +1936,19 @@ def main():
         run.log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.use_xsa]}")
         run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
                 f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
-        Trainer(h, run, model, val_tokens, byte_counter).train()
-        write_artifact(run, model, code)  # before any evaluation: a crash later loses nothing
+        hessians = Trainer(h, run, model, val_tokens, byte_counter).train()
+        total_bytes = write_artifact(run, model, code, hessians, predicted)  # before any evaluation
         evaluate_pass(run, "DIAGNOSTIC post_average",
                       lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_seq_len))
-        del model
+        del model, hessians
     evaluate_artifact(run, val_tokens, byte_counter)
-    if h.distributed:
-        end_distributed_run()
+    if total_bytes > SIZE_CAP_BYTES:
+        run.log(f"ERROR: exiting with status 3: the artifact ({total_bytes} bytes) is over the cap")
+        return 3
+    return 0
 
 
-def end_distributed_run():
+def end_distributed_run(status: int):
     """Barrier, tear down, and leave without interpreter finalization: gloo's worker threads may still be
     freeing finished work objects, which takes the GIL; during finalization Python kills such a thread
     inside C++ and the process aborts ("terminate called without an active exception", torch 2.13)."""
@@ -1672,12 +1956,15 @@ def end_distributed_run():
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":
     try:
-        main()
+        exit_status = main()
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if dist.is_initialized():
+        end_distributed_run(exit_status)
+    sys.exit(exit_status)

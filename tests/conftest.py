@@ -87,5 +87,8 @@ def parse_metric(log: str, label: str) -> dict:
     """Fields of the last line starting with label, e.g. parse_metric(log, 'final_int6_roundtrip_exact')."""
     lines = [line for line in log.splitlines() if line.startswith(label + " ")]
     assert lines, f"no line starting with {label!r} in the log"
-    return {k: float(v.rstrip("ms")) if re.fullmatch(r"-?[\d.]+(ms)?", v) else v
-            for k, v in re.findall(r"(\w+):(\S+)", lines[-1])}
+    fields = {}
+    for key, value in re.findall(r"(\w+):(\S+)", lines[-1]):
+        number = re.fullmatch(r"([-+]?[\d.]+)(ms|s|%)?", value)  # numbers lose their unit: 12ms, 6.5s, -1.2%
+        fields[key] = float(number.group(1)) if number else value
+    return fields

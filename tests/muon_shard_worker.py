@@ -42,7 +42,7 @@ def main():
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump({"max_abs_difference": difference, "shard_rows": shard_rows}, f)
-    train_gpt.end_distributed_run()
+    train_gpt.end_distributed_run(0)
 
 
 if __name__ == "__main__":

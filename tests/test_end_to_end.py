@@ -32,3 +32,18 @@ def test_tiny_run_end_to_end(tmp_path, fineweb_or_sample):
     assert re.search(r"^ttt_audit ok: chunks=\d+ tokens_scored=\d+ tokens_trained=\d+$", log, re.M)
     # Quantization costs something but not much: the roundtrip is close to the pre-quantization score.
     assert abs(exact["val_bpb"] - parse_metric(log, "DIAGNOSTIC post_average")["val_bpb"]) < 0.05
+
+
+def test_tiny_run_with_gptq(tmp_path, sample_data):
+    """QUANT=gptq end to end: Hessians on training data inside the cap, then GPTQ, then the roundtrip."""
+    dataset, tokenizer = sample_data
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="gptq", QUANT="gptq",
+               MAX_WALLCLOCK_SECONDS=120, GPTQ_RESERVE_SECONDS=10, GPTQ_CALIB_BATCHES=4, TTT_ENABLED=0)
+    result = run_script(tmp_path, env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path, "gptq")
+    hessians = parse_metric(log, "gptq:hessians")
+    assert hessians["batches"] == 4 and hessians["tokens"] == 4 * 256 and hessians["ended_at"] <= 120
+    assert "artifact:written quant:gptq" in log
+    gap = parse_metric(log, "final_int6_roundtrip_exact")["val_bpb"] - parse_metric(log, "DIAGNOSTIC post_average")["val_bpb"]
+    assert abs(gap) < 0.05

@@ -39,10 +39,8 @@ def test_every_variable_is_documented_and_nothing_else():
 
 
 def test_every_setting_is_used_by_the_code():
-    body_start = SOURCE.index("class Hyperparameters")
-    body_end = SOURCE.index("# Data:")
-    outside = SOURCE[:body_start] + SOURCE[body_end:]
-    unused = [attr for attr in hyperparameter_fields() if not re.search(rf"\bh\.{attr}\b", outside)]
+    """Each attribute read from the environment is referenced somewhere besides the line that reads it."""
+    unused = [attr for attr in hyperparameter_fields() if len(re.findall(rf"\.{attr}\b", SOURCE)) < 2]
     assert not unused, f"read but never used: {unused}"
 
 

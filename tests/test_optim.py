@@ -101,3 +101,12 @@ def test_swa_is_the_uniform_mean():
         swa.add()
     swa.copy_to(model)
     assert swa.count == 3 and torch.allclose(model.weight, torch.full((2, 3), 3.0))
+
+
+def test_gptq_reserve_comes_out_of_the_training_clock():
+    h = tiny_hyperparameters(QUANT="gptq", MAX_WALLCLOCK_SECONDS=600, GPTQ_RESERVE_SECONDS=8, ITERATIONS=100000,
+                             WARMDOWN_ITERS=100)
+    assert h.training_seconds == 592
+    assert train_gpt.lr_multiplier(h, 1000, 592_000.0) == 0.0  # the warmdown ends where calibration starts
+    assert tiny_hyperparameters(QUANT="gptq_lite", MAX_WALLCLOCK_SECONDS=600).training_seconds == 600
+    assert tiny_hyperparameters(QUANT="gptq", MAX_WALLCLOCK_SECONDS=0).training_seconds == 0

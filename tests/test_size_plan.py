@@ -1,0 +1,70 @@
+"""The size planner (DRY_RUN=1) against real artifacts, and the over-cap exit status."""
+from __future__ import annotations
+
+import re
+
+import train_gpt
+from build_sample import write_shard
+from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
+
+
+def test_dry_run_prints_one_plan_line_without_data(tmp_path):
+    result = run_script(tmp_path, dict(TINY_ENV, DRY_RUN=1, DATA_PATH="/nonexistent", TOKENIZER_PATH="/nonexistent",
+                                       RUN_ID="plan"), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("size_plan ")]
+    assert len(lines) == 1
+    fields = dict(re.findall(r"(\w+):(\d+)", lines[0]))
+    assert list(fields) == ["params", "code_bytes", "predicted_model_bytes", "predicted_total_bytes", "cap", "headroom"]
+    values = {k: int(v) for k, v in fields.items()}
+    assert values["code_bytes"] == len((REPO / "train_gpt.py").read_bytes())
+    assert values["predicted_total_bytes"] == values["code_bytes"] + values["predicted_model_bytes"]
+    assert values["headroom"] == 16_000_000 - values["predicted_total_bytes"]
+    assert not (tmp_path / "final_model.int6.ptz").exists()
+
+
+def tiny_validation_copy(tmp_path, dataset: str, tokens: int) -> str:
+    """The dataset's train shard with a validation shard cut to `tokens` tokens (evaluation stays cheap)."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    (directory / "fineweb_train_000000.bin").symlink_to(f"{dataset}/fineweb_train_000000.bin")
+    val = train_gpt.load_data_shard(f"{dataset}/fineweb_val_000000.bin", 1024)[:tokens]
+    write_shard(directory / "fineweb_val_000000.bin", val)
+    return str(directory)
+
+
+# Measured on this machine: a 3-step CPU run of the full-size default model gave an artifact of 18,606,790 bytes
+# against a plan of 15,869,851 (plan 14.7 % low). Early weights are nearly Gaussian; the planner models
+# long-trained, heavy-tailed weights (fitted to #549's logged size). The bound is that measurement plus margin.
+SHORT_RUN_TOLERANCE = 0.20
+
+
+def test_plan_of_the_default_model_versus_a_short_cpu_run(tmp_path, sample_data):
+    dataset, tokenizer = sample_data
+    env = dict(DATA_PATH=tiny_validation_copy(tmp_path, dataset, 2 * 256 + 1), TOKENIZER_PATH=tokenizer,
+               RUN_ID="full", TRAIN_SEQ_LEN=256, EVAL_SEQ_LEN=256, TRAIN_BATCH_TOKENS=2048, ITERATIONS=3,
+               WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, TTT_ENABLED=0, EVAL_STRIDE=256,
+               MUON_MOMENTUM_WARMUP_STEPS=3, WARMDOWN_ITERS=0)
+    result = run_script(tmp_path, env, timeout=900)
+    assert result.returncode == 3, result.stderr[-3000:]  # near-Gaussian early weights do not fit 16 MB
+    log = read_log(tmp_path, "full")
+    assert "model_params:26928220" in log
+    check = parse_metric(log, "size_plan:check")
+    error = (check["predicted_model_bytes"] - check["actual_model_bytes"]) / check["actual_model_bytes"]
+    assert abs(error) < SHORT_RUN_TOLERANCE, error
+
+
+def test_over_the_cap_is_written_evaluated_and_exits_3(tmp_path, sample_data, monkeypatch):
+    dataset, tokenizer = sample_data
+    monkeypatch.chdir(tmp_path)
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="over", ITERATIONS=2, TTT_ENABLED=0)
+    for name in train_gpt.Hyperparameters({}).env_names:
+        monkeypatch.delenv(name, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setattr(train_gpt, "SIZE_CAP_BYTES", 100_000)
+    assert train_gpt.main() == 3
+    log = (tmp_path / "logs" / "over.txt").read_text()
+    assert "WARNING: PREDICTED ARTIFACT OVER THE CAP" in log and "ERROR: ARTIFACT OVER THE CAP" in log
+    assert (tmp_path / "final_model.int6.ptz").exists() and "final_int6_roundtrip_exact" in log
+    assert log.strip().splitlines()[-1].startswith("ERROR: exiting with status 3")
