@@ -1537,6 +1537,14 @@ class RunContext:
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(message + "\n")
 
+    def seal_log(self):
+        """Last line: the SHA-256 of everything above it, so an edit after the run is detectable
+        (tools/pack_record.py checks it)."""
+        if self.is_main:
+            digest = hashlib.sha256(self.log_path.read_bytes()).hexdigest()
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(f"log_sha256:{digest}\n")
+
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -1565,6 +1573,9 @@ def log_run_header(run: RunContext, code: str):
     run.log("=" * 100, console=False)
     h = run.h
     run.log(f"logfile:{run.log_path} run_id:{h.run_id}")
+    run.log(f"started:{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    settings = {k: v for k, v in vars(h).items() if k not in ("env_names", "ignored_record_variables")}
+    run.log(f"hyperparameters {json.dumps(settings, sort_keys=True)}", console=False)
     for name in h.ignored_record_variables:
         run.log(f"warning: env {name} is set but ignored: {DROPPED_RECORD_VARIABLES[name]}")
     run.log(f"compute_dtype:{str(run.compute_dtype).removeprefix('torch.')} attention:{run.attention_name} "
@@ -1916,6 +1927,7 @@ def main() -> int:
     log_run_header(run, code)
     predicted = log_size_plan(run, code) if not h.eval_only else None
     if h.dry_run:  # the size plan needs neither data nor a tokenizer
+        run.seal_log()
         return 0
     processor = load_tokenizer(h.tokenizer_path, h.vocab_size)
     byte_counter = ByteCounter(processor, h.vocab_size, run.device)
@@ -1942,10 +1954,12 @@ def main() -> int:
                       lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_seq_len))
         del model, hessians
     evaluate_artifact(run, val_tokens, byte_counter)
+    status = 0
     if total_bytes > SIZE_CAP_BYTES:
         run.log(f"ERROR: exiting with status 3: the artifact ({total_bytes} bytes) is over the cap")
-        return 3
-    return 0
+        status = 3
+    run.seal_log()
+    return status
 
 
 def end_distributed_run(status: int):

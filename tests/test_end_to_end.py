@@ -30,6 +30,12 @@ def test_tiny_run_end_to_end(tmp_path, fineweb_or_sample):
     for label in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
         assert re.search(rf"^{label} val_loss:\d+\.\d{{8}} val_bpb:\d+\.\d{{8}}$", log, re.M), label
     assert re.search(r"^ttt_audit ok: chunks=\d+ tokens_scored=\d+ tokens_trained=\d+$", log, re.M)
+    import hashlib
+
+    body, _, seal = log.rstrip("\n").rpartition("\n")
+    assert seal == f"log_sha256:{hashlib.sha256((body + chr(10)).encode()).hexdigest()}"  # the log is sealed
+    assert re.search(r"^started:\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", log, re.M)
+    assert '"num_layers": 4' in log.split("\nhyperparameters ", 1)[1].splitlines()[0]
     # Quantization costs something but not much: the roundtrip is close to the pre-quantization score.
     assert abs(exact["val_bpb"] - parse_metric(log, "DIAGNOSTIC post_average")["val_bpb"]) < 0.05
 

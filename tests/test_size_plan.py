@@ -67,4 +67,5 @@ def test_over_the_cap_is_written_evaluated_and_exits_3(tmp_path, sample_data, mo
     log = (tmp_path / "logs" / "over.txt").read_text()
     assert "WARNING: PREDICTED ARTIFACT OVER THE CAP" in log and "ERROR: ARTIFACT OVER THE CAP" in log
     assert (tmp_path / "final_model.int6.ptz").exists() and "final_int6_roundtrip_exact" in log
-    assert log.strip().splitlines()[-1].startswith("ERROR: exiting with status 3")
+    assert log.strip().splitlines()[-2].startswith("ERROR: exiting with status 3")
+    assert log.strip().splitlines()[-1].startswith("log_sha256:")

@@ -1,0 +1,106 @@
+"""tools/pack_record.py on logs of tiny real runs: a packed folder whose numbers come from the logs, and
+every refusal (edited log, other code, over the cap, over time, unaudited TTT, not a record run)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
+
+sys.path.insert(0, str(REPO / "tools"))
+import pack_code  # noqa: E402
+import pack_record  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def run_logs(tmp_path_factory, sample_data):
+    """Logs of two tiny real runs (seeds 1337 and 42) and of one run of the packed code."""
+    dataset, tokenizer = sample_data
+    root = tmp_path_factory.mktemp("runs")
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=4, TTT_CHUNK_TOKENS=16384)
+    logs = {}
+    for seed in (1337, 42):
+        result = run_script(root, dict(env, SEED=seed, RUN_ID=f"seed{seed}"), timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        logs[seed] = root / "logs" / f"seed{seed}.txt"
+    packed = root / "packed" / "train_gpt.py"
+    packed.parent.mkdir()
+    packed.write_text(pack_code.pack((REPO / "train_gpt.py").read_text()))
+    result = run_script(root, dict(env, RUN_ID="packed"), timeout=300, script=packed)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs["packed"], logs["packed_code"] = root / "logs" / "packed.txt", packed
+    return logs
+
+
+def pack(tmp_path, *logs, extra=()):
+    return pack_record.main([*map(str, logs), "--name", "Tiny Test", "--author", "A. Tester", "--github-id", "tester",
+                             "--records-dir", str(tmp_path / "records"), *extra])
+
+
+def test_packs_a_folder_from_the_logs(tmp_path, run_logs, capsys):
+    assert pack(tmp_path, run_logs[1337], run_logs[42], extra=["--allow-non-record",
+                                                               "--submission-json", str(tmp_path / "s.json")]) == 0
+    folder = next((tmp_path / "records").iterdir())
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_Tiny_Test", folder.name)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "requirements.txt", "submission.json",
+                                                       "train_gpt.py", "train_seed1337.log", "train_seed42.log"]
+    info = json.loads((folder / "submission.json").read_text())
+    scores = [parse_metric(run_logs[s].read_text(), "legal_ttt_exact") for s in (1337, 42)]
+    totals = [parse_metric(run_logs[s].read_text(), "artifact")["total_bytes"] for s in (1337, 42)]
+    assert info["val_bpb"] == pytest.approx(sum(s["val_bpb"] for s in scores) / 2, abs=1e-8)
+    assert info["val_loss"] == pytest.approx(sum(s["val_loss"] for s in scores) / 2, abs=1e-8)
+    assert info["bytes_total"] == max(totals) and info["seeds"] == [1337, 42] and info["score"] == "legal_ttt_exact"
+    assert info["bytes_code"] == len((REPO / "train_gpt.py").read_bytes())
+    assert info["track"].startswith("non-record: ran on cpu x1, not 8 CUDA GPUs")
+    assert json.loads((tmp_path / "s.json").read_text()) == info
+    readme = (folder / "README.md").read_text()
+    assert "| 1337 |" in readme and "EVAL_STRIDE=32" in readme and "NUM_LAYERS=4" in readme
+    assert (folder / "train_gpt.py").read_bytes() == (REPO / "train_gpt.py").read_bytes()
+
+
+def test_a_cpu_run_is_not_a_record(tmp_path, run_logs, capsys):
+    assert pack(tmp_path, run_logs[1337]) == 2
+    assert "not a record run: ran on cpu x1, not 8 CUDA GPUs" in capsys.readouterr().err
+
+
+def test_the_packed_code_is_verified_and_packed(tmp_path, run_logs):
+    assert pack(tmp_path, run_logs["packed"], extra=["--allow-non-record", "--code", str(run_logs["packed_code"])]) == 0
+    folder = next((tmp_path / "records").iterdir())
+    assert (folder / "train_gpt.py").read_bytes() == run_logs["packed_code"].read_bytes()
+    info = json.loads((folder / "submission.json").read_text())
+    assert info["bytes_code"] == run_logs["packed_code"].stat().st_size
+
+
+def reseal(text: str) -> str:
+    """What an honest run with these numbers would have written: the digest recomputed."""
+    body = text.rstrip("\n").rpartition("\n")[0] + "\n"
+    return body + f"log_sha256:{hashlib.sha256(body.encode()).hexdigest()}\n"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: re.sub(r"(legal_ttt_exact val_loss:\S+ val_bpb:)\d", r"\g<1>1", t), "edited after the run"),
+    (lambda t: reseal(re.sub(r"^(artifact .*)total_bytes:\d+", r"\g<1>total_bytes:16000001", t, flags=re.M)),
+     "over the 16,000,000-byte cap"),
+    (lambda t: reseal(re.sub(r"^(step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:)\d+ms", r"\g<1>600001ms", t, flags=re.M)),
+     "training (with GPTQ calibration) took over 600 s"),
+    (lambda t: reseal(re.sub(r"^eval:total seconds:\S+", "eval:total seconds:600.5", t, flags=re.M)),
+     "evaluation took 600.5 s, over 600 s"),
+    (lambda t: reseal(re.sub(r"^ttt_audit ok: .*\n", "", t, flags=re.M)), "a TTT score without its 'ttt_audit ok' line"),
+    (lambda t: t.rstrip("\n").rpartition("\n")[0] + "\n", "no final log_sha256 line"),
+])
+def test_doctored_or_invalid_logs_are_refused(tmp_path, run_logs, capsys, edit, message):
+    doctored = tmp_path / "doctored.txt"
+    doctored.write_text(edit(run_logs[1337].read_text()))
+    assert pack(tmp_path, doctored, extra=["--allow-non-record"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_logs_of_other_code_are_refused(tmp_path, run_logs, capsys):
+    other = tmp_path / "train_gpt.py"
+    other.write_text((REPO / "train_gpt.py").read_text().replace("0.997", "0.996"))
+    assert pack(tmp_path, run_logs[1337], extra=["--allow-non-record", "--code", str(other)]) == 2
+    assert "not byte-identical to the code being packed" in capsys.readouterr().err

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Turn real run logs into a records/ submission folder whose numbers all come from those logs.
+
+    python3 tools/pack_record.py logs/seed1337.txt logs/seed42.txt logs/seed2025.txt \
+        --name "LeakyReLU2_TTT_ParallelMuon" --author "Your Name" --github-id you [--code packed/train_gpt.py]
+
+Creates records/track_10min_16mb/<date>_<name>/ with the code that ran (--code, default train_gpt.py; a
+file written by tools/pack_code.py is verified to decode to the readable train_gpt.py), requirements.txt,
+the logs, a README skeleton (results per seed, the configuration found in the logs, the command) and
+submission.json (val_bpb, val_loss, bytes_total, seeds ... parsed from the logs, never typed).
+
+Refused, with the reason: a log whose code is not byte-identical to --code; a log whose final
+log_sha256 line does not match its content (edited after the run); an artifact over 16,000,000 bytes;
+training (or GPTQ calibration) past 600 s; evaluation past 600 s; a TTT score without its audit line.
+Runs that are not on 8 CUDA GPUs or not on the challenge's validation set (62,021,632 tokens) are refused
+unless --allow-non-record, and are then labelled non-record in submission.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import pack_code  # noqa: E402
+
+CAP_BYTES, LIMIT_SECONDS, CHALLENGE_VAL_TOKENS = 16_000_000, 600.0, 62_021_632
+SCORE_LABELS = ("legal_ttt_exact", "final_int6_sliding_window_exact", "final_int6_roundtrip_exact")
+RULE = "=" * 100
+
+
+class Refused(ValueError):
+    """A log that cannot go into a submission; the message says which and why."""
+
+
+@dataclass
+class RunLog:
+    path: Path
+    seed: int
+    score_label: str
+    val_loss: float
+    val_bpb: float
+    total_bytes: int
+    code_bytes: int
+    train_ms: float
+    eval_seconds: float
+    started: str
+    device: str
+    world_size: int
+    val_tokens: int
+    settings: dict = field(default_factory=dict)
+    non_record: list = field(default_factory=list)
+
+
+def last(pattern: str, text: str, path: Path, what: str):
+    found = re.findall(pattern, text, re.M)
+    if not found:
+        raise Refused(f"{path}: no {what} line")
+    return found[-1]
+
+
+def check_digest(text: str, path: Path) -> None:
+    body, _, tail = text.rstrip("\n").rpartition("\n")
+    match = re.fullmatch(r"log_sha256:([0-9a-f]{64})", tail)
+    if not match:
+        raise Refused(f"{path}: no final log_sha256 line (an unfinished run, or not written by train_gpt.py)")
+    if hashlib.sha256((body + "\n").encode("utf-8")).hexdigest() != match.group(1):
+        raise Refused(f"{path}: log_sha256 does not match the log's content: it was edited after the run")
+
+
+def parse_log(path: Path, code: str) -> RunLog:
+    text = path.read_text(encoding="utf-8")
+    if not text.startswith(code + "\n" + RULE + "\n"):
+        raise Refused(f"{path}: the code at the top of the log is not byte-identical to the code being packed")
+    check_digest(text, path)
+    label = next((label for label in SCORE_LABELS if re.search(rf"^{label} ", text, re.M)), None)
+    if label is None:
+        raise Refused(f"{path}: no final score line ({', '.join(SCORE_LABELS)})")
+    val_loss, val_bpb = map(float, last(rf"^{label} val_loss:([\d.]+) val_bpb:([\d.]+)$", text, path, label))
+    if label == "legal_ttt_exact" and not re.search(r"^ttt_audit ok: ", text, re.M):
+        raise Refused(f"{path}: a TTT score without its 'ttt_audit ok' line")
+    code_bytes, total = map(int, last(r"^artifact path:\S+ code_bytes:(\d+) model_bytes:\d+ total_bytes:(\d+)", text,
+                                      path, "artifact"))
+    train_ms = float(last(r"^step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:([\d.]+)ms", text, path, "final validation"))
+    calibration = re.findall(r"^gptq:hessians .* ended_at:([\d.]+)s", text, re.M)
+    eval_seconds = float(last(r"^eval:total seconds:([\d.]+)", text, path, "eval:total"))
+    run = RunLog(path, int(last(r"^train_batch_tokens:.* seed:(\d+)$", text, path, "seed")), label, val_loss, val_bpb,
+                 total, code_bytes, train_ms, eval_seconds, last(r"^started:(\S+)$", text, path, "started"),
+                 last(r"^device:(\w+)", text, path, "device"),
+                 int(last(r"world_size:(\d+) grad_accum_steps", text, path, "world_size")),
+                 int(last(r"^val_loader:shards \S+ tokens:(\d+)", text, path, "val_loader")),
+                 json.loads(last(r"^hyperparameters (\{.*\})$", text, path, "hyperparameters")))
+    if code_bytes != len(code.encode("utf-8")):
+        raise Refused(f"{path}: logged code_bytes {code_bytes} is not the size of the packed code")
+    if total > CAP_BYTES:
+        raise Refused(f"{path}: artifact total {total:,} bytes is over the {CAP_BYTES:,}-byte cap")
+    if train_ms > 1000 * LIMIT_SECONDS or (calibration and float(calibration[-1]) > LIMIT_SECONDS):
+        raise Refused(f"{path}: training (with GPTQ calibration) took over {LIMIT_SECONDS:.0f} s")
+    if eval_seconds > LIMIT_SECONDS:
+        raise Refused(f"{path}: evaluation took {eval_seconds:.1f} s, over {LIMIT_SECONDS:.0f} s")
+    if run.device != "cuda" or run.world_size != 8:
+        run.non_record.append(f"ran on {run.device} x{run.world_size}, not 8 CUDA GPUs")
+    if run.val_tokens != CHALLENGE_VAL_TOKENS:
+        run.non_record.append(f"validated on {run.val_tokens:,} tokens, not the challenge's {CHALLENGE_VAL_TOKENS:,}")
+    return run
+
+
+def non_default_settings(runs: list[RunLog]) -> dict:
+    sys.path.insert(0, str(REPO))
+    import train_gpt
+
+    defaults = vars(train_gpt.Hyperparameters({}))
+    per_seed = {"seed", "run_id", "artifact_path", "rank", "local_rank", "world_size", "distributed", "env_names",
+                "ignored_record_variables"}
+    settings = runs[0].settings
+    return {k: v for k, v in sorted(settings.items()) if k not in per_seed and defaults.get(k) != v}
+
+
+def submission(runs: list[RunLog], args, code: str) -> dict:
+    bpbs, losses = [r.val_bpb for r in runs], [r.val_loss for r in runs]
+    notes = sorted({note for r in runs for note in r.non_record})
+    return {
+        "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
+        "date": min(r.started for r in runs),
+        "val_loss": round(statistics.fmean(losses), 8), "val_bpb": round(statistics.fmean(bpbs), 8),
+        "val_bpb_std": round(statistics.stdev(bpbs), 8) if len(bpbs) > 1 else None,
+        "score": runs[0].score_label, "seeds": [r.seed for r in runs],
+        "bytes_total": max(r.total_bytes for r in runs), "bytes_code": len(code.encode("utf-8")),
+        "track": "10min_16mb" if not notes else "non-record: " + "; ".join(notes),
+        "runs": [{"seed": r.seed, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "bytes_total": r.total_bytes,
+                  "train_time_ms": r.train_ms, "eval_seconds": r.eval_seconds, "log": f"train_seed{r.seed}.log"}
+                 for r in runs],
+    }
+
+
+def readme(info: dict, runs: list[RunLog], settings: dict) -> str:
+    env = " ".join(f"{k.upper()}={','.join(map(str, v)) if isinstance(v, list) else int(v) if isinstance(v, bool) else v}"
+                   for k, v in settings.items())
+    rows = "\n".join(f"| {r.seed} | {r.val_bpb:.8f} | {r.val_loss:.8f} | {r.total_bytes:,} | {r.train_ms / 1000:.1f} s | "
+                     f"{r.eval_seconds:.1f} s |" for r in runs)
+    return f"""# {info['name']}
+
+{info['blurb'] or '(describe the submission here)'}
+
+**val_bpb {info['val_bpb']:.4f}** (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}, score line `{info['score']}`), \
+artifact at most {info['bytes_total']:,} bytes. Track: {info['track']}.
+
+| seed | val_bpb | val_loss | artifact bytes | training | evaluation |
+|---|---|---|---|---|---|
+{rows}
+
+Every number above is parsed from the logs in this folder by `tools/pack_record.py`.
+
+## Configuration (settings that differ from train_gpt.py's defaults)
+
+```bash
+{env or '# none: the defaults'} torchrun --standalone --nproc_per_node=8 train_gpt.py
+```
+
+## Files
+
+`train_gpt.py` (the code that produced every log, byte for byte), `requirements.txt`, `train_seed<N>.log`,
+`submission.json`.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("logs", nargs="+", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--author", default="")
+    parser.add_argument("--github-id", default="")
+    parser.add_argument("--blurb", default="")
+    parser.add_argument("--code", type=Path, default=REPO / "train_gpt.py", help="the exact file that ran")
+    parser.add_argument("--records-dir", type=Path, default=REPO / "records" / "track_10min_16mb")
+    parser.add_argument("--submission-json", type=Path, help="also write submission.json here")
+    parser.add_argument("--allow-non-record", action="store_true", help="accept CPU / proxy-data runs, labelled so")
+    args = parser.parse_args(argv)
+    try:
+        code = args.code.read_bytes().decode("utf-8")
+        if pack_code.STUB_PATTERN.match(code):
+            pack_code.verify(args.code, REPO / "train_gpt.py")
+        runs = [parse_log(path, code) for path in args.logs]
+        if len({r.seed for r in runs}) != len(runs):
+            raise Refused("two logs have the same seed")
+        if any(r.non_record for r in runs) and not args.allow_non_record:
+            raise Refused("not a record run: " + "; ".join(sorted({n for r in runs for n in r.non_record}))
+                          + " (pass --allow-non-record to package it as a non-record submission)")
+    except (OSError, ValueError) as error:
+        print(f"refused: {error}", file=sys.stderr)
+        return 2
+    info = submission(runs, args, code)
+    folder = args.records_dir / f"{info['date'][:10]}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.name)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.code, folder / "train_gpt.py")
+    shutil.copyfile(REPO / "requirements.txt", folder / "requirements.txt")
+    for run in runs:
+        shutil.copyfile(run.path, folder / f"train_seed{run.seed}.log")
+    (folder / "submission.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(readme(info, runs, non_default_settings(runs)), encoding="utf-8")
+    if args.submission_json:
+        args.submission_json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(f"packed {len(runs)} log(s) into {folder}: val_bpb {info['val_bpb']:.8f}, bytes_total {info['bytes_total']:,}, "
+          f"track {info['track']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
