@@ -50,6 +50,19 @@ def bitpack_report(tensors: dict, schemes: dict, log) -> None:
             f"one_per_byte:{a} six_bit_packed:{b} packed_minus_bytewise:{b - a:+d}")
 
 
+def hessian_weighted_error(state: dict, tensors: dict, schemes: dict, hessians: dict) -> float:
+    """Sum over the matrices that have calibration Hessians H = sum(x^T x) of ||X (W - W_hat)^T||^2 =
+    tr(E H E^T): the output error GPTQ minimizes, measured the same way for every setting."""
+    restored = tg.dequantize_state(tensors, schemes)
+    total = 0.0
+    for name, scheme in schemes.items():
+        hessian = hessians.get(tg.hessian_name(name)) if scheme != "fp16" else None
+        if hessian is not None:
+            error = state[name].float() - restored[name]
+            total += float(((error @ hessian.float()) * error).sum())
+    return total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-id", required=True)
@@ -85,6 +98,7 @@ def main() -> int:
         tensors, schemes = tg.quantize_state(state, variant, hessians)
         blob = tg.encode_artifact(tensors, schemes, variant)
         seconds = time.perf_counter() - started
+        weighted_error = hessian_weighted_error(state, tensors, schemes, hessians)
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / "sweep.ptz"
             path.write_bytes(blob)
@@ -92,7 +106,7 @@ def main() -> int:
             tg.load_exported_state(restored, tg.read_artifact(str(path)))
         loss, bpb = tg.evaluate(restored, run, val_tokens, byte_counter, h.eval_seq_len)
         run.log(f"sweep {entry} model_bytes:{len(blob)} roundtrip_val_loss:{loss:.6f} roundtrip_val_bpb:{bpb:.6f} "
-                f"gap:{bpb - pre_bpb:+.6f} export_seconds:{seconds:.1f}")
+                f"gap:{bpb - pre_bpb:+.6f} hessian_weighted_error:{weighted_error:.1f} export_seconds:{seconds:.1f}")
         rows.append((entry, len(blob), bpb))
         if entry == args.grid[0]:
             bitpack_report(tensors, schemes, run.log)
