@@ -1506,6 +1506,11 @@ class RunContext:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.log_path = Path("logs") / f"{h.run_id}.txt"
+        # One run per log: its seal covers the whole file, and tools parse one run. Every rank checks before
+        # the process group forms, so no rank can see a log that rank 0 of this very run already started.
+        if self.log_path.exists():
+            raise InputError(f"{self.log_path}: already exists (a log holds one run); set another RUN_ID or move it")
         if h.distributed:
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
         bf16 = h.compute_dtype == "bf16" or (h.compute_dtype == "auto" and use_cuda)
@@ -1514,7 +1519,6 @@ class RunContext:
         self.attention_name, self.attention = select_attention_backend(allow_flash=use_cuda)
         self.compiled = {}
         self.window_batch = max(h.val_batch_size // (self.world_size * h.grad_accum_steps * h.eval_seq_len), 1)
-        self.log_path = Path("logs") / f"{h.run_id}.txt"
         if self.is_main:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -1,13 +1,15 @@
 """Shard reading, the training stream, validation loading and every bad-input message."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import train_gpt
 from build_sample import write_shard
-from conftest import SHARED_TOKENIZER, run_script
+from conftest import SHARED_TOKENIZER, TINY_ENV, run_script
 
 
 def test_shard_roundtrip(tmp_path):
@@ -105,6 +107,20 @@ def test_script_reports_bad_input_in_one_line(tmp_path, sample_data):
     result = run_script(tmp_path, {"DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": "bad"}, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {data / 'fineweb_val_000000.bin'}: magic 7 is not 20240520; not a challenge shard"]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_an_existing_log_is_never_appended_to(tmp_path, ranks):
+    """A second run with the same RUN_ID stops before writing: a log holds one run under one seal."""
+    log = tmp_path / "logs" / "again.txt"
+    log.parent.mkdir()
+    log.write_text("an earlier run\n")
+    env = dict(TINY_ENV, DRY_RUN=1, DATA_PATH="unused", TOKENIZER_PATH="unused", RUN_ID="again")
+    result = run_script(tmp_path, env, timeout=120, nproc=ranks)
+    assert result.returncode != 0
+    assert f"error: {Path('logs') / 'again.txt'}: already exists (a log holds one run)" in result.stderr
+    assert log.read_text() == "an earlier run\n"
+    assert run_script(tmp_path, dict(env, RUN_ID="fresh"), timeout=120).returncode == 0
 
 
 def test_real_tokenizer_vocab_check():
