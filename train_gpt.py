@@ -1287,6 +1287,7 @@ class ScoreLedger:
         self.scored = np.zeros(num_targets, dtype=np.uint8)  # global counts of synced ranges
         self.chunks = {}  # chunk -> [highest scored target, highest trained target or -1]
         self.trained = np.zeros(num_targets, dtype=np.bool_)
+        self.highest_scored = -1
 
     def mark(self, lo: int, hi: int):
         self.local[lo:hi] += 1
@@ -1297,8 +1298,11 @@ class ScoreLedger:
             counts = counts.to(self.run.device)
             dist.all_reduce(counts)
         self.scored[lo:hi] = counts.cpu().numpy().clip(0, 255).astype(np.uint8)
-        scored = np.nonzero(self.scored[:hi])[0]
-        self.chunks.setdefault(chunk, [-1, -1])[0] = int(scored[-1]) if len(scored) else -1
+        # A running maximum, not a scan of [0, hi): that scan cost ~0.1 s per chunk on the full validation set.
+        in_range = np.flatnonzero(self.scored[lo:hi])
+        if len(in_range):
+            self.highest_scored = max(self.highest_scored, lo + int(in_range[-1]))
+        self.chunks.setdefault(chunk, [-1, -1])[0] = self.highest_scored
 
     def check_training(self, chunk: int, lo: int, hi: int):
         if not self.scored[lo:hi].all():
