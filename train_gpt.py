@@ -1396,6 +1396,13 @@ class TestTimeTrainer:
         self.eval_started, self.training_stopped = eval_started, False
         self.score_seconds, self.train_seconds = [], []
 
+    def frozen_parameters(self) -> int:
+        """Entries TTT never changes: frozen blocks' own parameters plus their masked bank slices."""
+        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        for bank in self.model.banks():
+            frozen += int((1 - self.bank_masks[id(bank)]).sum()) * bank.shape[1] * bank.shape[2]
+        return frozen
+
     def chunk_range(self, chunk: int) -> tuple[int, int]:
         lo = chunk * self.h.ttt_chunk_tokens
         return lo, min(lo + self.h.ttt_chunk_tokens, self.num_targets)
@@ -1888,16 +1895,18 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
     return total
 
 
-def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") -> tuple[float, float]:
-    """Run one evaluation pass and log its two lines: rounded with the time, then _exact (8 decimals)."""
+def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") -> tuple:
+    """Run one evaluation pass and log its two lines: rounded with the time, then _exact (8 decimals).
+    Returns what evaluate_fn returned: (val_loss, val_bpb, ...)."""
     run.sync()
     started = time.perf_counter()
-    val_loss, val_bpb = evaluate_fn()[:2]
+    result = evaluate_fn()
+    val_loss, val_bpb = result[:2]
     run.sync()
     elapsed_ms = 1000.0 * (time.perf_counter() - started)
     run.log(f"{label} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{suffix} eval_time:{elapsed_ms:.0f}ms")
     run.log(f"{label}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-    return val_loss, val_bpb
+    return result
 
 
 def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: ByteCounter):
@@ -1912,16 +1921,12 @@ def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: Byt
                   suffix=f" stride:{h.eval_stride}")
     if h.ttt_enabled:
         ttt = TestTimeTrainer(model, run, val_tokens, byte_counter, eval_started)
-        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(
-            int((1 - mask).sum()) * bank.shape[1] * bank.shape[2] for bank in model.banks()
-            for mask in [ttt.bank_masks[id(bank)].flatten()])
-        total = sum(p.numel() for p in model.parameters())
+        frozen, total = ttt.frozen_parameters(), sum(p.numel() for p in model.parameters())
         run.log(f"ttt:start chunks={ttt.num_chunks} chunk_tokens={h.ttt_chunk_tokens} windows={len(ttt.plan)} "
                 f"stride={h.eval_stride} lr={h.ttt_lr} epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} "
                 f"params_unfrozen={total - frozen} params_frozen={frozen}")
-        outcome = {}
-        evaluate_pass(run, "legal_ttt", lambda: outcome.setdefault("r", ttt.run_schedule(score_first_schedule(ttt.num_chunks))))
-        run.log(f"ttt_audit ok: {outcome['r'][2]}")
+        _, _, audit = evaluate_pass(run, "legal_ttt", lambda: ttt.run_schedule(score_first_schedule(ttt.num_chunks)))
+        run.log(f"ttt_audit ok: {audit}")
     total_s = time.perf_counter() - eval_started
     run.log(f"eval:total seconds:{total_s:.1f} budget:{h.eval_budget_seconds:.0f}"
             + (" OVER BUDGET" if total_s > h.eval_budget_seconds else ""))
