@@ -31,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import pack_code  # noqa: E402
+from significance import SCORE_LABELS, final_score  # noqa: E402
 
 CAP_BYTES, LIMIT_SECONDS, CHALLENGE_VAL_TOKENS = 16_000_000, 600.0, 62_021_632
-SCORE_LABELS = ("legal_ttt_exact", "final_int6_sliding_window_exact", "final_int6_roundtrip_exact")
 RULE = "=" * 100
 
 
@@ -81,10 +81,10 @@ def parse_log(path: Path, code: str) -> RunLog:
     if not text.startswith(code + "\n" + RULE + "\n"):
         raise Refused(f"{path}: the code at the top of the log is not byte-identical to the code being packed")
     check_digest(text, path)
-    label = next((label for label in SCORE_LABELS if re.search(rf"^{label} ", text, re.M)), None)
-    if label is None:
+    score = final_score(text)
+    if score is None:
         raise Refused(f"{path}: no final score line ({', '.join(SCORE_LABELS)})")
-    val_loss, val_bpb = map(float, last(rf"^{label} val_loss:([\d.]+) val_bpb:([\d.]+)$", text, path, label))
+    label, val_loss, val_bpb = score
     if label == "legal_ttt_exact" and not re.search(r"^ttt_audit ok: ", text, re.M):
         raise Refused(f"{path}: a TTT score without its 'ttt_audit ok' line")
     code_bytes, total = map(int, last(r"^artifact path:\S+ code_bytes:(\d+) model_bytes:\d+ total_bytes:(\d+)", text,

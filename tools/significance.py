@@ -34,17 +34,23 @@ class Score:
     tokens_per_byte: float | None
 
 
-def read_score(path: Path) -> Score:
-    text = path.read_text(encoding="utf-8", errors="replace")
+def final_score(text: str) -> tuple[str, float, float] | None:
+    """A log's submission score (label, val_loss, val_bpb): its last line of the first of SCORE_LABELS it has."""
     for label in SCORE_LABELS:
         found = re.findall(rf"^{label} val_loss:([\d.]+) val_bpb:([\d.]+)$", text, re.M)
         if found:
-            break
-    else:
+            return label, float(found[-1][0]), float(found[-1][1])
+    return None
+
+
+def read_score(path: Path) -> Score:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    score = final_score(text)
+    if score is None:
         raise ValueError(f"{path}: no final score line ({', '.join(SCORE_LABELS)})")
     counts = re.findall(r"^val_loader:shards \S+ tokens:(\d+) bytes:(\d+)$", text, re.M)
     tokens_per_byte = int(counts[-1][0]) / int(counts[-1][1]) if counts else None
-    return Score(str(path), float(found[-1][1]), tokens_per_byte)
+    return Score(str(path), score[2], tokens_per_byte)
 
 
 def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
