@@ -1207,15 +1207,18 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
     return blob
 
 
+def stand_in_state(h: Hyperparameters, distribution) -> dict[str, torch.Tensor]:
+    """The configured model's exported tensors, every quantized one replaced by samples of `distribution`."""
+    torch.manual_seed(h.seed)
+    state = export_state(GPT(h))
+    return {n: distribution.sample(v.shape) if quantization_group(n, v) else v for n, v in state.items()}
+
+
 def plan_artifact(h: Hyperparameters) -> int:
     """DRY_RUN size planner: the configured model's tensors, with every quantized one replaced by a trained-
     weight stand-in (Student-t, PLANNER_TAIL_DOF), quantized and packed with the configured scheme. One row
     in 8 of each quantized tensor is compressed and its ratio applied to the whole (the rows are i.i.d.)."""
-    torch.manual_seed(h.seed)
-    state = export_state(GPT(h))
-    stand_in = torch.distributions.StudentT(PLANNER_TAIL_DOF)
-    state = {n: stand_in.sample(v.shape) if quantization_group(n, v) else v for n, v in state.items()}
-    tensors, schemes = quantize_state(state, h)
+    tensors, schemes = quantize_state(stand_in_state(h, torch.distributions.StudentT(PLANNER_TAIL_DOF)), h)
     quantized = {n + suffix for n, scheme in schemes.items() if scheme != "fp16" for suffix in (".q", ".scale")}
     sample = {n: t[::8] if n in quantized else t for n, t in tensors.items()}
     sample_raw, sample_blob = pack_tensors(sample, dict(schemes=schemes)), encode_artifact(sample, schemes, h)

@@ -26,13 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def stand_in_state(h: tg.Hyperparameters, distribution) -> dict[str, torch.Tensor]:
-    """The configured model's exported tensors, every quantized one replaced by samples of `distribution`."""
-    torch.manual_seed(h.seed)
-    state = tg.export_state(tg.GPT(h))
-    return {n: distribution.sample(v.shape) if tg.quantization_group(n, v) else v for n, v in state.items()}
-
-
 def full_size(state: dict[str, torch.Tensor], h: tg.Hyperparameters) -> tuple[int, float]:
     """Bytes of the artifact encoded from every row (no sampling), and the seconds it took."""
     started = time.perf_counter()
@@ -54,10 +47,10 @@ def main() -> int:
     plan_seconds = time.perf_counter() - started
     run.log(f"planner_check planner student_t_dof:{tg.PLANNER_TAIL_DOF} rows_sampled:1/8 "
             f"predicted_model_bytes:{planned} seconds:{plan_seconds:.1f}")
-    exact, exact_seconds = full_size(stand_in_state(h, torch.distributions.StudentT(tg.PLANNER_TAIL_DOF)), h)
+    exact, exact_seconds = full_size(tg.stand_in_state(h, torch.distributions.StudentT(tg.PLANNER_TAIL_DOF)), h)
     run.log(f"planner_check student_t all_rows model_bytes:{exact} seconds:{exact_seconds:.1f} "
             f"sampling_error:{100 * (planned - exact) / exact:+.2f}%")
-    gaussian, gaussian_seconds = full_size(stand_in_state(h, torch.distributions.Normal(0.0, 1.0)), h)
+    gaussian, gaussian_seconds = full_size(tg.stand_in_state(h, torch.distributions.Normal(0.0, 1.0)), h)
     run.log(f"planner_check gaussian all_rows model_bytes:{gaussian} seconds:{gaussian_seconds:.1f} "
             f"vs_student_t:{100 * (gaussian - exact) / exact:+.2f}%")
     run.seal_log()
