@@ -149,6 +149,8 @@ class Hyperparameters:
         # Devices. "auto" means bf16 + compile on CUDA, fp32 + eager on the CPU.
         self.compute_dtype = env.choice("COMPUTE_DTYPE", "auto", ("auto", "bf16", "fp32"))
         self.compile = env.choice("COMPILE", "auto", ("auto", "0", "1"))
+        # auto: FlashAttention 3 on CUDA with bf16 (required: a missing wheel fails at start), SDPA otherwise.
+        self.attention_backend = env.choice("ATTENTION_BACKEND", "auto", ("auto", "fa3", "fa2", "sdpa"))
         # Set by torchrun; absent for a single process.
         self.rank = env.int("RANK", 0, minimum=0)
         self.world_size = env.int("WORLD_SIZE", 1, minimum=1)
@@ -192,11 +194,17 @@ class Hyperparameters:
         self.beta2 = env.float("BETA2", 0.95, minimum=0.0)
         self.adam_eps = env.float("ADAM_EPS", 1e-8, minimum=0.0)
         self.grad_clip_norm = env.float("GRAD_CLIP_NORM", 0.3, minimum=0.0)
+        # global: clip the rank-averaged gradient (any world size trains the same model); local: #549, each rank
+        # clips its own gradient before averaging.
+        self.grad_clip_scope = env.choice("GRAD_CLIP_SCOPE", "global", ("global", "local"))
         self.ema_decay = env.float("EMA_DECAY", 0.997, minimum=0.0)
         self.swa_enabled = env.flag("SWA_ENABLED", False)
         self.swa_every = env.int("SWA_EVERY", 50, minimum=1)
         self.qat_enabled = env.flag("QAT_ENABLED", False)
         self.late_qat_threshold = env.float("LATE_QAT_THRESHOLD", 0.15, minimum=0.0)
+        # banks: int6 STE on every bank matrix (what the exporter quantizes); projections: #549's reach, its
+        # floored [-32, 31] quantizer on the bigram and VE projections only (record_549.md section 13).
+        self.late_qat_scope = env.choice("LATE_QAT_SCOPE", "banks", ("banks", "projections"))
 
     def _read_export(self, env: EnvReader):
         """Quantization (per tensor group), GPTQ calibration, compression and the size planner."""
@@ -429,7 +437,9 @@ MLP_NEGATIVE_SLOPE = 0.5  # LeakyReLU(0.5)^2: #549 ablation -0.0021 BPB vs ReLU^
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """Weightless RMSNorm that keeps x's dtype. From torch 2.12, CUDA autocast runs aten::rms_norm in fp32
+    (an AutocastCUDA kernel; none on the CPU): uncast, the residual stream turned fp32 and FA3 refused it."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def sdpa_attention(q, k, v):
@@ -439,25 +449,41 @@ def sdpa_attention(q, k, v):
     return out.transpose(1, 2)
 
 
-def select_attention_backend(allow_flash: bool):
-    """FlashAttention 3, else 2, else SDPA. Returns (name, fn) with fn(q, k, v) over (B, T, H, D) tensors.
+FLASH_MODULES = {"fa3": ("flash_attn_interface", "flash_attention_3"), "fa2": ("flash_attn", "flash_attention_2")}
+FLASH_INSTALL_HINT = {"fa3": "install a FlashAttention 3 wheel built for this torch and CUDA (the records used "
+                             "flash_attn_3 from windreamer's cu128_torch291 index or PyTorch's cu130 flash_attn_3 "
+                             "wheel), or set ATTENTION_BACKEND=fa2 or sdpa deliberately (slower steps)",
+                      "fa2": "pip install flash-attn --no-build-isolation, or set ATTENTION_BACKEND=sdpa"}
+
+
+def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype):
+    """ATTENTION_BACKEND -> (name, fn) with fn(q, k, v) over (B, T, H, D) tensors. "auto" is FA3 on CUDA with a
+    16-bit dtype and SDPA otherwise; a flash backend that cannot load fails here, at start, never silently: in a
+    wallclock-capped run a slower kernel costs steps. Flash kernels take only 16-bit inputs.
 
     Not verifiable here (no GPU): the real FA3/FA2 kernels. Tests check the call contract with a stand-in.
     """
-    if allow_flash:
-        for module_name, name in (("flash_attn_interface", "flash_attention_3"), ("flash_attn", "flash_attention_2")):
-            try:
-                module = __import__(module_name)
-                flash_attn_func = module.flash_attn_func
-            except (ImportError, AttributeError):
-                continue
+    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+    setting = f"env ATTENTION_BACKEND={requested}" + (" (FA3 on CUDA with bf16)" if requested == "auto" else "")
+    if requested == "auto":
+        requested = "fa3" if device_type == "cuda" and sixteen_bit else "sdpa"
+    if requested == "sdpa":
+        return "sdpa", sdpa_attention
+    if device_type != "cuda" or not sixteen_bit:
+        raise InputError(f"{setting}: FlashAttention needs CUDA and COMPUTE_DTYPE=bf16 "
+                         f"(this run: {device_type}, {str(dtype).removeprefix('torch.')}); use sdpa")
+    module_name, name = FLASH_MODULES[requested]
+    try:
+        flash_attn_func = __import__(module_name).flash_attn_func
+    except (ImportError, AttributeError) as error:  # a wheel built for another torch fails with ImportError too
+        raise InputError(f"{setting}: cannot load {module_name}.flash_attn_func "
+                         f"({type(error).__name__}: {error}); {FLASH_INSTALL_HINT[requested]}") from None
 
-            def flash_attention(q, k, v, _func=flash_attn_func):
-                out = _func(q, k, v, causal=True)
-                return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+    def flash_attention(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
 
-            return name, flash_attention
-    return "sdpa", sdpa_attention
+    return name, flash_attention
 
 
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -498,6 +524,13 @@ def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31) -> torch.Tensor:
     return weight + (quantized - weight).detach()
 
 
+def fake_quantize_rows_record549(weight: torch.Tensor) -> torch.Tensor:
+    """#549's late-QAT quantizer (LATE_QAT_SCOPE=projections): scale floored at 1/31, range [-32, 31]."""
+    scale = (weight.detach().abs().amax(dim=-1, keepdim=True) / 31.0).clamp_min(1.0 / 31.0)
+    quantized = (weight / scale).round().clamp(-32, 31) * scale
+    return weight + (quantized - weight).detach()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, h: Hyperparameters, use_xsa: bool, attention):
         super().__init__()
@@ -517,7 +550,9 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_partial_rotary(q, *rotary), apply_partial_rotary(k, *rotary)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = self.attention(q.to(v.dtype), k.to(v.dtype), v)
+        # The compute dtype (x's: the residual stream's) by construction, whatever autocast did on the way.
+        q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
+        y = self.attention(q, k, v)
         if self.use_xsa:
             y = subtract_self_value(y, v)
         y = y.reshape(batch, seq, -1)
@@ -546,13 +581,14 @@ class Block(nn.Module):
         attn_in = rms_norm(x) * self.ln_scale
         if record is not None:
             record("attn.qkv", attn_in)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(attn_in, q_w, k_w, v_w, out_w, rotary, value_embed, record)
+        attn_out = self.attn(attn_in, q_w, k_w, v_w, out_w, rotary, value_embed, record)
+        x = x + self.attn_scale.to(x.dtype) * attn_out.to(x.dtype)  # the residual stream keeps its dtype
         mlp_in = rms_norm(x) * self.ln_scale
         hidden = F.leaky_relu(F.linear(mlp_in, up_w), MLP_NEGATIVE_SLOPE).square()
         if record is not None:
             record("mlp.up", mlp_in)
             record("mlp.down", hidden)
-        return x + self.mlp_scale.to(x.dtype) * F.linear(hidden, down_w)
+        return x + self.mlp_scale.to(x.dtype) * F.linear(hidden, down_w).to(x.dtype)
 
 
 class SmearGate(nn.Module):
@@ -585,8 +621,9 @@ class BigramHash(nn.Module):
         first = torch.full_like(ids32[:, :1], self.buckets - 1)  # reserved bucket for position 0
         return torch.cat((first, hashed), dim=1).to(torch.int64)
 
-    def forward(self, ids):
-        return self.scale * self.proj(self.embed(self.bucket_ids(ids)))
+    def forward(self, ids, fake_quantize=False):
+        weight = fake_quantize_rows_record549(self.proj.weight) if fake_quantize else self.proj.weight
+        return self.scale * F.linear(self.embed(self.bucket_ids(ids)), weight)
 
 
 class ValueEmbedding(nn.Module):
@@ -599,8 +636,9 @@ class ValueEmbedding(nn.Module):
         self.scale = nn.Parameter(torch.tensor(VE_INIT_SCALE))
         self.layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in range(num_layers)])
 
-    def forward(self, ids):
-        return self.scale * self.proj(self.embed(ids))
+    def forward(self, ids, fake_quantize=False):
+        weight = fake_quantize_rows_record549(self.proj.weight) if fake_quantize else self.proj.weight
+        return self.scale * F.linear(self.embed(ids), weight)
 
 
 class GPT(nn.Module):
@@ -630,7 +668,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(h, i, attention) for i in range(layers)])
         self.num_encoder = layers // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
-        self.qat_active = False  # a plain attribute: torch.compile guards on it and recompiles once
+        self.qat_active = False  # a plain attribute: torch.compile guards on it (both graphs primed in warmup)
+        self.qat_scope = h.late_qat_scope
         self.hessian_recorder = None  # GPTQ calibration: called with (name, matrix inputs) when set
         self._init_weights(h)
 
@@ -660,16 +699,19 @@ class GPT(nn.Module):
         return qo[layer], kv[layer], kv[n + layer], qo[n + layer], up[layer], down[layer]
 
     def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        qat = self.qat_active and self.training  # fake quantization in training forwards only, never in scoring
+        quantize_projections = qat and self.qat_scope == "projections"
         x = self.token_embedding(ids)
         if self.bigram_hash is not None:
-            x = x + self.bigram_hash(ids)
+            x = x + self.bigram_hash(ids, quantize_projections)
         x = self.smear_gate(rms_norm(x.to(compute_dtype)))
         x0 = x
         banks = self.banks()
-        if self.qat_active:
+        if qat and self.qat_scope == "banks":
             banks = [fake_quantize_rows(bank) for bank in banks]
         rotary = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
-        ve_base = self.value_embedding(ids).to(compute_dtype) if self.value_embedding is not None else None
+        ve_base = (self.value_embedding(ids, quantize_projections).to(compute_dtype)
+                   if self.value_embedding is not None else None)
         skips = []
         for layer, block in enumerate(self.blocks):
             if layer >= self.num_encoder and skips:
@@ -1507,6 +1549,19 @@ def freeze_blocks(model: GPT, count: int) -> dict[int, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------
 
 
+# Graph variants of one compiled model: train, train+QAT, eval at two scored widths, TTT train (and the
+# switches to come). Dynamo's default limit of 8 per code object would silently fall back to eager.
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit():
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7: old name
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+
+
 class RunContext:
     """Device, ranks, precision and logging for one process of a run."""
 
@@ -1530,8 +1585,11 @@ class RunContext:
         bf16 = h.compute_dtype == "bf16" or (h.compute_dtype == "auto" and use_cuda)
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
-        self.attention_name, self.attention = select_attention_backend(allow_flash=use_cuda)
+        self.attention_name, self.attention = select_attention_backend(h.attention_backend, self.device.type,
+                                                                       self.compute_dtype)
         self.compiled = {}
+        if self.compile:
+            raise_recompile_limit()
         self.window_batch = max(h.val_batch_size // (self.world_size * h.grad_accum_steps * h.eval_seq_len), 1)
         if self.is_main:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1641,6 +1699,8 @@ class Trainer:
                 loss = run.forward(model, inputs, targets)
             (loss / h.grad_accum_steps).backward()
             total += loss.detach()
+        if h.grad_clip_scope == "local":
+            self.clip_local_gradients()
         token_adam, muon, scalar_adam = self.optimizers
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
@@ -1671,11 +1731,17 @@ class Trainer:
             torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)])
         return grads
 
+    def clip_local_gradients(self):
+        """GRAD_CLIP_SCOPE=local, #549's order: each rank clips its own gradient before any averaging."""
+        if self.h.grad_clip_norm > 0:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.h.grad_clip_norm, foreach=bool(grads))
+
     def clip_scale(self, shards, replicated) -> torch.Tensor:
         """Global-norm clip factor of the *averaged* gradient, so any world size trains the same model.
         (#549 clipped each rank's local gradient before averaging: its 1- and 8-GPU runs differ.) Bank shards
         are disjoint across ranks, so their squared norms add up; a tensor, so no host sync."""
-        if self.h.grad_clip_norm <= 0:
+        if self.h.grad_clip_norm <= 0 or self.h.grad_clip_scope == "local":
             return torch.ones((), device=self.run.device)
         bank_square = torch.stack([s.float().square().sum() for s in shards]).sum()
         if self.run.world_size > 1:
@@ -1685,18 +1751,19 @@ class Trainer:
 
     def prime(self):
         """WARMUP_STEPS real steps to trigger compilation and allocation, then restore weights, optimizer
-        state and data position (#549 pitfall 2). With late QAT, the last half primes the QAT graph too."""
+        state and data position (#549 pitfall 2). When late QAT will switch on, one more step primes the QAT
+        graph (as #1089's head), so neither variant compiles inside the timed loop."""
         h, model = self.h, self.model
         if h.warmup_steps == 0:
             return
         saved_model = copy.deepcopy(model.state_dict())
         saved_optimizers = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         loader = self.new_loader()
-        for i in range(h.warmup_steps):
-            model.qat_active = h.qat_enabled or (h.late_qat_threshold > 0 and self.run.compile
-                                                 and i >= h.warmup_steps // 2)
+        prime_qat = self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled
+        for i in range(h.warmup_steps + int(prime_qat)):
+            model.qat_active = h.qat_enabled or i == h.warmup_steps
             self.step(loader, i, 1.0)
-            self.run.log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+            self.run.log(f"warmup_step:{i + 1}/{h.warmup_steps}" if i < h.warmup_steps else "warmup_step:qat_graph")
         model.load_state_dict(saved_model)
         for optimizer, state in zip(self.optimizers, saved_optimizers):
             optimizer.load_state_dict(state)
@@ -1719,14 +1786,16 @@ class Trainer:
         self.run.log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
 
-    def stop_requested(self, train_ms: float) -> bool:
-        """Wallclock cap check agreed by all ranks (all-reduce MAX), so no rank waits for another forever."""
-        if self.h.training_seconds <= 0:
-            return False
-        over = torch.tensor(float(train_ms >= 1000.0 * self.h.training_seconds), device=self.run.device)
-        if self.run.world_size > 1:
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)
-        return bool(over.item())
+    def agreed_clock(self, local_ms: float) -> float:
+        """The training time every rank uses: the MAX over ranks of their own clocks, in the one collective per
+        step that also decides stopping. Each rank timing itself fed a different LR multiplier (and QAT/SWA
+        switch) to each rank under a wallclock cap; the replicas drifted apart and the run died in
+        verify_replicas, after 600 s, without an artifact."""
+        if self.h.training_seconds <= 0 or self.run.world_size == 1:
+            return local_ms
+        clock = torch.tensor([local_ms], dtype=torch.float64, device=self.run.device)
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+        return float(clock.item())
 
     def train(self):
         """Returns the averaging object whose weights should be exported (or None for the raw weights)."""
@@ -1735,7 +1804,7 @@ class Trainer:
         loader = self.new_loader()
         ema = ExponentialMovingAverage(model, h.ema_decay) if h.ema_decay > 0 else None
         swa = SnapshotAverage(model) if h.swa_enabled else None
-        train_ms, step, stop_after = 0.0, 0, None
+        train_ms, step, stop_after, agreed_ms = 0.0, 0, None, 0.0
         run.sync()
         started = time.perf_counter()
         while True:
@@ -1743,13 +1812,12 @@ class Trainer:
             if last_step or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
                 run.sync()
                 train_ms += 1000.0 * (time.perf_counter() - started)
-                self.validate(step, train_ms)  # validation time is not training time (#549)
+                self.validate(step, agreed_ms)  # validation time is not training time (#549)
                 run.sync()
                 started = time.perf_counter()
             if last_step:
                 break
-            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - started)
-            multiplier = lr_multiplier(h, step, elapsed_ms)
+            multiplier = lr_multiplier(h, step, agreed_ms)  # every time-dependent decision uses agreed_ms
             if h.late_qat_threshold > 0 and multiplier < h.late_qat_threshold and not model.qat_active:
                 model.qat_active = True
                 run.log(f"late_qat:enabled step:{step} scale:{multiplier:.4f}")
@@ -1761,20 +1829,20 @@ class Trainer:
                 if swa.count == 0:
                     run.log(f"swa:start step:{step}")
                 swa.add()
-            now_ms = train_ms + 1000.0 * (time.perf_counter() - started)
-            if self.stop_requested(now_ms) and stop_after is None:
+            agreed_ms = self.agreed_clock(train_ms + 1000.0 * (time.perf_counter() - started))
+            if 0 < h.training_seconds <= agreed_ms / 1000.0 and stop_after is None:
                 stop_after = step
             if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0) or stop_after == step:
-                self.log_step(step, loss, now_ms)
+                self.log_step(step, loss, agreed_ms)
         if stop_after is not None and stop_after < h.iterations:
-            run.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+            run.log(f"stopping_early: wallclock_cap train_time:{agreed_ms:.0f}ms step:{step}/{h.iterations}")
         if run.device.type == "cuda":
             run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         model.qat_active = False
         verify_replicas(run, model)
         self.apply_average(ema, swa)
-        return self.calibrate(loader, train_ms) if h.quant == "gptq" else None
+        return self.calibrate(loader, agreed_ms) if h.quant == "gptq" else None
 
     def calibrate(self, loader, train_ms: float) -> dict[str, torch.Tensor]:
         """GPTQ Hessians of the exported (averaged) weights on the next training batches, inside the cap: the

@@ -162,7 +162,7 @@ def test_flash_attention_call_contract(monkeypatch):
         return out, torch.zeros(batch, heads, seq)  # some FA3 builds return (out, lse)
 
     monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
-    name, attention = train_gpt.select_attention_backend(allow_flash=True)
+    name, attention = train_gpt.select_attention_backend("auto", "cuda", torch.bfloat16)
     assert name == "flash_attention_3"
     h = tiny_hyperparameters()
     torch.manual_seed(0)
@@ -178,8 +178,88 @@ def test_flash_attention_call_contract(monkeypatch):
     flash_loss.backward()
 
 
-def test_attention_falls_back_to_sdpa_without_flash():
-    assert train_gpt.select_attention_backend(allow_flash=False)[0] == "sdpa"
+def test_attention_backend_choice():
+    assert train_gpt.select_attention_backend("auto", "cpu", torch.float32)[0] == "sdpa"
+    assert train_gpt.select_attention_backend("auto", "cuda", torch.float32)[0] == "sdpa"  # flash is 16-bit only
+    assert train_gpt.select_attention_backend("sdpa", "cuda", torch.bfloat16)[0] == "sdpa"
+    for device, dtype in (("cpu", torch.bfloat16), ("cuda", torch.float32)):
+        with pytest.raises(train_gpt.InputError, match=r"ATTENTION_BACKEND=fa3: FlashAttention needs CUDA and "
+                                                        r"COMPUTE_DTYPE=bf16"):
+            train_gpt.select_attention_backend("fa3", device, dtype)
+
+
+@pytest.mark.parametrize("requested, module", [("auto", "flash_attn_interface"), ("fa3", "flash_attn_interface"),
+                                               ("fa2", "flash_attn")])
+def test_missing_flash_attention_fails_at_start_with_a_hint(monkeypatch, requested, module):
+    """No silent fallback on CUDA: a missing or broken FA3 wheel would cost steps in a wallclock-capped run."""
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, as a missing or mismatched wheel
+    with pytest.raises(train_gpt.InputError, match=rf"cannot load {module}\.flash_attn_func \((ModuleNotFound|Import)Error: .*\); "
+                                                   r"(install a FlashAttention 3 wheel|pip install flash-attn)"):
+        train_gpt.select_attention_backend(requested, "cuda", torch.bfloat16)
+
+
+def test_attention_inputs_and_residual_stay_bf16_when_norms_return_fp32(monkeypatch):
+    """torch >= 2.12 CUDA autocast runs aten::rms_norm in fp32 (AutocastCUDA; the CPU has no such kernel): the
+    old code then fed fp32 to FA3 in the value-embedding layers. Simulate that norm and check every dtype."""
+    real_rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm",
+                        lambda x, shape, *args, **kwargs: real_rms_norm(x.float(), shape, *args, **kwargs))
+    seen = []
+
+    def attention(q, k, v):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return train_gpt.sdpa_attention(q, k, v)
+
+    h = tiny_hyperparameters()
+    model = train_gpt.GPT(h, attention=attention)
+    residual = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, output: residual.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(*tiny_batch())
+    assert len(seen) == h.num_layers and set(seen) == {(torch.bfloat16,) * 3}, seen
+    assert set(residual) == {torch.bfloat16}, residual
+
+
+def test_fake_quantization_only_in_training_forwards():
+    """Late QAT must not leak into scoring: the last step:N val_bpb used to be measured on fake-quantized banks."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.mlp_down_bank.normal_(std=0.05)
+    inputs, targets = tiny_batch()
+    model.eval()
+    with torch.no_grad():
+        plain = model(inputs, targets).item()
+        model.qat_active = True
+        assert model(inputs, targets).item() == plain
+        model.train()
+        assert model(inputs, targets).item() != plain
+
+
+def test_record549_qat_scope_reaches_only_the_projections():
+    h = tiny_hyperparameters(LATE_QAT_SCOPE="projections")
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h)
+    with torch.no_grad():
+        model.bigram_hash.embed.weight.normal_(std=0.5)
+        model.mlp_down_bank.normal_(std=0.05)
+    inputs, targets = tiny_batch()
+    plain = model(inputs, targets)
+    model.qat_active = True
+    quantized = model(inputs, targets)
+    assert quantized.item() != plain.item()
+    quantized.backward()
+    assert model.bigram_hash.proj.weight.grad.abs().sum() > 0  # straight-through
+    model.bigram_hash, model.value_embedding = None, None  # without the projections QAT changes nothing
+    model.ve_layers = []
+    model.qat_active = False
+    without = model(inputs, targets).item()
+    model.qat_active = True
+    assert model(inputs, targets).item() == without
+    # #549's quantizer: scale = max(absmax / 31, 1 / 31), values in [-32, 31].
+    weight = torch.tensor([[0.5, -0.01, 0.02], [4.0, -4.0, 1.0]])
+    expected = torch.tensor([[16 / 31, 0.0, 1 / 31], [4.0, -4.0, round(31 / 4) * 4 / 31]])
+    assert torch.allclose(train_gpt.fake_quantize_rows_record549(weight), expected)
 
 
 def test_compiled_fullgraph_training_steps_on_cpu():

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO, TINY_ENV, clean_environment, parse_metric, read_log, run_script
 
@@ -56,3 +57,22 @@ def test_two_ranks_train_the_same_model_as_one(tmp_path, sample_data):
         # Evaluation and TTT split windows and sequences across ranks and sum: same tolerance argument.
         assert abs(parse_metric(log_one, label)["val_loss"] - parse_metric(log_two, label)["val_loss"]) < 1e-3, label
     assert re.search(r"^ttt_audit ok: chunks=4 tokens_scored=64128 tokens_trained=49152$", log_two, re.M)
+
+
+def test_skewed_clocks_under_a_wallclock_cap_keep_replicas_identical(tmp_path, sample_data):
+    """Under MAX_WALLCLOCK_SECONDS the warmdown, late QAT, SWA and the stop all follow the clock; with rank 1's
+    clock running 1.5x fast, every rank must still take the same decisions (one agreed time) and finish."""
+    dataset, tokenizer = sample_data
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, OMP_NUM_THREADS=1, RUN_ID="skew",
+               ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=5, WARMDOWN_ITERS=30, TRAIN_LOG_EVERY=0,
+               SWA_ENABLED=1, SWA_EVERY=2, TTT_ENABLED=0, EVAL_STRIDE=64)
+    worker = Path(__file__).with_name("skewed_clock_worker.py")
+    result = run_script(tmp_path, env, args=[str(REPO / "train_gpt.py")], nproc=2, timeout=300, script=worker)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path, "skew")
+    assert re.search(r"^stopping_early: wallclock_cap train_time:\d+ms step:\d+/100000$", log, re.M)
+    assert re.search(r"^late_qat:enabled step:\d+ scale:0\.1\d+$", log, re.M)
+    assert re.search(r"^swa:applying mean of \d+ snapshots", log, re.M)
+    assert re.search(r"^replicas:identical ranks:2 sha256:[0-9a-f]{16}$", log, re.M)
+    assert (tmp_path / "final_model.int6.ptz").stat().st_size > 0
+    assert "final_int6_roundtrip_exact" in log
