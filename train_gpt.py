@@ -1280,9 +1280,11 @@ class ScoreAccumulator:
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
-    def add(self, nll: torch.Tensor, byte_counts: torch.Tensor):
-        self.sums += torch.stack((nll.double().sum(), torch.tensor(float(nll.numel()), dtype=torch.float64,
-                                                                    device=nll.device), byte_counts.double().sum()))
+    def add(self, nll: torch.Tensor, byte_counts: torch.Tensor, keep: torch.Tensor):
+        """Sums over the positions where keep is True: masks, not boolean indexing, so no host sync."""
+        zero = torch.zeros((), dtype=torch.float64, device=nll.device)
+        self.sums += torch.stack((torch.where(keep, nll.double(), zero).sum(), keep.sum(dtype=torch.float64),
+                                  torch.where(keep, byte_counts.double(), zero).sum()))
 
     def result(self, distributed: bool) -> tuple[float, float, int, int]:
         sums = self.sums.clone()
@@ -1338,15 +1340,18 @@ class ScoreLedger:
         self.local[lo:hi] += 1
 
     def sync(self, lo: int, hi: int, chunk: int = 0):
-        counts = torch.from_numpy(self.local[lo:hi].astype(np.int32))
-        if self.run.world_size > 1:
-            counts = counts.to(self.run.device)
-            dist.all_reduce(counts)
-        self.scored[lo:hi] = counts.cpu().numpy().clip(0, 255).astype(np.uint8)
-        # A running maximum, not a scan of [0, hi): that scan cost ~0.1 s per chunk on the full validation set.
-        in_range = np.flatnonzero(self.scored[lo:hi])
-        if len(in_range):
-            self.highest_scored = max(self.highest_scored, lo + int(in_range[-1]))
+        counts = self.local[lo:hi]
+        if self.run.world_size > 1:  # uint8 sums: a count past 255 would need 255 scorings of one target
+            reduced = torch.from_numpy(counts.copy()).to(self.run.device)
+            dist.all_reduce(reduced)
+            counts = reduced.cpu().numpy()
+        self.scored[lo:hi] = counts
+        # A running maximum, not a scan of [0, hi) (~0.1 s per chunk at full size); the last nonzero entry by a
+        # short-circuiting argmax from the end, not flatnonzero's index array (0.9 s for a full pass).
+        tail = counts[::-1] > 0
+        last = int(np.argmax(tail))
+        if tail[last]:
+            self.highest_scored = max(self.highest_scored, hi - 1 - last)
         self.chunks.setdefault(chunk, [-1, -1])[0] = self.highest_scored
 
     def check_training(self, chunk: int, lo: int, hi: int):
@@ -1382,21 +1387,26 @@ def window_batches(plan: SlidingWindows, indices: np.ndarray, batch: int, pad: b
             yield int(width), chosen, real
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> device without a stream sync (a blocking copy waits for every queued kernel)."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
 @torch.inference_mode()
 def score_windows(model, run, tokens: np.ndarray, plan: SlidingWindows, indices, byte_counter, scores, ledger):
-    """Add the NLL and bytes of the given windows' scored targets to scores; mark them in the ledger."""
+    """Add the NLL and bytes of the given windows' scored targets to scores; mark them in the ledger. The
+    batch loop never waits for the device: masks are built on the host, sums stay on the device."""
     model.eval()
     offsets = np.arange(plan.seq_len + 1)
     for width, chosen, real in window_batches(plan, indices, run.window_batch, pad=run.compile):
-        window = torch.from_numpy(tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64)).to(run.device)
+        window = to_device(tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64), run.device)
         inputs, targets = window[:, :-1], window[:, -width:]
         with run.autocast():
             nll = run.forward(model, inputs, targets, reduction="none")
         # Position p of the last `width` predicts target score_hi - width + p; keep those >= score_lo.
-        first_target = torch.from_numpy(plan.score_hi[chosen] - width)[:, None] + torch.arange(width)
-        keep = (first_target >= torch.from_numpy(plan.score_lo[chosen])[:, None]).to(run.device)
+        keep = (plan.score_hi[chosen] - width)[:, None] + np.arange(width) >= plan.score_lo[chosen][:, None]
         keep[real:] = False
-        scores.add(nll[keep], byte_counter.count(inputs[:, -width:][keep], targets[keep]))
+        scores.add(nll, byte_counter.count(inputs[:, -width:], targets), to_device(keep, run.device))
         for k in chosen[:real]:
             ledger.mark(int(plan.score_lo[k]), int(plan.score_hi[k]))
 
@@ -1414,6 +1424,51 @@ def evaluate(model: GPT, run, val_tokens: np.ndarray, byte_counter: ByteCounter,
     ledger.audit()
     val_loss, val_bpb, _, _ = scores.result(run.world_size > 1)
     return val_loss, val_bpb
+
+
+def ttt_steps(h: Hyperparameters, num_seqs: int, rank: int, world_size: int):
+    """One TTT epoch over num_seqs sequences: (first, count, a, b) per step, where TTT_BATCH_SEQS sequences are
+    global per step (so any world size takes the same steps; #549: per rank) and [a, b) is this rank's share."""
+    for first in range(0, num_seqs, h.ttt_batch_seqs):
+        count = min(h.ttt_batch_seqs, num_seqs - first)
+        yield first, count, first + count * rank // world_size, first + count * (rank + 1) // world_size
+
+
+def ttt_rows(h: Hyperparameters, rank: int, world_size: int) -> list[int]:
+    """The distinct per-rank batch sizes (sequences) of TTT's training steps: every trained chunk is full."""
+    steps = ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, rank, world_size)
+    return sorted({b - a for _, _, a, b in steps} - {0})
+
+
+def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
+    """Compile every graph variant evaluation will run, on random tokens, before the artifact is loaded and the
+    eval clock starts (#1855's precedent; never validation tokens): scoring at both scored widths, and TTT's
+    training shapes (forward + backward; the gradients are dropped, no optimizer step). Returns the count."""
+    h, generator = run.h, torch.Generator().manual_seed(0)
+
+    def random_tokens(*shape: int) -> torch.Tensor:
+        return torch.randint(0, h.vocab_size, shape, generator=generator).to(run.device)
+
+    variants = 0  # the tensors are laid out as score_windows and TestTimeTrainer.train lay theirs: graphs
+    with torch.inference_mode():  # specialize on strides too
+        model.eval()
+        for width in sorted({h.eval_seq_len, h.eval_stride}):
+            window = random_tokens(run.window_batch, h.eval_seq_len + 1)
+            with run.autocast():
+                run.forward(model, window[:, :-1], window[:, -width:], reduction="none")
+            variants += 1
+    if h.ttt_enabled and h.ttt_epochs > 0:
+        model.train()
+        seq_len = h.train_seq_len
+        for count in rows if rows is not None else ttt_rows(h, run.rank, run.world_size):
+            window = random_tokens(count * seq_len + 1)
+            with run.autocast():
+                loss = run.forward(model, window[:-1].view(-1, seq_len), window[1:].view(-1, seq_len), reduction="sum")
+            loss.backward()
+            variants += 1
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    return variants
 
 
 def score_first_schedule(num_chunks: int):
@@ -1435,15 +1490,16 @@ class TestTimeTrainer:
         self.plan = SlidingWindows(self.num_targets, h.eval_seq_len, h.eval_stride)
         self.num_chunks = -(-self.num_targets // h.ttt_chunk_tokens)
         self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device)
-        self.bank_masks = freeze_blocks(model, h.ttt_freeze_blocks)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bank_masks, self.frozen = freeze_blocks(model, h.ttt_freeze_blocks)
+        frozen_ids = {id(p) for p in self.frozen}
+        self.params = [p for p in model.parameters() if id(p) not in frozen_ids]
         self.optimizer = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
         self.eval_started, self.training_stopped = eval_started, False
         self.score_seconds, self.train_seconds = [], []
 
     def frozen_parameters(self) -> int:
         """Entries TTT never changes: frozen blocks' own parameters plus their masked bank slices."""
-        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        frozen = sum(p.numel() for p in self.frozen)
         for bank in self.model.banks():
             frozen += int((1 - self.bank_masks[id(bank)]).sum()) * bank.shape[1] * bank.shape[2]
         return frozen
@@ -1467,21 +1523,20 @@ class TestTimeTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(self.num_chunks - 1, 1)))
         model.train()
-        per_step = h.ttt_batch_seqs  # global, so any world size takes the same steps (#549: per rank)
         for _ in range(h.ttt_epochs):
-            for first in range(0, num_seqs, per_step):
-                count = min(per_step, num_seqs - first)
+            for first, count, a, b in ttt_steps(h, num_seqs, run.rank, run.world_size):
                 self.ledger.check_training(chunk, lo + first * seq_len, lo + (first + count) * seq_len)
-                a, b = first + count * run.rank // run.world_size, first + count * (run.rank + 1) // run.world_size
                 if b > a:
-                    window = torch.from_numpy(self.tokens[lo + a * seq_len:lo + b * seq_len + 1].astype(np.int64))
-                    window = window.to(run.device)
-                    with run.autocast():
-                        loss = model(window[:-1].view(-1, seq_len), window[1:].view(-1, seq_len), reduction="sum")
+                    window = to_device(self.tokens[lo + a * seq_len:lo + b * seq_len + 1].astype(np.int64), run.device)
+                    with run.autocast():  # compiled like scoring; its shapes were primed before the eval clock
+                        loss = run.forward(model, window[:-1].view(-1, seq_len), window[1:].view(-1, seq_len),
+                                           reduction="sum")
                     (loss / (count * seq_len)).backward()  # summed over ranks below: the global batch mean
                 self.update()
 
     def update(self):
+        for param in self.frozen:
+            param.grad = None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.run.world_size > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -1496,12 +1551,15 @@ class TestTimeTrainer:
 
     def keep_training(self, chunk: int) -> bool:
         """Budget guard: train on this chunk only if, after the average training time, the remaining chunks
-        can still all be scored at the average scoring time within EVAL_BUDGET_SECONDS (agreed by all ranks)."""
+        can still all be scored at the average scoring time within EVAL_BUDGET_SECONDS (agreed by all ranks).
+        Averages leave out the first chunk's times, which carry one-off costs (allocation, any compile the
+        priming missed): projected from them, one slow chunk 0 once stopped TTT for the whole run. At chunk 0
+        there is no steady sample yet, so only the elapsed time is checked."""
         if self.training_stopped:
             return False
         elapsed = time.perf_counter() - self.eval_started
-        average = lambda values: sum(values) / len(values) if values else 0.0
-        projected = elapsed + average(self.train_seconds) + (self.num_chunks - 1 - chunk) * average(self.score_seconds)
+        steady = lambda values: sum(values[1:]) / (len(values) - 1) if len(values) > 1 else 0.0
+        projected = elapsed + steady(self.train_seconds) + (self.num_chunks - 1 - chunk) * steady(self.score_seconds)
         over = torch.tensor(float(projected > self.h.eval_budget_seconds), device=self.run.device)
         if self.run.world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
@@ -1532,16 +1590,17 @@ class TestTimeTrainer:
         return val_loss, val_bpb, summary
 
 
-def freeze_blocks(model: GPT, count: int) -> dict[int, torch.Tensor]:
+def freeze_blocks(model: GPT, count: int) -> tuple[dict[int, torch.Tensor], list[nn.Parameter]]:
     """Freeze the first `count` blocks for TTT, their bank slices included (#549's freeze never reached the
-    banks): per-block parameters stop requiring grad; returns per-bank masks over the leading (layer) dim."""
-    for block in model.blocks[:count]:
-        block.requires_grad_(False)
+    banks), by gradient masks: per-bank masks over the leading (layer) dim, and the blocks' own parameters,
+    whose gradients TTT drops. requires_grad is never changed: flipped after the eval graphs were compiled,
+    it forced recompiles inside chunk 0's scoring, whose time then made the budget guard stop all training."""
+    frozen = [p for block in model.blocks[:count] for p in block.parameters()]
     layers = torch.arange(model.num_layers, device=model.qo_bank.device) >= count
     layer_mask = layers.float()
     masks = {id(model.qo_bank): torch.cat((layer_mask, layer_mask)), id(model.kv_bank): torch.cat((layer_mask, layer_mask)),
              id(model.mlp_up_bank): layer_mask, id(model.mlp_down_bank): layer_mask}
-    return {key: mask[:, None, None] for key, mask in masks.items()}
+    return {key: mask[:, None, None] for key, mask in masks.items()}, frozen
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1682,11 +1741,10 @@ class Trainer:
         self.optimizers = build_optimizers(model, h, run.compute_dtype, fused, run.rank, run.world_size)
         bank_ids = {id(p) for p in model.banks()}
         self.replicated_params = [p for p in model.parameters() if id(p) not in bank_ids]
-        self.train_files = shard_files(h.data_path, "train")
         self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
 
     def new_loader(self) -> DistributedTokenLoader:
-        return DistributedTokenLoader(self.train_files, self.h.vocab_size, self.run.rank, self.run.world_size,
+        return DistributedTokenLoader(shard_files(self.h.data_path, "train"), self.h.vocab_size, self.run.rank, self.run.world_size,
                                       self.run.device)
 
     def step(self, loader, step: int, multiplier: float) -> torch.Tensor:
@@ -1734,8 +1792,8 @@ class Trainer:
     def clip_local_gradients(self):
         """GRAD_CLIP_SCOPE=local, #549's order: each rank clips its own gradient before any averaging."""
         if self.h.grad_clip_norm > 0:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.h.grad_clip_norm, foreach=bool(grads))
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                           self.h.grad_clip_norm)
 
     def clip_scale(self, shards, replicated) -> torch.Tensor:
         """Global-norm clip factor of the *averaged* gradient, so any world size trains the same model.
@@ -1983,8 +2041,14 @@ def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") ->
 def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: ByteCounter):
     """Every scored pass runs on the artifact read back from disk. The eval budget starts at that read."""
     h = run.h
-    eval_started = time.perf_counter()
     model = build_model(h, run)
+    if run.compile:
+        started = time.perf_counter()
+        variants = prime_eval_graphs(model, run)
+        run.sync()
+        run.log(f"eval:primed graphs:{variants} seconds:{time.perf_counter() - started:.1f} on random tokens, "
+                f"before the artifact is loaded and the eval clock starts")
+    eval_started = time.perf_counter()
     load_exported_state(model, read_artifact(h.artifact_path))
     run.log(f"eval:artifact loaded path:{h.artifact_path} seconds:{time.perf_counter() - eval_started:.1f}")
     evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_seq_len))

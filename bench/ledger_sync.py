@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Time the TTT ledger's per-chunk bookkeeping at the challenge's size (62,021,632 validation targets,
 TTT_CHUNK_TOKENS=32768: 1,893 chunks), one process, no model: mark every chunk as scored, sync it, check a
-training range, then audit — what TestTimeTrainer does around the real scoring and training.
+training range, then audit — what TestTimeTrainer does around the real scoring and training; then the
+bookkeeping of one plain or sliding pass (one sync of the whole range and the audit).
 
     python3 bench/ledger_sync.py                       # this checkout's train_gpt.py
     python3 bench/ledger_sync.py --script old/train_gpt.py   # another version, to compare
@@ -35,6 +36,13 @@ def main() -> None:
             ledger.check_training(chunk, lo, hi)
     summary = ledger.audit()
     print(f"ledger_sync script:{args.script} chunks:{chunks} seconds:{time.perf_counter() - started:.2f} {summary}")
+    # A plain or sliding pass: every target marked, one sync of the whole range, the audit.
+    ledger = module.ScoreLedger(CHALLENGE_VAL_TARGETS, SimpleNamespace(world_size=1))
+    ledger.mark(0, CHALLENGE_VAL_TARGETS)
+    started = time.perf_counter()
+    ledger.sync(0, CHALLENGE_VAL_TARGETS)
+    summary = ledger.audit()
+    print(f"ledger_pass script:{args.script} sync_and_audit_seconds:{time.perf_counter() - started:.2f} {summary}")
 
 
 if __name__ == "__main__":

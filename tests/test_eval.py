@@ -135,6 +135,54 @@ def test_freeze_reaches_the_bank_slices(tmp_path, monkeypatch):
     assert not torch.equal(model.token_embedding.weight, before["token_embedding.weight"])
 
 
+def test_frozen_blocks_train_on_every_chunk_despite_a_slow_first_chunk(tmp_path, monkeypatch):
+    """TTT_FREEZE_BLOCKS=2 used to flip requires_grad after the eval graphs were compiled: chunk 0's scoring
+    recompiled, and the budget guard, projecting every chunk at chunk 0's time, stopped TTT for the whole run.
+    Here chunk 0's scoring is made slow (as a compile would) and the budget fits only steady-state chunks."""
+    run, model, tokens, ttt = ttt_setup(tmp_path, monkeypatch, TTT_FREEZE_BLOCKS=2, EVAL_BUDGET_SECONDS=4)
+    assert all(p.requires_grad for p in model.parameters())  # freezing is by gradient masks only
+    score = ttt.score
+
+    def slow_first_score(chunk):
+        if chunk == 0:
+            time_sleep(1.0)  # 6 chunks projected at this pace: 6 s > the 4 s budget
+        score(chunk)
+
+    ttt.score = slow_first_score
+    _, _, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
+    assert summary == "chunks=6 tokens_scored=768 tokens_trained=640"  # every chunk but the last
+    assert all(p.requires_grad for p in model.parameters())
+    log = tmp_path / "logs" / "unit.txt"
+    assert not log.exists() or "ttt_budget" not in log.read_text()
+
+
+def time_sleep(seconds: float):
+    import time
+
+    time.sleep(seconds)
+
+
+def test_eval_graphs_are_primed_on_random_tokens_without_touching_the_weights(tmp_path, monkeypatch):
+    run, model, _ = tiny_setup(tmp_path, monkeypatch, EVAL_STRIDE=16, TTT_CHUNK_TOKENS=256, TTT_BATCH_SEQS=3)
+    shapes = []
+    real_forward = run.forward
+
+    def recording_forward(model, inputs, targets, reduction="mean"):
+        shapes.append((model.training, torch.is_inference_mode_enabled(), tuple(inputs.shape), targets.size(1)))
+        return real_forward(model, inputs, targets, reduction)
+
+    run.forward = recording_forward
+    before = [p.detach().clone() for p in model.parameters()]
+    assert train_gpt.prime_eval_graphs(model, run) == 4
+    batch = run.window_batch
+    # Scoring at both scored widths (L for window 0 and the plain pass, the stride after), then TTT's shapes:
+    # 4 sequences per chunk in steps of 3 global sequences -> 3 and 1 on one rank.
+    assert shapes == [(False, True, (batch, 64), 16), (False, True, (batch, 64), 64),
+                      (True, False, (1, 64), 64), (True, False, (3, 64), 64)]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+
+
 def test_end_to_end_with_ttt_and_eval_only_rerun(tmp_path, sample_data):
     dataset, tokenizer = sample_data
     env = dict(TINY_ENV, EVAL_STRIDE=16, TTT_CHUNK_TOKENS=16384, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer,

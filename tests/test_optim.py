@@ -110,3 +110,30 @@ def test_gptq_reserve_comes_out_of_the_training_clock():
     assert train_gpt.lr_multiplier(h, 1000, 592_000.0) == 0.0  # the warmdown ends where calibration starts
     assert tiny_hyperparameters(QUANT="gptq_lite", MAX_WALLCLOCK_SECONDS=600).training_seconds == 600
     assert tiny_hyperparameters(QUANT="gptq", MAX_WALLCLOCK_SECONDS=0).training_seconds == 0
+
+
+def clipped_step(tmp_path, monkeypatch, dataset, **overrides):
+    """Two Trainer steps of a tiny model on the sample data; returns its parameters afterwards."""
+    from conftest import TINY_ENV
+
+    monkeypatch.chdir(tmp_path)
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH="unused", RUN_ID="clip")
+    env.update({k: str(v) for k, v in overrides.items()})
+    h = train_gpt.Hyperparameters(env)
+    run = train_gpt.RunContext(h)
+    model = train_gpt.build_model(h, run)
+    trainer = train_gpt.Trainer(h, run, model, val_tokens=None, byte_counter=None)
+    loader = trainer.new_loader()
+    for step in range(2):  # Muon and Adam are scale-invariant in their first step: the second shows the clip
+        trainer.step(loader, step, 1.0)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_local_clip_scope_is_the_global_one_on_a_single_process(tmp_path, monkeypatch, sample_data):
+    """GRAD_CLIP_SCOPE=local (#549: each rank clips before averaging) equals the global clip with one rank;
+    with a clip that binds, both differ from no clip at all."""
+    global_scope = clipped_step(tmp_path, monkeypatch, sample_data[0], GRAD_CLIP_NORM=0.01)
+    local_scope = clipped_step(tmp_path, monkeypatch, sample_data[0], GRAD_CLIP_NORM=0.01, GRAD_CLIP_SCOPE="local")
+    unclipped = clipped_step(tmp_path, monkeypatch, sample_data[0], GRAD_CLIP_NORM=0)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(global_scope, local_scope))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(global_scope, unclipped))

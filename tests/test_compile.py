@@ -1,0 +1,67 @@
+"""The compiled (CUDA) path's graph variants, on the CPU: every variant a run uses is compiled while priming,
+never inside the timed training loop or the eval clock."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch._dynamo.utils import counters
+
+import train_gpt
+from conftest import TINY_ENV
+
+SMALL = dict(NUM_LAYERS=2, VE_LAYERS="1", XSA_LAST_N=1, COMPILE=1, RUN_ID="compiled")
+
+
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def make_run(tmp_path, monkeypatch, **overrides):
+    monkeypatch.chdir(tmp_path)
+    env = dict(TINY_ENV, TOKENIZER_PATH="unused")
+    env.update({k: str(v) for k, v in dict(SMALL, **overrides).items()})
+    return train_gpt.RunContext(train_gpt.Hyperparameters(env))
+
+
+def test_recompile_limit_is_raised(tmp_path, monkeypatch):
+    make_run(tmp_path, monkeypatch, DATA_PATH="unused")
+    assert torch._dynamo.config.recompile_limit >= train_gpt.RECOMPILE_LIMIT > 8
+
+
+def test_one_warmup_step_primes_the_plain_and_the_qat_graph(tmp_path, monkeypatch, sample_data):
+    """WARMUP_STEPS=1 with late QAT used to prime only the QAT graph; the plain one compiled at step 1."""
+    torch._dynamo.reset()
+    run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1)
+    model = train_gpt.build_model(run.h, run)
+    trainer = train_gpt.Trainer(run.h, run, model, val_tokens=None, byte_counter=None)
+    trainer.prime()
+    primed = compiled_graphs()
+    assert primed >= 2
+    loader = trainer.new_loader()
+    for step, qat in enumerate((False, True, False)):
+        model.qat_active = qat
+        trainer.step(loader, step, 1.0)
+    assert compiled_graphs() == primed
+
+
+class ConstantBytes:
+    def count(self, previous, targets):
+        return torch.full_like(targets, 3)
+
+
+def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch):
+    """Scoring (roundtrip, sliding) and TTT (its scoring and training) run on graphs primed on random tokens."""
+    torch._dynamo.reset()
+    run = make_run(tmp_path, monkeypatch, DATA_PATH="unused", EVAL_STRIDE=16, TTT_CHUNK_TOKENS=128,
+                   TTT_BATCH_SEQS=2, TTT_FREEZE_BLOCKS=1)
+    model = train_gpt.build_model(run.h, run)
+    train_gpt.prime_eval_graphs(model, run)
+    primed = compiled_graphs()
+    tokens = np.random.default_rng(0).integers(0, 1024, 64 * 8 + 1).astype(np.uint16)
+    train_gpt.evaluate(model, run, tokens, ConstantBytes(), stride=64)
+    train_gpt.evaluate(model, run, tokens, ConstantBytes(), stride=16)
+    ttt = train_gpt.TestTimeTrainer(model, run, tokens, ConstantBytes(), eval_started=0.0)
+    ttt.h.eval_budget_seconds = float("inf")
+    _, _, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
+    assert summary == "chunks=4 tokens_scored=512 tokens_trained=384"
+    assert compiled_graphs() == primed

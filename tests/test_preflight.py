@@ -1,0 +1,57 @@
+"""tools/preflight.py on the CPU: the same checks a user runs on one GPU before renting eight."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO, TINY_ENV, clean_environment
+
+PREFLIGHT = REPO / "tools" / "preflight.py"
+
+
+def preflight(tmp_path, args=(), **overrides):
+    env = clean_environment()
+    env.update(TINY_ENV)
+    env.update(NUM_LAYERS="2", VE_LAYERS="1", XSA_LAST_N="1", MAX_WALLCLOCK_SECONDS="600")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return subprocess.run([sys.executable, str(PREFLIGHT), "--steps", "2", "--batches", "1", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_preflight_compiles_every_graph_and_projects_the_run(tmp_path):
+    result = preflight(tmp_path, COMPILE=1, QUANT="gptq", TTT_BATCH_SEQS=3, TTT_CHUNK_TOKENS=256)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "preflight attention: requested auto, loaded sdpa compute_dtype float32 compile 1" in out
+    assert re.search(r"^preflight graphs: training primed in [\d.]+s \(1 warmup steps, QAT graph included\)$", out, re.M)
+    assert re.search(r"^preflight graphs: late-QAT step ran in [\d.]+ms$", out, re.M)
+    assert re.search(r"^preflight graphs: GPTQ Hessian pass ran", out, re.M)
+    # Scoring at widths 64 and 32, TTT at 4 sequences per chunk in global steps of 3 over 8 ranks: 1 and 0 rows.
+    assert re.search(r"^preflight graphs: evaluation primed: 3 graphs", out, re.M)
+    assert re.search(r"^preflight training: [\d.]+ ms/step measured \(median\) at the per-rank batch of 8 ranks "
+                     r"\(256 tokens, grad_accum 1\)", out, re.M)
+    steps = re.search(r"^preflight projection: [\d.]+ ms/step on 8 ranks -> (\d+) steps in the 592s training cap", out, re.M)
+    assert steps and int(steps.group(1)) > 0  # 600 s minus GPTQ_RESERVE_SECONDS
+    assert re.search(r"^preflight eval: projected on 62,021,632 targets over 8 ranks: roundtrip \d+s, sliding \d+s$",
+                     out, re.M)
+    assert re.search(r"^preflight eval: projected legal TTT \d+s \(242272 chunks", out, re.M)
+    assert re.search(r"^preflight size: code_bytes \d+ \(train_gpt.py\) predicted_model_bytes \d+", out, re.M)
+    assert out.rstrip().endswith("preflight result: ok: every check passed")
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_preflight_fails_on_an_attention_kernel_that_cannot_run(tmp_path):
+    result = preflight(tmp_path, ATTENTION_BACKEND="fa3")
+    assert result.returncode == 2
+    assert "preflight FAIL attention: env ATTENTION_BACKEND=fa3: FlashAttention needs CUDA and COMPUTE_DTYPE=bf16" \
+        in result.stderr
+
+
+def test_preflight_fails_on_an_artifact_over_the_cap(tmp_path):
+    code = tmp_path / "huge_train_gpt.py"
+    code.write_bytes(b"#" * 16_000_001)
+    result = preflight(tmp_path, args=["--code", str(code)], COMPILE=0)
+    assert result.returncode == 1
+    assert re.search(r"^preflight size: code_bytes 16000001 .* headroom -\d+$", result.stdout, re.M)
+    assert "preflight FAIL size: RuntimeError: the predicted artifact is over the 16,000,000-byte cap" in result.stderr

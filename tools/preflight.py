@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Preflight on one GPU, in a few minutes, before renting eight: does this configuration run, how fast, how big.
+
+    python3 tools/preflight.py                    # the configuration in the environment, as train_gpt.py reads it
+    NUM_LAYERS=12 COMPRESSOR=brotli python3 tools/preflight.py --steps 30
+
+It reads the same environment variables as train_gpt.py (RANK/WORLD_SIZE are ignored: one process plays one
+rank of a RANKS-GPU run) and, on random tokens (no dataset needed, nothing from the validation set):
+1. prints python/torch/CUDA/driver and the attention kernel that loaded (ATTENTION_BACKEND: a requested kernel
+   that cannot load is a failure, with the import error and an install hint);
+2. builds the model and compiles and runs every graph variant the run will use: the training step, the
+   late-QAT training step, both scoring widths and TTT's training shapes (and GPTQ's Hessian pass if QUANT=gptq);
+3. times STEPS training steps at the per-rank batch of a RANKS-GPU run and reports ms/step, peak memory and the
+   projected number of steps inside the training cap, stating the assumptions;
+4. times scoring batches and a TTT step and projects each evaluation pass on the challenge's full validation set
+   (62,021,632 targets) split over RANKS ranks;
+5. prints the artifact size plan (DRY_RUN's) for this configuration.
+It exits 0 when every check passed, 1 naming the first check that failed and why, 2 for a bad setting. On the
+CPU it runs the same checks in fp32 (SDPA, eager unless COMPILE=1): slow, but a tiny config proves the path.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+CHALLENGE_VAL_TARGETS = 62_021_632  # sp1024 validation tokens minus one: every target of the 50,000 documents
+RECORD_549_STEP_MS = 83.4  # #549 on 8xH100 (record_549.md section 18): the overlap the projection assumes
+
+
+class RankOfRun(tg.Hyperparameters):
+    """The configuration as one rank of a `ranks`-GPU run sees it: 8 / ranks micro-steps of the same
+    per-rank micro-batch (Hyperparameters itself is for the process count it runs with)."""
+
+    ranks = 8
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return 8 // self.ranks
+
+
+class RandomBatches:
+    """Stands in for the training loader: uniform random token ids, the shapes of real batches."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size, self.device = vocab_size, device
+        self.generator = torch.Generator().manual_seed(0)
+
+    def next_batch(self, local_tokens: int, seq_len: int):
+        flat = torch.randint(0, self.vocab_size, (local_tokens + 1,), generator=self.generator).to(self.device)
+        return flat[:-1].view(-1, seq_len), flat[1:].view(-1, seq_len)
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def expect_no_new_graphs(primed: int, what: str):
+    """Priming must have compiled every variant: a graph compiled later would compile inside the clock."""
+    extra = compiled_graphs() - primed
+    if extra:
+        raise RuntimeError(f"{extra} graph(s) compiled during {what} after priming: that compile would run inside "
+                           f"the timed loop or the eval clock (TORCH_LOGS=recompiles shows which guard failed)")
+
+
+def report(check: str, message: str):
+    print(f"preflight {check}: {message}", flush=True)
+
+
+def timed(run: tg.RunContext, fn) -> float:
+    """Seconds fn() takes, the device's queued work included."""
+    run.sync()
+    started = time.perf_counter()
+    fn()
+    run.sync()
+    return time.perf_counter() - started
+
+
+def check_environment():
+    report("environment", f"python {platform.python_version()} torch {torch.__version__} "
+                          f"cuda {torch.version.cuda or 'none'} cuda_available {torch.cuda.is_available()}")
+    if torch.cuda.is_available():
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            driver = "unknown (nvidia-smi failed)"
+        report("environment", f"gpu {torch.cuda.get_device_name()} x{torch.cuda.device_count()} driver {driver}")
+
+
+def check_training(run: tg.RunContext, steps: int) -> dict:
+    """Prime (compiles the training and QAT graphs as the run's warmup does), then time steps."""
+    h = run.h
+    model = tg.build_model(h, run)
+    report("model", f"params {sum(p.numel() for p in model.parameters())}")
+    trainer = tg.Trainer(h, run, model, val_tokens=None, byte_counter=None)
+    trainer.local_tokens = h.train_batch_tokens // (h.ranks * h.grad_accum_steps)
+    trainer.new_loader = lambda: RandomBatches(h.vocab_size, run.device)
+    prime_seconds = timed(run, trainer.prime)
+    report("graphs", f"training primed in {prime_seconds:.1f}s ({h.warmup_steps} warmup steps"
+                     + (", QAT graph included)" if run.compile and h.late_qat_threshold > 0 else ")"))
+    loader, muon = trainer.new_loader(), trainer.optimizers[1]
+    muon_seconds, plain_step = [], muon.step
+
+    def timed_muon(*args, **kwargs):
+        muon_seconds.append(timed(run, lambda: plain_step(*args, **kwargs)))
+
+    muon.step = timed_muon
+    primed = compiled_graphs()
+    step_seconds = [timed(run, lambda: trainer.step(loader, i, 1.0)) for i in range(steps)]
+    muon.step = plain_step
+    if h.late_qat_threshold > 0 or h.qat_enabled:
+        model.qat_active = True
+        report("graphs", f"late-QAT step ran in {1000 * timed(run, lambda: trainer.step(loader, steps, 0.1)):.1f}ms")
+        model.qat_active = h.qat_enabled
+    expect_no_new_graphs(primed, "training")
+    if h.quant == "gptq":
+        h.gptq_calib_batches, batches = 1, h.gptq_calib_batches
+        seconds = timed(run, lambda: tg.collect_hessians(model, run, loader, trainer.local_tokens))
+        h.gptq_calib_batches = batches
+        report("graphs", f"GPTQ Hessian pass ran: {seconds:.2f}s per batch, {batches} batches per rank")
+    return dict(step_ms=1000 * float(np.median(step_seconds)), muon_ms=1000 * float(np.median(muon_seconds)))
+
+
+def report_training_projection(run: tg.RunContext, timing: dict):
+    h = run.h
+    step_ms, muon_ms = timing["step_ms"], timing["muon_ms"]
+    # On R ranks each rank runs Newton-Schulz on 1/R of the bank matrices; the rest of the step is per rank.
+    projected_ms = step_ms - muon_ms * (1 - 1 / h.ranks)
+    memory = (f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB reserved "
+              f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB" if run.device.type == "cuda" else
+              "peak memory n/a on the CPU")
+    report("training", f"{step_ms:.1f} ms/step measured (median) at the per-rank batch of {h.ranks} ranks "
+                       f"({h.train_batch_tokens // h.ranks} tokens, grad_accum {h.grad_accum_steps}); "
+                       f"Muon {muon_ms:.1f} ms of it; {memory}")
+    cap = h.training_seconds
+    steps = f"{int(1000 * cap / projected_ms)} steps in the {cap:.0f}s training cap" if cap > 0 else "no cap set"
+    report("projection", f"{projected_ms:.1f} ms/step on {h.ranks} ranks -> {steps}. Assumes: each rank runs "
+                         f"Newton-Schulz on 1/{h.ranks} of the banks, communication fully overlapped (#549's "
+                         f"8xH100 step was {RECORD_549_STEP_MS} ms with this overlap), the same GPU model as here")
+
+
+def check_evaluation(run: tg.RunContext, batches: int) -> dict:
+    """Prime the eval graphs (as evaluate_artifact does), then time scoring batches and TTT steps."""
+    h = run.h
+    model = tg.build_model(h, run)
+    rows = tg.ttt_rows(h, h.ranks - 1, h.ranks)  # the last rank gets the largest share of each TTT step
+    variants = []
+    prime_seconds = timed(run, lambda: variants.append(tg.prime_eval_graphs(model, run, rows)))
+    report("graphs", f"evaluation primed: {variants[0]} graphs in {prime_seconds:.1f}s (outside the eval clock)")
+    loader, timing, primed = RandomBatches(h.vocab_size, run.device), {}, compiled_graphs()
+    for width in sorted({h.eval_seq_len, h.eval_stride}):
+        with torch.inference_mode():  # an inference tensor in score_windows' layout: graphs guard on both
+            window = torch.randint(0, h.vocab_size, (run.window_batch, h.eval_seq_len + 1)).to(run.device)
+
+        def score():
+            with torch.inference_mode(), run.autocast():
+                run.forward(model, window[:, :-1], window[:, -width:], reduction="none")
+
+        timing[width] = float(np.median([timed(run, score) for _ in range(batches)]))
+    if h.ttt_enabled and h.ttt_epochs > 0:
+        trainer = tg.TestTimeTrainer(model, run, np.zeros(h.ttt_chunk_tokens + 1, dtype=np.uint16), None, 0.0)
+        shapes = [b - a for _, _, a, b in tg.ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, h.ranks - 1,
+                                                         h.ranks)]
+
+        def ttt_chunk():
+            model.train()
+            for count in filter(None, shapes):
+                inputs, targets = loader.next_batch(count * h.train_seq_len, h.train_seq_len)
+                with run.autocast():
+                    run.forward(model, inputs, targets, reduction="sum").backward()
+                trainer.update()  # one rank: the gradient all-reduce of a real run is not timed
+            model.eval()
+
+        timing["ttt_chunk"] = float(np.median([timed(run, ttt_chunk) for _ in range(batches)])) * h.ttt_epochs
+    expect_no_new_graphs(primed, "evaluation")
+    return timing
+
+
+def report_evaluation_projection(run: tg.RunContext, timing: dict):
+    h, ranks = run.h, run.h.ranks
+
+    def pass_seconds(stride: int) -> float:
+        plan = tg.SlidingWindows(CHALLENGE_VAL_TARGETS, h.eval_seq_len, stride)
+        batches = math.ceil(math.ceil((len(plan) - 1) / ranks) / run.window_batch)
+        return timing[h.eval_seq_len] + batches * timing[stride]  # window 0 scores a full window
+
+    roundtrip, sliding = pass_seconds(h.eval_seq_len), pass_seconds(h.eval_stride)
+    total = roundtrip + sliding
+    report("eval", f"scoring batch of {run.window_batch} windows: {1000 * timing[h.eval_seq_len]:.1f} ms at width "
+                   f"{h.eval_seq_len}, {1000 * timing[h.eval_stride]:.1f} ms at width {h.eval_stride}")
+    report("eval", f"projected on {CHALLENGE_VAL_TARGETS:,} targets over {ranks} ranks: roundtrip {roundtrip:.0f}s, "
+                   f"sliding {sliding:.0f}s")
+    if "ttt_chunk" in timing:
+        chunks = math.ceil(CHALLENGE_VAL_TARGETS / h.ttt_chunk_tokens)
+        ttt = sliding + (chunks - 1) * timing["ttt_chunk"]
+        total += ttt
+        report("eval", f"projected legal TTT {ttt:.0f}s ({chunks} chunks; training {timing['ttt_chunk']:.3f}s per "
+                       f"chunk for {h.ttt_epochs} epochs, gradient all-reduce not included)")
+    verdict = "within" if total <= h.eval_budget_seconds else "OVER (the TTT budget guard will stop training early)"
+    report("eval", f"projected total {total:.0f}s, {verdict} EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f} "
+                   f"(artifact read and decompression not included)")
+
+
+def check_size(h: tg.Hyperparameters, code_path: Path) -> bool:
+    code_bytes = len(code_path.read_bytes())
+    predicted = tg.plan_artifact(h)
+    total = code_bytes + predicted
+    fits = total <= tg.SIZE_CAP_BYTES
+    report("size", f"code_bytes {code_bytes} ({code_path.name}) predicted_model_bytes {predicted} predicted_total "
+                   f"{total} cap {tg.SIZE_CAP_BYTES} headroom {tg.SIZE_CAP_BYTES - total}"
+                   + ("" if fits or not h.size_fit else " (SIZE_FIT=1 will prune to fit)"))
+    return fits or h.size_fit
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps (after priming)")
+    parser.add_argument("--batches", type=int, default=3, help="timed scoring batches and TTT chunks")
+    parser.add_argument("--ranks", type=int, default=8, choices=(1, 2, 4, 8), help="GPUs of the real run")
+    parser.add_argument("--code", type=Path, default=Path(tg.__file__), help="the script whose bytes count")
+    args = parser.parse_args()
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ.setdefault("RUN_ID", f"preflight_{os.getpid()}")
+    RankOfRun.ranks = args.ranks
+    check = "settings"
+    try:
+        check_environment()
+        h = RankOfRun(environ)
+        check = "attention"
+        run = tg.RunContext(h)  # loads the attention kernel: a requested one that cannot load fails here
+        run.log = lambda message, console=True: None  # the warmup's step lines; a preflight writes no run log
+        run.window_batch = max(h.val_batch_size // (8 * h.eval_seq_len), 1)  # per rank, at any rank count
+        report("attention", f"requested {h.attention_backend}, loaded {run.attention_name} compute_dtype "
+                            f"{str(run.compute_dtype).removeprefix('torch.')} compile {int(run.compile)}")
+        for check, action in (("training", lambda: report_training_projection(run, check_training(run, args.steps))),
+                              ("eval", lambda: report_evaluation_projection(run, check_evaluation(run, args.batches)))):
+            action()
+        check = "size"
+        if not check_size(h, args.code):
+            raise RuntimeError("the predicted artifact is over the 16,000,000-byte cap (set SIZE_FIT=1 or shrink)")
+    except tg.InputError as error:
+        print(f"preflight FAIL {check}: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - any failure is the answer, with its cause
+        traceback.print_exc()
+        print(f"preflight FAIL {check}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    report("result", "ok: every check passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
