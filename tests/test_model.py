@@ -113,18 +113,23 @@ def test_inference_mode_forward_then_training_backward():
     assert model.qo_bank.grad is not None
 
 
-def test_qat_reaches_the_banks():
-    model = tiny_model()
-    with torch.no_grad():
-        model.qo_bank[model.num_layers:].normal_(std=0.05)
-        model.mlp_down_bank.normal_(std=0.05)
+def assert_qat_changes_the_loss(model, quantized_param):
+    """With QAT on, a training forward's loss changes and (straight-through) gradients still reach the weight."""
     inputs, targets = tiny_batch()
     plain = model(inputs, targets)
     model.qat_active = True
     quantized = model(inputs, targets)
     assert plain.item() != quantized.item()
     quantized.backward()
-    assert model.mlp_down_bank.grad.abs().sum() > 0  # straight-through: gradients still reach the banks
+    assert quantized_param.grad.abs().sum() > 0
+
+
+def test_qat_reaches_the_banks():
+    model = tiny_model()
+    with torch.no_grad():
+        model.qo_bank[model.num_layers:].normal_(std=0.05)
+        model.mlp_down_bank.normal_(std=0.05)
+    assert_qat_changes_the_loss(model, model.mlp_down_bank)
 
 
 def test_bf16_autocast_steps_on_cpu():
@@ -243,13 +248,8 @@ def test_record549_qat_scope_reaches_only_the_projections():
     with torch.no_grad():
         model.bigram_hash.embed.weight.normal_(std=0.5)
         model.mlp_down_bank.normal_(std=0.05)
+    assert_qat_changes_the_loss(model, model.bigram_hash.proj.weight)
     inputs, targets = tiny_batch()
-    plain = model(inputs, targets)
-    model.qat_active = True
-    quantized = model(inputs, targets)
-    assert quantized.item() != plain.item()
-    quantized.backward()
-    assert model.bigram_hash.proj.weight.grad.abs().sum() > 0  # straight-through
     model.bigram_hash, model.value_embedding = None, None  # without the projections QAT changes nothing
     model.ve_layers = []
     model.qat_active = False
