@@ -604,6 +604,20 @@ class SmearGate(nn.Module):
         return (1 - g) * x + g * previous
 
 
+def optional_projection(in_dim: int, out_dim: int) -> nn.Linear | None:
+    """#549's rule for the bigram and value-embedding tables: a bias-free projection only when the table's width
+    differs from its target's. At P1 (VE_DIM = KV width) an always-present VE projection was a different model,
+    about 0.008 BPB worse (parity D1). Built here, in construction order, so the seed draws as #549's does."""
+    return nn.Linear(in_dim, out_dim, bias=False) if in_dim != out_dim else None
+
+
+def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize: bool) -> torch.Tensor:
+    if projection is None:
+        return x
+    weight = fake_quantize_rows_record549(projection.weight) if fake_quantize else projection.weight
+    return F.linear(x, weight)
+
+
 class BigramHash(nn.Module):
     """Hashed (previous, current) token embedding projected to the model width (#549 section 5.7)."""
 
@@ -611,7 +625,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, dim)
-        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.proj = optional_projection(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(BIGRAM_INIT_SCALE))
 
     def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -622,23 +636,24 @@ class BigramHash(nn.Module):
         return torch.cat((first, hashed), dim=1).to(torch.int64)
 
     def forward(self, ids, fake_quantize=False):
-        weight = fake_quantize_rows_record549(self.proj.weight) if fake_quantize else self.proj.weight
-        return self.scale * F.linear(self.embed(self.bucket_ids(ids)), weight)
+        return self.scale * project(self.embed(self.bucket_ids(ids)), self.proj, fake_quantize)
 
 
 class ValueEmbedding(nn.Module):
-    """One token table shared by the VE layers, projected into the KV space; per-layer scalar gains."""
+    """One token table shared by the VE layers, in the KV space (projected there when narrower); per-layer
+    scalar gains."""
 
     def __init__(self, vocab_size: int, dim: int, kv_dim: int, num_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
-        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        with torch.no_grad():  # drawn here, before the projection's default init, in #549's order (parity D2)
+            self.embed.weight.normal_(std=VE_EMBED_INIT_STD)
+        self.proj = optional_projection(dim, kv_dim)
         self.scale = nn.Parameter(torch.tensor(VE_INIT_SCALE))
         self.layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in range(num_layers)])
 
     def forward(self, ids, fake_quantize=False):
-        weight = fake_quantize_rows_record549(self.proj.weight) if fake_quantize else self.proj.weight
-        return self.scale * F.linear(self.embed(ids), weight)
+        return self.scale * project(self.embed(ids), self.proj, fake_quantize)
 
 
 class GPT(nn.Module):
@@ -675,7 +690,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, h: Hyperparameters):
-        """#549 section 6: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens."""
+        """#549 section 6: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens. Every
+        random draw, here and in the constructors, comes in #549's order: the same SEED gives #549's weights."""
         nn.init.normal_(self.token_embedding.weight, std=h.tied_embed_init_std)
         layers = self.num_layers
         for i in range(layers):
@@ -685,10 +701,10 @@ class GPT(nn.Module):
         self.mlp_down_bank.zero_()
         if self.bigram_hash is not None:
             nn.init.zeros_(self.bigram_hash.embed.weight)
-            nn.init.orthogonal_(self.bigram_hash.proj.weight)  # a zero proj with a zero table never trains
-        if self.value_embedding is not None:
-            nn.init.normal_(self.value_embedding.embed.weight, std=VE_EMBED_INIT_STD)
-            nn.init.orthogonal_(self.value_embedding.proj.weight)
+        # A zero projection with a zero table never trains (#549 leaves projections under 64 wide at zero).
+        for projection in (getattr(self.bigram_hash, "proj", None), getattr(self.value_embedding, "proj", None)):
+            if projection is not None:
+                nn.init.orthogonal_(projection.weight)
 
     def banks(self) -> list[nn.Parameter]:
         return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]

@@ -1,0 +1,58 @@
+"""Parity with #549's own code on the P1 benchmark configuration (../shared/bench/p1_env.sh): the same seed builds
+#549's initial weights, so step 1's training loss is #549's to the logged digit."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import SHARED, SHARED_DATASET
+
+P1_ENV = SHARED / "bench" / "p1_env.sh"
+# Step 1's train_loss of #549's code (through ../shared/peers/cpu_patch.py --fp32) at P1, from
+# ../shared/bench/ANCHORS.md; reproduced here in logs/parity_*_rec549_*.txt.
+PEER_STEP1_LOSS = {1337: 6.9272, 42: 6.9245, 2024: 6.9267}
+
+
+def p1_hyperparameters(**overrides) -> train_gpt.Hyperparameters:
+    """The exports of p1_env.sh, as the benchmark defines them."""
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(line.removeprefix("export ")
+                                                    for line in P1_ENV.read_text().splitlines()
+                                                    if line.startswith("export "))))
+    env["DATA_PATH"] = str(SHARED_DATASET)
+    env.update({k: str(v) for k, v in overrides.items()})
+    return train_gpt.Hyperparameters(env)
+
+
+def step1_loss(h: train_gpt.Hyperparameters) -> float:
+    """The first step's logged loss: the mean over its micro-batches, before any update."""
+    torch.set_num_threads(2)
+    train_gpt.set_seeds(h.seed)
+    model = train_gpt.GPT(h)
+    loader = train_gpt.DistributedTokenLoader(train_gpt.shard_files(h.data_path, "train"), h.vocab_size, 0, 1,
+                                              torch.device("cpu"))
+    local_tokens = h.train_batch_tokens // h.grad_accum_steps
+    with torch.no_grad():
+        losses = [model(*loader.next_batch(local_tokens, h.train_seq_len)) for _ in range(h.grad_accum_steps)]
+    return torch.stack(losses).mean().item()
+
+
+@pytest.mark.skipif(not (P1_ENV.is_file() and SHARED_DATASET.is_dir()), reason="needs ../shared (P1 and its data)")
+@pytest.mark.parametrize("seed", sorted(PEER_STEP1_LOSS))
+def test_p1_step1_loss_is_549s(seed):
+    assert step1_loss(p1_hyperparameters(SEED=seed)) == pytest.approx(PEER_STEP1_LOSS[seed], abs=1e-4)
+
+
+def test_no_value_embedding_projection_when_the_table_is_kv_wide():
+    """#549 projects the VE table only when VE_DIM differs from the KV width (parity D1); likewise the bigram."""
+    from conftest import tiny_hyperparameters
+
+    kv_wide = train_gpt.GPT(tiny_hyperparameters(VE_DIM=32, BIGRAM_DIM=64))  # KV width 2 x 16, model width 64
+    assert kv_wide.value_embedding.proj is None and kv_wide.bigram_hash.proj is None
+    assert kv_wide.value_embedding.embed.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    narrow = train_gpt.GPT(tiny_hyperparameters(VE_DIM=16, BIGRAM_DIM=16))
+    assert narrow.value_embedding.proj.weight.shape == (32, 16) and narrow.bigram_hash.proj.weight.shape == (64, 16)
+    ids = torch.randint(0, 1024, (2, 16))
+    assert kv_wide.value_embedding(ids).shape == narrow.value_embedding(ids).shape == (2, 16, 32)
