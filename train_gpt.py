@@ -701,7 +701,8 @@ class GPT(nn.Module):
         self.mlp_down_bank.zero_()
         if self.bigram_hash is not None:
             nn.init.zeros_(self.bigram_hash.embed.weight)
-        # A zero projection with a zero table never trains (#549 leaves projections under 64 wide at zero).
+        # Orthogonal like #549's generic Linear init, also under 64 wide, where #549 leaves them zero: a zero bigram
+        # projection with its zero table never trains (parity_diffs.md section 2).
         for projection in (getattr(self.bigram_hash, "proj", None), getattr(self.value_embedding, "proj", None)):
             if projection is not None:
                 nn.init.orthogonal_(projection.weight)
@@ -1465,8 +1466,10 @@ def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     def random_tokens(*shape: int) -> torch.Tensor:
         return torch.randint(0, h.vocab_size, shape, generator=generator).to(run.device)
 
-    variants = 0  # the tensors are laid out as score_windows and TestTimeTrainer.train lay theirs: graphs
-    with torch.inference_mode():  # specialize on strides too
+    # Tensors are made and laid out as score_windows and TestTimeTrainer.train make theirs: compiled graphs
+    # guard on strides and on inference tensors too.
+    variants = 0
+    with torch.inference_mode():
         model.eval()
         for width in sorted({h.eval_seq_len, h.eval_stride}):
             window = random_tokens(run.window_batch, h.eval_seq_len + 1)

@@ -1,5 +1,8 @@
-"""The measurement tools whose logs back README numbers: tools/planner_check.py and tools/quant_sweep.py."""
+"""The measurement tools whose logs back README numbers: planner_check, quant_sweep and compare_logs."""
 from __future__ import annotations
+
+import subprocess
+import sys
 
 from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
 
@@ -41,3 +44,21 @@ def test_quant_sweep_scores_each_setting_on_the_same_weights(tmp_path, sample_da
     # Same row scales, same bits: GPTQ's error feedback must lower the output error it minimizes.
     lite_error, gptq_error = (values["hessian_weighted_error"] for values in rows)
     assert 0 < gptq_error < lite_error
+
+
+def test_compare_logs_finds_where_two_curves_part(tmp_path):
+    """tools/compare_logs.py: the first step over the tolerance, the largest difference, and the scores."""
+    ours = "\n".join(f"step:{s}/5 train_loss:{loss:.4f} train_time:1ms" for s, loss in
+                     enumerate([6.9272, 6.1, 5.5, 5.2004, 5.0], start=1))
+    ours += "\nDIAGNOSTIC post_average val_loss:3.9 val_bpb:2.30000000 eval_time:1ms\n"
+    peer = "\n".join(f"step:{s}/5 train_loss:{loss:.4f} train_time:1ms" for s, loss in
+                     enumerate([6.9272, 6.1001, 5.5, 5.2, float("nan")], start=1))
+    peer += "\nDIAGNOSTIC post_ema val_loss:3.9 val_bpb:2.30100000 eval_time:1ms\n"
+    (tmp_path / "ours.txt").write_text(ours)
+    (tmp_path / "peer.txt").write_text(peer)
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "compare_logs.py"), str(tmp_path / "ours.txt"),
+                             str(tmp_path / "peer.txt"), "--tolerance", "1e-4"], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    # 0.0001 at step 2 is rounding; 0.0004 at step 4 is the first real difference; NaN at step 5 is over too.
+    assert "compare_logs steps:5 first_over:4 " in result.stdout
+    assert "score post_average 2.30000000 2.30100000 difference:-0.00100000" in result.stdout

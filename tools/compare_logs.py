@@ -47,7 +47,9 @@ def compare(a: dict[int, float], b: dict[int, float], tolerance: float) -> dict:
     if not steps:
         raise SystemExit("compare_logs: the two logs share no logged step (set TRAIN_LOG_EVERY=1 in both runs)")
     diffs = {s: a[s] - b[s] for s in steps}
-    over = [s for s in steps if not abs(diffs[s]) <= tolerance]  # NaN counts as over
+    # Logged losses have 4 decimals: a difference of exactly the tolerance is not over it (float noise aside);
+    # NaN counts as over.
+    over = [s for s in steps if not abs(diffs[s]) <= tolerance + 1e-9]
     worst = max(steps, key=lambda s: abs(diffs[s]))
     return dict(steps=steps, diffs=diffs, first_over=over[0] if over else None, worst=worst,
                 mean_abs=sum(abs(d) for d in diffs.values()) / len(steps))
