@@ -1299,9 +1299,8 @@ class ScoreAccumulator:
 
     def add(self, nll: torch.Tensor, byte_counts: torch.Tensor, keep: torch.Tensor):
         """Sums over the positions where keep is True: masks, not boolean indexing, so no host sync."""
-        zero = torch.zeros((), dtype=torch.float64, device=nll.device)
-        self.sums += torch.stack((torch.where(keep, nll.double(), zero).sum(), keep.sum(dtype=torch.float64),
-                                  torch.where(keep, byte_counts.double(), zero).sum()))
+        self.sums += torch.stack((torch.where(keep, nll.double(), 0.0).sum(), keep.sum(dtype=torch.float64),
+                                  torch.where(keep, byte_counts.double(), 0.0).sum()))
 
     def result(self, distributed: bool) -> tuple[float, float, int, int]:
         sums = self.sums.clone()
@@ -1409,6 +1408,20 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).to(device, non_blocking=True)
 
 
+def window_nll(model, run, window: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-target NLL (B, width) of the last `width` targets of (B, L + 1) token windows. The one scoring call,
+    shared with the priming: compiled graphs guard on the inputs' strides, so both must slice alike."""
+    with run.autocast():
+        return run.forward(model, window[:, :-1], window[:, -width:], reduction="none")
+
+
+def sequences_loss(model, run, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Summed NLL of n * seq_len + 1 consecutive tokens read as n sequences: TTT's training call, shared with
+    the priming for the same reason as window_nll."""
+    with run.autocast():
+        return run.forward(model, tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len), reduction="sum")
+
+
 @torch.inference_mode()
 def score_windows(model, run, tokens: np.ndarray, plan: SlidingWindows, indices, byte_counter, scores, ledger):
     """Add the NLL and bytes of the given windows' scored targets to scores; mark them in the ledger. The
@@ -1417,13 +1430,11 @@ def score_windows(model, run, tokens: np.ndarray, plan: SlidingWindows, indices,
     offsets = np.arange(plan.seq_len + 1)
     for width, chosen, real in window_batches(plan, indices, run.window_batch, pad=run.compile):
         window = to_device(tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64), run.device)
-        inputs, targets = window[:, :-1], window[:, -width:]
-        with run.autocast():
-            nll = run.forward(model, inputs, targets, reduction="none")
+        nll = window_nll(model, run, window, width)
         # Position p of the last `width` predicts target score_hi - width + p; keep those >= score_lo.
         keep = (plan.score_hi[chosen] - width)[:, None] + np.arange(width) >= plan.score_lo[chosen][:, None]
         keep[real:] = False
-        scores.add(nll, byte_counter.count(inputs[:, -width:], targets), to_device(keep, run.device))
+        scores.add(nll, byte_counter.count(window[:, -width - 1:-1], window[:, -width:]), to_device(keep, run.device))
         for k in chosen[:real]:
             ledger.mark(int(plan.score_lo[k]), int(plan.score_hi[k]))
 
@@ -1466,24 +1477,17 @@ def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     def random_tokens(*shape: int) -> torch.Tensor:
         return torch.randint(0, h.vocab_size, shape, generator=generator).to(run.device)
 
-    # Tensors are made and laid out as score_windows and TestTimeTrainer.train make theirs: compiled graphs
-    # guard on strides and on inference tensors too.
+    # The scoring windows are made under inference_mode, as score_windows makes its own: graphs guard on that too.
     variants = 0
     with torch.inference_mode():
         model.eval()
         for width in sorted({h.eval_seq_len, h.eval_stride}):
-            window = random_tokens(run.window_batch, h.eval_seq_len + 1)
-            with run.autocast():
-                run.forward(model, window[:, :-1], window[:, -width:], reduction="none")
+            window_nll(model, run, random_tokens(run.window_batch, h.eval_seq_len + 1), width)
             variants += 1
     if h.ttt_enabled and h.ttt_epochs > 0:
         model.train()
-        seq_len = h.train_seq_len
         for count in rows if rows is not None else ttt_rows(h, run.rank, run.world_size):
-            window = random_tokens(count * seq_len + 1)
-            with run.autocast():
-                loss = run.forward(model, window[:-1].view(-1, seq_len), window[1:].view(-1, seq_len), reduction="sum")
-            loss.backward()
+            sequences_loss(model, run, random_tokens(count * h.train_seq_len + 1), h.train_seq_len).backward()
             variants += 1
         model.zero_grad(set_to_none=True)
     model.eval()
@@ -1547,9 +1551,7 @@ class TestTimeTrainer:
                 self.ledger.check_training(chunk, lo + first * seq_len, lo + (first + count) * seq_len)
                 if b > a:
                     window = to_device(self.tokens[lo + a * seq_len:lo + b * seq_len + 1].astype(np.int64), run.device)
-                    with run.autocast():  # compiled like scoring; its shapes were primed before the eval clock
-                        loss = run.forward(model, window[:-1].view(-1, seq_len), window[1:].view(-1, seq_len),
-                                           reduction="sum")
+                    loss = sequences_loss(model, run, window, seq_len)  # compiled; primed before the eval clock
                     (loss / (count * seq_len)).backward()  # summed over ranks below: the global batch mean
                 self.update()
 

@@ -162,14 +162,15 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
     variants = []
     prime_seconds = timed(run, lambda: variants.append(tg.prime_eval_graphs(model, run, rows)))
     report("graphs", f"evaluation primed: {variants[0]} graphs in {prime_seconds:.1f}s (outside the eval clock)")
-    loader, timing, primed = RandomBatches(h.vocab_size, run.device), {}, compiled_graphs()
+    timing, primed = {}, compiled_graphs()
+    random_tokens = lambda *shape: torch.randint(0, h.vocab_size, shape).to(run.device)  # noqa: E731
     for width in sorted({h.eval_seq_len, h.eval_stride}):
-        with torch.inference_mode():  # an inference tensor in score_windows' layout: graphs guard on both
-            window = torch.randint(0, h.vocab_size, (run.window_batch, h.eval_seq_len + 1)).to(run.device)
+        with torch.inference_mode():  # an inference tensor, as score_windows makes: graphs guard on that
+            window = random_tokens(run.window_batch, h.eval_seq_len + 1)
 
         def score():
-            with torch.inference_mode(), run.autocast():
-                run.forward(model, window[:, :-1], window[:, -width:], reduction="none")
+            with torch.inference_mode():
+                tg.window_nll(model, run, window, width)
 
         timing[width] = float(np.median([timed(run, score) for _ in range(batches)]))
     if h.ttt_enabled and h.ttt_epochs > 0:
@@ -180,9 +181,7 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
         def ttt_chunk():
             model.train()
             for count in filter(None, shapes):
-                inputs, targets = loader.next_batch(count * h.train_seq_len, h.train_seq_len)
-                with run.autocast():
-                    run.forward(model, inputs, targets, reduction="sum").backward()
+                tg.sequences_loss(model, run, random_tokens(count * h.train_seq_len + 1), h.train_seq_len).backward()
                 trainer.update()  # one rank: the gradient all-reduce of a real run is not timed
             model.eval()
 
