@@ -2062,12 +2062,12 @@ def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") ->
 def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: ByteCounter):
     """Every scored pass runs on the artifact read back from disk. The eval budget starts at that read."""
     h = run.h
+    phase_started = time.perf_counter()  # the eval phase's wall time, logged beside the eval clock's
     model = build_model(h, run)
     if run.compile:
-        started = time.perf_counter()
         variants = prime_eval_graphs(model, run)
         run.sync()
-        run.log(f"eval:primed graphs:{variants} seconds:{time.perf_counter() - started:.1f} on random tokens, "
+        run.log(f"eval:primed graphs:{variants} seconds:{time.perf_counter() - phase_started:.1f} on random tokens, "
                 f"before the artifact is loaded and the eval clock starts")
     eval_started = time.perf_counter()
     load_exported_state(model, read_artifact(h.artifact_path))
@@ -2084,8 +2084,11 @@ def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: Byt
         _, _, audit = evaluate_pass(run, "legal_ttt", lambda: ttt.run_schedule(score_first_schedule(ttt.num_chunks)))
         run.log(f"ttt_audit ok: {audit}")
     total_s = time.perf_counter() - eval_started
+    # Merged records leave compile warmup off the eval clock (frontier.md B.2: convention, no written rule), so
+    # the budget guard uses the clock; the phase's whole wall time is logged too, for those who count it all.
     run.log(f"eval:total seconds:{total_s:.1f} budget:{h.eval_budget_seconds:.0f}"
-            + (" OVER BUDGET" if total_s > h.eval_budget_seconds else ""))
+            + (" OVER BUDGET" if total_s > h.eval_budget_seconds else "")
+            + f" phase_seconds_with_priming:{time.perf_counter() - phase_started:.1f}")
 
 
 def main() -> int:
