@@ -41,14 +41,17 @@ class InputError(ValueError):
 
 
 class EnvReader:
-    """Typed reads of environment variables; remembers every name it was asked for."""
+    """Typed reads of environment variables; remembers every name it was asked for. A value missing from the
+    environment comes from the preset, then from the default (an explicitly set variable always wins)."""
 
     def __init__(self, environ):
-        self.environ, self.names = environ, []
+        self.environ, self.preset, self.names, self.from_preset = environ, {}, [], {}
 
     def _get(self, name, default):
         self.names.append(name)
         value = self.environ.get(name)
+        if (value is None or value.strip() == "") and name in self.preset:
+            value = self.from_preset[name] = self.preset[name]
         return default if value is None or value.strip() == "" else value.strip()
 
     def _parse(self, name, default, kind, convert):
@@ -68,7 +71,7 @@ class EnvReader:
 
     def float(self, name, default, minimum=None):
         value = self._parse(name, default, "a number", float)
-        if minimum is not None and value < minimum:
+        if minimum is not None and value is not None and value < minimum:
             raise InputError(f"env {name}={value}: must be >= {minimum}")
         return value
 
@@ -90,15 +93,34 @@ class EnvReader:
         return self._get(name, default)
 
     def int_list(self, name, default):
+        return self._list(name, default, int, "integers")
+
+    def float_list(self, name, default):
+        return self._list(name, default, float, "numbers")
+
+    def _list(self, name, default, convert, kind):
         raw = self._get(name, default)
         try:
-            return [int(part) for part in raw.split(",") if part.strip()]
+            return [convert(part) for part in raw.split(",") if part.strip()]
         except ValueError:
-            raise InputError(f"env {name}={raw!r}: expected comma-separated integers") from None
+            raise InputError(f"env {name}={raw!r}: expected comma-separated {kind}") from None
 
 
-# Variables of #549's command line that this script deliberately does not read (dead or replaced there).
+# Variables of the seeds' code and command lines (#549, #1089, #181, #518) that this script deliberately does not
+# read: dead or replaced there, or not built here. Each is logged as a warning when set.
+_NOT_BUILT_1089 = "#1089 head code, never in a scored run; not built here"
 DROPPED_RECORD_VARIABLES = {
+    **{name: _NOT_BUILT_1089 for name in (
+        "TTT_POLYAK", "TTT_POLYAK_DECAY", "TTT_TEMP", "TTT_TEMP_MODE", "TTT_ADAPTIVE_LR", "TTT_ADAPTIVE_LR_MAX",
+        "TTT_ENTROPY_ADAPT", "TTT_ENTROPY_HIGH", "TTT_ENTROPY_LOW", "TTT_BYTE_WEIGHTED", "TTT_COMPILE",
+        "SNAPSHOT_POST_HESSIAN", "LOAD_SNAPSHOT", "SNAPSHOT_PATH")},
+    "GPTQ_BLOCK_SIZE": "fixed at #1089's 128", "GPTQ_DAMP": "fixed at #1089's 0.01",
+    "GPTQ_COL_ORDER": "always descending diag(H), as #1089", "GPTQ_SINGLE_PASS": "always single pass, as #1089",
+    "TARGET_BYTES": "the cap is the challenge's 16,000,000 bytes", "QAT_CLIP_PCT": "QAT's grid is the exporter's",
+    "HEAD_BETA1": "the head is tied (unused in #1089 too)",
+    "LAWA_K": "LAWA was disabled in #549", "LAWA_FREQ": "LAWA was disabled in #549",
+    "CONTROL_TENSOR_NAME_PATTERNS": "tensors <= 65,536 entries are fp16 by rule",
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": "tensors <= 65,536 entries are fp16 by rule",
     "EMA_ENABLED": "EMA is on whenever EMA_DECAY > 0",
     "LATE_QAT": "late QAT is on whenever LATE_QAT_THRESHOLD > 0",
     "MUON_BETA2": "dead in #549",
@@ -112,20 +134,102 @@ DROPPED_RECORD_VARIABLES = {
     "GATED_ATTENTION": "disabled in #549",
     "VALUE_RESIDUAL": "disabled in #549",
 }
+# Record variables whose feature breaks the challenge's rules: setting them on is an error, not a warning.
+REFUSED_RECORD_VARIABLES = {
+    "NGRAM_ENABLED": "#181's two-pass n-gram re-score builds its tables from the whole validation stream before "
+                     "scoring (future tokens and the target's own count), and blends only the target's probability "
+                     "(not a distribution): illegal (issues #402, #677); not offered",
+}
+
+
+# Other records' spellings of this script's variables: name -> (canonical names, conversion). A record's command
+# line pasted as is means the same run. Setting both spellings to different values is an error.
+RECORD_SPELLINGS = {
+    "GPTQ_RESERVE_MS": (("GPTQ_RESERVE_SECONDS",), lambda v: str(float(v) / 1000.0)),  # #1089
+    "GPTQ_CALIBRATION_BATCHES": (("GPTQ_CALIB_BATCHES",), str),  # #1855
+    "QAT_THRESHOLD": (("LATE_QAT_THRESHOLD",), str),  # #1089
+    "MATRIX_BITS": (("QUANT_BITS_MLP", "QUANT_BITS_ATTN"), str),  # #1855
+    "EMBED_BITS": (("QUANT_BITS_EMBED",), str),  # #1855
+    "MLP_CLIP_SIGMAS": (("QUANT_CLIP_SIGMAS_MLP",), str),  # #1855
+    "ATTN_CLIP_SIGMAS": (("QUANT_CLIP_SIGMAS_ATTN",), str),  # #1855
+    "EMBED_CLIP_SIGMAS": (("QUANT_CLIP_SIGMAS_EMBED",), str),  # #1855 (its embed group is tok_emb only)
+    "VAL_BATCH_TOKENS": (("VAL_BATCH_SIZE",), str),  # #1855
+    "MIN_LR": (("LR_FLOOR",), str),  # #1855
+    "NGRAM_BUCKETS": (("ENGRAM_BUCKETS",), str),  # #1089's EngramLite names (not #181's NGRAM_ENABLED)
+    "NGRAM_HEADS": (("ENGRAM_HEADS",), str),
+    "NGRAM_ORDERS": (("ENGRAM_ORDERS",), str),
+    "NGRAM_DIM_PER_HEAD": (("ENGRAM_DIM_PER_HEAD",), str),
+}
+
+# Record presets (PRESET=name): defaults taken from each record's scored run; explicit variables override them.
+# record549 is this script's own defaults. README "Presets" says what each still differs in.
+PRESETS = {
+    "record549": {},
+    # #181 (1.1190, non-record): #549 re-run with its code defaults: 2048 bigram buckets, TTT freezing 2 blocks.
+    "pr181": {"BIGRAM_VOCAB_SIZE": "2048", "TTT_FREEZE_BLOCKS": "2"},
+    # #1089 (1.1091, 3 seeds) as scored at commit 8c44a2e (beyond_549.md sections 0 and 1.18), not its PR head.
+    "pr1089": {
+        "MLP_MULT": "3.5", "MLP_NEGATIVE_SLOPE": "0.3", "XSA_LAST_N": "11", "QK_GAIN_INIT": "1.5",
+        "BIGRAM_VOCAB_SIZE": "0", "ENGRAM_BUCKETS": "8192", "ENGRAM_HEADS": "2", "ENGRAM_ORDERS": "2",
+        "ENGRAM_DIM_PER_HEAD": "32", "SKIP_GATES_ENABLED": "1", "MIMETIC_VO_INIT": "0.05",
+        "MUON_NS": "turbo", "MUON_BACKEND_STEPS": "4", "MUON_POST_NORM": "row_col", "MUON_DECAY_AFTER_UPDATE": "1",
+        "SMALL_MATRIX_OPTIMIZER": "muon", "EMBED_BETA1": "0.7", "GRAD_CLIP_SCOPE": "local",
+        "WARMDOWN_ITERS": "3500", "LR_FLOOR": "0.05",
+        "SWA_ENABLED": "1", "SWA_EVERY": "50", "SWA_THRESHOLD": "0.2", "SWA_MIN_SNAPSHOTS": "2",
+        "LATE_QAT_THRESHOLD": "0.15", "SOFT_ROUND_QAT": "1", "SOFT_ROUND_ALPHA_MAX": "16",
+        "QUANT": "gptq", "QUANT_BITS_MLP": "5", "QUANT_BITS_ATTN": "5", "QUANT_BITS_EMBED": "8",
+        "GPTQ_CALIB_BATCHES": "64", "GPTQ_RESERVE_SECONDS": "14",
+        "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1", "SIZE_FIT": "1", "TTT_ENABLED": "0",
+    },
+    # #518's model (#414 stack + LeakyReLU(0.5)^2, 2048 bigram buckets, zstd) with its TTT optimizer -- AdamW
+    # 5e-4, mlp_up x0.5, mlp_down x3, clip 1 -- run score-first per chunk. Its own 30-50 epochs over the whole
+    # validation set before scoring trained on unscored tokens: illegal, not offered (README "Presets").
+    "pr518_legal": {
+        "BIGRAM_VOCAB_SIZE": "2048", "COMPRESSOR": "zstd", "TTT_ENABLED": "1", "TTT_OPTIMIZER": "adamw",
+        "TTT_LR": "0.0005", "TTT_LR_MULTS": "1,1,0.5,3", "TTT_GRAD_CLIP": "1.0", "TTT_FREEZE_BLOCKS": "0",
+    },
+}
+
+
+def resolve_record_spellings(environ) -> dict:
+    environ = dict(environ)
+    for alias, (names, convert) in RECORD_SPELLINGS.items():
+        raw = environ.get(alias, "").strip()
+        if not raw:
+            continue
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise InputError(f"env {alias}={raw!r}: expected a number (it sets {', '.join(names)})") from None
+        for name in names:
+            current = environ.get(name, "").strip()
+            if current and float(current) != float(value):
+                raise InputError(f"env {alias}={raw} and {name}={current} disagree ({alias} is the record's "
+                                 f"spelling of {name}); set one")
+            environ[name] = value
+    return environ
 
 
 class Hyperparameters:
     """Every setting of a run. Names and defaults follow #549 (record_549.md section 2) where shared."""
 
     def __init__(self, environ=None):
-        env = EnvReader(os.environ if environ is None else environ)
+        environ = resolve_record_spellings(os.environ if environ is None else environ)
+        env = EnvReader(environ)
+        self.preset = env.choice("PRESET", "record549", tuple(PRESETS))
+        env.preset = PRESETS[self.preset]
         self._read_run(env)
         self._read_model(env)
         self._read_optimizer(env)
         self._read_export(env)
         self._read_evaluation(env)
         self.env_names = tuple(env.names)
-        self.ignored_record_variables = sorted(n for n in DROPPED_RECORD_VARIABLES if n in env.environ)
+        self.preset_values = dict(env.from_preset)
+        self.record_spellings = sorted(n for n in RECORD_SPELLINGS if environ.get(n, "").strip())
+        self.ignored_record_variables = sorted(n for n in DROPPED_RECORD_VARIABLES if n in environ)
+        for name, reason in REFUSED_RECORD_VARIABLES.items():
+            if environ.get(name, "0").strip() not in ("", "0"):
+                raise InputError(f"env {name}={environ[name]}: {reason}")
         self.validate()
 
     def _read_run(self, env: EnvReader):
@@ -139,6 +243,8 @@ class Hyperparameters:
         self.iterations = env.int("ITERATIONS", 20000, minimum=0)
         self.warmup_steps = env.int("WARMUP_STEPS", 20, minimum=0)
         self.warmdown_iters = env.int("WARMDOWN_ITERS", 3500, minimum=0)
+        self.warmdown_frac = env.float("WARMDOWN_FRAC", 0.0, minimum=0.0)  # > 0: the last fraction of training
+        self.lr_floor = env.float("LR_FLOOR", 0.0, minimum=0.0)  # warmdown ends here, not at 0 (#1089: 0.05)
         self.max_wallclock_seconds = env.float("MAX_WALLCLOCK_SECONDS", 600.0, minimum=0.0)
         self.train_batch_tokens = env.int("TRAIN_BATCH_TOKENS", 786_432, minimum=1)
         self.train_seq_len = env.int("TRAIN_SEQ_LEN", 2048, minimum=2)
@@ -174,10 +280,21 @@ class Hyperparameters:
         # 1536 is what #549 ran (its command line, submission and parameter count); its code default was 2048.
         self.bigram_vocab_size = env.int("BIGRAM_VOCAB_SIZE", 1536, minimum=0)
         self.bigram_dim = env.int("BIGRAM_DIM", 128, minimum=1)
+        # EngramLite (#1089): hashed bigram + trigram tables, 2 heads each, gated projection (0 buckets = off).
+        self.engram_buckets = env.int("ENGRAM_BUCKETS", 0, minimum=0)
+        self.engram_heads = env.int("ENGRAM_HEADS", 2, minimum=1)
+        self.engram_orders = env.int("ENGRAM_ORDERS", 2, minimum=1)
+        self.engram_dim_per_head = env.int("ENGRAM_DIM_PER_HEAD", 32, minimum=1)
         self.ve_enabled = env.flag("VE_ENABLED", True)
         self.ve_dim = env.int("VE_DIM", 128, minimum=1)
         self.ve_layers = env.int_list("VE_LAYERS", "9,10")
         self.tied_embed_init_std = env.float("TIED_EMBED_INIT_STD", 0.005, minimum=0.0)
+        self.mimetic_vo_init = env.float("MIMETIC_VO_INIT", 0.0, minimum=0.0)  # #1089: Out = -0.05 * GQA-expand(V)
+        # LeakyReLU(slope)^2: #549 0.5 (-0.0021 BPB vs ReLU^2); #1089's scored run 0.3. A per-layer list overrides it
+        # for the layers it covers (#1089 head "ASQU v3", README "Presets").
+        self.mlp_negative_slope = env.float("MLP_NEGATIVE_SLOPE", 0.5)
+        self.mlp_negative_slopes = env.float_list("MLP_NEGATIVE_SLOPES", "")
+        self.skip_gates_enabled = env.flag("SKIP_GATES_ENABLED", False)  # #1089/#1855 sigmoid-gated U-Net skips
 
     def _read_optimizer(self, env: EnvReader):
         """Optimizers, weight averaging and quantization-aware training."""
@@ -188,9 +305,16 @@ class Hyperparameters:
         self.muon_momentum_warmup_start = env.float("MUON_MOMENTUM_WARMUP_START", 0.92, minimum=0.0)
         self.muon_momentum_warmup_steps = env.int("MUON_MOMENTUM_WARMUP_STEPS", 1500, minimum=0)
         self.muon_backend_steps = env.int("MUON_BACKEND_STEPS", 5, minimum=1)
+        # quintic: #549's fixed Newton-Schulz; turbo: #1089's AOL preconditioning + its Polar Express table.
+        self.muon_ns = env.choice("MUON_NS", "quintic", ("quintic", "turbo"))
+        self.muon_post_norm = env.choice("MUON_POST_NORM", "none", ("none", "row", "col", "row_col"))  # #1089 row_col
+        self.muon_decay_after_update = env.flag("MUON_DECAY_AFTER_UPDATE", False)  # #1089 order; #549 decays first
+        # adamw: #549 (bigram/VE projections with the scalars); muon: #1089's separate unsharded Muon for them.
+        self.small_matrix_optimizer = env.choice("SMALL_MATRIX_OPTIMIZER", "adamw", ("adamw", "muon"))
         self.muon_wd = env.float("MUON_WD", 0.04, minimum=0.0)
         self.adam_wd = env.float("ADAM_WD", 0.04, minimum=0.0)
         self.beta1 = env.float("BETA1", 0.9, minimum=0.0)
+        self.embed_beta1 = env.float("EMBED_BETA1", None, minimum=0.0)  # token-table AdamW beta1 (#1089: 0.7)
         self.beta2 = env.float("BETA2", 0.95, minimum=0.0)
         self.adam_eps = env.float("ADAM_EPS", 1e-8, minimum=0.0)
         self.grad_clip_norm = env.float("GRAD_CLIP_NORM", 0.3, minimum=0.0)
@@ -200,11 +324,17 @@ class Hyperparameters:
         self.ema_decay = env.float("EMA_DECAY", 0.997, minimum=0.0)
         self.swa_enabled = env.flag("SWA_ENABLED", False)
         self.swa_every = env.int("SWA_EVERY", 50, minimum=1)
+        self.swa_threshold = env.float("SWA_THRESHOLD", 0.2, minimum=0.0)  # snapshots once the LR multiplier is below
+        self.swa_min_snapshots = env.int("SWA_MIN_SNAPSHOTS", 1, minimum=1)  # fewer: export EMA (#1089: 2)
         self.qat_enabled = env.flag("QAT_ENABLED", False)
         self.late_qat_threshold = env.float("LATE_QAT_THRESHOLD", 0.15, minimum=0.0)
         # banks: int6 STE on every bank matrix (what the exporter quantizes); projections: #549's reach, its
         # floored [-32, 31] quantizer on the bigram and VE projections only (record_549.md section 13).
         self.late_qat_scope = env.choice("LATE_QAT_SCOPE", "banks", ("banks", "projections"))
+        # #1089: soft rounding s*(floor(u) + sigmoid(alpha*(frac(u) - 0.5))) instead of the straight-through
+        # estimator, alpha ramped from 1 to SOFT_ROUND_ALPHA_MAX over the QAT steps, on the export's bit widths.
+        self.soft_round_qat = env.flag("SOFT_ROUND_QAT", False)
+        self.soft_round_alpha_max = env.float("SOFT_ROUND_ALPHA_MAX", 16.0, minimum=1.0)
 
     def _read_export(self, env: EnvReader):
         """Quantization (per tensor group), GPTQ calibration, compression and the size planner."""
@@ -231,6 +361,10 @@ class Hyperparameters:
         self.ttt_epochs = env.int("TTT_EPOCHS", 3, minimum=0)
         self.ttt_chunk_tokens = env.int("TTT_CHUNK_TOKENS", 32768, minimum=1)
         self.ttt_momentum = env.float("TTT_MOMENTUM", 0.9, minimum=0.0)
+        # adamw: #518's optimizer (betas 0.9/0.999, no decay), here score-first under the ledger.
+        self.ttt_optimizer = env.choice("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"))
+        # LR multipliers of the qo, kv, mlp_up, mlp_down banks (#518: mlp.fc x0.5, mlp.proj x3 -> 1,1,0.5,3)
+        self.ttt_lr_mults = env.float_list("TTT_LR_MULTS", "1,1,1,1")
         self.ttt_grad_clip = env.float("TTT_GRAD_CLIP", 1.0, minimum=0.0)
         self.ttt_batch_seqs = env.int("TTT_BATCH_SEQS", 32, minimum=1)
         self.ttt_freeze_blocks = env.int("TTT_FREEZE_BLOCKS", 0, minimum=0)
@@ -265,6 +399,17 @@ class Hyperparameters:
         if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
             raise InputError(f"env GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        if self.engram_heads > len(ENGRAM_HASHES[0]) or self.engram_orders > len(ENGRAM_HASHES):
+            raise InputError(f"env ENGRAM_HEADS={self.engram_heads} / ENGRAM_ORDERS={self.engram_orders}: "
+                             f"at most {len(ENGRAM_HASHES[0])} heads of orders 2..{len(ENGRAM_HASHES) + 1}")
+        if len(self.mlp_negative_slopes) > self.num_layers:
+            raise InputError(f"env MLP_NEGATIVE_SLOPES has {len(self.mlp_negative_slopes)} values for "
+                             f"NUM_LAYERS={self.num_layers}")
+        if not 0.0 <= self.warmdown_frac <= 1.0 or self.lr_floor >= 1.0:
+            raise InputError(f"env WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1] and LR_FLOOR={self.lr_floor} "
+                             f"below 1")
+        if len(self.ttt_lr_mults) != 4:
+            raise InputError(f"env TTT_LR_MULTS={self.ttt_lr_mults}: expected 4 numbers (qo, kv, mlp_up, mlp_down banks)")
         if self.ttt_freeze_blocks > self.num_layers:
             raise InputError(f"env TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds NUM_LAYERS={self.num_layers}")
         if 8 % self.world_size:
@@ -286,6 +431,10 @@ class Hyperparameters:
         """The training loop's share of the cap: GPTQ's Hessian collection runs inside the cap too."""
         reserve = self.gptq_reserve_seconds if self.quant == "gptq" else 0.0
         return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds > 0 else 0.0
+
+    @property
+    def token_beta1(self) -> float:
+        return self.beta1 if self.embed_beta1 is None else self.embed_beta1
 
     @property
     def grad_accum_steps(self) -> int:
@@ -433,7 +582,6 @@ class ByteCounter:
 ROPE_NTK_REFERENCE_LEN = 1024  # #549 builds every Rotary with this "train length"; base is NTK-rescaled above it
 BIGRAM_HASH_MULTIPLIERS = (36313, 27191)
 BIGRAM_INIT_SCALE, VE_INIT_SCALE, VE_EMBED_INIT_STD = 0.05, 0.1, 0.01
-MLP_NEGATIVE_SLOPE = 0.5  # LeakyReLU(0.5)^2: #549 ablation -0.0021 BPB vs ReLU^2
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -517,11 +665,18 @@ def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y.view(batch, seq, heads, dim)
 
 
-def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31) -> torch.Tensor:
-    """Straight-through int6 fake quantization per output row (late QAT, applied to the banks)."""
+def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake quantization per output row on the symmetric grid [-qmax, qmax] * max|row|/qmax (late QAT on the
+    banks). Without alpha: round with a straight-through gradient. With alpha (#1089 soft-round): u = w/s,
+    s * (floor(u) + sigmoid(alpha * (u - floor(u) - 0.5))), a smooth step whose gradient is alpha*sig*(1-sig),
+    no straight-through; alpha -> infinity is rounding."""
     scale = weight.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
-    quantized = (weight / scale).round().clamp(-qmax, qmax) * scale
-    return weight + (quantized - weight).detach()
+    if alpha is None:
+        quantized = (weight / scale).round().clamp(-qmax, qmax) * scale
+        return weight + (quantized - weight).detach()
+    units = (weight / scale).clamp(-qmax, qmax)
+    low = units.detach().floor()
+    return scale * (low + torch.sigmoid(alpha * (units - low - 0.5)))
 
 
 def fake_quantize_rows_record549(weight: torch.Tensor) -> torch.Tensor:
@@ -572,6 +727,8 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
+        slopes = h.mlp_negative_slopes
+        self.negative_slope = slopes[layer] if layer < len(slopes) else h.mlp_negative_slope
 
     def forward(self, x, x0, weights, rotary, value_embed=None, record=None):
         """record(role, inputs), when given, sees the input of every matrix (GPTQ calibration)."""
@@ -584,7 +741,7 @@ class Block(nn.Module):
         attn_out = self.attn(attn_in, q_w, k_w, v_w, out_w, rotary, value_embed, record)
         x = x + self.attn_scale.to(x.dtype) * attn_out.to(x.dtype)  # the residual stream keeps its dtype
         mlp_in = rms_norm(x) * self.ln_scale
-        hidden = F.leaky_relu(F.linear(mlp_in, up_w), MLP_NEGATIVE_SLOPE).square()
+        hidden = F.leaky_relu(F.linear(mlp_in, up_w), self.negative_slope).square()
         if record is not None:
             record("mlp.up", mlp_in)
             record("mlp.down", hidden)
@@ -639,6 +796,43 @@ class BigramHash(nn.Module):
         return self.scale * project(self.embed(self.bucket_ids(ids)), self.proj, fake_quantize)
 
 
+# EngramLite's hashes (#1089), one row per n-gram order (bigram, trigram), one function per head, of the current
+# token and the 1-2 before it (missing ones are token 0; no reserved bucket): int64, then mod the bucket count.
+ENGRAM_HASHES = (
+    (lambda cur, prev, pp: prev * 1009 + cur,
+     lambda cur, prev, pp: torch.bitwise_xor(prev * 2719 + 314159, cur * 3137)),
+    (lambda cur, prev, pp: torch.bitwise_xor(torch.bitwise_xor(pp * 36313, prev * 27191), cur * 4903),
+     lambda cur, prev, pp: torch.bitwise_xor(torch.bitwise_xor(pp * 7919, prev * 4391), cur * 6151)),
+)
+ENGRAM_EMBED_INIT_STD = 0.01
+
+
+class EngramLite(nn.Module):
+    """#1089: orders x heads hashed n-gram embeddings (one table, a slice of `buckets` rows each), concatenated,
+    projected to the model width (zero init) and gated per channel by sigmoid(gate) (0.5 at init)."""
+
+    def __init__(self, buckets: int, heads: int, orders: int, dim_per_head: int, model_dim: int):
+        super().__init__()
+        self.buckets, self.heads, self.orders = buckets, heads, orders
+        self.embed = nn.Embedding(orders * heads * buckets, dim_per_head)
+        with torch.no_grad():
+            self.embed.weight.normal_(std=ENGRAM_EMBED_INIT_STD)
+        self.proj = nn.Linear(orders * heads * dim_per_head, model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.gate = nn.Parameter(torch.zeros(model_dim))
+
+    def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, orders * heads) rows of the shared table."""
+        cur = ids.to(torch.int64)
+        prev, pp = F.pad(cur[:, :-1], (1, 0)), F.pad(cur[:, :-2], (2, 0))
+        slots = [hashes[head](cur, prev, pp) for hashes in ENGRAM_HASHES[:self.orders] for head in range(self.heads)]
+        return torch.stack([slot % self.buckets + i * self.buckets for i, slot in enumerate(slots)], dim=-1)
+
+    def forward(self, ids, fake_quantize=False):
+        rows = self.embed(self.bucket_ids(ids)).flatten(-2)
+        return torch.sigmoid(self.gate) * project(rows, self.proj, fake_quantize)
+
+
 class ValueEmbedding(nn.Module):
     """One token table shared by the VE layers, in the KV space (projected there when narrower); per-layer
     scalar gains."""
@@ -672,6 +866,8 @@ class GPT(nn.Module):
         self.rope_base = h.rope_base
         self.token_embedding = nn.Embedding(h.vocab_size, dim)
         self.bigram_hash = BigramHash(h.bigram_vocab_size, h.bigram_dim, dim) if h.bigram_vocab_size else None
+        self.engram = (EngramLite(h.engram_buckets, h.engram_heads, h.engram_orders, h.engram_dim_per_head, dim)
+                       if h.engram_buckets else None)
         self.smear_gate = SmearGate(dim)
         self.ve_layers = sorted(set(h.ve_layers)) if h.ve_enabled else []
         self.value_embedding = (ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim, len(self.ve_layers))
@@ -682,9 +878,15 @@ class GPT(nn.Module):
         self.mlp_down_bank = nn.Parameter(torch.empty(layers, dim, hidden))
         self.blocks = nn.ModuleList([Block(h, i, attention) for i in range(layers)])
         self.num_encoder = layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
+        num_skips = min(self.num_encoder, layers - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if h.skip_gates_enabled else None
         self.qat_active = False  # a plain attribute: torch.compile guards on it (both graphs primed in warmup)
         self.qat_scope = h.late_qat_scope
+        # QAT grid of each bank (qo, kv, up, down) = the exporter's bit width for its group
+        self.bank_qmax = [2 ** (h.group_bits(group) - 1) - 1 for group in ("attn", "attn", "mlp", "mlp")]
+        # soft-round sharpness: a tensor filled in place each step, so the compiled graph never changes
+        self.register_buffer("soft_round_alpha", torch.ones(()) if h.soft_round_qat else None, persistent=False)
         self.hessian_recorder = None  # GPTQ calibration: called with (name, matrix inputs) when set
         self._init_weights(h)
 
@@ -698,6 +900,10 @@ class GPT(nn.Module):
             for matrix in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[layers + i], self.mlp_up_bank[i]):
                 nn.init.orthogonal_(matrix)
         self.qo_bank[layers:].zero_()
+        if h.mimetic_vo_init > 0:  # #1089: each query head's Out rows = -scale * its KV head's V rows (no RNG draw)
+            group, dim = h.num_heads // h.num_kv_heads, self.qo_bank.size(-1)
+            values = self.kv_bank[layers:].view(layers, h.num_kv_heads, h.head_dim, dim)
+            self.qo_bank[layers:] = -h.mimetic_vo_init * values.repeat_interleave(group, dim=1).reshape(layers, -1, dim)
         self.mlp_down_bank.zero_()
         if self.bigram_hash is not None:
             nn.init.zeros_(self.bigram_hash.embed.weight)
@@ -721,11 +927,13 @@ class GPT(nn.Module):
         x = self.token_embedding(ids)
         if self.bigram_hash is not None:
             x = x + self.bigram_hash(ids, quantize_projections)
+        if self.engram is not None:
+            x = x + self.engram(ids, quantize_projections)
         x = self.smear_gate(rms_norm(x.to(compute_dtype)))
         x0 = x
         banks = self.banks()
         if qat and self.qat_scope == "banks":
-            banks = [fake_quantize_rows(bank) for bank in banks]
+            banks = [fake_quantize_rows(bank, qmax, self.soft_round_alpha) for bank, qmax in zip(banks, self.bank_qmax)]
         rotary = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
         ve_base = (self.value_embedding(ids, quantize_projections).to(compute_dtype)
                    if self.value_embedding is not None else None)
@@ -733,7 +941,7 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.blocks):
             if layer >= self.num_encoder and skips:
                 # U-Net: decoder layer num_encoder+i takes encoder output num_encoder-1-i (LIFO); the last gets none
-                x = x + self.skip_weights[layer - self.num_encoder].to(x.dtype) * skips.pop()
+                x = self.join_skip(x, skips.pop(), layer - self.num_encoder)
             value_embed = None
             if layer in self.ve_layers:
                 scale = self.value_embedding.layer_scales[self.ve_layers.index(layer)]
@@ -748,6 +956,14 @@ class GPT(nn.Module):
         if self.hessian_recorder is not None:
             self.hessian_recorder("head", x)  # the tied embedding's input as the LM head
         return x
+
+    def join_skip(self, x: torch.Tensor, skip: torch.Tensor, index: int) -> torch.Tensor:
+        """#549: x + w*skip. Gated (#1089): sigmoid(g)*x + (1 - sigmoid(g))*w*skip, g = 0 at init (half of each)."""
+        weighted = self.skip_weights[index].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + weighted
+        gate = torch.sigmoid(self.skip_gates[index]).to(x.dtype)
+        return gate * x + (1 - gate) * weighted
 
     def logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """Soft-capped fp32 logits (B, T, V) of the tied LM head; with last=n only the last n positions."""
@@ -773,6 +989,17 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic iteration of modded-nanogpt, as #549
+# #1089's Polar Express table (Amsel et al. 2025, degree 5). Entry 0 is never used: AOL scaling replaces the first
+# iteration, so step k uses entry min(k + 1, 6). Not to be mixed with the frontier's (#1787) coefficient set.
+POLAR_EXPRESS_1089 = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.875, -1.25, 0.375),
+)
 
 
 def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
@@ -787,6 +1014,39 @@ def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
+
+
+def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """#1089's Turbo-Muon: AOL (Gershgorin) row scaling s_i = 1/sqrt(sum_j |A_ij|), A = X X^T, which bounds the
+    spectral norm by 1 without a Frobenius normalization, then Polar Express steps; A is reused by step 0."""
+    x = update
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    gram = x @ x.mT
+    scale = 1.0 / (gram.abs().sum(dim=-1).sqrt() + eps)
+    x = scale[..., :, None] * x
+    gram = scale[..., :, None] * gram * scale[..., None, :]
+    for k in range(steps):
+        if k > 0:
+            gram = x @ x.mT
+        a, b, c = POLAR_EXPRESS_1089[min(k + 1, len(POLAR_EXPRESS_1089) - 1)]
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+def post_normalize(update: torch.Tensor, mode: str, eps: float = 1e-7) -> torch.Tensor:
+    """MUON_POST_NORM (#1089 row_col): divide each row by its L2 norm, then each column (norms in fp32), in the
+    weight's own orientation. The column step comes last, so columns end at unit norm. It raises the effective
+    LR of wide matrices (K/V x1.41, MLP-down x1.87 at #549's shapes): retune MATRIX_LR with it."""
+    if mode in ("row", "row_col"):
+        update = update / (update.float().norm(dim=-1, keepdim=True) + eps).to(update.dtype)
+    if mode in ("col", "row_col"):
+        update = update / (update.float().norm(dim=-2, keepdim=True) + eps).to(update.dtype)
+    return update
+
+
+ORTHOGONALIZERS = {"quintic": newton_schulz_orthogonalize, "turbo": turbo_orthogonalize}
 
 
 # torch 2.13 renamed the tensor collectives (the old names warn); #549's torch 2.9 only has the old ones.
@@ -809,9 +1069,11 @@ class BankMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, banks, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 comm_dtype: torch.dtype, rank: int = 0, world_size: int = 1):
+                 comm_dtype: torch.dtype, rank: int = 0, world_size: int = 1, ns: str = "quintic",
+                 post_norm: str = "none", decay_after_update: bool = False):
         super().__init__(banks, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.comm_dtype = backend_steps, comm_dtype
+        self.orthogonalize, self.post_norm, self.decay_after_update = ORTHOGONALIZERS[ns], post_norm, decay_after_update
         self.rank, self.world_size = rank, world_size
         self.order = sorted(banks, key=lambda bank: bank.numel(), reverse=True)  # biggest transfers first
         self.reductions = {}
@@ -863,7 +1125,8 @@ class BankMuon(torch.optim.Optimizer):
             buffer = self._buffer(bank, "momentum_buffer", gradient.size(0), torch.float32)
             buffer.mul_(momentum).add_(gradient)
             nesterov = gradient.add(buffer, alpha=momentum)
-            orthogonal = newton_schulz_orthogonalize(nesterov.to(self.comm_dtype), self.backend_steps)
+            orthogonal = self.orthogonalize(nesterov.to(self.comm_dtype), self.backend_steps)
+            orthogonal = post_normalize(orthogonal, self.post_norm)  # per matrix: shards hold whole matrices
             if self.world_size > 1:
                 # Async collectives touch only persistent buffers: a work object must never hold the last
                 # reference to a Python tensor (freeing it needs the GIL on gloo's thread).
@@ -879,43 +1142,59 @@ class BankMuon(torch.optim.Optimizer):
         if pending is not None:
             self._apply(*pending, lr, weight_decay)
 
-    @staticmethod
-    def _apply(bank, update, work, lr, weight_decay):
+    def _apply(self, bank, update, work, lr, weight_decay):
         if work is not None:
             work.wait()
         aspect = math.sqrt(max(1.0, bank.size(-2) / bank.size(-1)))
-        bank.mul_(1 - lr * weight_decay)
+        if not self.decay_after_update:
+            bank.mul_(1 - lr * weight_decay)
         bank.add_(update[:bank.size(0)].to(bank.dtype), alpha=-lr * aspect)
+        if self.decay_after_update:
+            bank.mul_(1 - lr * weight_decay)
 
 
-TOKEN_TABLE_SUFFIXES = ("token_embedding.weight", "bigram_hash.embed.weight", "value_embedding.embed.weight")
+TOKEN_TABLE_SUFFIXES = ("token_embedding.weight", "bigram_hash.embed.weight", "value_embedding.embed.weight",
+                        "engram.embed.weight")
+SMALL_MATRIX_SUFFIXES = ("bigram_hash.proj.weight", "value_embedding.proj.weight", "engram.proj.weight")
 
 
 def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fused: bool, rank=0, world_size=1):
-    """Three optimizers as #549 section 9.1: Muon (banks), AdamW (token tables), AdamW (everything else)."""
+    """#549 section 9.1: Muon (banks), AdamW (token tables), AdamW (everything else); with
+    SMALL_MATRIX_OPTIMIZER=muon a fourth, #1089's unsharded Muon for the small projections (momentum without
+    warmup; its gradients are already averaged, so every rank computes the same update)."""
+    named = list(model.named_parameters())
     bank_ids = {id(p) for p in model.banks()}
-    tables = [p for n, p in model.named_parameters() if n.endswith(TOKEN_TABLE_SUFFIXES)]
-    table_ids = {id(p) for p in tables}
-    scalars = [p for p in model.parameters() if id(p) not in bank_ids and id(p) not in table_ids]
-    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
+    tables = [p for n, p in named if n.endswith(TOKEN_TABLE_SUFFIXES)]
+    small = [p for n, p in named if n.endswith(SMALL_MATRIX_SUFFIXES)] if h.small_matrix_optimizer == "muon" else []
+    taken = bank_ids | {id(p) for p in tables + small}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    adam = dict(eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
+    muon_form = dict(ns=h.muon_ns, post_norm=h.muon_post_norm, decay_after_update=h.muon_decay_after_update)
     muon = BankMuon(model.banks(), h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, comm_dtype,
-                    rank, world_size)
-    token_adam = torch.optim.AdamW([dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)], **adam)
-    scalar_adam = torch.optim.AdamW([dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)], **adam)
-    return [token_adam, muon, scalar_adam]
+                    rank, world_size, **muon_form)
+    token_adam = torch.optim.AdamW([dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)],
+                                   betas=(h.token_beta1, h.beta2), **adam)
+    scalar_adam = torch.optim.AdamW([dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)],
+                                    betas=(h.beta1, h.beta2), **adam)
+    optimizers = [token_adam, muon, scalar_adam]
+    if small:
+        optimizers.append(BankMuon(small, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd,
+                                   comm_dtype, **muon_form))
+    return optimizers
 
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear to 0. With a wallclock cap the warmdown is WARMDOWN_ITERS steps'
-    worth of the measured step time before the cap (#549 section 10); without one, the last iterations."""
-    if h.warmdown_iters <= 0:
-        return 1.0
+    """1 until the warmdown, then linear down to LR_FLOOR (#549: 0). With a wallclock cap the warmdown is
+    WARMDOWN_ITERS steps' worth of the measured step time before the cap (#549 section 10), or WARMDOWN_FRAC of
+    the cap; without a cap, the last iterations (or that fraction of ITERATIONS)."""
     if h.training_seconds <= 0:
-        remaining_steps = h.iterations - step
-        return max(remaining_steps / h.warmdown_iters, 0.0) if remaining_steps < h.warmdown_iters else 1.0
-    warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000.0 * h.training_seconds - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        warmdown, remaining = h.warmdown_frac * h.iterations or h.warmdown_iters, h.iterations - step
+    else:
+        warmdown = h.warmdown_frac * 1000.0 * h.training_seconds or h.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining = max(1000.0 * h.training_seconds - elapsed_ms, 0.0)
+    if warmdown <= 0 or remaining >= warmdown:
+        return 1.0
+    return max(max(remaining, 0.0) / warmdown, h.lr_floor)
 
 
 def muon_momentum_at(h: Hyperparameters, step: int) -> float:
@@ -947,9 +1226,7 @@ class ExponentialMovingAverage:
 
 
 class SnapshotAverage:
-    """Uniform mean of snapshots taken every SWA_EVERY steps once the LR multiplier is below 0.2 (#549)."""
-
-    START_BELOW_LR_MULTIPLIER = 0.2
+    """Uniform mean of snapshots taken every SWA_EVERY steps once the LR multiplier is below SWA_THRESHOLD."""
 
     def __init__(self, model: nn.Module):
         self.params, self.sum, self.count = list(model.parameters()), None, 0
@@ -1516,7 +1793,7 @@ class TestTimeTrainer:
         self.bank_masks, self.frozen = freeze_blocks(model, h.ttt_freeze_blocks)
         frozen_ids = {id(p) for p in self.frozen}
         self.params = [p for p in model.parameters() if id(p) not in frozen_ids]
-        self.optimizer = torch.optim.SGD(self.params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+        self.optimizer = ttt_optimizer(model, self.params, h)
         self.eval_started, self.training_stopped = eval_started, False
         self.score_seconds, self.train_seconds = [], []
 
@@ -1544,7 +1821,7 @@ class TestTimeTrainer:
         lo, hi = self.chunk_range(chunk)
         seq_len, num_seqs = h.train_seq_len, (hi - lo) // h.train_seq_len
         for group in self.optimizer.param_groups:
-            group["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(self.num_chunks - 1, 1)))
+            group["lr"] = group["lr_mult"] * h.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(self.num_chunks - 1, 1)))
         model.train()
         for _ in range(h.ttt_epochs):
             for first, count, a, b in ttt_steps(h, num_seqs, run.rank, run.world_size):
@@ -1609,6 +1886,19 @@ class TestTimeTrainer:
         summary = self.ledger.audit()
         val_loss, val_bpb, _, _ = self.scores.result(self.run.world_size > 1)
         return val_loss, val_bpb, summary
+
+
+TTT_ADAMW_BETAS = (0.9, 0.999)  # #518's TTT AdamW (weight decay 0)
+
+
+def ttt_optimizer(model: GPT, params: list[nn.Parameter], h: Hyperparameters) -> torch.optim.Optimizer:
+    """SGD with momentum (#549) or AdamW (#518), one parameter group per bank for TTT_LR_MULTS."""
+    bank_ids = [id(bank) for bank in model.banks()]
+    groups = [dict(params=[bank], lr_mult=mult) for bank, mult in zip(model.banks(), h.ttt_lr_mults)]
+    groups.append(dict(params=[p for p in params if id(p) not in bank_ids], lr_mult=1.0))
+    if h.ttt_optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=h.ttt_lr, betas=TTT_ADAMW_BETAS, weight_decay=0.0)
+    return torch.optim.SGD(groups, lr=h.ttt_lr, momentum=h.ttt_momentum)
 
 
 def freeze_blocks(model: GPT, count: int) -> tuple[dict[int, torch.Tensor], list[nn.Parameter]]:
@@ -1710,6 +2000,9 @@ class RunContext:
             dist.barrier()
 
 
+NOT_SETTINGS = ("env_names", "ignored_record_variables", "preset_values", "record_spellings")
+
+
 def log_run_header(run: RunContext, code: str):
     """The log starts with the code and the environment, like #549's logs."""
     run.log(code, console=False)
@@ -1730,8 +2023,12 @@ def log_run_header(run: RunContext, code: str):
     h = run.h
     run.log(f"logfile:{run.log_path} run_id:{h.run_id}")
     run.log(f"started:{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-    settings = {k: v for k, v in vars(h).items() if k not in ("env_names", "ignored_record_variables")}
+    settings = {k: v for k, v in vars(h).items() if k not in NOT_SETTINGS}
     run.log(f"hyperparameters {json.dumps(settings, sort_keys=True)}", console=False)
+    preset_values = ",".join(f"{k}={v}" for k, v in h.preset_values.items())
+    run.log(f"preset:{h.preset} from_preset:{preset_values or '-'}")
+    for name in h.record_spellings:
+        run.log(f"note: env {name} read as {'/'.join(RECORD_SPELLINGS[name][0])} (a record's spelling)")
     for name in h.ignored_record_variables:
         run.log(f"warning: env {name} is set but ignored: {DROPPED_RECORD_VARIABLES[name]}")
     run.log(f"compute_dtype:{str(run.compute_dtype).removeprefix('torch.')} attention:{run.attention_name} "
@@ -1763,6 +2060,7 @@ class Trainer:
         bank_ids = {id(p) for p in model.banks()}
         self.replicated_params = [p for p in model.parameters() if id(p) not in bank_ids]
         self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
+        self.qat_start = None  # the step soft-round's alpha ramp started
 
     def new_loader(self) -> DistributedTokenLoader:
         return DistributedTokenLoader(shard_files(self.h.data_path, "train"), self.h.vocab_size, self.run.rank, self.run.world_size,
@@ -1780,7 +2078,7 @@ class Trainer:
             total += loss.detach()
         if h.grad_clip_scope == "local":
             self.clip_local_gradients()
-        token_adam, muon, scalar_adam = self.optimizers
+        token_adam, muon, scalar_adam, *small_muon = self.optimizers
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
@@ -1792,6 +2090,8 @@ class Trainer:
         torch._foreach_mul_(replicated, scale)
         token_adam.step()
         scalar_adam.step()
+        for optimizer in small_muon:
+            optimizer.step()  # its gradients were clipped in place with the other replicated ones
         muon.step(shards, scale)
         model.zero_grad(set_to_none=True)
         return total / h.grad_accum_steps
@@ -1876,6 +2176,24 @@ class Trainer:
         dist.all_reduce(clock, op=dist.ReduceOp.MAX)
         return float(clock.item())
 
+    def update_qat(self, step: int, multiplier: float, agreed_ms: float):
+        """Late QAT switches on below LATE_QAT_THRESHOLD; soft-round's alpha then ramps linearly from 1 to
+        SOFT_ROUND_ALPHA_MAX over the QAT steps, their count re-estimated every step from the remaining time."""
+        h, model = self.h, self.model
+        if h.late_qat_threshold > 0 and multiplier < h.late_qat_threshold and not model.qat_active:
+            model.qat_active = True
+            self.run.log(f"late_qat:enabled step:{step} scale:{multiplier:.4f}")
+        if not model.qat_active or model.soft_round_alpha is None:
+            return
+        if self.qat_start is None:
+            self.qat_start = step
+        remaining = h.iterations - step
+        if h.training_seconds > 0 and step > 0:
+            remaining = min(remaining, (1000.0 * h.training_seconds - agreed_ms) / (agreed_ms / step))
+        done = step - self.qat_start
+        progress = min(done / max(done + remaining, 1.0), 1.0)
+        model.soft_round_alpha.fill_(1.0 + (h.soft_round_alpha_max - 1.0) * progress)
+
     def train(self):
         """Returns the averaging object whose weights should be exported (or None for the raw weights)."""
         h, run, model = self.h, self.run, self.model
@@ -1897,14 +2215,12 @@ class Trainer:
             if last_step:
                 break
             multiplier = lr_multiplier(h, step, agreed_ms)  # every time-dependent decision uses agreed_ms
-            if h.late_qat_threshold > 0 and multiplier < h.late_qat_threshold and not model.qat_active:
-                model.qat_active = True
-                run.log(f"late_qat:enabled step:{step} scale:{multiplier:.4f}")
+            self.update_qat(step, multiplier, agreed_ms)
             loss = self.step(loader, step, multiplier)
             if ema is not None:
                 ema.update()
             step += 1
-            if swa is not None and multiplier < swa.START_BELOW_LR_MULTIPLIER and step % h.swa_every == 0:
+            if swa is not None and multiplier < h.swa_threshold and step % h.swa_every == 0:
                 if swa.count == 0:
                     run.log(f"swa:start step:{step}")
                 swa.add()
@@ -1941,12 +2257,13 @@ class Trainer:
         return hessians
 
     def apply_average(self, ema, swa):
-        if swa is not None and swa.count > 0:
+        if swa is not None and swa.count >= max(self.h.swa_min_snapshots, 1):
             self.run.log(f"swa:applying mean of {swa.count} snapshots (exported instead of EMA)")
             swa.copy_to(self.model)
         elif ema is not None:
             if swa is not None:
-                self.run.log("swa:no snapshots were taken; exporting EMA")
+                self.run.log(f"swa:{swa.count} snapshots, fewer than SWA_MIN_SNAPSHOTS={self.h.swa_min_snapshots}; "
+                             f"exporting EMA")
             self.run.log(f"ema:applying EMA weights decay:{self.h.ema_decay}")
             ema.copy_to(self.model)
         else:

@@ -3,6 +3,7 @@ never inside the timed training loop or the eval clock."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -28,18 +29,26 @@ def test_recompile_limit_is_raised(tmp_path, monkeypatch):
     assert torch._dynamo.config.recompile_limit >= train_gpt.RECOMPILE_LIMIT > 8
 
 
-def test_one_warmup_step_primes_the_plain_and_the_qat_graph(tmp_path, monkeypatch, sample_data):
+# #1089's model and optimizer switches, soft-round QAT included (its alpha changes every QAT step)
+SEED_1089 = dict(SOFT_ROUND_QAT=1, ENGRAM_BUCKETS=1024, BIGRAM_VOCAB_SIZE=0, SKIP_GATES_ENABLED=1, MUON_NS="turbo",
+                 MUON_BACKEND_STEPS=4, MUON_POST_NORM="row_col", SMALL_MATRIX_OPTIMIZER="muon", QUANT_BITS_MLP=5)
+
+
+@pytest.mark.parametrize("features", [{}, SEED_1089], ids=["record549", "pr1089_switches"])
+def test_one_warmup_step_primes_the_plain_and_the_qat_graph(tmp_path, monkeypatch, sample_data, features):
     """WARMUP_STEPS=1 with late QAT used to prime only the QAT graph; the plain one compiled at step 1."""
     torch._dynamo.reset()
-    run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1)
+    run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1, **features)
     model = train_gpt.build_model(run.h, run)
     trainer = train_gpt.Trainer(run.h, run, model, val_tokens=None, byte_counter=None)
     trainer.prime()
     primed = compiled_graphs()
     assert primed >= 2
     loader = trainer.new_loader()
-    for step, qat in enumerate((False, True, False)):
+    for step, qat in enumerate((False, True, True, False)):
         model.qat_active = qat
+        if model.soft_round_alpha is not None:
+            model.soft_round_alpha.fill_(1.0 + 5 * step)
         trainer.step(loader, step, 1.0)
     assert compiled_graphs() == primed
 

@@ -75,8 +75,9 @@ def time_now():
     return time.perf_counter()
 
 
-def test_legal_ttt_scores_everything_once_and_trains_all_but_the_last_chunk(tmp_path, monkeypatch):
-    run, model, tokens, ttt = ttt_setup(tmp_path, monkeypatch)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # adamw: #518's TTT optimizer, run score-first
+def test_legal_ttt_scores_everything_once_and_trains_all_but_the_last_chunk(tmp_path, monkeypatch, optimizer):
+    run, model, tokens, ttt = ttt_setup(tmp_path, monkeypatch, TTT_OPTIMIZER=optimizer, TTT_LR_MULTS="1,1,0.5,3")
     before = model.mlp_down_bank.detach().clone()
     loss, bpb, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
     assert ttt.num_chunks == 6 and summary == "chunks=6 tokens_scored=768 tokens_trained=640"
@@ -87,15 +88,16 @@ def test_legal_ttt_scores_everything_once_and_trains_all_but_the_last_chunk(tmp_
     assert ttt.ledger.chunks[5][1] == -1  # the last chunk is never trained on
 
 
-def test_audit_stops_training_before_scoring(tmp_path, monkeypatch):
-    run, model, tokens, ttt = ttt_setup(tmp_path, monkeypatch)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_audit_stops_training_before_scoring(tmp_path, monkeypatch, optimizer):
+    run, model, tokens, ttt = ttt_setup(tmp_path, monkeypatch, TTT_OPTIMIZER=optimizer)
     before = [p.detach().clone() for p in model.parameters()]
     illegal = [("score", 0), ("train", 0), ("train", 1), ("score", 1)]
     with pytest.raises(train_gpt.IllegalTestTimeTraining, match=r"chunk 1: an update would train on targets \[128, 256\) "
                                                                 r"but target 128 has not been scored"):
         ttt.run_schedule(illegal)
     # The illegal update was refused before it happened: only chunk 0's legal training changed the weights.
-    replay_run, replay_model, replay_tokens, replay = ttt_setup(tmp_path, monkeypatch)
+    replay_run, replay_model, replay_tokens, replay = ttt_setup(tmp_path, monkeypatch, TTT_OPTIMIZER=optimizer)
     replay.score(0)
     replay.train(0)
     for a, b in zip(model.parameters(), replay_model.parameters()):

@@ -118,8 +118,8 @@ def non_default_settings(runs: list[RunLog]) -> dict:
     import train_gpt
 
     defaults = vars(train_gpt.Hyperparameters({}))
-    per_seed = {"seed", "run_id", "artifact_path", "rank", "local_rank", "world_size", "distributed", "env_names",
-                "ignored_record_variables"}
+    per_seed = {"seed", "run_id", "artifact_path", "rank", "local_rank", "world_size", "distributed",
+                *train_gpt.NOT_SETTINGS}
     settings = runs[0].settings
     return {k: v for k, v in sorted(settings.items()) if k not in per_seed and defaults.get(k) != v}
 
