@@ -179,7 +179,8 @@ PRESETS = {
         "LATE_QAT_THRESHOLD": "0.15", "SOFT_ROUND_QAT": "1", "SOFT_ROUND_ALPHA_MAX": "16",
         "QUANT": "gptq", "QUANT_BITS_MLP": "5", "QUANT_BITS_ATTN": "5", "QUANT_BITS_EMBED": "8",
         "GPTQ_CALIB_BATCHES": "64", "GPTQ_RESERVE_SECONDS": "14",
-        "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1", "SIZE_FIT": "1", "TTT_ENABLED": "0",
+        "MIXED_PRECISION": "1", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1", "SIZE_FIT": "1", "SIZE_FIT_LEVELS": "2",
+        "TTT_ENABLED": "0",
     },
     # #518's model (#414 stack + LeakyReLU(0.5)^2, 2048 bigram buckets, zstd) with its TTT optimizer -- AdamW
     # 5e-4, mlp_up x0.5, mlp_down x3, clip 1 -- run score-first per chunk. Its own 30-50 epochs over the whole
@@ -351,6 +352,10 @@ class Hyperparameters:
         self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli"))
         self.byte_shuffle = env.flag("BYTE_SHUFFLE", False)
         self.size_fit = env.flag("SIZE_FIT", False)
+        self.size_fit_levels = env.int("SIZE_FIT_LEVELS", 1, minimum=1)  # prune |q| <= this (#1089: 2)
+        # #1089: after GPTQ, promote (layer, attn|mlp) groups by Hessian sensitivity to +1 bit (the top one +2)
+        # while the measured compressed bytes still fit the cap. Needs QUANT=gptq's Hessians.
+        self.mixed_precision = env.flag("MIXED_PRECISION", False)
         self.dry_run = env.flag("DRY_RUN", False)
 
     def _read_evaluation(self, env: EnvReader):
@@ -396,6 +401,10 @@ class Hyperparameters:
             bits = self.group_bits(group)
             if not 5 <= bits <= 8:
                 raise InputError(f"env QUANT_BITS_{group.upper()}={bits}: must be 5, 6, 7 or 8")
+        if self.mixed_precision and (self.quant != "gptq" or max(self.quant_bits_mlp, self.quant_bits_attn) > 6):
+            raise InputError("env MIXED_PRECISION=1 needs QUANT=gptq (its Hessians rank the groups) and base widths "
+                             f"QUANT_BITS_MLP/ATTN <= 6 (they are promoted by up to 2 bits); got QUANT={self.quant}, "
+                             f"{self.quant_bits_mlp}/{self.quant_bits_attn}")
         if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
             raise InputError(f"env GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
@@ -1360,29 +1369,78 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     return q[:, torch.argsort(order)].to(torch.int8)
 
 
-def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=None):
-    """Quantize each tensor by its group's bit width (QUANT_BITS_*): GPTQ-lite, or with QUANT=gptq full GPTQ
-    where a Hessian exists (round-to-nearest elsewhere) on GPTQ-lite's searched row scales, or on SDClip scales
-    when QUANT_CLIP_SIGMAS_* > 0. Returns (tensors to store, scheme per name)."""
+def quantize_tensor(name: str, value: torch.Tensor, group: str, bits: int, h: Hyperparameters, hessians=None):
+    """One tensor at `bits`: GPTQ-lite, or with QUANT=gptq full GPTQ where a Hessian exists (round-to-nearest
+    elsewhere) on GPTQ-lite's searched row scales, or on SDClip scales when QUANT_CLIP_SIGMAS_* > 0."""
+    qmax = 2 ** (bits - 1) - 1
+    if h.quant != "gptq":
+        return quantize_rows(value, bits)
+    sigmas = h.group_clip_sigmas(group)
+    scale = sd_clip_scale(value, sigmas, qmax) if sigmas > 0 else quantize_rows(value, bits)[1].float()
+    hessian = (hessians or {}).get(hessian_name(name))
+    q = gptq_quantize(value, hessian, scale, qmax) if hessian is not None else \
+        (value / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
+    return q, scale.half()
+
+
+def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=None, bits=None):
+    """Quantize each tensor by its group's bit width (QUANT_BITS_*, or `bits` by name: the mixed-precision
+    allocation). Returns (tensors to store, scheme per name)."""
     tensors, schemes = {}, {}
     for name, value in state.items():
         group = quantization_group(name, value)
         if group is None:
             tensors[name], schemes[name] = value.half(), "fp16"
             continue
-        bits = h.group_bits(group)
-        qmax = 2 ** (bits - 1) - 1
-        if h.quant == "gptq":
-            sigmas = h.group_clip_sigmas(group)
-            scale = sd_clip_scale(value, sigmas, qmax) if sigmas > 0 else quantize_rows(value, bits)[1].float()
-            hessian = (hessians or {}).get(hessian_name(name))
-            q = gptq_quantize(value, hessian, scale, qmax) if hessian is not None else \
-                (value / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
-            tensors[name + ".q"], tensors[name + ".scale"] = q, scale.half()
-        else:
-            tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(value, bits)
-        schemes[name] = f"int{bits}"
+        width = (bits or {}).get(name, h.group_bits(group))
+        tensors[name + ".q"], tensors[name + ".scale"] = quantize_tensor(name, value, group, width, h, hessians)
+        schemes[name] = f"int{width}"
     return tensors, schemes
+
+
+def sensitivity_groups(state, hessians) -> list[tuple[float, list[str]]]:
+    """#1089's (layer, attn|mlp) groups, most sensitive first: mean over the group's matrices of trace(H)/cols,
+    the input energy per column (it never looks at the weights)."""
+    groups = {}
+    for name, value in state.items():
+        if is_bank_matrix(name) and hessian_name(name) in hessians:
+            layer = ".".join(name.split(".")[:2])
+            groups.setdefault(f"{layer}.{quantization_group(name, value)}", []).append(name)
+    ranked = []
+    for names in groups.values():
+        traces = [torch.diagonal(hessians[hessian_name(n)]).sum().item() / state[n].size(1) for n in names]
+        ranked.append((sum(traces) / len(traces), names))
+    return sorted(ranked, key=lambda item: -item[0])
+
+
+def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -> dict[str, int]:
+    """MIXED_PRECISION: every matrix starts at its group's width; in sensitivity order, a group is promoted by
+    one bit (the most sensitive first tries two) when its measured extra compressed bytes (the group's tensors
+    compressed alone, with the run's compressor) fit what the base artifact leaves under `budget`. A group that
+    does not fit is skipped, not a stop (#1089). The real encode decides in the end: SIZE_FIT prunes if over."""
+    tensors, schemes = quantize_state(state, h, hessians)
+    spare = budget - len(encode_artifact(tensors, schemes, h))
+
+    def group_bytes(names: list[str], width: int) -> int:
+        stored = {}
+        for n in names:
+            q, scale = quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
+            stored[n + ".q"], stored[n + ".scale"] = q, scale
+        return len(compress(pack_tensors(stored, {}), h.compressor))
+
+    bits, promoted = {}, []
+    for rank, (sensitivity, names) in enumerate(sensitivity_groups(state, hessians)):
+        base = h.group_bits(quantization_group(names[0], state[names[0]]))
+        base_bytes = group_bytes(names, base)
+        for extra in ((2, 1) if rank == 0 else (1,)):
+            cost = group_bytes(names, base + extra) - base_bytes
+            if cost <= spare:
+                spare -= cost
+                bits.update({n: base + extra for n in names})
+                promoted.append(f"{names[0].rsplit('.', 1)[0]}:int{base + extra}(+{cost}B)")
+                break
+    log(f"mixed_precision: promoted {len(promoted)} groups {' '.join(promoted) or '-'}; estimated spare {spare} bytes")
+    return bits
 
 
 def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -1502,18 +1560,20 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
 
 
 def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> bytes:
-    """SIZE_FIT: zero the least important +-1 quantized values, smallest row scale first (cost s^2 q^2, as
-    #609/#1089), until the encoded artifact fits the budget: bisection on the count, to within 1/64 of the
-    candidates (7 encodes). If pruning all of them is not enough, the run reports the artifact over the cap."""
+    """SIZE_FIT: zero the least important quantized values with |q| <= SIZE_FIT_LEVELS (#609: +-1; #1089: +-1 and
+    +-2), cheapest first by cost s^2 q^2, until the encoded artifact fits the budget: bisection on the count, to
+    within 1/64 of the candidates (7 encodes). If pruning all of them is not enough, the run reports the
+    artifact over the cap."""
     blob = encode_artifact(tensors, schemes, h)
     names = [n for n, scheme in schemes.items() if scheme != "fp16"]
     costs, owners, positions = [], [], []
     for index, name in enumerate(names):
         q, scale = tensors[name + ".q"], tensors[name + ".scale"].float()
-        ones = (q.abs() == 1).reshape(-1).nonzero().squeeze(1)
-        costs.append(scale.repeat_interleave(q.size(1))[ones].square())
-        owners.append(torch.full_like(ones, index))
-        positions.append(ones)
+        magnitude = q.abs().reshape(-1)
+        candidates = ((magnitude >= 1) & (magnitude <= h.size_fit_levels)).nonzero().squeeze(1)
+        costs.append((scale.repeat_interleave(q.size(1))[candidates] * magnitude[candidates]).square())
+        owners.append(torch.full_like(candidates, index))
+        positions.append(candidates)
     order = torch.argsort(torch.cat(costs))
     owners, positions = torch.cat(owners)[order], torch.cat(positions)[order]
 
@@ -1538,7 +1598,8 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
             else:
                 high, blob = middle, trial
         count = high
-    log(f"size_fit: pruned {count} of {len(order)} +-1 values ({100 * count / max(len(order), 1):.2f}%), "
+    log(f"size_fit: pruned {count} of {len(order)} values with |q|<={h.size_fit_levels} "
+        f"({100 * count / max(len(order), 1):.2f}%), "
         f"model_bytes:{len(blob)} budget:{budget}")
     return blob
 
@@ -2342,8 +2403,11 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
     code_bytes = len(code.encode("utf-8"))
     if run.is_main:
         started = time.perf_counter()
-        tensors, schemes = quantize_state(export_state(model), h, hessians)
-        blob = fit_to_budget(tensors, schemes, h, SIZE_CAP_BYTES - code_bytes, run.log) if h.size_fit \
+        state = export_state(model)
+        budget = SIZE_CAP_BYTES - code_bytes
+        bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if h.mixed_precision and hessians else None
+        tensors, schemes = quantize_state(state, h, hessians, bits)
+        blob = fit_to_budget(tensors, schemes, h, budget, run.log) if h.size_fit \
             else encode_artifact(tensors, schemes, h)
         Path(h.artifact_path).parent.mkdir(parents=True, exist_ok=True)
         Path(h.artifact_path).write_bytes(blob)

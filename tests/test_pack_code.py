@@ -1,4 +1,4 @@
-"""tools/pack_code.py: the packed train_gpt.py decodes to the stripped source and runs identically."""
+"""tools/pack_code.py: the packed train_gpt.py decodes to the transformed source and runs identically."""
 from __future__ import annotations
 
 import subprocess
@@ -28,7 +28,7 @@ def test_pack_then_verify(tmp_path):
     pack_code.verify(packed, REPO / "train_gpt.py")
     tampered = tmp_path / "tampered.py"
     tampered.write_text(pack_code.pack((REPO / "train_gpt.py").read_text().replace("0.997", "0.998")))
-    with pytest.raises(ValueError, match="does not decode to the stripped"):
+    with pytest.raises(ValueError, match="does not decode to the python-minifier 3.4.0-transformed"):
         pack_code.verify(tampered, REPO / "train_gpt.py")
     result = subprocess.run([sys.executable, str(REPO / "tools" / "pack_code.py"), "--verify", str(packed),
                              str(REPO / "train_gpt.py")], capture_output=True, text=True)
@@ -52,3 +52,22 @@ def test_packed_script_runs_identically(tmp_path, sample_data):
     assert parse_metric(log_packed, "artifact")["code_bytes"] == packed.stat().st_size  # the packed bytes count
     for label in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
         assert parse_metric(log_packed, label) == parse_metric(log_readable, label), label
+
+
+def test_minifier_pass_shrinks_and_verify_names_the_transform(tmp_path):
+    source = (REPO / "train_gpt.py").read_text()
+    plain, minified = tmp_path / "plain.py", tmp_path / "minified.py"
+    plain.write_text(pack_code.pack(source, minify=False))
+    minified.write_text(pack_code.pack(source))
+    assert minified.stat().st_size < plain.stat().st_size  # python-minifier's pass, as #1089's shrink.py
+    for packed in (plain, minified):
+        pack_code.verify(packed, REPO / "train_gpt.py")
+    assert pack_code.unpack(plain.read_text()).startswith("# tools/pack_code.py transform: ast\n")
+    code = pack_code.unpack(minified.read_text())
+    assert code.startswith("# tools/pack_code.py transform: python-minifier ")
+    other_version = tmp_path / "other.py"
+    other_version.write_text(pack_code.STUB.format(payload=pack_code.base64.b85encode(pack_code.lzma.compress(
+        code.replace("python-minifier 3.4.0", "python-minifier 2.0.0").encode(), format=pack_code.lzma.FORMAT_RAW,
+        filters=pack_code.FILTERS))))
+    with pytest.raises(ValueError, match="was minified with python-minifier 2.0.0, this machine has python-minifier"):
+        pack_code.verify(other_version, REPO / "train_gpt.py")

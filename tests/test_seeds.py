@@ -316,3 +316,54 @@ def test_ttt_optimizer_groups_carry_the_bank_multipliers():
                         sum(p.numel() for p in model.parameters()))
     with pytest.raises(train_gpt.InputError, match="TTT_LR_MULTS"):
         tiny_hyperparameters(TTT_LR_MULTS="1,2")
+
+
+# ---------------------------------------------------------------------------------------------------- mixed precision
+
+
+def mixed_setup(**overrides):
+    settings = dict(QUANT="gptq", MIXED_PRECISION=1, QUANT_BITS_MLP=5, QUANT_BITS_ATTN=5, SIZE_FIT_LEVELS=2)
+    h = tiny_hyperparameters(**dict(settings, **overrides))
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    state = train_gpt.export_state(model)
+    hessians = {}
+    for name, value in state.items():
+        if train_gpt.is_bank_matrix(name):  # deeper layers see more input energy: a known sensitivity order
+            inputs = torch.randn(256, value.size(1)) * (1 + int(name.split(".")[1]))
+            hessians[train_gpt.hessian_name(name)] = inputs.T @ inputs
+    return h, state, hessians
+
+
+def test_mixed_precision_promotes_by_sensitivity_within_the_budget():
+    h, state, hessians = mixed_setup()
+    ranked = [names for _, names in train_gpt.sensitivity_groups(state, hessians)]
+    assert {names[0].rsplit(".", 1)[0] for names in ranked[:2]} == {"blocks.3.mlp", "blocks.3.attn"}
+    assert len(ranked) == 2 * h.num_layers
+    tensors, schemes = train_gpt.quantize_state(state, h, hessians)
+    base = len(train_gpt.encode_artifact(tensors, schemes, h))
+    assert train_gpt.allocate_mixed_bits(state, h, hessians, base, lambda message: None) == {}  # nothing spare
+    for spare in (3_000, 12_000, 10**9):
+        logs = []
+        bits = train_gpt.allocate_mixed_bits(state, h, hessians, base + spare, logs.append)
+        tensors, schemes = train_gpt.quantize_state(state, h, hessians, bits)
+        assert len(train_gpt.encode_artifact(tensors, schemes, h)) <= base + spare  # the real encode fits
+        assert logs[0].startswith("mixed_precision: promoted")
+    assert {bits[n] for n in ranked[0]} == {7} and all(bits[n] == 6 for names in ranked[1:] for n in names)
+    with pytest.raises(train_gpt.InputError, match="MIXED_PRECISION=1 needs QUANT=gptq"):
+        tiny_hyperparameters(MIXED_PRECISION=1)
+
+
+def test_size_fit_prunes_twos_only_when_asked():
+    for levels in (1, 2):
+        h, state, hessians = mixed_setup(SIZE_FIT_LEVELS=levels, MIXED_PRECISION=0)
+        tensors, schemes = train_gpt.quantize_state(state, h, hessians)
+        twos = sum(int((tensors[n + ".q"].abs() == 2).sum()) for n, s in schemes.items() if s != "fp16")
+        logs = []
+        train_gpt.fit_to_budget(tensors, schemes, h, 1, logs.append)  # unreachable budget: prune every candidate
+        pruned = int(logs[0].split()[2])
+        ones = sum(int((tensors[n + ".q"].abs() == 1).sum()) for n, s in schemes.items() if s != "fp16")
+        assert pruned == ones + (twos if levels == 2 else 0)

@@ -4,12 +4,16 @@
     python3 tools/pack_code.py train_gpt.py -o packed/train_gpt.py
     python3 tools/pack_code.py --verify packed/train_gpt.py train_gpt.py
 
+    python3 tools/pack_code.py --no-minify train_gpt.py -o packed/train_gpt.py   # ast round trip only
+
 Packing: parse the source, drop docstrings, re-emit it with ast.unparse (which drops comments and
-normalizes layout), compress with raw LZMA2 (preset 9e), encode base85 and wrap it in a two-line stub that
-decompresses and exec()s it. The stub runs as __main__ with __file__ pointing at the packed file, so
-train_gpt.py counts (and logs) the packed file's bytes — the bytes a submission is charged for.
---verify decodes a packed file and checks that it is exactly the stripped form of the readable source, so
-a reviewer can trust the blob without reading it.
+normalizes layout), then (default) minify it with the python-minifier package as #1089 did (local renaming,
+literal hoisting, annotation removal; module-level names and asserts are kept), compress with raw LZMA2
+(preset 9e), encode base85 and wrap it in a two-line stub that decompresses and exec()s it. The stub runs as
+__main__ with __file__ pointing at the packed file, so train_gpt.py counts (and logs) the packed file's bytes —
+the bytes a submission is charged for. The payload's first line names the transform (and the minifier's
+version). --verify decodes a packed file and re-derives it from the readable source with that transform: equal
+means the blob is exactly the source, transformed deterministically, so a reviewer can trust it unread.
 """
 from __future__ import annotations
 
@@ -27,6 +31,12 @@ STUB = ("import base64 as b,lzma as l\n"
         "exec(l.decompress(b.b85decode({payload!r}),format=l.FORMAT_RAW,filters=[{{'id':l.FILTER_LZMA2}}]))\n")
 STUB_PATTERN = re.compile(r"^import base64 as b,lzma as l\nexec\(l\.decompress\(b\.b85decode\((b'[^']*')\),"
                           r"format=l\.FORMAT_RAW,filters=\[\{'id':l\.FILTER_LZMA2\}\]\)\)\n$")
+
+
+HEADER = "# tools/pack_code.py transform: {transform}\n"
+# python-minifier options: #1089's (its Shrink/shrink.py), except asserts, which train_gpt.py's audits raise.
+MINIFY_OPTIONS = dict(remove_literal_statements=True, remove_asserts=False, remove_debug=False, rename_globals=False,
+                      rename_locals=True, hoist_literals=True, remove_annotations=True)
 
 
 class DocstringRemover(ast.NodeTransformer):
@@ -49,9 +59,31 @@ def strip_source(source: str) -> str:
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
 
 
-def pack(source: str) -> str:
-    stripped = strip_source(source).encode("utf-8")
-    payload = base64.b85encode(lzma.compress(stripped, format=lzma.FORMAT_RAW, filters=FILTERS))
+def minifier_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        import python_minifier  # noqa: F401
+        return version("python-minifier")
+    except ImportError:
+        raise ValueError("the python-minifier package is not installed (pip install python-minifier; it is in "
+                         "requirements-dev.txt), or pack with --no-minify") from None
+
+
+def transform(source: str, minify: bool) -> str:
+    """The code a packed file carries: a header naming the transform, then the stripped (and minified) source."""
+    stripped = strip_source(source)
+    if not minify:
+        return HEADER.format(transform="ast") + stripped
+    import python_minifier
+
+    name = f"python-minifier {minifier_version()}"
+    return HEADER.format(transform=name) + python_minifier.minify(stripped, **MINIFY_OPTIONS) + "\n"
+
+
+def pack(source: str, minify: bool = True) -> str:
+    code = transform(source, minify).encode("utf-8")
+    payload = base64.b85encode(lzma.compress(code, format=lzma.FORMAT_RAW, filters=FILTERS))
     return STUB.format(payload=payload)
 
 
@@ -66,9 +98,17 @@ def unpack(packed: str) -> str:
 
 def verify(packed_path: Path, source_path: Path) -> str:
     decoded = unpack(packed_path.read_text(encoding="utf-8"))
-    expected = strip_source(source_path.read_text(encoding="utf-8"))
-    if decoded != expected:
-        raise ValueError(f"{packed_path} does not decode to the stripped {source_path}")
+    header = decoded.split("\n", 1)[0]
+    prefix = HEADER.format(transform="")[:-1]
+    if not header.startswith(prefix):
+        raise ValueError(f"{packed_path}: its code has no transform header ({prefix!r}); repack it")
+    transform_name = header[len(prefix):]
+    minify = transform_name != "ast"
+    if minify and transform_name != f"python-minifier {minifier_version()}":
+        raise ValueError(f"{packed_path} was minified with {transform_name}, this machine has "
+                         f"python-minifier {minifier_version()}: install that version to verify it")
+    if decoded != transform(source_path.read_text(encoding="utf-8"), minify):
+        raise ValueError(f"{packed_path} does not decode to the {transform_name}-transformed {source_path}")
     return hashlib.sha256(decoded.encode()).hexdigest()
 
 
@@ -76,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, nargs="?", help="readable train_gpt.py to pack")
     parser.add_argument("-o", "--output", type=Path, help="where to write the packed file")
+    parser.add_argument("--no-minify", action="store_true", help="ast round trip only, no python-minifier pass")
     parser.add_argument("--verify", nargs=2, type=Path, metavar=("PACKED", "SOURCE"),
-                        help="check that PACKED decodes to SOURCE without comments and docstrings")
+                        help="check that PACKED decodes to SOURCE, transformed as its header says")
     args = parser.parse_args(argv)
     if args.verify:
         packed, source = args.verify
@@ -86,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as error:
             print(f"FAILED: {error}", file=sys.stderr)
             return 1
-        print(f"OK: {packed} ({packed.stat().st_size:,} bytes) decodes to the stripped {source} "
+        print(f"OK: {packed} ({packed.stat().st_size:,} bytes) decodes to the transformed {source} "
               f"({source.stat().st_size:,} bytes readable), sha256 {digest[:16]}")
         return 0
     if not args.source or not args.output:
         parser.error("give SOURCE and -o OUTPUT, or --verify PACKED SOURCE")
-    packed = pack(args.source.read_text(encoding="utf-8"))
+    try:
+        packed = pack(args.source.read_text(encoding="utf-8"), minify=not args.no_minify)
+    except ValueError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(packed, encoding="utf-8")
     print(f"packed {args.source} ({args.source.stat().st_size:,} bytes) -> {args.output} "
