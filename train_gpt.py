@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
+import importlib.util
 import json
 import lzma
 import math
@@ -401,6 +402,10 @@ class Hyperparameters:
             bits = self.group_bits(group)
             if not 5 <= bits <= 8:
                 raise InputError(f"env QUANT_BITS_{group.upper()}={bits}: must be 5, 6, 7 or 8")
+        module = {"zstd": "zstandard", "brotli": "brotli"}.get(self.compressor)
+        if module and importlib.util.find_spec(module) is None:  # found at start, not after 600 s of training
+            raise InputError(f"env COMPRESSOR={self.compressor}: the {module} module is not installed "
+                             f"(pip install {module}; it is in requirements.txt), or choose COMPRESSOR=lzma")
         if self.mixed_precision and (self.quant != "gptq" or max(self.quant_bits_mlp, self.quant_bits_attn) > 6):
             raise InputError("env MIXED_PRECISION=1 needs QUANT=gptq (its Hessians rank the groups) and base widths "
                              f"QUANT_BITS_MLP/ATTN <= 6 (they are promoted by up to 2 bits); got QUANT={self.quant}, "

@@ -78,3 +78,15 @@ def test_record_defaults():
 def test_dropped_record_variables_are_reported():
     h = train_gpt.Hyperparameters({"EMA_ENABLED": "1", "LATE_QAT": "1"})
     assert h.ignored_record_variables == ["EMA_ENABLED", "LATE_QAT"]
+
+
+def test_a_missing_compressor_module_fails_at_start(monkeypatch):
+    """On the first H200 the brotli module was absent: PRESET=pr1089 would have trained for 600 s and then failed
+    to write its artifact (logs/gpu_seeds_check_brotli_missing.txt). Now the settings refuse it before training."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "brotli" else real(name, *a))
+    with pytest.raises(train_gpt.InputError, match="COMPRESSOR=brotli: the brotli module is not installed"):
+        train_gpt.Hyperparameters({"PRESET": "pr1089"})
+    train_gpt.Hyperparameters({"PRESET": "pr1089", "COMPRESSOR": "lzma"})
