@@ -398,21 +398,6 @@ class Hyperparameters:
         if self.ttt_enabled and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)):
             raise InputError(f"env TTT_CHUNK_TOKENS={chunk}: must be a multiple of EVAL_STRIDE={self.eval_stride} and "
                              f">= EVAL_SEQ_LEN and TRAIN_SEQ_LEN, so no scoring window straddles two chunks")
-        for group in ("mlp", "attn", "embed"):
-            bits = self.group_bits(group)
-            if not 5 <= bits <= 8:
-                raise InputError(f"env QUANT_BITS_{group.upper()}={bits}: must be 5, 6, 7 or 8")
-        module = {"zstd": "zstandard", "brotli": "brotli"}.get(self.compressor)
-        if module and importlib.util.find_spec(module) is None:  # found at start, not after 600 s of training
-            raise InputError(f"env COMPRESSOR={self.compressor}: the {module} module is not installed "
-                             f"(pip install {module}; it is in requirements.txt), or choose COMPRESSOR=lzma")
-        if self.mixed_precision and (self.quant != "gptq" or max(self.quant_bits_mlp, self.quant_bits_attn) > 6):
-            raise InputError("env MIXED_PRECISION=1 needs QUANT=gptq (its Hessians rank the groups) and base widths "
-                             f"QUANT_BITS_MLP/ATTN <= 6 (they are promoted by up to 2 bits); got QUANT={self.quant}, "
-                             f"{self.quant_bits_mlp}/{self.quant_bits_attn}")
-        if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
-            raise InputError(f"env GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
-                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if self.engram_heads > len(ENGRAM_HASHES[0]) or self.engram_orders > len(ENGRAM_HASHES):
             raise InputError(f"env ENGRAM_HEADS={self.engram_heads} / ENGRAM_ORDERS={self.engram_orders}: "
                              f"at most {len(ENGRAM_HASHES[0])} heads of orders 2..{len(ENGRAM_HASHES) + 1}")
@@ -432,6 +417,24 @@ class Hyperparameters:
         if self.train_batch_tokens % micro:
             raise InputError(f"env TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by "
                              f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={micro}")
+        self.validate_export()
+
+    def validate_export(self):
+        for group in ("mlp", "attn", "embed"):
+            bits = self.group_bits(group)
+            if not 5 <= bits <= 8:
+                raise InputError(f"env QUANT_BITS_{group.upper()}={bits}: must be 5, 6, 7 or 8")
+        module = {"zstd": "zstandard", "brotli": "brotli"}.get(self.compressor)
+        if module and importlib.util.find_spec(module) is None:  # found at start, not after 600 s of training
+            raise InputError(f"env COMPRESSOR={self.compressor}: the {module} module is not installed "
+                             f"(pip install {module}; it is in requirements.txt), or choose COMPRESSOR=lzma")
+        if self.mixed_precision and (self.quant != "gptq" or max(self.quant_bits_mlp, self.quant_bits_attn) > 6):
+            raise InputError("env MIXED_PRECISION=1 needs QUANT=gptq (its Hessians rank the groups) and base widths "
+                             f"QUANT_BITS_MLP/ATTN <= 6 (they are promoted by up to 2 bits); got QUANT={self.quant}, "
+                             f"{self.quant_bits_mlp}/{self.quant_bits_attn}")
+        if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
+            raise InputError(f"env GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
+                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
 
     def group_bits(self, group: str) -> int:
         return {"mlp": self.quant_bits_mlp, "attn": self.quant_bits_attn, "embed": self.quant_bits_embed}[group]
