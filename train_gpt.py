@@ -2398,6 +2398,9 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
     run.log(f"size_plan:scheme quant:{h.quant} bits_mlp/attn/embed:{h.quant_bits_mlp}/{h.quant_bits_attn}/"
             f"{h.quant_bits_embed} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
             f"seconds:{time.perf_counter() - started:.1f}")
+    if h.mixed_precision:
+        run.log("size_plan:mixed_precision planned at the base widths; after training, groups are promoted into "
+                "the headroom the real artifact leaves (its size_plan:check error is that spending)")
     if total > SIZE_CAP_BYTES:
         run.log(f"WARNING: PREDICTED ARTIFACT OVER THE CAP by {total - SIZE_CAP_BYTES} bytes"
                 + ("" if h.size_fit else " (SIZE_FIT=1 would prune to fit)"))
