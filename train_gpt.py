@@ -1429,19 +1429,20 @@ def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -
     tensors, schemes = quantize_state(state, h, hessians)
     spare = budget - len(encode_artifact(tensors, schemes, h))
 
-    def group_bytes(names: list[str], width: int) -> int:
+    def group_bytes(names: list[str], width: int, base: int) -> int:
         stored = {}
-        for n in names:
-            q, scale = quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
+        for n in names:  # the base width was quantized above: reuse it rather than run GPTQ again
+            q, scale = (tensors[n + ".q"], tensors[n + ".scale"]) if width == base else \
+                quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
             stored[n + ".q"], stored[n + ".scale"] = q, scale
         return len(compress(pack_tensors(stored, {}), h.compressor))
 
     bits, promoted = {}, []
     for rank, (sensitivity, names) in enumerate(sensitivity_groups(state, hessians)):
         base = h.group_bits(quantization_group(names[0], state[names[0]]))
-        base_bytes = group_bytes(names, base)
+        base_bytes = group_bytes(names, base, base)
         for extra in ((2, 1) if rank == 0 else (1,)):
-            cost = group_bytes(names, base + extra) - base_bytes
+            cost = group_bytes(names, base + extra, base) - base_bytes
             if cost <= spare:
                 spare -= cost
                 bits.update({n: base + extra for n in names})
