@@ -11,6 +11,7 @@ comes from ("#549" = the merged 1.1194 record this reproduces) and its measured 
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -19,9 +20,12 @@ import lzma
 import math
 import os
 import platform
+import random
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -65,15 +69,17 @@ class EnvReader:
             raise InputError(f"env {name}={raw!r}: expected {kind}") from None
 
     def int(self, name, default, minimum=None):
-        value = self._parse(name, default, "an integer", int)
-        if minimum is not None and value < minimum:
-            raise InputError(f"env {name}={value}: must be >= {minimum}")
-        return value
+        return self._number(name, default, minimum, "an integer", int)
 
-    def float(self, name, default, minimum=None):
-        value = self._parse(name, default, "a number", float)
+    def float(self, name, default, minimum=None, maximum=None):
+        return self._number(name, default, minimum, "a number", float, maximum)
+
+    def _number(self, name, default, minimum, kind, convert, maximum=None):
+        value = self._parse(name, default, kind, convert)
         if minimum is not None and value is not None and value < minimum:
             raise InputError(f"env {name}={value}: must be >= {minimum}")
+        if maximum is not None and value is not None and value > maximum:
+            raise InputError(f"env {name}={value}: must be <= {maximum}")
         return value
 
     def flag(self, name, default):
@@ -122,18 +128,12 @@ DROPPED_RECORD_VARIABLES = {
     "LAWA_K": "LAWA was disabled in #549", "LAWA_FREQ": "LAWA was disabled in #549",
     "CONTROL_TENSOR_NAME_PATTERNS": "tensors <= 65,536 entries are fp16 by rule",
     "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": "tensors <= 65,536 entries are fp16 by rule",
-    "EMA_ENABLED": "EMA is on whenever EMA_DECAY > 0",
-    "LATE_QAT": "late QAT is on whenever LATE_QAT_THRESHOLD > 0",
-    "MUON_BETA2": "dead in #549",
-    "TIE_EMBEDDINGS": "embeddings are always tied",
-    "EMBED_LR": "only used untied in #549",
-    "HEAD_LR": "only used untied in #549",
+    "EMA_ENABLED": "EMA is on whenever EMA_DECAY > 0", "LATE_QAT": "late QAT is on whenever LATE_QAT_THRESHOLD > 0",
+    "MUON_BETA2": "dead in #549", "TIE_EMBEDDINGS": "embeddings are always tied",
+    "EMBED_LR": "only used untied in #549", "HEAD_LR": "only used untied in #549",
     "MTP_NUM_HEADS": "multi-token prediction was disabled in #549",
-    "MTP_LOSS_WEIGHT": "multi-token prediction was disabled in #549",
-    "LAWA_ENABLED": "disabled in #549",
-    "DTG_ENABLED": "disabled in #549",
-    "GATED_ATTENTION": "disabled in #549",
-    "VALUE_RESIDUAL": "disabled in #549",
+    "MTP_LOSS_WEIGHT": "multi-token prediction was disabled in #549", "LAWA_ENABLED": "disabled in #549",
+    "DTG_ENABLED": "disabled in #549", "GATED_ATTENTION": "disabled in #549", "VALUE_RESIDUAL": "disabled in #549",
 }
 # Record variables whose feature breaks the challenge's rules: setting them on is an error, not a warning.
 REFUSED_RECORD_VARIABLES = {
@@ -190,6 +190,20 @@ PRESETS = {
         "BIGRAM_VOCAB_SIZE": "2048", "COMPRESSOR": "zstd", "TTT_ENABLED": "1", "TTT_OPTIMIZER": "adamw",
         "TTT_LR": "0.0005", "TTT_LR_MULTS": "1,1,0.5,3", "TTT_GRAD_CLIP": "1.0", "TTT_FREEZE_BLOCKS": "0",
     },
+    # The 1.0611 stack's (#1855) model, optimizer and quantization on this vocabulary (frontier.md A.3; PRs per
+    # part in README "Presets"). Kept from #549: BigramHash and VE (#1218 dropped them with SP4096), SGD chunk TTT.
+    "frontier": {
+        "MLP_MULT": "4", "XSA_LAST_N": "11", "QK_GAIN_INIT": "5.25", "SKIP_GATES_ENABLED": "1", "SMEAR_GATE": "input",
+        "SMEAR_BOS_MASK": "1", "ATTN_OUT_GATE": "sparse", "SPARSE_ATTN_GATE_SCALE": "0.5", "PARALLEL_RESIDUAL":
+        "two_lane", "PARALLEL_START_LAYER": "8", "NUM_LOOPS": "2", "LOOP_START": "3", "LOOP_END": "5",
+        "ENABLE_LOOPING_AT": "0.35", "MUON_NS": "polar_express", "MUON_BACKEND_STEPS": "5", "MUON_EQ_R": "1",
+        "MATRIX_LR": "0.026", "MUON_WD": "0.095", "MUON_MOMENTUM": "0.97", "TIED_EMBED_LR": "0.03", "EMBED_WD":
+        "0.085", "SCALAR_LR": "0.02", "ADAM_WD": "0.02", "BETA2": "0.99", "WARMDOWN_FRAC": "0.85", "LR_FLOOR": "0.1",
+        "WD_TAPER_START": "0.7", "WD_TAPER_FINAL": "0.5", "EMA_DECAY": "0.9965", "LATE_QAT_THRESHOLD": "0",
+        "LOADER": "shuffled", "QUANT": "gptq", "QUANT_BITS_MLP": "6", "QUANT_BITS_ATTN": "6", "QUANT_BITS_EMBED": "7",
+        "QUANT_CLIP_SIGMAS_MLP": "11.5", "QUANT_CLIP_SIGMAS_ATTN": "13", "QUANT_CLIP_SIGMAS_EMBED": "20",
+        "LQER_TOP_K": "3", "LQER_RANK": "4", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1",
+    },
 }
 
 
@@ -245,8 +259,8 @@ class Hyperparameters:
         self.iterations = env.int("ITERATIONS", 20000, minimum=0)
         self.warmup_steps = env.int("WARMUP_STEPS", 20, minimum=0)
         self.warmdown_iters = env.int("WARMDOWN_ITERS", 3500, minimum=0)
-        self.warmdown_frac = env.float("WARMDOWN_FRAC", 0.0, minimum=0.0)  # > 0: the last fraction of training
-        self.lr_floor = env.float("LR_FLOOR", 0.0, minimum=0.0)  # warmdown ends here, not at 0 (#1089: 0.05)
+        self.warmdown_frac = env.float("WARMDOWN_FRAC", 0.0, minimum=0.0, maximum=1.0)  # > 0: the last fraction of training
+        self.lr_floor = env.float("LR_FLOOR", 0.0, minimum=0.0, maximum=0.99)  # warmdown ends here, not at 0 (#1089: 0.05)
         self.max_wallclock_seconds = env.float("MAX_WALLCLOCK_SECONDS", 600.0, minimum=0.0)
         self.train_batch_tokens = env.int("TRAIN_BATCH_TOKENS", 786_432, minimum=1)
         self.train_seq_len = env.int("TRAIN_SEQ_LEN", 2048, minimum=2)
@@ -254,6 +268,8 @@ class Hyperparameters:
         self.val_batch_size = env.int("VAL_BATCH_SIZE", 524_288, minimum=1)
         self.val_loss_every = env.int("VAL_LOSS_EVERY", 4000, minimum=0)
         self.train_log_every = env.int("TRAIN_LOG_EVERY", 500, minimum=0)
+        self.loader = env.choice("LOADER", "stream", ("stream", "shuffled"))  # shuffled: #1394's random sequences
+        self.fused_kernels = env.flag("FUSED_KERNELS", False)  # training-only fused CE, LeakyReLU^2 (#1787, #1530)
         # Devices. "auto" means bf16 + compile on CUDA, fp32 + eager on the CPU.
         self.compute_dtype = env.choice("COMPUTE_DTYPE", "auto", ("auto", "bf16", "fp32"))
         self.compile = env.choice("COMPILE", "auto", ("auto", "0", "1"))
@@ -297,6 +313,20 @@ class Hyperparameters:
         self.mlp_negative_slope = env.float("MLP_NEGATIVE_SLOPE", 0.5)
         self.mlp_negative_slopes = env.float_list("MLP_NEGATIVE_SLOPES", "")
         self.skip_gates_enabled = env.flag("SKIP_GATES_ENABLED", False)  # #1089/#1855 sigmoid-gated U-Net skips
+        # channel: #549's per-channel gate; input: #1855's e_t += lambda*sigmoid(w.e_t[:12])*e_{t-1} (identity at init)
+        self.smear_gate = env.choice("SMEAR_GATE", "channel", ("channel", "input"))
+        self.smear_bos_mask = env.flag("SMEAR_BOS_MASK", False)  # no smearing into a document's BOS (#1851)
+        # Per-head gate on the attention output before the out-projection (#1667 attn_out, #1736 dense, #1787 sparse)
+        self.attn_out_gate = env.choice("ATTN_OUT_GATE", "none", ("none", "attn_out", "dense", "sparse"))
+        self.sparse_attn_gate_scale = env.float("SPARSE_ATTN_GATE_SCALE", 0.5)  # #1855's greedy-stack value
+        # two_lane: #1529's attention/MLP lanes with learned routing; gptj: #1412's x + Attn(n(x)) + MLP(n(x))
+        self.parallel_residual = env.choice("PARALLEL_RESIDUAL", "none", ("none", "two_lane", "gptj"))
+        self.parallel_start_layer = env.int("PARALLEL_START_LAYER", 8, minimum=0)
+        # Depth recurrence (#1204 -> #1855): LOOP_START..LOOP_END run 1 + NUM_LOOPS times from ENABLE_LOOPING_AT on
+        self.num_loops = env.int("NUM_LOOPS", 0, minimum=0)
+        self.loop_start = env.int("LOOP_START", 3, minimum=0)
+        self.loop_end = env.int("LOOP_END", 5, minimum=0)
+        self.enable_looping_at = env.float("ENABLE_LOOPING_AT", 0.35, minimum=0.0, maximum=1.0)
 
     def _read_optimizer(self, env: EnvReader):
         """Optimizers, weight averaging and quantization-aware training."""
@@ -308,13 +338,19 @@ class Hyperparameters:
         self.muon_momentum_warmup_steps = env.int("MUON_MOMENTUM_WARMUP_STEPS", 1500, minimum=0)
         self.muon_backend_steps = env.int("MUON_BACKEND_STEPS", 5, minimum=1)
         # quintic: #549's fixed Newton-Schulz; turbo: #1089's AOL preconditioning + its Polar Express table.
-        self.muon_ns = env.choice("MUON_NS", "quintic", ("quintic", "turbo"))
+        # polar_express: the frontier's (#1787/#1855) five per-step tuples after a Frobenius normalization.
+        self.muon_ns = env.choice("MUON_NS", "quintic", ("quintic", "turbo", "polar_express"))
+        self.muon_eq_r = env.flag("MUON_EQ_R", False)  # MuonEq-R (#1855): unit rows before Newton-Schulz
         self.muon_post_norm = env.choice("MUON_POST_NORM", "none", ("none", "row", "col", "row_col"))  # #1089 row_col
         self.muon_decay_after_update = env.flag("MUON_DECAY_AFTER_UPDATE", False)  # #1089 order; #549 decays first
         # adamw: #549 (bigram/VE projections with the scalars); muon: #1089's separate unsharded Muon for them.
         self.small_matrix_optimizer = env.choice("SMALL_MATRIX_OPTIMIZER", "adamw", ("adamw", "muon"))
         self.muon_wd = env.float("MUON_WD", 0.04, minimum=0.0)
         self.adam_wd = env.float("ADAM_WD", 0.04, minimum=0.0)
+        self.embed_wd = env.float("EMBED_WD", None, minimum=0.0)  # token-table AdamW decay (#1855: 0.085)
+        # WD taper (#1729): from this training fraction Muon's decay falls linearly to WD_TAPER_FINAL x at the end
+        self.wd_taper_start = env.float("WD_TAPER_START", 1.0, minimum=0.0, maximum=1.0)
+        self.wd_taper_final = env.float("WD_TAPER_FINAL", 0.5, minimum=0.0)
         self.beta1 = env.float("BETA1", 0.9, minimum=0.0)
         self.embed_beta1 = env.float("EMBED_BETA1", None, minimum=0.0)  # token-table AdamW beta1 (#1089: 0.7)
         self.beta2 = env.float("BETA2", 0.95, minimum=0.0)
@@ -350,13 +386,16 @@ class Hyperparameters:
         self.quant_clip_sigmas_embed = env.float("QUANT_CLIP_SIGMAS_EMBED", 0.0, minimum=0.0)
         self.gptq_reserve_seconds = env.float("GPTQ_RESERVE_SECONDS", 8.0, minimum=0.0)
         self.gptq_calib_batches = env.int("GPTQ_CALIB_BATCHES", 16, minimum=1)
-        self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli"))
+        # lrzip: #1855's per-group compression (similarity-sorted rows, lrzip/ZPAQ per role, brotli for the rest)
+        self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli", "lrzip"))
         self.byte_shuffle = env.flag("BYTE_SHUFFLE", False)
         self.size_fit = env.flag("SIZE_FIT", False)
         self.size_fit_levels = env.int("SIZE_FIT_LEVELS", 1, minimum=1)  # prune |q| <= this (#1089: 2)
         # #1089: after GPTQ, promote (layer, attn|mlp) groups by Hessian sensitivity to +1 bit (the top one +2)
         # while the measured compressed bytes still fit the cap. Needs QUANT=gptq's Hessians.
         self.mixed_precision = env.flag("MIXED_PRECISION", False)
+        self.lqer_top_k = env.int("LQER_TOP_K", 0, minimum=0)  # LQER (#1797): low-rank fix of the K worst matrices
+        self.lqer_rank = env.int("LQER_RANK", 4, minimum=1)
         self.dry_run = env.flag("DRY_RUN", False)
 
     def _read_evaluation(self, env: EnvReader):
@@ -404,9 +443,12 @@ class Hyperparameters:
         if len(self.mlp_negative_slopes) > self.num_layers:
             raise InputError(f"env MLP_NEGATIVE_SLOPES has {len(self.mlp_negative_slopes)} values for "
                              f"NUM_LAYERS={self.num_layers}")
-        if not 0.0 <= self.warmdown_frac <= 1.0 or self.lr_floor >= 1.0:
-            raise InputError(f"env WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1] and LR_FLOOR={self.lr_floor} "
-                             f"below 1")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise InputError(f"env LOOP_START={self.loop_start}..LOOP_END={self.loop_end}: must satisfy "
+                             f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        if self.parallel_residual != "none" and self.parallel_start_layer >= self.num_layers:
+            raise InputError(f"env PARALLEL_START_LAYER={self.parallel_start_layer}: no layer of NUM_LAYERS="
+                             f"{self.num_layers} would be parallel")
         if len(self.ttt_lr_mults) != 4:
             raise InputError(f"env TTT_LR_MULTS={self.ttt_lr_mults}: expected 4 numbers (qo, kv, mlp_up, mlp_down banks)")
         if self.ttt_freeze_blocks > self.num_layers:
@@ -424,7 +466,10 @@ class Hyperparameters:
             bits = self.group_bits(group)
             if not 5 <= bits <= 8:
                 raise InputError(f"env QUANT_BITS_{group.upper()}={bits}: must be 5, 6, 7 or 8")
-        module = {"zstd": "zstandard", "brotli": "brotli"}.get(self.compressor)
+        if self.compressor == "lrzip" and shutil.which("lrzip") is None:
+            raise InputError("env COMPRESSOR=lrzip: the lrzip program is not on PATH (apt-get install lrzip; Debian "
+                             "package lrzip), or choose COMPRESSOR=brotli, which needs no system program")
+        module = {"zstd": "zstandard", "brotli": "brotli", "lrzip": "brotli"}.get(self.compressor)
         if module and importlib.util.find_spec(module) is None:  # found at start, not after 600 s of training
             raise InputError(f"env COMPRESSOR={self.compressor}: the {module} module is not installed "
                              f"(pip install {module}; it is in requirements.txt), or choose COMPRESSOR=lzma")
@@ -469,8 +514,8 @@ class Hyperparameters:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 
 
-def load_data_shard(path, vocab_size: int) -> np.ndarray:
-    """Read one shard (256 x int32 header, then uint16 tokens) and check it completely."""
+def shard_token_count(path) -> int:
+    """Check one shard's header (256 x int32, then uint16 tokens) against its file size; its token count."""
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
@@ -484,6 +529,12 @@ def load_data_shard(path, vocab_size: int) -> np.ndarray:
     expected = SHARD_HEADER_BYTES + 2 * num_tokens
     if num_tokens < 0 or size != expected:
         raise InputError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes")
+    return num_tokens
+
+
+def load_data_shard(path, vocab_size: int) -> np.ndarray:
+    """Read one shard and check it completely."""
+    num_tokens = shard_token_count(path)
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
     if num_tokens and int(tokens.max()) >= vocab_size:
         position = int(np.argmax(tokens >= vocab_size))
@@ -535,6 +586,43 @@ class DistributedTokenLoader:
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
 
+class ShuffledSequenceLoader:
+    """LOADER=shuffled (#1394): rank r reads shards r, r+W, ... (all when fewer shards than ranks), cut into
+    TRAIN_SEQ_LEN+1-token sequences at a random phase, visited in random order, each from a shard drawn in
+    proportion to its unvisited sequences (PCG64 seeded by SEED and rank); used up, a new pass starts. Shards
+    are memory-mapped after a header check; each batch's ids are checked against VOCAB_SIZE."""
+
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
+                 seed: int):
+        self.files = files[rank::world_size] if len(files) >= world_size else files
+        self.vocab_size, self.device, self.starts = vocab_size, device, []
+        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.shards = [np.memmap(f, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(f),))
+                       for f in self.files]
+
+    def sequence_starts(self, shard: np.ndarray, span: int) -> list[int]:
+        phase = int(self.rng.integers(span)) if len(shard) >= 2 * span else 0
+        return list(phase + span * self.rng.permutation((len(shard) - phase) // span))
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for _ in range(local_tokens // seq_len):
+            remaining = np.array([len(s) for s in self.starts], dtype=np.float64)
+            if remaining.sum() == 0:  # a new pass, new phases
+                self.starts = [self.sequence_starts(shard, seq_len + 1) for shard in self.shards]
+                remaining = np.array([len(s) for s in self.starts], dtype=np.float64)
+                if remaining.sum() == 0:
+                    raise InputError(f"training shards {self.files} hold no sequence of TRAIN_SEQ_LEN+1 tokens")
+            shard = int(self.rng.choice(len(remaining), p=remaining / remaining.sum()))
+            start = self.starts[shard].pop()
+            rows.append(self.shards[shard][start:start + seq_len + 1])
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        if int(batch.max()) >= self.vocab_size:
+            raise InputError(f"training shards {self.files}: id {int(batch.max())} >= VOCAB_SIZE={self.vocab_size}")
+        inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+
 def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int) -> np.ndarray:
     """All validation shards concatenated, trimmed to a whole number of sequences plus one token."""
     files = shard_files(data_path, "val")
@@ -561,11 +649,9 @@ def load_tokenizer(path: str, vocab_size: int):
 
 
 class ByteCounter:
-    """Bytes per target token exactly as #549 counts them (record_549.md section 4).
-
+    """Bytes per target token exactly as #549 counts them (record_549.md section 4):
     bytes(y | prev) = base_bytes[y] + [y starts with '▁' and prev is not a control/unknown token]:
-    byte-fallback pieces count 1 byte, control/unknown/unused pieces 0 (a BOS target adds loss, no bytes).
-    """
+    byte-fallback pieces count 1 byte, control/unknown/unused pieces 0 (a BOS target adds loss, no bytes)."""
 
     def __init__(self, processor, vocab_size: int, device: torch.device):
         base = np.zeros(vocab_size, dtype=np.int16)
@@ -596,6 +682,88 @@ class ByteCounter:
 # Model
 # ----------------------------------------------------------------------------------------------------
 
+# ---- Fused training kernels (FUSED_KERNELS=1). Each is an autograd Function whose backward is written out, so
+# the CPU runs and tests the exact math; on CUDA with triton the row/element loops run as Triton kernels. The
+# Triton code follows #1787/#1530's published form but has not run here (no GPU, no triton on this machine).
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    # One row: z^ = cap*tanh(z/cap); forward stores loss = lse - z^_target and lse; backward stores
+    # dz = (softmax(z^) - onehot) * (1 - tanh^2) * grad. tanh as 2*sigmoid(2x) - 1 (tl has no tanh in every version).
+    @triton.jit
+    def softcap_ce_rows(z_ptr, target_ptr, loss_ptr, lse_ptr, grad_ptr, dz_ptr, cols, cap, backward: tl.constexpr,
+                        block: tl.constexpr):
+        row, offsets = tl.program_id(0), tl.arange(0, block)
+        mask = offsets < cols
+        z = tl.load(z_ptr + row * cols + offsets, mask=mask, other=0.0).to(tl.float32)
+        t = 2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0
+        capped = tl.where(mask, cap * t, -float("inf"))
+        target = tl.load(target_ptr + row)
+        if backward:
+            probability = tl.exp(capped - tl.load(lse_ptr + row))
+            gradient = (probability - tl.where(offsets == target, 1.0, 0.0)) * (1.0 - t * t) * tl.load(grad_ptr + row)
+            tl.store(dz_ptr + row * cols + offsets, gradient, mask=mask)
+        else:
+            peak = tl.max(capped, 0)
+            lse = peak + tl.log(tl.sum(tl.exp(capped - peak), 0))
+            tl.store(lse_ptr + row, lse)
+            tl.store(loss_ptr + row, lse - tl.sum(tl.where(offsets == target, capped, 0.0), 0))
+
+
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """Per-row NLL of cap*tanh(z/cap) from the raw fp32 logits z (#1787): only z and the row LSE are kept for the
+    backward, (softmax(z^) - onehot) * (1 - tanh^2(z/cap)), instead of autograd's capped logits and softmax."""
+
+    @staticmethod
+    def forward(ctx, z, targets, cap):
+        z = z.contiguous()
+        if triton is not None and z.is_cuda:
+            loss, lse = torch.empty(len(z), device=z.device), torch.empty(len(z), device=z.device)
+            softcap_ce_rows[(len(z),)](z, targets, loss, lse, loss, z, z.size(1), cap, backward=False,
+                                       block=triton.next_power_of_2(z.size(1)))
+        else:
+            capped = cap * torch.tanh(z / cap)
+            lse = torch.logsumexp(capped, dim=-1)
+            loss = lse - capped.gather(1, targets[:, None])[:, 0]
+        ctx.save_for_backward(z, targets, lse)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, targets, lse = ctx.saved_tensors
+        if triton is not None and z.is_cuda:
+            dz = torch.empty_like(z)
+            softcap_ce_rows[(len(z),)](z, targets, lse, lse, grad.contiguous(), dz, z.size(1), ctx.cap, backward=True,
+                                       block=triton.next_power_of_2(z.size(1)))
+            return dz, None, None
+        t = torch.tanh(z / ctx.cap)
+        probability = torch.exp(ctx.cap * t - lse[:, None])
+        probability[torch.arange(len(z), device=z.device), targets] -= 1.0
+        return probability * (1.0 - t * t) * grad[:, None], None, None
+
+
+class LeakyReluSquare(torch.autograd.Function):
+    """leaky_relu(u, s)^2 keeping only u for the backward: 2u (u > 0), 2s^2 u (u <= 0); autograd keeps u and the
+    activation. Under torch.compile Inductor emits this elementwise math as one kernel, so it has no hand-written
+    Triton twin; #1530's fusion into the up-projection GEMM's epilogue is not built (the GEMM stays cuBLAS)."""
+
+    @staticmethod
+    def forward(ctx, u, slope):
+        ctx.save_for_backward(u)
+        ctx.slope = slope
+        return torch.where(u > 0, u, slope * u).square()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return grad * 2.0 * torch.where(u > 0, u, ctx.slope * ctx.slope * u), None
+
+
 ROPE_NTK_REFERENCE_LEN = 1024  # #549 builds every Rotary with this "train length"; base is NTK-rescaled above it
 BIGRAM_HASH_MULTIPLIERS = (36313, 27191)
 BIGRAM_INIT_SCALE, VE_INIT_SCALE, VE_EMBED_INIT_STD = 0.05, 0.1, 0.01
@@ -624,10 +792,8 @@ FLASH_INSTALL_HINT = {"fa3": "install a FlashAttention 3 wheel built for this to
 def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype):
     """ATTENTION_BACKEND -> (name, fn) with fn(q, k, v) over (B, T, H, D) tensors. "auto" is FA3 on CUDA with a
     16-bit dtype and SDPA otherwise; a flash backend that cannot load fails here, at start, never silently: in a
-    wallclock-capped run a slower kernel costs steps. Flash kernels take only 16-bit inputs.
-
-    Not verifiable here (no GPU): the real FA3/FA2 kernels. Tests check the call contract with a stand-in.
-    """
+    wallclock-capped run a slower kernel costs steps. Flash kernels take only 16-bit inputs. Not verifiable
+    here (no GPU): the real FA3/FA2 kernels. Tests check the call contract with a stand-in."""
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     setting = f"env ATTENTION_BACKEND={requested}" + (" (FA3 on CUDA with bf16)" if requested == "auto" else "")
     if requested == "auto":
@@ -652,11 +818,9 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
 
 
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (1, T, 1, rope_dims/2), fp32, built fresh on every call.
-
-    Never cached: a table created under inference_mode (scoring) and reused by autograd (TTT) raises
-    "Inference tensors cannot be saved for backward" (record_549.md pitfall 31). Building it is 8 x T flops.
-    """
+    """cos/sin of shape (1, T, 1, rope_dims/2), fp32, built fresh on every call. Never cached: a table created
+    under inference_mode (scoring) and reused by autograd (TTT) raises "Inference tensors cannot be saved for
+    backward" (record_549.md pitfall 31). Building it is 8 x T flops."""
     if seq_len > ROPE_NTK_REFERENCE_LEN:
         base = base * (seq_len / ROPE_NTK_REFERENCE_LEN) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
@@ -703,12 +867,38 @@ def fake_quantize_rows_record549(weight: torch.Tensor) -> torch.Tensor:
     return weight + (quantized - weight).detach()
 
 
+DENSE_ATTN_GATE_INIT_STD = 0.01
+GATE_INPUT_DIMS = 12  # #1667/#1855: the small gates read the first 12 channels of their input
+BOS_ID = 1  # every challenge document starts with BOS (id 1); there is no EOS (record_549.md section 4)
+
+
+class AttentionOutputGate(nn.Module):
+    """Per-head multiplier of the attention output (after XSA, before the out-projection), read from the block's
+    normalized attention input x: attn_out 2*sigmoid(W x[:12]) (#1667, x1 at init), dense sigmoid(W x) (#1736),
+    sparse sigmoid(s * W x[:12]) (#1787/#1855, s = 0.5). W starts at zero; dense's is drawn N(0, 0.01) last in
+    GPT._init_weights (#1855's code; frontier.md says 0.005), so switching it on leaves other draws unchanged."""
+
+    def __init__(self, kind: str, dim: int, heads: int, sparse_scale: float):
+        super().__init__()
+        self.kind, self.sparse_scale = kind, sparse_scale
+        self.width = dim if kind == "dense" else min(GATE_INPUT_DIMS, dim)
+        self.weight = nn.Parameter(torch.zeros(heads, self.width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) -> (B, T, heads, 1)"""
+        logits = F.linear(x[..., :self.width], self.weight.to(x.dtype))
+        logits = self.sparse_scale * logits if self.kind == "sparse" else logits
+        return (2.0 if self.kind == "attn_out" else 1.0) * torch.sigmoid(logits)[..., None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, h: Hyperparameters, use_xsa: bool, attention):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.use_xsa, self.attention = use_xsa, attention
+        self.output_gate = (AttentionOutputGate(h.attn_out_gate, h.model_dim, h.num_heads, h.sparse_attn_gate_scale)
+                            if h.attn_out_gate != "none" else None)
 
     def forward(self, x, q_w, k_w, v_w, out_w, rotary, value_embed=None, record=None):
         batch, seq, _ = x.shape
@@ -727,6 +917,8 @@ class CausalSelfAttention(nn.Module):
         y = self.attention(q, k, v)
         if self.use_xsa:
             y = subtract_self_value(y, v)
+        if self.output_gate is not None:
+            y = y * self.output_gate(x)
         y = y.reshape(batch, seq, -1)
         if record is not None:
             record("attn.out", y)
@@ -734,7 +926,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x <- mix(x, x0); x += a*Attn(norm(x)*s); x += m*MLP(norm(x)*s), s = 1/sqrt(layer+1)."""
+    """Pre-norm block: x <- mix(x, x0); x += a*Attn(norm(x)*s); x += m*MLP(norm(x)*s), s = 1/sqrt(layer+1).
+    From PARALLEL_START_LAYER on, PARALLEL_RESIDUAL=gptj adds both branches of the same x (#1412), and two_lane
+    keeps an attention lane and an MLP lane with learned routing (#1529, forward_lanes)."""
 
     def __init__(self, h: Hyperparameters, layer: int, attention):
         super().__init__()
@@ -746,36 +940,87 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
         slopes = h.mlp_negative_slopes
         self.negative_slope = slopes[layer] if layer < len(slopes) else h.mlp_negative_slope
+        self.residual_form = h.parallel_residual if layer >= h.parallel_start_layer else "none"
+        self.fused_kernels = h.fused_kernels
+        if self.residual_form == "two_lane":  # #1529: rho = 1.1, pi = 1 at init
+            self.lane_decay = nn.Parameter(torch.full((2,), 1.1))  # rho of (attention lane, MLP lane)
+            self.lane_routing = nn.Parameter(torch.ones(2, 2))  # pi[branch (attn, mlp), lane (attn, mlp)]
 
-    def forward(self, x, x0, weights, rotary, value_embed=None, record=None):
-        """record(role, inputs), when given, sees the input of every matrix (GPTQ calibration)."""
-        q_w, k_w, v_w, out_w, up_w, down_w = weights
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
+    def attention_branch(self, x, weights, rotary, value_embed, record):
         attn_in = rms_norm(x) * self.ln_scale
         if record is not None:
             record("attn.qkv", attn_in)
-        attn_out = self.attn(attn_in, q_w, k_w, v_w, out_w, rotary, value_embed, record)
-        x = x + self.attn_scale.to(x.dtype) * attn_out.to(x.dtype)  # the residual stream keeps its dtype
+        attn_out = self.attn(attn_in, *weights[:4], rotary, value_embed, record)
+        return self.attn_scale.to(x.dtype) * attn_out.to(x.dtype)  # the residual stream keeps its dtype
+
+    def mlp_branch(self, x, weights, record):
+        up_w, down_w = weights[4:]
         mlp_in = rms_norm(x) * self.ln_scale
-        hidden = F.leaky_relu(F.linear(mlp_in, up_w), self.negative_slope).square()
+        pre_activation, fused = F.linear(mlp_in, up_w), self.fused_kernels and torch.is_grad_enabled()
+        hidden = LeakyReluSquare.apply(pre_activation, self.negative_slope) if fused else \
+            F.leaky_relu(pre_activation, self.negative_slope).square()
         if record is not None:
             record("mlp.up", mlp_in)
             record("mlp.down", hidden)
-        return x + self.mlp_scale.to(x.dtype) * F.linear(hidden, down_w).to(x.dtype)
+        return self.mlp_scale.to(x.dtype) * F.linear(hidden, down_w).to(x.dtype)
+
+    def forward(self, x, x0, weights, rotary, value_embed=None, record=None):
+        """x: the residual stream (the (attention, MLP) lanes for two_lane). record(role, inputs), when given,
+        sees the input of every matrix (GPTQ calibration)."""
+        if self.residual_form == "two_lane":
+            return self.forward_lanes(x, x0, weights, rotary, value_embed, record)
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        attn = self.attention_branch(x, weights, rotary, value_embed, record)
+        if self.residual_form == "gptj":
+            return x + attn + self.mlp_branch(x, weights, record)
+        x = x + attn
+        return x + self.mlp_branch(x, weights, record)
+
+    def forward_lanes(self, lanes, x0, weights, rotary, value_embed, record):
+        """#1529: a = Attn(mix(L0, x0)), m = MLP(L1); L0 <- rho0 L0 + pi00 a + pi10 m; L1 <- rho1 L1 + pi01 a + pi11 m"""
+        attn_lane, mlp_lane = lanes
+        mix = self.resid_mix.to(attn_lane.dtype)
+        attn = self.attention_branch(mix[0] * attn_lane + mix[1] * x0, weights, rotary, value_embed, record)
+        mlp = self.mlp_branch(mlp_lane, weights, record)
+        rho, pi = self.lane_decay.to(attn.dtype), self.lane_routing.to(attn.dtype)
+        return (rho[0] * attn_lane + pi[0, 0] * attn + pi[1, 0] * mlp,
+                rho[1] * mlp_lane + pi[0, 1] * attn + pi[1, 1] * mlp)
 
 
 class SmearGate(nn.Module):
-    """out_t = (1 - g) * x_t + g * x_{t-1}, g = sigmoid(gate) per channel (init 0.5); x_{-1} = 0."""
+    """#549: out_t = (1 - g) * x_t + g * x_{t-1}, g = sigmoid(gate) per channel (init 0.5); x_{-1} = 0. Applied
+    after the embedding's RMSNorm. With SMEAR_BOS_MASK a document's BOS takes nothing from the document before
+    it (#549 smears doc N's last token into doc N+1's BOS)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_mask = bos_mask
 
-    def forward(self, x):
+    def forward(self, x, ids):
         g = torch.sigmoid(self.gate).to(x.dtype)
+        if self.bos_mask:
+            g = g * (ids != BOS_ID)[..., None].to(x.dtype)
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
         return (1 - g) * x + g * previous
+
+
+class InputSmearGate(nn.Module):
+    """#1667/#1855: e_t <- e_t + lambda * sigmoid(w . e_t[:12]) * e_{t-1} on the summed embeddings before the
+    first RMSNorm; w and lambda start at zero, so it is the identity at init. BOS mask as SmearGate (#1851)."""
+
+    def __init__(self, dim: int, bos_mask: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(min(GATE_INPUT_DIMS, dim)))
+        self.strength = nn.Parameter(torch.zeros(()))
+        self.bos_mask = bos_mask
+
+    def forward(self, x, ids):
+        gate = self.strength.to(x.dtype) * torch.sigmoid(x[..., :self.weight.numel()] @ self.weight.to(x.dtype))
+        if self.bos_mask:
+            gate = gate * (ids != BOS_ID).to(x.dtype)
+        return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
 def optional_projection(in_dim: int, out_dim: int) -> nn.Linear | None:
@@ -868,11 +1113,9 @@ class ValueEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
-    """The #549 model: U-Net of pre-norm blocks whose matrices live in four 3-D banks (for Parallel Muon).
-
-    Banks use the Linear [out, in] layout: qo_bank = [Q_0..Q_{L-1}, Out_0..Out_{L-1}], kv_bank = [K.., V..],
-    mlp_up_bank [L, hidden, d], mlp_down_bank [L, d, hidden].
-    """
+    """The #549 model: U-Net of pre-norm blocks whose matrices live in four 3-D banks (for Parallel Muon), in
+    the Linear [out, in] layout: qo_bank = [Q_0..Q_{L-1}, Out_0..Out_{L-1}], kv_bank = [K.., V..],
+    mlp_up_bank [L, hidden, d], mlp_down_bank [L, d, hidden]."""
 
     def __init__(self, h: Hyperparameters, attention=sdpa_attention):
         super().__init__()
@@ -885,7 +1128,7 @@ class GPT(nn.Module):
         self.bigram_hash = BigramHash(h.bigram_vocab_size, h.bigram_dim, dim) if h.bigram_vocab_size else None
         self.engram = (EngramLite(h.engram_buckets, h.engram_heads, h.engram_orders, h.engram_dim_per_head, dim)
                        if h.engram_buckets else None)
-        self.smear_gate = SmearGate(dim)
+        self.smear_gate = (InputSmearGate if h.smear_gate == "input" else SmearGate)(dim, h.smear_bos_mask)
         self.ve_layers = sorted(set(h.ve_layers)) if h.ve_enabled else []
         self.value_embedding = (ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim, len(self.ve_layers))
                                 if self.ve_layers else None)
@@ -894,8 +1137,9 @@ class GPT(nn.Module):
         self.mlp_up_bank = nn.Parameter(torch.empty(layers, hidden, dim))
         self.mlp_down_bank = nn.Parameter(torch.empty(layers, dim, hidden))
         self.blocks = nn.ModuleList([Block(h, i, attention) for i in range(layers)])
-        self.num_encoder = layers // 2
-        num_skips = min(self.num_encoder, layers - self.num_encoder)
+        self.num_loops, self.loop_start, self.loop_end = h.num_loops, h.loop_start, h.loop_end
+        self.looping = h.num_loops > 0  # a plain attribute like qat_active; the Trainer holds it off early on
+        num_skips = len(self.layer_order(True)) // 2  # the looped order is the longer: min(encoder, decoder)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if h.skip_gates_enabled else None
         self.qat_active = False  # a plain attribute: torch.compile guards on it (both graphs primed in warmup)
@@ -905,6 +1149,7 @@ class GPT(nn.Module):
         # soft-round sharpness: a tensor filled in place each step, so the compiled graph never changes
         self.register_buffer("soft_round_alpha", torch.ones(()) if h.soft_round_qat else None, persistent=False)
         self.hessian_recorder = None  # GPTQ calibration: called with (name, matrix inputs) when set
+        self.fused_kernels = h.fused_kernels
         self._init_weights(h)
 
     @torch.no_grad()
@@ -929,6 +1174,9 @@ class GPT(nn.Module):
         for projection in (getattr(self.bigram_hash, "proj", None), getattr(self.value_embedding, "proj", None)):
             if projection is not None:
                 nn.init.orthogonal_(projection.weight)
+        for block in self.blocks:  # drawn last: the dense gate leaves every other weight's draw unchanged
+            if block.attn.output_gate is not None and block.attn.output_gate.kind == "dense":
+                nn.init.normal_(block.attn.output_gate.weight, std=DENSE_ATTN_GATE_INIT_STD)
 
     def banks(self) -> list[nn.Parameter]:
         return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
@@ -938,6 +1186,19 @@ class GPT(nn.Module):
         n = self.num_layers
         return qo[layer], kv[layer], kv[n + layer], qo[n + layer], up[layer], down[layer]
 
+    def layer_order(self, looping: bool | None = None) -> list[int]:
+        """The block run at each virtual layer: with depth recurrence LOOP_START..LOOP_END run 1 + NUM_LOOPS
+        times (#1855: 0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10), sharing their bank slices and block scalars."""
+        layers = list(range(self.num_layers))
+        if not (self.looping if looping is None else looping) or not self.num_loops:
+            return layers
+        loop = layers[self.loop_start:self.loop_end + 1]
+        return layers[:self.loop_start] + loop * (1 + self.num_loops) + layers[self.loop_end + 1:]
+
+    @property
+    def num_encoder(self) -> int:
+        return len(self.layer_order()) // 2
+
     def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
         qat = self.qat_active and self.training  # fake quantization in training forwards only, never in scoring
         quantize_projections = qat and self.qat_scope == "projections"
@@ -946,33 +1207,46 @@ class GPT(nn.Module):
             x = x + self.bigram_hash(ids, quantize_projections)
         if self.engram is not None:
             x = x + self.engram(ids, quantize_projections)
-        x = self.smear_gate(rms_norm(x.to(compute_dtype)))
-        x0 = x
+        x = x.to(compute_dtype)
+        # every forward path (training, scoring, TTT) goes through here: the smear's BOS mask holds on all of them
+        before_norm = isinstance(self.smear_gate, InputSmearGate)
+        x = rms_norm(self.smear_gate(x, ids)) if before_norm else self.smear_gate(rms_norm(x), ids)
         banks = self.banks()
         if qat and self.qat_scope == "banks":
             banks = [fake_quantize_rows(bank, qmax, self.soft_round_alpha) for bank, qmax in zip(banks, self.bank_qmax)]
-        rotary = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
         ve_base = (self.value_embedding(ids, quantize_projections).to(compute_dtype)
                    if self.value_embedding is not None else None)
-        skips = []
-        for layer, block in enumerate(self.blocks):
-            if layer >= self.num_encoder and skips:
-                # U-Net: decoder layer num_encoder+i takes encoder output num_encoder-1-i (LIFO); the last gets none
-                x = self.join_skip(x, skips.pop(), layer - self.num_encoder)
-            value_embed = None
-            if layer in self.ve_layers:
-                scale = self.value_embedding.layer_scales[self.ve_layers.index(layer)]
-                value_embed = scale.to(x.dtype) * ve_base
-            record = None
-            if self.hessian_recorder is not None:
-                record = lambda role, inputs, prefix=f"blocks.{layer}.": self.hessian_recorder(prefix + role, inputs)
-            x = block(x, x0, self.layer_weights(layer, banks), rotary, value_embed, record)
-            if layer < self.num_encoder:
-                skips.append(x)
+        x = self.run_blocks(x, banks, rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device), ve_base)
         x = rms_norm(x)
         if self.hessian_recorder is not None:
             self.hessian_recorder("head", x)  # the tied embedding's input as the LM head
         return x
+
+    def run_blocks(self, x, banks, rotary, ve_base) -> torch.Tensor:
+        """U-Net over the virtual layers: decoder position num_encoder+i takes encoder output num_encoder-1-i
+        (LIFO; the last gets none). Two-lane blocks carry (attention, MLP) lanes: skips join the attention lane,
+        the lanes' mean leaves (#1529)."""
+        x0, order = x, self.layer_order()
+        num_encoder, skips = self.num_encoder, []
+        for position, layer in enumerate(order):
+            block = self.blocks[layer]
+            if (block.residual_form == "two_lane") != isinstance(x, tuple):  # split into lanes, or merge them
+                x = (x, x) if block.residual_form == "two_lane" else 0.5 * (x[0] + x[1])
+            if position >= num_encoder and skips:
+                skip, index = skips.pop(), position - num_encoder
+                x = (self.join_skip(x[0], skip, index), x[1]) if isinstance(x, tuple) else \
+                    self.join_skip(x, skip, index)
+            value_embed = None
+            if layer in self.ve_layers:
+                scale = self.value_embedding.layer_scales[self.ve_layers.index(layer)]
+                value_embed = scale.to(x0.dtype) * ve_base
+            record = None
+            if self.hessian_recorder is not None:  # repeated blocks add up into one Hessian per matrix
+                record = lambda role, inputs, prefix=f"blocks.{layer}.": self.hessian_recorder(prefix + role, inputs)
+            x = block(x, x0, self.layer_weights(layer, banks), rotary, value_embed, record)
+            if position < num_encoder:
+                skips.append(0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x)
+        return 0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x
 
     def join_skip(self, x: torch.Tensor, skip: torch.Tensor, index: int) -> torch.Tensor:
         """#549: x + w*skip. Gated (#1089): sigmoid(g)*x + (1 - sigmoid(g))*w*skip, g = 0 at init (half of each)."""
@@ -982,20 +1256,27 @@ class GPT(nn.Module):
         gate = torch.sigmoid(self.skip_gates[index]).to(x.dtype)
         return gate * x + (1 - gate) * weighted
 
-    def logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
-        """Soft-capped fp32 logits (B, T, V) of the tied LM head; with last=n only the last n positions."""
+    def raw_logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """fp32 logits (B, T, V) of the tied LM head before the soft cap; with last=n only the last n positions."""
         compute_dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) \
             else self.token_embedding.weight.dtype
         hidden = self.hidden_states(ids, compute_dtype)
         if last is not None:
             hidden = hidden[:, -last:]  # sliding-window scoring needs only the newest positions' logits
-        raw = F.linear(hidden, self.token_embedding.weight).float()
-        cap = self.logit_softcap
+        return F.linear(hidden, self.token_embedding.weight).float()
+
+    def logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        raw, cap = self.raw_logits(ids, last), self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of targets (B, n) given ids (B, T): targets are the next tokens of the last n inputs
-        (n = T in training). reduction: "mean", "sum", or "none" for the per-target NLL (B, n)."""
+        (n = T in training). reduction: "mean", "sum", or "none" for the per-target NLL (B, n). Training
+        forwards with FUSED_KERNELS use the fused soft-capped CE; scoring keeps the eager numerics (#1787)."""
+        if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
+            raw = self.raw_logits(ids, last=targets.size(1))
+            return SoftcappedCrossEntropy.apply(raw.reshape(-1, raw.size(-1)), targets.reshape(-1),
+                                                self.logit_softcap).mean()
         logits = self.logits(ids, last=targets.size(1))
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
@@ -1019,18 +1300,34 @@ POLAR_EXPRESS_1089 = (
 )
 
 
-def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """Batched approximate polar factor U V^T of each matrix in update [..., rows, cols]."""
-    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+# The frontier's Polar Express tuples (#1787/#1855), one per step after a Frobenius normalization; steps past
+# the fifth reuse the last. Not to be mixed with #1089's table (its AOL start skips entry 0).
+POLAR_EXPRESS_FRONTIER = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7,
+                                coefficients=(NEWTON_SCHULZ_COEFFICIENTS,)) -> torch.Tensor:
+    """Batched approximate polar factor U V^T of each matrix in update [..., rows, cols]: Frobenius-normalize,
+    then step k applies coefficients[min(k, last)] (#549: one fixed tuple; MUON_NS=polar_express: #1855's five)."""
     x = update
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
+    for k in range(steps):
+        a, b, c = coefficients[min(k, len(coefficients) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
+
+
+polar_express_orthogonalize = functools.partial(newton_schulz_orthogonalize, coefficients=POLAR_EXPRESS_FRONTIER)
 
 
 def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
@@ -1063,7 +1360,13 @@ def post_normalize(update: torch.Tensor, mode: str, eps: float = 1e-7) -> torch.
     return update
 
 
-ORTHOGONALIZERS = {"quintic": newton_schulz_orthogonalize, "turbo": turbo_orthogonalize}
+ORTHOGONALIZERS = {"quintic": newton_schulz_orthogonalize, "turbo": turbo_orthogonalize,
+                   "polar_express": polar_express_orthogonalize}
+
+
+def equalize_rows(update: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """MuonEq-R (#1855): each row of the momentum update divided by its L2 norm (fp32) before Newton-Schulz."""
+    return update / update.float().norm(dim=-1, keepdim=True).clamp_min(eps).to(update.dtype)
 
 
 # torch 2.13 renamed the tensor collectives (the old names warn); #549's torch 2.9 only has the old ones.
@@ -1072,23 +1375,19 @@ all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_in
 
 
 class BankMuon(torch.optim.Optimizer):
-    """Muon for 3-D parameter banks: Nesterov momentum, batched Newton-Schulz per matrix, decoupled WD.
-
-    W <- W * (1 - lr * wd) - lr * sqrt(max(1, rows/cols)) * NS(g + mu * buf)   (#549 section 9.2)
-
-    Parallel Muon over W ranks (#549 section 9.3, no DDP): each bank's leading dim is padded to a multiple
-    of W and split into W shards of whole matrices. reduce_gradients() launches one async reduce-scatter
-    (average) per bank, largest first, so each rank receives the mean gradient of its own shard only;
-    step() runs momentum + Newton-Schulz on that shard and launches an async all-gather of the result,
-    applying the previous bank's gathered update while this bank's Newton-Schulz runs. With W = 1 the same
-    code runs without communication. Communication and Newton-Schulz use comm_dtype (bf16 on CUDA as
-    #549; fp32 on the CPU, which has no bf16 units); momentum stays fp32.
-    """
+    """Muon for 3-D banks: W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(g + mu buf) (#549 section 9.2).
+    Parallel Muon over W ranks (section 9.3, no DDP): each bank's leading dim is padded to a multiple of W and
+    split into W shards of whole matrices. reduce_gradients() launches one async reduce-scatter (average) per
+    bank, largest first; step() runs momentum + Newton-Schulz on this rank's shard and launches an async
+    all-gather, applying the previous bank's update while this bank's Newton-Schulz runs. With W = 1 nothing
+    is communicated. Communication and NS use comm_dtype (bf16 on CUDA; fp32 on the CPU); momentum is fp32."""
 
     def __init__(self, banks, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  comm_dtype: torch.dtype, rank: int = 0, world_size: int = 1, ns: str = "quintic",
-                 post_norm: str = "none", decay_after_update: bool = False):
-        super().__init__(banks, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
+                 post_norm: str = "none", decay_after_update: bool = False, eq_r: bool = False):
+        super().__init__(banks, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                     base_weight_decay=weight_decay))
+        self.eq_r = eq_r
         self.backend_steps, self.comm_dtype = backend_steps, comm_dtype
         self.orthogonalize, self.post_norm, self.decay_after_update = ORTHOGONALIZERS[ns], post_norm, decay_after_update
         self.rank, self.world_size = rank, world_size
@@ -1142,6 +1441,8 @@ class BankMuon(torch.optim.Optimizer):
             buffer = self._buffer(bank, "momentum_buffer", gradient.size(0), torch.float32)
             buffer.mul_(momentum).add_(gradient)
             nesterov = gradient.add(buffer, alpha=momentum)
+            if self.eq_r:
+                nesterov = equalize_rows(nesterov)
             orthogonal = self.orthogonalize(nesterov.to(self.comm_dtype), self.backend_steps)
             orthogonal = post_normalize(orthogonal, self.post_norm)  # per matrix: shards hold whole matrices
             if self.world_size > 1:
@@ -1186,10 +1487,13 @@ def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fu
     taken = bank_ids | {id(p) for p in tables + small}
     scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = dict(eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
-    muon_form = dict(ns=h.muon_ns, post_norm=h.muon_post_norm, decay_after_update=h.muon_decay_after_update)
+    muon_form = dict(ns=h.muon_ns, post_norm=h.muon_post_norm, decay_after_update=h.muon_decay_after_update,
+                     eq_r=h.muon_eq_r)
     muon = BankMuon(model.banks(), h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, comm_dtype,
                     rank, world_size, **muon_form)
-    token_adam = torch.optim.AdamW([dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr)],
+    token_wd = h.adam_wd if h.embed_wd is None else h.embed_wd
+    token_adam = torch.optim.AdamW([dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr,
+                                         weight_decay=token_wd)],
                                    betas=(h.token_beta1, h.beta2), **adam)
     scalar_adam = torch.optim.AdamW([dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)],
                                     betas=(h.beta1, h.beta2), **adam)
@@ -1212,6 +1516,19 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     if warmdown <= 0 or remaining >= warmdown:
         return 1.0
     return max(max(remaining, 0.0) / warmdown, h.lr_floor)
+
+
+def training_fraction(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """How far training is: elapsed / (cap - GPTQ reserve) under a wallclock cap (#1855), else step / ITERATIONS."""
+    return elapsed_ms / (1000.0 * h.training_seconds) if h.training_seconds > 0 else step / max(h.iterations, 1)
+
+
+def weight_decay_multiplier(h: Hyperparameters, fraction: float) -> float:
+    """WD taper (#1729): 1 until WD_TAPER_START, then linear to WD_TAPER_FINAL at the end of training."""
+    if fraction <= h.wd_taper_start or h.wd_taper_start >= 1.0:
+        return 1.0
+    progress = min((fraction - h.wd_taper_start) / (1.0 - h.wd_taper_start), 1.0)
+    return 1.0 - (1.0 - h.wd_taper_final) * progress
 
 
 def muon_momentum_at(h: Hyperparameters, step: int) -> float:
@@ -1452,13 +1769,51 @@ def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -
     return bits
 
 
+LQER_GROUP = 64  # B's int4 values share one fp16 scale per 64 (flattened), as #1797
+
+
+def lqer_factors(error: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    """LQER asymmetric (#1797): E ~ A B from a rank-r SVD of the quantization error; A = U_r S_r stored int2 in
+    [-2, 1] with one fp16 scale max|A|/1.5, B = V_r^T int4 in [-8, 7] with an fp16 scale max|g|/7.5 per group."""
+    u, s, vh = torch.linalg.svd(error.float(), full_matrices=False)
+    a, b = u[:, :rank] * s[:rank], vh[:rank]
+    a_scale = (a.abs().max() / 1.5).clamp_min(1e-12).half().reshape(1)
+    groups = F.pad(b.reshape(-1), (0, -b.numel() % LQER_GROUP)).view(-1, LQER_GROUP)
+    b_scale = (groups.abs().amax(dim=1) / 7.5).clamp_min(1e-12).half()
+    return {".lqer_a": (a / a_scale.float()).round().clamp(-2, 1).to(torch.int8), ".lqer_a_scale": a_scale,
+            ".lqer_b": (groups / b_scale.float()[:, None]).round().clamp(-8, 7).to(torch.int8),
+            ".lqer_b_scale": b_scale}
+
+
+def lqer_product(tensors: dict[str, torch.Tensor], name: str, cols: int) -> torch.Tensor:
+    a = tensors[name + ".lqer_a"].float() * tensors[name + ".lqer_a_scale"].float()
+    b = tensors[name + ".lqer_b"].float() * tensors[name + ".lqer_b_scale"].float()[:, None]
+    return a @ b.reshape(-1)[:a.size(1) * cols].view(a.size(1), cols)
+
+
+def add_lqer_corrections(state, tensors, schemes, h: Hyperparameters) -> list[str]:
+    """LQER_TOP_K: the quantized matrices with the largest ||W - W_hat||_F get a low-rank correction (#1855's
+    log: it fired on tok_emb and MLP up). Their scheme gains "+lqer". Returns their names."""
+    restored = dequantize_state(tensors, schemes)
+    errors = {n: state[n].float() - restored[n] for n, scheme in schemes.items() if scheme != "fp16"}
+    worst = sorted(errors, key=lambda n: -errors[n].norm().item())[:h.lqer_top_k]
+    for name in worst:
+        rank = min(h.lqer_rank, *errors[name].shape)
+        tensors.update({name + key: value for key, value in lqer_factors(errors[name], rank).items()})
+        schemes[name] += "+lqer"
+    return worst
+
+
 def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> dict[str, torch.Tensor]:
     state = {}
     for name, scheme in schemes.items():
         if scheme == "fp16":
             state[name] = tensors[name].float()
-        else:
-            state[name] = tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]
+            continue
+        q = tensors[name + ".q"]
+        state[name] = q.float() * tensors[name + ".scale"].float()[:, None]
+        if scheme.endswith("+lqer"):
+            state[name] += lqer_product(tensors, name, q.size(1))
     return state
 
 
@@ -1483,7 +1838,8 @@ def unpack_tensors(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         body = memoryview(raw)[8 + header_len:]
         tensors = {}
         for entry in header["tensors"]:
-            dtype = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}[entry["dtype"]]
+            dtype = {"int8": torch.int8, "int16": torch.int16, "float16": torch.float16,
+                     "float32": torch.float32}[entry["dtype"]]
             chunk = body[entry["offset"]:entry["offset"] + entry["nbytes"]]
             tensors[entry["name"]] = torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(entry["shape"])
         return tensors, header["meta"]
@@ -1507,7 +1863,21 @@ def byte_unshuffle(data: bytes, stride: int) -> bytes:
     return out.tobytes()
 
 
+def run_lrzip(data: bytes, unpack: bool) -> bytes:
+    """The lrzip program (ZPAQ at level 9, as #1855) through temporary files."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / ("data.lrz" if unpack else "data"), Path(folder) / "out"
+        source.write_bytes(data)
+        mode = ["-d"] if unpack else ["-z", "-L", "9"]
+        result = subprocess.run(["lrzip", "-q", "-f", *mode, "-o", str(target), str(source)], capture_output=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"lrzip failed ({result.returncode}): {result.stderr.decode(errors='replace')[-500:]}")
+        return target.read_bytes()
+
+
 def compress(raw: bytes, compressor: str) -> bytes:
+    if compressor == "lrzip":
+        return run_lrzip(raw, unpack=False)
     if compressor == "lzma":
         return lzma.compress(raw, preset=9)
     if compressor == "zstd":
@@ -1520,6 +1890,8 @@ def compress(raw: bytes, compressor: str) -> bytes:
 
 
 def decompress(blob: bytes, compressor: str) -> bytes:
+    if compressor == "lrzip":
+        return run_lrzip(blob, unpack=True)
     if compressor == "lzma":
         return lzma.decompress(blob)
     if compressor == "zstd":
@@ -1531,11 +1903,64 @@ def decompress(blob: bytes, compressor: str) -> bytes:
     return brotli.decompress(blob)
 
 
+SIMILARITY_SORTED_ROLES = ("token_embedding.weight", "attn.q", "mlp.up")  # #1855's reordered groups
+
+
+def similarity_order(rows: torch.Tensor) -> torch.Tensor:
+    """A greedy L1 nearest-neighbour chain through the rows from row 0 (#1855): similar rows side by side."""
+    distance = torch.cdist(rows.float()[None], rows.float()[None], p=1)[0]
+    visited, order = torch.arange(len(rows)) == 0, [0]
+    for _ in range(len(rows) - 1):
+        order.append(int(distance[order[-1]].masked_fill(visited, float("inf")).argmin()))
+        visited[order[-1]] = True
+    return torch.tensor(order)
+
+
+def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> bytes:
+    """COMPRESSOR=lrzip (#1855): the quantized matrices grouped by role across layers, stored column-major, the
+    rows of SIMILARITY_SORTED_ROLES in similarity order (int16 permutation kept), each group through lrzip;
+    everything else (scales, fp16 tensors, LQER factors, permutations) one brotli blob."""
+    groups, rest = {}, {}
+    for name, tensor in tensors.items():
+        base = name.removesuffix(".q")
+        if base == name or schemes.get(base, "fp16") == "fp16":
+            rest[name] = tensor
+            continue
+        role = base.split(".", 2)[2] if is_bank_matrix(base) else base
+        if role in SIMILARITY_SORTED_ROLES and len(tensor) < 2 ** 15:
+            order = similarity_order(tensor)
+            rest[base + ".row_order"], tensor = order.to(torch.int16), tensor[order]
+        groups.setdefault(role, {})[name] = tensor.T.contiguous()
+    parts = [(role, compress(pack_tensors(group, {}), "lrzip")) for role, group in groups.items()]
+    parts.append(("rest", compress(pack_tensors(rest, dict(schemes=schemes)), "brotli")))
+    index = json.dumps([[role, len(blob)] for role, blob in parts]).encode()
+    return struct.pack("<I", len(index)) + index + b"".join(blob for _, blob in parts)
+
+
+def decode_grouped(body: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    (index_len,) = struct.unpack_from("<I", body)
+    offset, tensors, meta = 4 + index_len, {}, {}
+    for role, length in json.loads(body[4:offset]):
+        blob, offset = body[offset:offset + length], offset + length
+        if role == "rest":
+            part, meta = unpack_tensors(decompress(blob, "brotli"))
+            tensors.update(part)
+        else:
+            tensors.update({n: t.T.contiguous() for n, t in unpack_tensors(decompress(blob, "lrzip"))[0].items()})
+    for name in [n for n in tensors if n.endswith(".row_order")]:
+        base = name.removesuffix(".row_order")
+        tensors[base + ".q"] = tensors[base + ".q"][torch.argsort(tensors.pop(name).long())]
+    return tensors, meta
+
+
 def encode_artifact(tensors: dict[str, torch.Tensor], schemes: dict[str, str], h: Hyperparameters) -> bytes:
     """Container -> optional byte shuffle -> compressor, behind a self-describing, checksummed header."""
     raw = pack_tensors(tensors, dict(schemes=schemes))
     transform = "byte_shuffle2" if h.byte_shuffle else "none"
-    body = compress(byte_shuffle(raw, 2) if h.byte_shuffle else raw, h.compressor)
+    if h.compressor == "lrzip":
+        transform, body = "grouped", encode_grouped(tensors, schemes)
+    else:
+        body = compress(byte_shuffle(raw, 2) if h.byte_shuffle else raw, h.compressor)
     header = json.dumps(dict(version=ARTIFACT_VERSION, compressor=h.compressor, transform=transform,
                              raw_bytes=len(raw), body_bytes=len(body), sha256=hashlib.sha256(body).hexdigest()))
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header.encode() + body
@@ -1558,11 +1983,13 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: artifact is truncated ({len(body)} of {header['body_bytes']} body bytes)")
     if hashlib.sha256(body).hexdigest() != header["sha256"]:
         raise InputError(f"{path}: artifact checksum mismatch (corrupt file)")
-    raw = decompress(body, header["compressor"])
-    if header.get("transform") == "byte_shuffle2":
-        raw = byte_unshuffle(raw, 2)
     try:
-        tensors, meta = unpack_tensors(raw)
+        if header.get("transform") == "grouped":
+            tensors, meta = decode_grouped(body)
+        else:
+            raw = decompress(body, header["compressor"])
+            shuffled = header.get("transform") == "byte_shuffle2"
+            tensors, meta = unpack_tensors(byte_unshuffle(raw, 2) if shuffled else raw)
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
     return dequantize_state(tensors, meta["schemes"])
@@ -1624,7 +2051,10 @@ def plan_artifact(h: Hyperparameters) -> int:
     """DRY_RUN size planner: the configured model's tensors, with every quantized one replaced by a trained-
     weight stand-in (Student-t, PLANNER_TAIL_DOF), quantized and packed with the configured scheme. One row
     in 8 of each quantized tensor is compressed and its ratio applied to the whole (the rows are i.i.d.)."""
-    tensors, schemes = quantize_state(stand_in_state(h, torch.distributions.StudentT(PLANNER_TAIL_DOF)), h)
+    stand_in = stand_in_state(h, torch.distributions.StudentT(PLANNER_TAIL_DOF))
+    tensors, schemes = quantize_state(stand_in, h)
+    if h.lqer_top_k:
+        add_lqer_corrections(stand_in, tensors, schemes, h)
     quantized = {n + suffix for n, scheme in schemes.items() if scheme != "fp16" for suffix in (".q", ".scale")}
     sample = {n: t[::8] if n in quantized else t for n, t in tensors.items()}
     sample_raw, sample_blob = pack_tensors(sample, dict(schemes=schemes)), encode_artifact(sample, schemes, h)
@@ -1684,12 +2114,9 @@ class IllegalTestTimeTraining(RuntimeError):
 
 class ScoreLedger:
     """How often each target has been scored (summed over ranks) and what training used: the TTT audit.
-
-    mark() records this rank's scoring; sync(lo, hi) sums a range's counts over all ranks, which is also a
-    barrier: nothing can train on a range before every rank has scored its part of it. check_training()
-    runs before each update and raises if any target it uses is not yet scored; audit() checks at the end
-    that every target was scored exactly once and returns the per-chunk record.
-    """
+    mark() records this rank's scoring; sync(lo, hi) sums a range's counts over all ranks, also a barrier:
+    nothing can train on a range before every rank has scored its part. check_training() raises before an
+    update on any unscored target; audit() checks every target was scored exactly once."""
 
     def __init__(self, num_targets: int, run):
         self.run, self.num_targets = run, num_targets
@@ -1920,9 +2347,8 @@ class TestTimeTrainer:
     def keep_training(self, chunk: int) -> bool:
         """Budget guard: train on this chunk only if, after the average training time, the remaining chunks
         can still all be scored at the average scoring time within EVAL_BUDGET_SECONDS (agreed by all ranks).
-        Averages leave out the first chunk's times, which carry one-off costs (allocation, any compile the
-        priming missed): projected from them, one slow chunk 0 once stopped TTT for the whole run. At chunk 0
-        there is no steady sample yet, so only the elapsed time is checked."""
+        Averages leave out chunk 0's one-off costs (allocation, any compile the priming missed): projected from
+        them, one slow chunk 0 once stopped TTT for the whole run; at chunk 0 only the elapsed time is checked."""
         if self.training_stopped:
             return False
         elapsed = time.perf_counter() - self.eval_started
@@ -2106,8 +2532,6 @@ def log_run_header(run: RunContext, code: str):
 
 
 def set_seeds(seed: int):
-    import random
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -2131,12 +2555,16 @@ class Trainer:
         self.replicated_params = [p for p in model.parameters() if id(p) not in bank_ids]
         self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
         self.qat_start = None  # the step soft-round's alpha ramp started
+        model.looping = h.num_loops > 0 and h.enable_looping_at <= 0  # the plain graph first (#1855)
 
-    def new_loader(self) -> DistributedTokenLoader:
-        return DistributedTokenLoader(shard_files(self.h.data_path, "train"), self.h.vocab_size, self.run.rank, self.run.world_size,
-                                      self.run.device)
+    def new_loader(self):
+        h, run = self.h, self.run
+        files = shard_files(h.data_path, "train")
+        if h.loader == "shuffled":
+            return ShuffledSequenceLoader(files, h.vocab_size, run.rank, run.world_size, run.device, h.seed)
+        return DistributedTokenLoader(files, h.vocab_size, run.rank, run.world_size, run.device)
 
-    def step(self, loader, step: int, multiplier: float) -> torch.Tensor:
+    def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
         h, run, model = self.h, self.run, self.model
         total = torch.zeros((), device=run.device)
@@ -2153,6 +2581,9 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
         muon.param_groups[0]["momentum"] = muon_momentum_at(h, step)
+        for optimizer in [muon, *small_muon]:
+            group = optimizer.param_groups[0]
+            group["weight_decay"] = group["base_weight_decay"] * wd_multiplier
         muon.reduce_gradients()  # async reduce-scatters, largest bank first
         replicated = self.average_replicated_gradients()  # overlaps the reduce-scatters in flight
         shards = muon.gradient_shards()
@@ -2200,23 +2631,35 @@ class Trainer:
 
     def prime(self):
         """WARMUP_STEPS real steps to trigger compilation and allocation, then restore weights, optimizer
-        state and data position (#549 pitfall 2). When late QAT will switch on, one more step primes the QAT
-        graph (as #1089's head), so neither variant compiles inside the timed loop."""
+        state and data position (#549 pitfall 2). Graphs that switch on later get one step each when compiling:
+        the looped one (depth recurrence) and the late-QAT one (as #1089's head), so none compiles in the
+        timed loop."""
         h, model = self.h, self.model
         if h.warmup_steps == 0:
             return
         saved_model = copy.deepcopy(model.state_dict())
         saved_optimizers = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         loader = self.new_loader()
-        prime_qat = self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled
-        for i in range(h.warmup_steps + int(prime_qat)):
-            model.qat_active = h.qat_enabled or i == h.warmup_steps
+        final_looping = model.num_loops > 0
+        variants = [("", h.qat_enabled, model.looping)] * h.warmup_steps
+        if self.run.compile and model.looping != final_looping:
+            variants.append((":loop_graph", h.qat_enabled, final_looping))
+        if self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled:
+            variants.append((":qat_graph", True, final_looping))
+        for i, (label, qat, looping) in enumerate(variants):
+            model.qat_active, model.looping = qat, looping
             self.step(loader, i, 1.0)
-            self.run.log(f"warmup_step:{i + 1}/{h.warmup_steps}" if i < h.warmup_steps else "warmup_step:qat_graph")
+            self.run.log(f"warmup_step{label or f':{i + 1}/{h.warmup_steps}'}")
         model.load_state_dict(saved_model)
         for optimizer, state in zip(self.optimizers, saved_optimizers):
             optimizer.load_state_dict(state)
-        model.qat_active = h.qat_enabled
+        model.qat_active, model.looping = h.qat_enabled, variants[0][2]
+
+    def update_looping(self, step: int, fraction: float):
+        """Depth recurrence switches on at ENABLE_LOOPING_AT of training (#1855: 0.35) and stays on."""
+        if self.model.num_loops and not self.model.looping and fraction >= self.h.enable_looping_at:
+            self.model.looping = True
+            self.run.log(f"looping:enabled step:{step} fraction:{fraction:.3f} layers:{self.model.layer_order()}")
 
     def validate(self, step: int, train_ms: float):
         val_loss, val_bpb = evaluate(self.model, self.run, self.val_tokens, self.byte_counter, self.h.eval_seq_len)
@@ -2285,8 +2728,10 @@ class Trainer:
             if last_step:
                 break
             multiplier = lr_multiplier(h, step, agreed_ms)  # every time-dependent decision uses agreed_ms
+            fraction = training_fraction(h, step, agreed_ms)
             self.update_qat(step, multiplier, agreed_ms)
-            loss = self.step(loader, step, multiplier)
+            self.update_looping(step, fraction)
+            loss = self.step(loader, step, multiplier, weight_decay_multiplier(h, fraction))
             if ema is not None:
                 ema.update()
             step += 1
@@ -2305,6 +2750,7 @@ class Trainer:
             run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         model.qat_active = False
+        model.looping = model.num_loops > 0  # evaluation and TTT always loop (#1855)
         verify_replicas(run, model)
         self.apply_average(ema, swa)
         return self.calibrate(loader, agreed_ms) if h.quant == "gptq" else None
@@ -2419,6 +2865,9 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
         budget = SIZE_CAP_BYTES - code_bytes
         bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if h.mixed_precision and hessians else None
         tensors, schemes = quantize_state(state, h, hessians, bits)
+        if h.lqer_top_k:
+            corrected = add_lqer_corrections(state, tensors, schemes, h)
+            run.log(f"lqer: rank {h.lqer_rank} corrections on {' '.join(corrected)}")
         blob = fit_to_budget(tensors, schemes, h, budget, run.log) if h.size_fit \
             else encode_artifact(tensors, schemes, h)
         Path(h.artifact_path).parent.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,10 @@ STUB_PATTERN = re.compile(r"^import base64 as b,lzma as l\nexec\(l\.decompress\(
 
 
 HEADER = "# tools/pack_code.py transform: {transform}\n"
-# python-minifier options: #1089's (its Shrink/shrink.py), except asserts, which train_gpt.py's audits raise.
+# python-minifier options: #1089's (its Shrink/shrink.py), except asserts, which train_gpt.py's audits raise, and
+# argument annotations, which Triton reads (`block: tl.constexpr` makes a kernel argument a compile-time constant).
 MINIFY_OPTIONS = dict(remove_literal_statements=True, remove_asserts=False, remove_debug=False, rename_globals=False,
-                      rename_locals=True, hoist_literals=True, remove_annotations=True)
+                      rename_locals=True, hoist_literals=True)
 
 
 class DocstringRemover(ast.NodeTransformer):
@@ -78,7 +79,9 @@ def transform(source: str, minify: bool) -> str:
     import python_minifier
 
     name = f"python-minifier {minifier_version()}"
-    return HEADER.format(transform=name) + python_minifier.minify(stripped, **MINIFY_OPTIONS) + "\n"
+    annotations = python_minifier.RemoveAnnotationsOptions(remove_argument_annotations=False)
+    return HEADER.format(transform=name) + python_minifier.minify(stripped, remove_annotations=annotations,
+                                                                  **MINIFY_OPTIONS) + "\n"
 
 
 def pack(source: str, minify: bool = True) -> str:

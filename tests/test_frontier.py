@@ -1,0 +1,470 @@
+"""The leaderboard's techniques past the seeds (#1204-#1855) and PRESET=frontier: identity at init, the recurrence
+order, the lane algebra, the optimizer formulas against direct computations, LQER's error, the shuffled loader
+(gap_specs.md sections 3.11-3.17 and 3.22; frontier.md A.3)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from conftest import TINY_ENV, read_log, run_script, tiny_hyperparameters
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return train_gpt.GPT(tiny_hyperparameters(**overrides))
+
+
+def tiny_batch(batch=2, seq=64, vocab=1024, seed=0, bos_every=None):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, vocab, (batch, seq + 1), generator=generator)
+    if bos_every:
+        tokens[:, ::bos_every] = train_gpt.BOS_ID
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def loss_of(model, batch):
+    with torch.no_grad():
+        return model(*batch).item()
+
+
+# ---------------------------------------------------------------------------------------------------- smear gates
+
+
+def test_input_smear_gate_is_the_identity_at_init_and_its_formula_after():
+    batch = tiny_batch(bos_every=16)
+    plain, smeared = tiny_model(), tiny_model(SMEAR_GATE="input")
+    smeared.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 64, 64)
+    ids = batch[0]
+    gate = smeared.smear_gate
+    assert torch.equal(gate(x, ids), x)  # lambda = 0
+    with torch.no_grad():
+        gate.weight.normal_()
+        gate.strength.fill_(0.7)
+    expected = x.clone()
+    for t in range(1, 64):
+        g = 0.7 * torch.sigmoid(x[:, t, :12] @ gate.weight)
+        expected[:, t] = x[:, t] + g[:, None] * x[:, t - 1]
+    assert torch.allclose(gate(x, ids), expected, atol=1e-6)
+    gate.bos_mask = True
+    masked = gate(x, ids)
+    bos = ids == train_gpt.BOS_ID
+    assert bos.any() and torch.equal(masked[bos], x[bos]) and torch.allclose(masked[~bos], expected[~bos], atol=1e-6)
+
+
+def test_bos_mask_stops_the_549_smear_at_document_starts_only():
+    ids = tiny_batch(bos_every=8)[0]
+    x = torch.randn(2, 64, 64)
+    plain, masked = train_gpt.SmearGate(64, False), train_gpt.SmearGate(64, True)
+    bos = ids == train_gpt.BOS_ID
+    assert torch.equal(masked(x, ids)[bos], x[bos])
+    assert torch.equal(masked(x, ids)[~bos], plain(x, ids)[~bos])
+    assert not torch.equal(plain(x, ids)[bos][1:], x[bos][1:])  # #549's form smears into a BOS
+
+
+def test_bos_mask_holds_on_the_scoring_path():
+    """Changing only the tokens before a BOS cannot change the predictions made from that BOS on through the
+    smear (every forward path runs hidden_states); checked on a one-layer model without attention mixing."""
+    model = tiny_model(SMEAR_GATE="input", SMEAR_BOS_MASK=1)
+    with torch.no_grad():
+        model.smear_gate.strength.fill_(1.0)
+    ids = tiny_batch(bos_every=32)[0][:1]
+    embedded = model.token_embedding(ids)
+    other = ids.clone()
+    other[0, 31] = (other[0, 31] + 5) % 1024  # the token right before the BOS at position 32
+    before = model.smear_gate(embedded, ids)
+    after = model.smear_gate(model.token_embedding(other), other)
+    assert torch.equal(before[0, 32], after[0, 32]) and not torch.equal(before[0, 31], after[0, 31])
+
+
+# ---------------------------------------------------------------------------------------------------- attention gates
+
+
+@pytest.mark.parametrize("kind, init_value", [("attn_out", 1.0), ("sparse", 0.5)])
+def test_zero_initialized_output_gates_scale_the_heads_by_their_init_value(kind, init_value):
+    gate = train_gpt.AttentionOutputGate(kind, 64, 4, 0.5)
+    x = torch.randn(2, 10, 64)
+    assert gate(x).shape == (2, 10, 4, 1) and torch.all(gate(x) == init_value)
+    plain, gated = tiny_model(), tiny_model(ATTN_OUT_GATE=kind)
+    missing = gated.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert all(k.endswith("output_gate.weight") for k in missing) and len(missing) == 4
+    if kind == "attn_out":  # x1: exactly the ungated model
+        assert loss_of(gated, tiny_batch()) == loss_of(plain, tiny_batch())
+
+
+def test_gate_formulas_and_the_dense_gate_draws_last():
+    x = torch.randn(3, 5, 64)
+    for kind, width in (("attn_out", 12), ("sparse", 12), ("dense", 64)):
+        gate = train_gpt.AttentionOutputGate(kind, 64, 4, 0.5)
+        with torch.no_grad():
+            gate.weight.normal_()
+        logits = x[..., :width] @ gate.weight.T
+        expected = {"attn_out": 2 * torch.sigmoid(logits), "sparse": torch.sigmoid(0.5 * logits),
+                    "dense": torch.sigmoid(logits)}[kind]
+        assert torch.allclose(gate(x)[..., 0], expected, atol=1e-6)
+    plain, dense = tiny_model(), tiny_model(ATTN_OUT_GATE="dense")
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, dense.state_dict()[name]), name  # every other draw unchanged
+    weight = dense.blocks[0].attn.output_gate.weight
+    assert weight.shape == (4, 64) and 0.005 < weight.std().item() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------------- residual forms
+
+
+def block_and_inputs(form, seed=1):
+    h = tiny_hyperparameters(PARALLEL_RESIDUAL=form, PARALLEL_START_LAYER=0)
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(h)
+    with torch.no_grad():
+        for bank in model.banks():
+            bank.normal_(std=0.05)
+        for p in model.blocks[0].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    weights = model.layer_weights(0, model.banks())
+    x, x0 = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+    return model.blocks[0], weights, x, x0
+
+
+def test_gptj_block_adds_both_branches_of_the_same_input():
+    block, weights, x, x0 = block_and_inputs("gptj")
+    mixed = block.resid_mix[0] * x + block.resid_mix[1] * x0
+    expected = mixed + block.attention_branch(mixed, weights, None, None, None) + block.mlp_branch(mixed, weights, None)
+    assert torch.allclose(block(x, x0, weights, None), expected, atol=1e-6)
+
+
+def test_two_lane_block_routes_with_rho_and_pi():
+    block, weights, l0, x0 = block_and_inputs("two_lane")
+    l1 = torch.randn_like(l0)
+    a = block.attention_branch(block.resid_mix[0] * l0 + block.resid_mix[1] * x0, weights, None, None, None)
+    m = block.mlp_branch(l1, weights, None)
+    rho, pi = block.lane_decay, block.lane_routing
+    new0, new1 = block((l0, l1), x0, weights, None)
+    assert torch.allclose(new0, rho[0] * l0 + pi[0, 0] * a + pi[1, 0] * m, atol=1e-6)
+    assert torch.allclose(new1, rho[1] * l1 + pi[0, 1] * a + pi[1, 1] * m, atol=1e-6)
+
+
+def test_two_lane_init_and_where_it_starts():
+    model = tiny_model(PARALLEL_RESIDUAL="two_lane", PARALLEL_START_LAYER=2)
+    forms = [b.residual_form for b in model.blocks]
+    assert forms == ["none", "none", "two_lane", "two_lane"]
+    assert torch.equal(model.blocks[2].lane_decay, torch.full((2,), 1.1))
+    assert torch.equal(model.blocks[2].lane_routing, torch.ones(2, 2))
+    assert not hasattr(model.blocks[0], "lane_decay")
+    loss = model(*tiny_batch())
+    loss.backward()
+    assert model.blocks[3].lane_decay.grad.abs().sum() > 0  # (pi's is 0 at init: Out and down start at zero)
+    with pytest.raises(train_gpt.InputError, match="PARALLEL_START_LAYER"):
+        tiny_hyperparameters(PARALLEL_RESIDUAL="gptj", PARALLEL_START_LAYER=4)
+    looped = tiny_model(PARALLEL_RESIDUAL="two_lane", PARALLEL_START_LAYER=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2)
+    assert looped.layer_order() == [0, 1, 2, 1, 2, 3]  # block 1 after a two-lane block 2 gets the lanes' mean
+    assert torch.isfinite(looped(*tiny_batch()))
+
+
+# ---------------------------------------------------------------------------------------------------- depth recurrence
+
+
+def test_recurrence_order_is_the_records_17_virtual_layers():
+    h = train_gpt.Hyperparameters({"PRESET": "frontier"})
+    with torch.device("meta"):
+        model = train_gpt.GPT(h)
+    assert model.layer_order(True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert model.layer_order(False) == list(range(11))
+    model.looping = True
+    assert model.num_encoder == 8 and model.skip_weights.shape[0] == 8  # 8 encoder, 9 decoder positions
+    model.looping = False
+    assert model.num_encoder == 5
+
+
+def test_looped_forward_runs_the_shared_blocks_in_order_and_records_physical_layers():
+    model = tiny_model(NUM_LOOPS=2, LOOP_START=1, LOOP_END=2)
+    order = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda module, args, i=i: order.append(i))
+    recorded = []
+    model.hessian_recorder = lambda name, inputs: recorded.append(name)
+    with torch.no_grad():
+        model(*tiny_batch())
+    assert order == [0, 1, 2, 1, 2, 1, 2, 3]
+    assert {n.split(".")[1] for n in recorded if n.startswith("blocks.")} == {"0", "1", "2", "3"}
+    assert sum(n == "blocks.1.attn.qkv" for n in recorded) == 3  # one Hessian per matrix, summed over passes
+    model.hessian_recorder, order[:] = None, []
+    model.looping = False
+    with torch.no_grad():
+        model(*tiny_batch())
+    assert order == [0, 1, 2, 3]
+
+
+def test_looping_switches_on_at_its_training_fraction_and_for_evaluation(tmp_path, sample_data):
+    dataset, tokenizer = sample_data
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="loop", NUM_LOOPS=1, LOOP_START=1,
+               LOOP_END=2, ENABLE_LOOPING_AT=0.5, TTT_ENABLED=0, ITERATIONS=8)
+    result = run_script(tmp_path, env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path, "loop")
+    assert re.search(r"^looping:enabled step:4 fraction:0\.500 layers:\[0, 1, 2, 1, 2, 3\]$", log, re.M)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+
+# gap_specs.md section 3.2b, #1855 L1720-1748, written out again here
+FRONTIER_TUPLES = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                   (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                   (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                   (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                   (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def test_polar_express_steps_equal_a_direct_float64_computation():
+    assert [tuple(t) for t in train_gpt.POLAR_EXPRESS_FRONTIER] == FRONTIER_TUPLES
+    g = torch.randn(3, 24, 40, dtype=torch.float64)
+    x = g / g.norm(dim=(-2, -1), keepdim=True)
+    for a, b, c in FRONTIER_TUPLES:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    assert torch.allclose(train_gpt.polar_express_orthogonalize(g, 5, eps=0.0), x, atol=1e-10)
+    tall = torch.randn(40, 24, dtype=torch.float64)  # transposed internally: same as orthogonalizing tall^T
+    assert torch.allclose(train_gpt.polar_express_orthogonalize(tall, 5),
+                          train_gpt.polar_express_orthogonalize(tall.T, 5).T, atol=1e-10)
+    sigma = torch.linalg.svdvals(train_gpt.polar_express_orthogonalize(torch.randn(64, 128), 5))
+    assert sigma.min() > 0.6 and sigma.max() < 1.3  # close to orthogonal after 5 steps
+
+
+def test_muon_eq_r_normalizes_rows_before_newton_schulz():
+    torch.manual_seed(0)
+    bank = torch.nn.Parameter(torch.randn(2, 16, 32))
+    bank.grad = torch.randn(2, 16, 32)
+    start, grad = bank.detach().clone(), bank.grad.clone()
+    muon = train_gpt.BankMuon([bank], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0,
+                              comm_dtype=torch.float32, eq_r=True)
+    muon.step()
+    nesterov = grad + 0.9 * grad  # buffer = grad after one step
+    rows = nesterov / nesterov.norm(dim=-1, keepdim=True)
+    assert torch.allclose(train_gpt.equalize_rows(nesterov).norm(dim=-1), torch.ones(2, 16), atol=1e-6)
+    expected = start - 0.1 * train_gpt.newton_schulz_orthogonalize(rows, 5)
+    assert torch.allclose(bank.detach(), expected, atol=1e-6)
+
+
+def test_wd_taper_schedule_and_its_use_in_the_step():
+    h = tiny_hyperparameters(WD_TAPER_START=0.7, WD_TAPER_FINAL=0.5)
+    values = [train_gpt.weight_decay_multiplier(h, f) for f in (0.0, 0.7, 0.85, 1.0, 1.2)]
+    assert values == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.5])
+    assert train_gpt.weight_decay_multiplier(tiny_hyperparameters(), 0.99) == 1.0  # off by default
+    assert train_gpt.training_fraction(h, 6, 0.0) == 0.5  # no cap: step / ITERATIONS
+    capped = tiny_hyperparameters(MAX_WALLCLOCK_SECONDS=100)
+    assert train_gpt.training_fraction(capped, 1, 35_000.0) == pytest.approx(0.35)
+
+
+def test_frontier_optimizer_groups_take_the_records_decays_and_rates():
+    h = train_gpt.Hyperparameters({"PRESET": "frontier", **{k: v for k, v in TINY_ENV.items()
+                                                           if k not in ("XSA_LAST_N",)},
+                                   "XSA_LAST_N": "4", "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_START_LAYER": "2"})
+    model = train_gpt.GPT(h)
+    token_adam, muon, scalar_adam = train_gpt.build_optimizers(model, h, torch.float32, fused=False)
+    assert token_adam.param_groups[0]["weight_decay"] == 0.085 and token_adam.param_groups[0]["lr"] == 0.03
+    assert scalar_adam.param_groups[0]["weight_decay"] == 0.02 and scalar_adam.param_groups[0]["lr"] == 0.02
+    assert scalar_adam.defaults["betas"] == (0.9, 0.99)
+    assert muon.param_groups[0]["base_weight_decay"] == 0.095 and muon.eq_r
+    assert muon.orthogonalize is train_gpt.polar_express_orthogonalize
+
+
+# ---------------------------------------------------------------------------------------------------- LQER
+
+
+def test_lqer_factor_ranges_and_a_smaller_error_than_plain_quantization():
+    torch.manual_seed(0)
+    h = tiny_hyperparameters(LQER_TOP_K=2, LQER_RANK=4)
+    weight = torch.randn(96, 128) + 3.0 * torch.randn(96, 4) @ torch.randn(4, 128) / 4  # low-rank structure
+    state = {"blocks.0.mlp.up": weight, "blocks.1.mlp.up": 0.01 * torch.randn(96, 128),
+             "blocks.0.attn.q": torch.randn(64, 64)}
+    tensors, schemes = train_gpt.quantize_state(state, h)
+    plain = train_gpt.dequantize_state(tensors, schemes)
+    chosen = train_gpt.add_lqer_corrections(state, tensors, schemes, h)
+    assert chosen == ["blocks.0.mlp.up", "blocks.0.attn.q"] and schemes["blocks.0.mlp.up"] == "int6+lqer"
+    a, b = tensors["blocks.0.mlp.up.lqer_a"], tensors["blocks.0.mlp.up.lqer_b"]
+    assert a.shape == (96, 4) and a.min() >= -2 and a.max() <= 1 and a.dtype == torch.int8
+    assert b.shape == (4 * 128 // 64, 64) and b.min() >= -8 and b.max() <= 7
+    corrected = train_gpt.dequantize_state(tensors, schemes)
+    for name in chosen:
+        assert (corrected[name] - state[name]).norm() < (plain[name] - state[name]).norm(), name
+    assert torch.equal(corrected["blocks.1.mlp.up"], plain["blocks.1.mlp.up"])
+    blob = train_gpt.encode_artifact(tensors, schemes, h)  # survives the container and the compressor
+    path = "/tmp/_lqer_test.ptz"
+    with open(path, "wb") as f:
+        f.write(blob)
+    restored = train_gpt.read_artifact(path)
+    assert torch.equal(restored["blocks.0.mlp.up"], corrected["blocks.0.mlp.up"])
+
+
+# ---------------------------------------------------------------------------------------------------- loader
+
+
+def write_shard(path, tokens):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def test_shuffled_loader_draws_whole_sequences_without_repeats(tmp_path):
+    files = []
+    for i in range(4):
+        files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
+        write_shard(files[-1], np.arange(i * 1000, i * 1000 + 999) % 4096)
+    loaders = [train_gpt.ShuffledSequenceLoader(files, 4096, r, 2, torch.device("cpu"), seed=7) for r in range(2)]
+    assert loaders[0].files == files[0::2] and loaders[1].files == files[1::2]  # ranks own disjoint shards
+    seen = set()
+    for _ in range(4):
+        inputs, targets = loaders[0].next_batch(4 * 32, 32)
+        assert inputs.shape == targets.shape == (4, 32) and torch.equal(inputs[:, 1:], targets[:, :-1])
+        assert torch.all(targets - inputs == 1)  # a contiguous slice of one shard
+        assert {int(v) // 1000 for v in inputs[:, 0]} <= {0, 2}
+        seen.update(int(v) for v in inputs[:, 0])
+    assert len(seen) == 16  # no sequence twice within a pass
+    again = train_gpt.ShuffledSequenceLoader(files, 4096, 0, 2, torch.device("cpu"), seed=7)
+    assert torch.equal(again.next_batch(128, 32)[0],
+                       train_gpt.ShuffledSequenceLoader(files, 4096, 0, 2, torch.device("cpu"), seed=7).next_batch(128, 32)[0])
+    write_shard(files[0], [5000] * 999)
+    with pytest.raises(train_gpt.InputError, match="VOCAB_SIZE"):
+        train_gpt.ShuffledSequenceLoader(files[:1], 4096, 0, 1, torch.device("cpu"), seed=7).next_batch(128, 32)
+
+
+# ---------------------------------------------------------------------------------------------------- preset
+
+
+FRONTIER_1855 = {
+    "mlp_mult": 4.0, "xsa_last_n": 11, "qk_gain_init": 5.25, "skip_gates_enabled": True, "smear_gate": "input",
+    "smear_bos_mask": True, "attn_out_gate": "sparse", "sparse_attn_gate_scale": 0.5,
+    "parallel_residual": "two_lane", "parallel_start_layer": 8, "num_loops": 2, "loop_start": 3, "loop_end": 5,
+    "enable_looping_at": 0.35, "muon_ns": "polar_express", "muon_backend_steps": 5, "muon_eq_r": True,
+    "matrix_lr": 0.026, "muon_wd": 0.095, "muon_momentum": 0.97, "muon_momentum_warmup_start": 0.92,
+    "muon_momentum_warmup_steps": 1500, "tied_embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02,
+    "adam_wd": 0.02, "beta1": 0.9, "beta2": 0.99, "grad_clip_norm": 0.3, "warmdown_frac": 0.85, "lr_floor": 0.1,
+    "wd_taper_start": 0.7, "wd_taper_final": 0.5, "ema_decay": 0.9965, "quant": "gptq", "quant_bits_mlp": 6,
+    "quant_bits_attn": 6, "quant_bits_embed": 7, "quant_clip_sigmas_mlp": 11.5, "quant_clip_sigmas_attn": 13.0,
+    "lqer_top_k": 3, "lqer_rank": 4, "compressor": "brotli", "byte_shuffle": True, "gptq_calib_batches": 16,
+    "train_batch_tokens": 786_432, "train_seq_len": 2048, "rope_dims": 16, "logit_softcap": 30.0,
+}
+
+
+def test_frontier_preset_has_the_1855_stacks_values():
+    h = train_gpt.Hyperparameters({"PRESET": "frontier"})
+    assert {k: getattr(h, k) for k in FRONTIER_1855} == FRONTIER_1855
+    assert h.late_qat_threshold == 0  # #1218 removed QAT; LR_FLOOR 0.1 < 0.15 would otherwise switch it on
+
+
+FRONTIER_TINY = dict(PRESET="frontier", XSA_LAST_N=4, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3,
+                     QUANT_BITS_EMBED=7, GPTQ_CALIB_BATCHES=2, LQER_TOP_K=2)
+
+
+def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample_data):
+    """Every frontier part on at once (looping switched on mid-run, two lanes, gates, Polar Express + MuonEq-R,
+    WD taper, shuffled loader, GPTQ + SDClip + LQER, brotli) under torchrun with 2 gloo ranks."""
+    dataset, tokenizer = sample_data
+    env = dict(TINY_ENV, **FRONTIER_TINY, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="frontier",
+               ITERATIONS=8, OMP_NUM_THREADS=1, TTT_CHUNK_TOKENS=16384)
+    result = run_script(tmp_path, env, nproc=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path, "frontier")
+    assert "preset:frontier" in log and "world_size:2" in log
+    assert re.search(r"^looping:enabled step:3 ", log, re.M)
+    assert re.search(r"^replicas:identical ranks:2 sha256:[0-9a-f]{16}$", log, re.M)
+    assert re.search(r"^lqer: rank 4 corrections on \S+ \S+$", log, re.M)
+    assert re.search(r"^ttt_audit ok: ", log, re.M)
+
+
+# ---------------------------------------------------------------------------------------------------- lrzip groups
+
+
+def fake_lrzip(data: bytes, unpack: bool) -> bytes:
+    """lzma in lrzip's place: the grouping, ordering and container are what is tested without the program."""
+    import lzma
+
+    return lzma.decompress(data) if unpack else lzma.compress(data)
+
+
+def test_similarity_order_is_a_greedy_nearest_neighbour_chain():
+    rows = torch.tensor([[0, 0], [10, 10], [1, 0], [9, 10], [2, 1]], dtype=torch.int8)
+    assert train_gpt.similarity_order(rows).tolist() == [0, 2, 4, 3, 1]
+    big = torch.randint(-31, 32, (300, 16), dtype=torch.int8)
+    assert sorted(train_gpt.similarity_order(big).tolist()) == list(range(300))
+
+
+def test_grouped_lrzip_artifact_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_gpt, "run_lrzip", fake_lrzip)
+    monkeypatch.setattr(train_gpt.shutil, "which", lambda name: "/usr/bin/" + name)
+    h = tiny_hyperparameters(COMPRESSOR="lrzip", LQER_TOP_K=1)
+    model = tiny_model()
+    with torch.no_grad():
+        for bank in model.banks():
+            bank.normal_(std=0.02)
+    state = train_gpt.export_state(model)
+    tensors, schemes = train_gpt.quantize_state(state, h)
+    train_gpt.add_lqer_corrections(state, tensors, schemes, h)
+    expected = train_gpt.dequantize_state(tensors, schemes)
+    blob = train_gpt.encode_artifact(tensors, schemes, h)
+    path = tmp_path / "model.ptz"
+    path.write_bytes(blob)
+    restored = train_gpt.read_artifact(str(path))
+    assert restored.keys() == expected.keys()
+    assert all(torch.equal(restored[n], expected[n]) for n in expected)
+    index = blob.index(b'"transform": "grouped"')
+    assert index > 0
+
+
+def test_lrzip_chosen_but_absent_fails_at_start_with_the_install_hint(monkeypatch):
+    monkeypatch.setattr(train_gpt.shutil, "which", lambda name: None)
+    with pytest.raises(train_gpt.InputError, match="apt-get install lrzip"):
+        tiny_hyperparameters(COMPRESSOR="lrzip")
+
+
+@pytest.mark.skipif(train_gpt.shutil.which("lrzip") is None, reason="the lrzip program is not installed")
+def test_real_lrzip_round_trips():
+    data = bytes(range(256)) * 64
+    assert train_gpt.run_lrzip(train_gpt.run_lrzip(data, unpack=False), unpack=True) == data
+
+
+# ---------------------------------------------------------------------------------------------------- fused kernels
+
+
+def test_fused_softcapped_cross_entropy_matches_the_eager_path_and_its_gradient():
+    torch.manual_seed(0)
+    z = (40 * torch.randn(37, 50, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 50, (37,))
+    eager = F.cross_entropy(30 * torch.tanh(z / 30), targets, reduction="none")
+    fused = train_gpt.SoftcappedCrossEntropy.apply(z, targets, 30.0)
+    assert torch.allclose(fused, eager, atol=1e-12)
+    weights = torch.rand(37, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((eager * weights).sum(), z)
+    (got,) = torch.autograd.grad((train_gpt.SoftcappedCrossEntropy.apply(z, targets, 30.0) * weights).sum(), z)
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_fused_leaky_relu_square_matches_the_eager_path_and_its_gradient():
+    u = torch.randn(64, 33, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: train_gpt.LeakyReluSquare.apply(x, 0.3), (u,))
+    assert torch.allclose(train_gpt.LeakyReluSquare.apply(u, 0.5), F.leaky_relu(u, 0.5).square())
+
+
+def test_fused_kernels_train_the_same_model_and_leave_scoring_eager():
+    plain, fused = tiny_model(), tiny_model(FUSED_KERNELS=1)
+    with torch.no_grad():
+        for a, b in zip(plain.banks(), fused.banks()):
+            a.normal_(std=0.05)
+            b.copy_(a)
+    batch = tiny_batch()
+    loss_plain, loss_fused = plain(*batch), fused(*batch)
+    assert torch.allclose(loss_plain, loss_fused, atol=1e-6)
+    loss_plain.backward()
+    loss_fused.backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+    fused.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(*batch, reduction="none"), plain.eval()(*batch, reduction="none"))
