@@ -53,6 +53,29 @@ def test_one_warmup_step_primes_the_plain_and_the_qat_graph(tmp_path, monkeypatc
     assert compiled_graphs() == primed
 
 
+# The frontier's switches on the compiled path: looping switches on mid-run (a second graph), lanes, gates, the
+# input smear with its BOS mask, the fused kernels' autograd functions, the shuffled loader.
+FRONTIER = dict(NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, PARALLEL_RESIDUAL="two_lane", PARALLEL_START_LAYER=1,
+                ATTN_OUT_GATE="sparse", SMEAR_GATE="input", SMEAR_BOS_MASK=1, MUON_NS="polar_express", MUON_EQ_R=1,
+                FUSED_KERNELS=1, LOADER="shuffled", WD_TAPER_START=0.5)
+
+
+def test_warmup_primes_the_looped_graph_before_the_clock(tmp_path, monkeypatch, sample_data):
+    torch._dynamo.reset()
+    run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1, **FRONTIER)
+    model = train_gpt.build_model(run.h, run)
+    trainer = train_gpt.Trainer(run.h, run, model, val_tokens=None, byte_counter=None)
+    assert not model.looping
+    trainer.prime()
+    primed = compiled_graphs()
+    assert primed >= 3 and not model.looping  # plain, looped, looped + QAT
+    loader = trainer.new_loader()
+    for step, (looping, qat) in enumerate(((False, False), (True, False), (True, True), (True, False))):
+        model.looping, model.qat_active = looping, qat
+        trainer.step(loader, step, 1.0, wd_multiplier=0.75)
+    assert compiled_graphs() == primed
+
+
 class ConstantBytes:
     def count(self, previous, targets):
         return torch.full_like(targets, 3)
