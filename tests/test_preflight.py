@@ -41,6 +41,16 @@ def test_preflight_compiles_every_graph_and_projects_the_run(tmp_path):
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
 
 
+def test_preflight_primes_and_times_the_looped_graph(tmp_path):
+    result = preflight(tmp_path, COMPILE=1, NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, TTT_ENABLED=0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^preflight graphs: training primed in [\d.]+s \(1 warmup steps, looped graph included, QAT "
+                     r"graph included\)$", out, re.M)
+    assert re.search(r"^preflight graphs: looped step \(3 virtual layers\) ran in [\d.]+ms$", out, re.M)
+    assert out.rstrip().endswith("preflight result: ok: every check passed")
+
+
 def test_preflight_fails_on_an_attention_kernel_that_cannot_run(tmp_path):
     result = preflight(tmp_path, ATTENTION_BACKEND="fa3")
     assert result.returncode == 2

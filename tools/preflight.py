@@ -112,6 +112,7 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     trainer.new_loader = lambda: RandomBatches(h.vocab_size, run.device)
     prime_seconds = timed(run, trainer.prime)
     report("graphs", f"training primed in {prime_seconds:.1f}s ({h.warmup_steps} warmup steps"
+                     + (", looped graph included" if run.compile and h.num_loops else "")
                      + (", QAT graph included)" if run.compile and h.late_qat_threshold > 0 else ")"))
     loader, muon = trainer.new_loader(), trainer.optimizers[1]
     muon_seconds, plain_step = [], muon.step
@@ -123,6 +124,10 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     primed = compiled_graphs()
     step_seconds = [timed(run, lambda: trainer.step(loader, i, 1.0)) for i in range(steps)]
     muon.step = plain_step
+    if model.num_loops:  # depth recurrence: the looped graph (primed in warmup) runs from ENABLE_LOOPING_AT on
+        model.looping = True
+        report("graphs", f"looped step ({len(model.layer_order())} virtual layers) ran in "
+                         f"{1000 * timed(run, lambda: trainer.step(loader, steps, 1.0)):.1f}ms")
     if h.late_qat_threshold > 0 or h.qat_enabled:
         model.qat_active = True
         report("graphs", f"late-QAT step ran in {1000 * timed(run, lambda: trainer.step(loader, steps, 0.1)):.1f}ms")
