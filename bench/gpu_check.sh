@@ -13,17 +13,7 @@
 #   cp ../shared/data/tokenizers/fineweb_1024_bpe.model data/tokenizers/
 # Logs land in $OUT (the device tool's folder) or ./gpu_out, to be committed as logs/gpu_*.txt.
 set -u
-out=${OUT:-./gpu_out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-stage() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$out/gpu_$name.txt" 2>&1
-  local rc=$?
-  echo "# exit $rc after $((SECONDS - start)) s (limit $limit s)" >>"$out/gpu_$name.txt"
-  echo "stage $name: exit $rc, $((SECONDS - start)) s"
-}
+source "$(dirname "$0")/gpu_stage.sh"
 machine() {
   nvidia-smi
   python3 -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"

@@ -5,17 +5,8 @@
 #      eval) compiled before the clock, ms/step of the plain and the looped graph at the per-rank batch of 8 ranks.
 # Logs land in $OUT or ./gpu_out as gpu_frontier_*.txt, to be committed under logs/.
 set -u
-out=${OUT:-./gpu_out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-stage() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$out/gpu_frontier_$name.txt" 2>&1
-  echo "# exit $? after $((SECONDS - start)) s (limit $limit s)" >>"$out/gpu_frontier_$name.txt"
-  echo "stage $name: $((SECONDS - start)) s"
-}
-stage kernels 90 python3 bench/gpu_frontier_check.py
-PRESET=frontier ATTENTION_BACKEND=sdpa stage preflight 200 python3 tools/preflight.py --steps 10 --batches 2 --ranks 8
-PRESET=frontier ATTENTION_BACKEND=sdpa FUSED_KERNELS=1 stage preflight_fused 200 \
+source "$(dirname "$0")/gpu_stage.sh"
+stage frontier_kernels 90 python3 bench/gpu_frontier_check.py
+PRESET=frontier ATTENTION_BACKEND=sdpa stage frontier_preflight 200 python3 tools/preflight.py --steps 10 --batches 2 --ranks 8
+PRESET=frontier ATTENTION_BACKEND=sdpa FUSED_KERNELS=1 stage frontier_preflight_fused 200 \
   python3 tools/preflight.py --steps 10 --batches 2 --ranks 8
