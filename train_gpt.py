@@ -1227,7 +1227,7 @@ class GPT(nn.Module):
         (LIFO; the last gets none). Two-lane blocks carry (attention, MLP) lanes: skips join the attention lane,
         the lanes' mean leaves (#1529)."""
         x0, order = x, self.layer_order()
-        num_encoder, skips = self.num_encoder, []
+        num_encoder, skips = len(order) // 2, []
         for position, layer in enumerate(order):
             block = self.blocks[layer]
             if (block.residual_form == "two_lane") != isinstance(x, tuple):  # split into lanes, or merge them
