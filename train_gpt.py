@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -40,10 +41,8 @@ import torch.nn.functional as F
 # Hyperparameters
 # ----------------------------------------------------------------------------------------------------
 
-
 class InputError(ValueError):
     """Bad configuration or input data; the message names the variable or file and what is wrong."""
-
 
 class EnvReader:
     """Typed reads of environment variables; remembers every name it was asked for. A value missing from the
@@ -112,7 +111,6 @@ class EnvReader:
         except ValueError:
             raise InputError(f"env {name}={raw!r}: expected comma-separated {kind}") from None
 
-
 # Variables of the seeds' code and command lines (#549, #1089, #181, #518) that this script deliberately does not
 # read: dead or replaced there, or not built here. Each is logged as a warning when set.
 _NOT_BUILT_1089 = "#1089 head code, never in a scored run; not built here"
@@ -141,7 +139,6 @@ REFUSED_RECORD_VARIABLES = {
                      "scoring (future tokens and the target's own count), and blends only the target's probability "
                      "(not a distribution): illegal (issues #402, #677); not offered",
 }
-
 
 # Other records' spellings of this script's variables: name -> (canonical names, conversion). A record's command
 # line pasted as is means the same run. Setting both spellings to different values is an error.
@@ -201,11 +198,18 @@ PRESETS = {
         "0.085", "SCALAR_LR": "0.02", "ADAM_WD": "0.02", "BETA2": "0.99", "WARMDOWN_FRAC": "0.85", "LR_FLOOR": "0.1",
         "WD_TAPER_START": "0.7", "WD_TAPER_FINAL": "0.5", "EMA_DECAY": "0.9965", "LATE_QAT_THRESHOLD": "0",
         "LOADER": "shuffled", "QUANT": "gptq", "QUANT_BITS_MLP": "6", "QUANT_BITS_ATTN": "6", "QUANT_BITS_EMBED": "7",
-        "QUANT_CLIP_SIGMAS_MLP": "11.5", "QUANT_CLIP_SIGMAS_ATTN": "13", "QUANT_CLIP_SIGMAS_EMBED": "20",
+        "QUANT_BITS_TABLES": "7", "QUANT_CLIP_SIGMAS_MLP": "11.5", "QUANT_CLIP_SIGMAS_ATTN": "13", "QUANT_CLIP_SIGMAS_EMBED": "20",
         "LQER_TOP_K": "3", "LQER_RANK": "4", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1",
     },
 }
-
+# The same on #1394's SP8192 export and on #1729's CaseOps export (data/cached_challenge_fineweb.py --variant
+# sp8192 | caseops_sp8192), without BigramHash and VE as from #1218/#1394 on: the stack of #1855 but its eval.
+PRESETS["frontier_sp8192"] = dict(PRESETS["frontier"], VOCAB_SIZE="8192", BIGRAM_VOCAB_SIZE="0", VE_ENABLED="0",
+                                  DATA_PATH="./data/datasets/fineweb10B_sp8192",
+                                  TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")
+PRESETS["frontier_caseops"] = dict(PRESETS["frontier_sp8192"], DATA_PATH="./data/datasets/fineweb10B_sp8192_"
+                                   "lossless_caps_caseops_v1_reserved", TOKENIZER_PATH="./data/tokenizers/"
+                                   "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
 
 def resolve_record_spellings(environ) -> dict:
     environ = dict(environ)
@@ -224,7 +228,6 @@ def resolve_record_spellings(environ) -> dict:
                                  f"spelling of {name}); set one")
             environ[name] = value
     return environ
-
 
 class Hyperparameters:
     """Every setting of a run. Names and defaults follow #549 (record_549.md section 2) where shared."""
@@ -379,7 +382,8 @@ class Hyperparameters:
         self.quant = env.choice("QUANT", "gptq_lite", ("gptq_lite", "gptq"))
         self.quant_bits_mlp = env.int("QUANT_BITS_MLP", 6)
         self.quant_bits_attn = env.int("QUANT_BITS_ATTN", 6)
-        self.quant_bits_embed = env.int("QUANT_BITS_EMBED", 8)
+        self.quant_bits_embed = env.int("QUANT_BITS_EMBED", 8)  # the tied token embedding (#1394: GPTQ int7 at SP8192)
+        self.quant_bits_tables = env.int("QUANT_BITS_TABLES", 8)  # BigramHash and value-embedding tables
         # 0: GPTQ on GPTQ-lite's per-row searched clip (best at equal size on P1); k > 0: SDClip k * std(row).
         self.quant_clip_sigmas_mlp = env.float("QUANT_CLIP_SIGMAS_MLP", 0.0, minimum=0.0)
         self.quant_clip_sigmas_attn = env.float("QUANT_CLIP_SIGMAS_ATTN", 0.0, minimum=0.0)
@@ -462,7 +466,7 @@ class Hyperparameters:
         self.validate_export()
 
     def validate_export(self):
-        for group in ("mlp", "attn", "embed"):
+        for group in ("mlp", "attn", "embed", "tables"):
             bits = self.group_bits(group)
             if not 5 <= bits <= 8:
                 raise InputError(f"env QUANT_BITS_{group.upper()}={bits}: must be 5, 6, 7 or 8")
@@ -482,11 +486,12 @@ class Hyperparameters:
                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
 
     def group_bits(self, group: str) -> int:
-        return {"mlp": self.quant_bits_mlp, "attn": self.quant_bits_attn, "embed": self.quant_bits_embed}[group]
+        return {"mlp": self.quant_bits_mlp, "attn": self.quant_bits_attn, "embed": self.quant_bits_embed,
+                "tables": self.quant_bits_tables}[group]
 
     def group_clip_sigmas(self, group: str) -> float:
         return {"mlp": self.quant_clip_sigmas_mlp, "attn": self.quant_clip_sigmas_attn,
-                "embed": self.quant_clip_sigmas_embed}[group]
+                "embed": self.quant_clip_sigmas_embed, "tables": self.quant_clip_sigmas_embed}[group]
 
     @property
     def training_seconds(self) -> float:
@@ -512,7 +517,16 @@ class Hyperparameters:
 # ----------------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+CASEOPS_OPERATORS = "\ue000\ue001\ue002\ue003\ue004"  # TITLE ALLCAPS CAPNEXT ESC SPACE_MARK (data/caseops.py)
 
+def caseops_decode(text: str, operators: str = CASEOPS_OPERATORS) -> str:
+    """The inverse of CaseOps (#1729, data/caseops.py): ESC c -> c, TITLE x -> X, ALLCAPS word -> WORD, CAPNEXT x
+    -> X, SPACE_MARK -> U+2581; `operators` in that order as a tokenizer lists them (four: no SPACE_MARK)."""
+    title, allcaps, capnext, escape = (re.escape(c) for c in operators[:4])
+    space = re.escape(operators[4]) if len(operators) > 4 else "(?!)"
+    return re.sub(f"{escape}(.)|{title}([a-z])|{allcaps}([a-z]+)|{capnext}([a-z])|({space})",
+                  lambda m: m.group(1) if m.group(1) is not None else "\u2581" if m.group(5)
+                  else (m.group(2) or m.group(3) or m.group(4)).upper(), text, flags=re.S)
 
 def shard_token_count(path) -> int:
     """Check one shard's header (256 x int32, then uint16 tokens) against its file size; its token count."""
@@ -531,7 +545,6 @@ def shard_token_count(path) -> int:
         raise InputError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes")
     return num_tokens
 
-
 def load_data_shard(path, vocab_size: int) -> np.ndarray:
     """Read one shard and check it completely."""
     num_tokens = shard_token_count(path)
@@ -541,14 +554,12 @@ def load_data_shard(path, vocab_size: int) -> np.ndarray:
         raise InputError(f"{path}: token id {int(tokens[position])} at position {position} is >= VOCAB_SIZE={vocab_size}")
     return tokens
 
-
 def shard_files(data_path: str, split: str) -> list[str]:
-    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    pattern = os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")  # not CaseOps' fineweb_val_bytes_*.bin
     files = sorted(glob.glob(pattern))
     if not files:
         raise InputError(f"no files match {pattern} (set DATA_PATH to the dataset directory)")
     return files
-
 
 class TokenStream:
     """The training shards read strictly in order, wrapping after the last one (#549: no shuffling)."""
@@ -570,7 +581,6 @@ class TokenStream:
             count -= len(piece)
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-
 class DistributedTokenLoader:
     """Every rank reads the same stream; rank r keeps span r of each block (spans overlap by nothing)."""
 
@@ -584,7 +594,6 @@ class DistributedTokenLoader:
         local = torch.from_numpy(block[self.rank * span:(self.rank + 1) * span].astype(np.int64))
         inputs, targets = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-
 
 class ShuffledSequenceLoader:
     """LOADER=shuffled (#1394): rank r reads shards r, r+W, ... (all when fewer shards than ranks), cut into
@@ -622,17 +631,29 @@ class ShuffledSequenceLoader:
         inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
-
-def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int) -> np.ndarray:
-    """All validation shards concatenated, trimmed to a whole number of sequences plus one token."""
-    files = shard_files(data_path, "val")
-    tokens = np.concatenate([load_data_shard(f, vocab_size) for f in files])
+def whole_sequences(tokens: np.ndarray, seq_len: int, data_path: str) -> np.ndarray:
+    """The validation stream trimmed to a whole number of sequences plus one token."""
     usable = ((len(tokens) - 1) // seq_len) * seq_len
     if usable <= 0:
         raise InputError(f"validation set {os.path.join(data_path, 'fineweb_val_*.bin')} has {len(tokens)} tokens: "
                          f"fewer than one sequence of EVAL_SEQ_LEN={seq_len} plus one")
     return tokens[:usable + 1]
 
+def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int) -> np.ndarray:
+    files = shard_files(data_path, "val")
+    return whole_sequences(np.concatenate([load_data_shard(f, vocab_size) for f in files]), seq_len, data_path)
+
+def load_byte_sidecar(token_files: list[str]) -> np.ndarray | None:
+    """CaseOps' original bytes per token (#1729: fineweb_val_bytes_NNNNNN.bin beside each token shard), or None."""
+    sidecars = [Path(f).with_name(Path(f).name.replace("fineweb_val_", "fineweb_val_bytes_")) for f in token_files]
+    present = [s.is_file() for s in sidecars]
+    if not any(present):
+        return None
+    for tokens, sidecar, here in zip(token_files, sidecars, present):
+        if not here or shard_token_count(sidecar) != shard_token_count(tokens):
+            raise InputError(f"{sidecar}: {'missing' if not here else f'{shard_token_count(sidecar)} entries'}; the "
+                             f"byte sidecar must have one entry per token of {tokens} ({shard_token_count(tokens)})")
+    return np.concatenate([load_data_shard(s, 1 << 16) for s in sidecars]).astype(np.int64)
 
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
@@ -647,35 +668,85 @@ def load_tokenizer(path: str, vocab_size: int):
         raise InputError(f"{path}: tokenizer has {processor.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     return processor
 
+def piece_tables(processor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per id: bytes without a leading '▁', whether it has one, whether it is a boundary (control/unknown/unused)."""
+    size = processor.vocab_size()
+    base, leading_space, boundary = np.zeros(size, np.int64), np.zeros(size, np.bool_), np.ones(size, np.bool_)
+    for token in range(size):
+        if processor.is_control(token) or processor.is_unknown(token) or processor.is_unused(token):
+            continue
+        boundary[token], piece = False, processor.id_to_piece(token)
+        leading_space[token] = piece.startswith("\u2581") and not processor.is_byte(token)
+        base[token] = 1 if processor.is_byte(token) else len(piece[int(leading_space[token]):].encode("utf-8"))
+    return base, leading_space, boundary
 
-class ByteCounter:
-    """Bytes per target token exactly as #549 counts them (record_549.md section 4):
-    bytes(y | prev) = base_bytes[y] + [y starts with '▁' and prev is not a control/unknown token]:
-    byte-fallback pieces count 1 byte, control/unknown/unused pieces 0 (a BOS target adds loss, no bytes)."""
+def lookup_target_bytes(processor, tokens: np.ndarray) -> np.ndarray:
+    """Bytes per target exactly as #549 counts them (record_549.md section 4): bytes(y | prev) = base[y] + [y
+    starts with '▁' and prev is not a boundary]; byte-fallback pieces 1, boundaries 0 (a BOS target: loss, no bytes)."""
+    base, leading_space, boundary = piece_tables(processor)
+    return base[tokens[1:]] + (leading_space[tokens[1:]] & ~boundary[tokens[:-1]])
 
-    def __init__(self, processor, vocab_size: int, device: torch.device):
-        base = np.zeros(vocab_size, dtype=np.int16)
-        leading_space = np.zeros(vocab_size, dtype=np.bool_)
-        boundary = np.ones(vocab_size, dtype=np.bool_)
-        for token in range(processor.vocab_size()):
-            if processor.is_control(token) or processor.is_unknown(token) or processor.is_unused(token):
-                continue
-            boundary[token] = False
-            if processor.is_byte(token):
-                base[token] = 1
-                continue
-            piece = processor.id_to_piece(token)
-            if piece.startswith("\u2581"):
-                leading_space[token], piece = True, piece[1:]
-            base[token] = len(piece.encode("utf-8"))
-        self.base = torch.from_numpy(base).to(device)
-        self.leading_space = torch.from_numpy(leading_space).to(device)
-        self.boundary = torch.from_numpy(boundary).to(device)
+def caseops_operators(processor) -> str:
+    """A CaseOps tokenizer's operators: its single private-use-character pieces, in id order (data/caseops.py)."""
+    pieces = (processor.id_to_piece(token) for token in range(processor.vocab_size()))
+    return "".join(p for p in pieces if len(p) == 1 and "\ue000" <= p <= "\uf8ff")
 
-    def count(self, previous: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-target byte counts (int) for targets and the token right before each."""
-        space = self.leading_space[targets] & ~self.boundary[previous]
-        return self.base[targets].to(torch.int64) + space.to(torch.int64)
+def check_tokenizer(processor, path: str, operators: str, sidecar: bool):
+    """Refuse tokenizers #549's lookup table would count wrongly (frontier.md B.6); a sidecar replaces the table."""
+    if sidecar:
+        return
+    if operators:
+        raise InputError(f"{path}: CaseOps operator pieces {[f'U+{ord(c):04X}' for c in operators]} but no byte sidecar "
+                         f"fineweb_val_bytes_*.bin beside the validation shards: the lookup table would charge each "
+                         f"operator 3 bytes (#2071); use the CaseOps dataset with its sidecar")
+    space = processor.piece_to_id("\u2581")
+    if processor.id_to_piece(space) != "\u2581" or processor.is_byte(space) or processor.is_unknown(space):
+        raise InputError(f"{path}: no standalone '\u2581' piece: a lone space would be counted as the bytes of its "
+                         f"fallback, not 1 (#897: BPB about 20% too low)")
+    inner = [p for p in map(processor.id_to_piece, range(processor.vocab_size())) if "\u2581" in p[1:]]
+    if inner:
+        raise InputError(f"{path}: {len(inner)} pieces hold '\u2581' after their first character (e.g. {inner[0]!r}): "
+                         f"the lookup table would count each such space as 3 bytes, not 1")
+
+def audit_bytes(processor, tokens: np.ndarray, target_bytes: np.ndarray, operators: str) -> dict:
+    """Check every document's bytes against SentencePiece's own decoding: the stream is split at BOS; each run
+    between boundary tokens is decoded alone (the table drops the '▁' after a boundary, and so does the decoder);
+    CaseOps operators are undone, and the leading space the decoder drops is added back (the sidecar keeps the
+    original's). A document's targets run from its first piece to the next BOS."""
+    if len(tokens) < 2 or tokens[0] != BOS_ID:
+        raise InputError(f"the validation stream must start with BOS (id {BOS_ID}): every document begins with one")
+    _, leading_space, boundary = piece_tables(processor)
+    cuts = np.nonzero(boundary[tokens])[0]
+    runs = [run[1:].tolist() for run in np.split(tokens, cuts)[1:]]
+    texts = processor.decode(runs)
+    if operators:
+        texts = [caseops_decode(t, operators) + " " * bool(r and leading_space[r[0]]) for t, r in zip(texts, runs)]
+    starts = np.nonzero(tokens[:-1] == BOS_ID)[0]
+    counted = np.add.reduceat(target_bytes, starts)
+    decoded = np.bincount(np.cumsum(tokens[cuts] == BOS_ID) - 1, [len(t.encode("utf-8")) for t in texts],
+                          len(starts))[:len(starts)]  # [:] drops the empty document of a final BOS
+    wrong = np.nonzero(counted != decoded)[0]
+    if len(wrong):
+        first = int(wrong[0])
+        raise InputError(f"validation bytes: document {first} (tokens from {starts[first]}) counts {counted[first]} "
+                         f"bytes but decodes to {int(decoded[first])}; {len(wrong)} of {len(starts)} documents disagree")
+    return dict(counted=int(counted.sum()), decoded=int(decoded.sum()), documents=len(starts), tokens=len(tokens),
+                unknown_targets=int(np.count_nonzero(tokens[1:] == processor.unk_id())))
+
+class ValidationSet:
+    """The validation stream (whole EVAL_SEQ_LEN sequences plus one token) and each target's bytes: the sidecar's
+    original bytes when the shards have one (CaseOps), else #549's lookup table; audited at load."""
+
+    def __init__(self, h: Hyperparameters, processor):
+        files = shard_files(h.data_path, "val")
+        tokens = np.concatenate([load_data_shard(f, h.vocab_size) for f in files])
+        sidecar, operators = load_byte_sidecar(files), caseops_operators(processor)
+        check_tokenizer(processor, h.tokenizer_path, operators, sidecar is not None)
+        target_bytes = sidecar[1:] if sidecar is not None else lookup_target_bytes(processor, tokens)
+        self.audit = audit_bytes(processor, tokens, target_bytes, operators if sidecar is not None else "")
+        self.source = "sidecar" if sidecar is not None else "lookup"
+        self.tokens = whole_sequences(tokens, h.eval_seq_len, h.data_path)
+        self.target_bytes = target_bytes[:len(self.tokens) - 1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,7 +784,6 @@ if triton is not None:
             tl.store(lse_ptr + row, lse)
             tl.store(loss_ptr + row, lse - tl.sum(tl.where(offsets == target, capped, 0.0), 0))
 
-
 class SoftcappedCrossEntropy(torch.autograd.Function):
     """Per-row NLL of cap*tanh(z/cap) from the raw fp32 logits z (#1787): only z and the row LSE are kept for the
     backward, (softmax(z^) - onehot) * (1 - tanh^2(z/cap)), instead of autograd's capped logits and softmax."""
@@ -746,7 +816,6 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         probability[torch.arange(len(z), device=z.device), targets] -= 1.0
         return probability * (1.0 - t * t) * grad[:, None], None, None
 
-
 class LeakyReluSquare(torch.autograd.Function):
     """leaky_relu(u, s)^2 keeping only u for the backward: 2u (u > 0), 2s^2 u (u <= 0); autograd keeps u and the
     activation. Under torch.compile Inductor emits this elementwise math as one kernel, so it has no hand-written
@@ -763,17 +832,14 @@ class LeakyReluSquare(torch.autograd.Function):
         (u,) = ctx.saved_tensors
         return grad * 2.0 * torch.where(u > 0, u, ctx.slope * ctx.slope * u), None
 
-
 ROPE_NTK_REFERENCE_LEN = 1024  # #549 builds every Rotary with this "train length"; base is NTK-rescaled above it
 BIGRAM_HASH_MULTIPLIERS = (36313, 27191)
 BIGRAM_INIT_SCALE, VE_INIT_SCALE, VE_EMBED_INIT_STD = 0.05, 0.1, 0.01
-
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Weightless RMSNorm that keeps x's dtype. From torch 2.12, CUDA autocast runs aten::rms_norm in fp32
     (an AutocastCUDA kernel; none on the CPU): uncast, the residual stream turned fp32 and FA3 refused it."""
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
-
 
 def sdpa_attention(q, k, v):
     """q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D); PyTorch SDPA with native GQA."""
@@ -781,13 +847,11 @@ def sdpa_attention(q, k, v):
                                          is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return out.transpose(1, 2)
 
-
 FLASH_MODULES = {"fa3": ("flash_attn_interface", "flash_attention_3"), "fa2": ("flash_attn", "flash_attention_2")}
 FLASH_INSTALL_HINT = {"fa3": "install a FlashAttention 3 wheel built for this torch and CUDA (the records used "
                              "flash_attn_3 from windreamer's cu128_torch291 index or PyTorch's cu130 flash_attn_3 "
                              "wheel), or set ATTENTION_BACKEND=fa2 or sdpa deliberately (slower steps)",
                       "fa2": "pip install flash-attn --no-build-isolation, or set ATTENTION_BACKEND=sdpa"}
-
 
 def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype):
     """ATTENTION_BACKEND -> (name, fn) with fn(q, k, v) over (B, T, H, D) tensors. "auto" is FA3 on CUDA with a
@@ -816,7 +880,6 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
 
     return name, flash_attention
 
-
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (1, T, 1, rope_dims/2), fp32, built fresh on every call. Never cached: a table created
     under inference_mode (scoring) and reused by autograd (TTT) raises "Inference tensors cannot be saved for
@@ -827,14 +890,12 @@ def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[to
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
-
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first rope_dims dims of each head, paired (i, i + rope_dims/2); the rest pass through."""
     half = cos.size(-1)
     a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
-
 
 def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: remove from each head's output its component along the token's own value vector (GQA-aware)."""
@@ -844,7 +905,6 @@ def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     direction = F.normalize(v, dim=-1).unsqueeze(3)
     y = y - (y * direction).sum(-1, keepdim=True) * direction
     return y.view(batch, seq, heads, dim)
-
 
 def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """Fake quantization per output row on the symmetric grid [-qmax, qmax] * max|row|/qmax (late QAT on the
@@ -859,18 +919,15 @@ def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31, alpha: torch.Tensor
     low = units.detach().floor()
     return scale * (low + torch.sigmoid(alpha * (units - low - 0.5)))
 
-
 def fake_quantize_rows_record549(weight: torch.Tensor) -> torch.Tensor:
     """#549's late-QAT quantizer (LATE_QAT_SCOPE=projections): scale floored at 1/31, range [-32, 31]."""
     scale = (weight.detach().abs().amax(dim=-1, keepdim=True) / 31.0).clamp_min(1.0 / 31.0)
     quantized = (weight / scale).round().clamp(-32, 31) * scale
     return weight + (quantized - weight).detach()
 
-
 DENSE_ATTN_GATE_INIT_STD = 0.01
 GATE_INPUT_DIMS = 12  # #1667/#1855: the small gates read the first 12 channels of their input
 BOS_ID = 1  # every challenge document starts with BOS (id 1); there is no EOS (record_549.md section 4)
-
 
 class AttentionOutputGate(nn.Module):
     """Per-head multiplier of the attention output (after XSA, before the out-projection), read from the block's
@@ -889,7 +946,6 @@ class AttentionOutputGate(nn.Module):
         logits = F.linear(x[..., :self.width], self.weight.to(x.dtype))
         logits = self.sparse_scale * logits if self.kind == "sparse" else logits
         return (2.0 if self.kind == "attn_out" else 1.0) * torch.sigmoid(logits)[..., None]
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, h: Hyperparameters, use_xsa: bool, attention):
@@ -923,7 +979,6 @@ class CausalSelfAttention(nn.Module):
         if record is not None:
             record("attn.out", y)
         return F.linear(y, out_w)
-
 
 class Block(nn.Module):
     """Pre-norm block: x <- mix(x, x0); x += a*Attn(norm(x)*s); x += m*MLP(norm(x)*s), s = 1/sqrt(layer+1).
@@ -987,7 +1042,6 @@ class Block(nn.Module):
         return (rho[0] * attn_lane + pi[0, 0] * attn + pi[1, 0] * mlp,
                 rho[1] * mlp_lane + pi[0, 1] * attn + pi[1, 1] * mlp)
 
-
 class SmearGate(nn.Module):
     """#549: out_t = (1 - g) * x_t + g * x_{t-1}, g = sigmoid(gate) per channel (init 0.5); x_{-1} = 0. Applied
     after the embedding's RMSNorm. With SMEAR_BOS_MASK a document's BOS takes nothing from the document before
@@ -1005,7 +1059,6 @@ class SmearGate(nn.Module):
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
         return (1 - g) * x + g * previous
 
-
 class InputSmearGate(nn.Module):
     """#1667/#1855: e_t <- e_t + lambda * sigmoid(w . e_t[:12]) * e_{t-1} on the summed embeddings before the
     first RMSNorm; w and lambda start at zero, so it is the identity at init. BOS mask as SmearGate (#1851)."""
@@ -1022,20 +1075,17 @@ class InputSmearGate(nn.Module):
             gate = gate * (ids != BOS_ID).to(x.dtype)
         return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
 
-
 def optional_projection(in_dim: int, out_dim: int) -> nn.Linear | None:
     """#549's rule for the bigram and value-embedding tables: a bias-free projection only when the table's width
     differs from its target's. At P1 (VE_DIM = KV width) an always-present VE projection was a different model,
     about 0.008 BPB worse (parity D1). Built here, in construction order, so the seed draws as #549's does."""
     return nn.Linear(in_dim, out_dim, bias=False) if in_dim != out_dim else None
 
-
 def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize: bool) -> torch.Tensor:
     if projection is None:
         return x
     weight = fake_quantize_rows_record549(projection.weight) if fake_quantize else projection.weight
     return F.linear(x, weight)
-
 
 class BigramHash(nn.Module):
     """Hashed (previous, current) token embedding projected to the model width (#549 section 5.7)."""
@@ -1057,7 +1107,6 @@ class BigramHash(nn.Module):
     def forward(self, ids, fake_quantize=False):
         return self.scale * project(self.embed(self.bucket_ids(ids)), self.proj, fake_quantize)
 
-
 # EngramLite's hashes (#1089), one row per n-gram order (bigram, trigram), one function per head, of the current
 # token and the 1-2 before it (missing ones are token 0; no reserved bucket): int64, then mod the bucket count.
 ENGRAM_HASHES = (
@@ -1067,7 +1116,6 @@ ENGRAM_HASHES = (
      lambda cur, prev, pp: torch.bitwise_xor(torch.bitwise_xor(pp * 7919, prev * 4391), cur * 6151)),
 )
 ENGRAM_EMBED_INIT_STD = 0.01
-
 
 class EngramLite(nn.Module):
     """#1089: orders x heads hashed n-gram embeddings (one table, a slice of `buckets` rows each), concatenated,
@@ -1094,7 +1142,6 @@ class EngramLite(nn.Module):
         rows = self.embed(self.bucket_ids(ids)).flatten(-2)
         return torch.sigmoid(self.gate) * project(rows, self.proj, fake_quantize)
 
-
 class ValueEmbedding(nn.Module):
     """One token table shared by the VE layers, in the KV space (projected there when narrower); per-layer
     scalar gains."""
@@ -1110,7 +1157,6 @@ class ValueEmbedding(nn.Module):
 
     def forward(self, ids, fake_quantize=False):
         return self.scale * project(self.embed(ids), self.proj, fake_quantize)
-
 
 class GPT(nn.Module):
     """The #549 model: U-Net of pre-norm blocks whose matrices live in four 3-D banks (for Parallel Muon), in
@@ -1299,7 +1345,6 @@ POLAR_EXPRESS_1089 = (
     (1.875, -1.25, 0.375),
 )
 
-
 # The frontier's Polar Express tuples (#1787/#1855), one per step after a Frobenius normalization; steps past
 # the fifth reuse the last. Not to be mixed with #1089's table (its AOL start skips entry 0).
 POLAR_EXPRESS_FRONTIER = (
@@ -1309,7 +1354,6 @@ POLAR_EXPRESS_FRONTIER = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-
 
 def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7,
                                 coefficients=(NEWTON_SCHULZ_COEFFICIENTS,)) -> torch.Tensor:
@@ -1326,9 +1370,7 @@ def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
 
-
 polar_express_orthogonalize = functools.partial(newton_schulz_orthogonalize, coefficients=POLAR_EXPRESS_FRONTIER)
-
 
 def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
     """#1089's Turbo-Muon: AOL (Gershgorin) row scaling s_i = 1/sqrt(sum_j |A_ij|), A = X X^T, which bounds the
@@ -1348,7 +1390,6 @@ def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> 
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
 
-
 def post_normalize(update: torch.Tensor, mode: str, eps: float = 1e-7) -> torch.Tensor:
     """MUON_POST_NORM (#1089 row_col): divide each row by its L2 norm, then each column (norms in fp32), in the
     weight's own orientation. The column step comes last, so columns end at unit norm. It raises the effective
@@ -1359,20 +1400,16 @@ def post_normalize(update: torch.Tensor, mode: str, eps: float = 1e-7) -> torch.
         update = update / (update.float().norm(dim=-2, keepdim=True) + eps).to(update.dtype)
     return update
 
-
 ORTHOGONALIZERS = {"quintic": newton_schulz_orthogonalize, "turbo": turbo_orthogonalize,
                    "polar_express": polar_express_orthogonalize}
-
 
 def equalize_rows(update: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """MuonEq-R (#1855): each row of the momentum update divided by its L2 norm (fp32) before Newton-Schulz."""
     return update / update.float().norm(dim=-1, keepdim=True).clamp_min(eps).to(update.dtype)
 
-
 # torch 2.13 renamed the tensor collectives (the old names warn); #549's torch 2.9 only has the old ones.
 reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 
 class BankMuon(torch.optim.Optimizer):
     """Muon for 3-D banks: W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(g + mu buf) (#549 section 9.2).
@@ -1470,11 +1507,9 @@ class BankMuon(torch.optim.Optimizer):
         if self.decay_after_update:
             bank.mul_(1 - lr * weight_decay)
 
-
 TOKEN_TABLE_SUFFIXES = ("token_embedding.weight", "bigram_hash.embed.weight", "value_embedding.embed.weight",
                         "engram.embed.weight")
 SMALL_MATRIX_SUFFIXES = ("bigram_hash.proj.weight", "value_embedding.proj.weight", "engram.proj.weight")
-
 
 def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fused: bool, rank=0, world_size=1):
     """#549 section 9.1: Muon (banks), AdamW (token tables), AdamW (everything else); with
@@ -1503,7 +1538,6 @@ def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fu
                                    comm_dtype, **muon_form))
     return optimizers
 
-
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """1 until the warmdown, then linear down to LR_FLOOR (#549: 0). With a wallclock cap the warmdown is
     WARMDOWN_ITERS steps' worth of the measured step time before the cap (#549 section 10), or WARMDOWN_FRAC of
@@ -1517,11 +1551,9 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
         return 1.0
     return max(max(remaining, 0.0) / warmdown, h.lr_floor)
 
-
 def training_fraction(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """How far training is: elapsed / (cap - GPTQ reserve) under a wallclock cap (#1855), else step / ITERATIONS."""
     return elapsed_ms / (1000.0 * h.training_seconds) if h.training_seconds > 0 else step / max(h.iterations, 1)
-
 
 def weight_decay_multiplier(h: Hyperparameters, fraction: float) -> float:
     """WD taper (#1729): 1 until WD_TAPER_START, then linear to WD_TAPER_FINAL at the end of training."""
@@ -1529,7 +1561,6 @@ def weight_decay_multiplier(h: Hyperparameters, fraction: float) -> float:
         return 1.0
     progress = min((fraction - h.wd_taper_start) / (1.0 - h.wd_taper_start), 1.0)
     return 1.0 - (1.0 - h.wd_taper_final) * progress
-
 
 def muon_momentum_at(h: Hyperparameters, step: int) -> float:
     fraction = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
@@ -1539,7 +1570,6 @@ def muon_momentum_at(h: Hyperparameters, step: int) -> float:
 # ----------------------------------------------------------------------------------------------------
 # Weight averaging: EMA (exported by default, as #549) and SWA (exported when SWA_ENABLED=1)
 # ----------------------------------------------------------------------------------------------------
-
 
 class ExponentialMovingAverage:
     """fp32 shadow of every parameter: shadow <- decay * shadow + (1 - decay) * param, every step."""
@@ -1557,7 +1587,6 @@ class ExponentialMovingAverage:
     def copy_to(self, model: nn.Module):
         for param, value in zip(model.parameters(), self.shadow):
             param.copy_(value)
-
 
 class SnapshotAverage:
     """Uniform mean of snapshots taken every SWA_EVERY steps once the LR multiplier is below SWA_THRESHOLD."""
@@ -1595,7 +1624,6 @@ SIZE_CAP_BYTES = 16_000_000
 # stand-ins predict 18.8 MB there: long training makes weights heavy-tailed and more compressible.
 PLANNER_TAIL_DOF = 4.4
 
-
 def export_state(model: GPT) -> dict[str, torch.Tensor]:
     """Named fp32 tensors (on the model's device) with the banks split into one matrix per layer and role."""
     bank_ids = {id(p) for p in model.banks()}
@@ -1604,7 +1632,6 @@ def export_state(model: GPT) -> dict[str, torch.Tensor]:
         for role, weight in zip(BANK_ROLES, model.layer_weights(layer, model.banks())):
             state[f"blocks.{layer}.{role}"] = weight.detach().float()
     return state
-
 
 @torch.no_grad()
 def load_exported_state(model: GPT, state: dict[str, torch.Tensor]):
@@ -1616,19 +1643,18 @@ def load_exported_state(model: GPT, state: dict[str, torch.Tensor]):
         if name in state:
             param.copy_(state[name])
 
-
 def is_bank_matrix(name: str) -> bool:
     return name.startswith("blocks.") and name.split(".", 2)[2] in BANK_ROLES
 
-
 def quantization_group(name: str, value: torch.Tensor) -> str | None:
     """"attn"/"mlp" for bank matrices at any size (#549 kept every tensor <= 65,536 elements in fp16, so on
-    small proxies like P1 it quantized nothing), "embed" for the other large 2-D tensors (token, bigram and
-    value-embedding tables), None for the small tensors stored in fp16."""
+    small proxies like P1 it quantized nothing), "embed" for the token embedding, "tables" for the other large
+    2-D tensors (bigram and value-embedding tables), None for the small tensors stored in fp16."""
     if is_bank_matrix(name):
         return name.split(".")[2]
-    return "embed" if value.ndim == 2 and value.numel() > SMALL_TENSOR_NUMEL else None
-
+    if value.ndim != 2 or value.numel() <= SMALL_TENSOR_NUMEL:
+        return None
+    return "embed" if name == "token_embedding.weight" else "tables"
 
 def hessian_name(name: str) -> str:
     """Which recorded input Gram matrix belongs to a weight: q/k/v share theirs; the tied embedding's is the
@@ -1636,7 +1662,6 @@ def hessian_name(name: str) -> str:
     if name == "token_embedding.weight":
         return "head"
     return name[:-2] + ".qkv" if name.endswith((".attn.q", ".attn.k", ".attn.v")) else name
-
 
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-lite: symmetric per-row round-to-nearest to +-(2^(bits-1) - 1); each row picks the clip quantile of
@@ -1657,12 +1682,10 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
             best_scale, best_error = torch.where(better, scale, best_scale), torch.minimum(error, best_error)
     return best_q.to(torch.int8), best_scale.half()
 
-
 def sd_clip_scale(weight: torch.Tensor, sigmas: float, qmax: int) -> torch.Tensor:
     """SDClip (#1394): per-row scale k * std(row) / qmax, fp16-rounded as stored. Larger k: coarser grid,
     lower entropy, smaller artifact (#1394: H(q) ~ b - log2 k)."""
     return (sigmas * weight.float().std(dim=1, unbiased=False) / qmax).clamp_min(1e-8).half().float()
-
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -1693,7 +1716,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         w[:, last:] -= errors @ upper[first:last, last:]
     return q[:, torch.argsort(order)].to(torch.int8)
 
-
 def quantize_tensor(name: str, value: torch.Tensor, group: str, bits: int, h: Hyperparameters, hessians=None):
     """One tensor at `bits`: GPTQ-lite, or with QUANT=gptq full GPTQ where a Hessian exists (round-to-nearest
     elsewhere) on GPTQ-lite's searched row scales, or on SDClip scales when QUANT_CLIP_SIGMAS_* > 0."""
@@ -1706,7 +1728,6 @@ def quantize_tensor(name: str, value: torch.Tensor, group: str, bits: int, h: Hy
     q = gptq_quantize(value, hessian, scale, qmax) if hessian is not None else \
         (value / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
     return q, scale.half()
-
 
 def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=None, bits=None):
     """Quantize each tensor by its group's bit width (QUANT_BITS_*, or `bits` by name: the mixed-precision
@@ -1722,7 +1743,6 @@ def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=
         schemes[name] = f"int{width}"
     return tensors, schemes
 
-
 def sensitivity_groups(state, hessians) -> list[tuple[float, list[str]]]:
     """#1089's (layer, attn|mlp) groups, most sensitive first: mean over the group's matrices of trace(H)/cols,
     the input energy per column (it never looks at the weights)."""
@@ -1736,7 +1756,6 @@ def sensitivity_groups(state, hessians) -> list[tuple[float, list[str]]]:
         traces = [torch.diagonal(hessians[hessian_name(n)]).sum().item() / state[n].size(1) for n in names]
         ranked.append((sum(traces) / len(traces), names))
     return sorted(ranked, key=lambda item: -item[0])
-
 
 def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -> dict[str, int]:
     """MIXED_PRECISION: every matrix starts at its group's width; in sensitivity order, a group is promoted by
@@ -1768,9 +1787,7 @@ def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -
     log(f"mixed_precision: promoted {len(promoted)} groups {' '.join(promoted) or '-'}; estimated spare {spare} bytes")
     return bits
 
-
 LQER_GROUP = 64  # B's int4 values share one fp16 scale per 64 (flattened), as #1797
-
 
 def lqer_factors(error: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
     """LQER asymmetric (#1797): E ~ A B from a rank-r SVD of the quantization error; A = U_r S_r stored int2 in
@@ -1784,12 +1801,10 @@ def lqer_factors(error: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
             ".lqer_b": (groups / b_scale.float()[:, None]).round().clamp(-8, 7).to(torch.int8),
             ".lqer_b_scale": b_scale}
 
-
 def lqer_product(tensors: dict[str, torch.Tensor], name: str, cols: int) -> torch.Tensor:
     a = tensors[name + ".lqer_a"].float() * tensors[name + ".lqer_a_scale"].float()
     b = tensors[name + ".lqer_b"].float() * tensors[name + ".lqer_b_scale"].float()[:, None]
     return a @ b.reshape(-1)[:a.size(1) * cols].view(a.size(1), cols)
-
 
 def add_lqer_corrections(state, tensors, schemes, h: Hyperparameters) -> list[str]:
     """LQER_TOP_K: the quantized matrices with the largest ||W - W_hat||_F get a low-rank correction (#1855's
@@ -1803,7 +1818,6 @@ def add_lqer_corrections(state, tensors, schemes, h: Hyperparameters) -> list[st
         schemes[name] += "+lqer"
     return worst
 
-
 def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> dict[str, torch.Tensor]:
     state = {}
     for name, scheme in schemes.items():
@@ -1816,7 +1830,6 @@ def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) 
             state[name] += lqer_product(tensors, name, q.size(1))
     return state
 
-
 def pack_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
     """A plain container (never pickle): u64 header length, JSON index, then raw little-endian tensor bytes."""
     index, blobs, offset = [], [], 0
@@ -1828,7 +1841,6 @@ def pack_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
         offset += len(blob)
     header = json.dumps(dict(tensors=index, meta=meta), separators=(",", ":")).encode()
     return struct.pack("<Q", len(header)) + header + b"".join(blobs)
-
 
 def unpack_tensors(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     """Parse a container; anything else (a pickle, a torch.save zip) is refused without being executed."""
@@ -1846,12 +1858,10 @@ def unpack_tensors(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     except (struct.error, ValueError, KeyError, TypeError, RuntimeError):
         raise InputError("artifact payload is not a tensor container (pickles are never loaded)") from None
 
-
 def byte_shuffle(raw: bytes, stride: int) -> bytes:
     """All bytes at offset 0 mod stride, then 1 mod stride, ... (#1089: stride 2 groups fp16 high/low bytes)."""
     array = np.frombuffer(raw, dtype=np.uint8)
     return b"".join(array[i::stride].tobytes() for i in range(stride))
-
 
 def byte_unshuffle(data: bytes, stride: int) -> bytes:
     array, out = np.frombuffer(data, dtype=np.uint8), np.empty(len(data), dtype=np.uint8)
@@ -1861,7 +1871,6 @@ def byte_unshuffle(data: bytes, stride: int) -> bytes:
         out[i::stride] = array[start:start + count]
         start += count
     return out.tobytes()
-
 
 def run_lrzip(data: bytes, unpack: bool) -> bytes:
     """The lrzip program (ZPAQ at level 9, as #1855) through temporary files."""
@@ -1873,7 +1882,6 @@ def run_lrzip(data: bytes, unpack: bool) -> bytes:
         if result.returncode != 0:
             raise RuntimeError(f"lrzip failed ({result.returncode}): {result.stderr.decode(errors='replace')[-500:]}")
         return target.read_bytes()
-
 
 def compress(raw: bytes, compressor: str) -> bytes:
     if compressor == "lrzip":
@@ -1888,7 +1896,6 @@ def compress(raw: bytes, compressor: str) -> bytes:
 
     return brotli.compress(raw, quality=11)
 
-
 def decompress(blob: bytes, compressor: str) -> bytes:
     if compressor == "lrzip":
         return run_lrzip(blob, unpack=True)
@@ -1902,9 +1909,7 @@ def decompress(blob: bytes, compressor: str) -> bytes:
 
     return brotli.decompress(blob)
 
-
 SIMILARITY_SORTED_ROLES = ("token_embedding.weight", "attn.q", "mlp.up")  # #1855's reordered groups
-
 
 def similarity_order(rows: torch.Tensor) -> torch.Tensor:
     """A greedy L1 nearest-neighbour chain through the rows from row 0 (#1855): similar rows side by side."""
@@ -1914,7 +1919,6 @@ def similarity_order(rows: torch.Tensor) -> torch.Tensor:
         order.append(int(distance[order[-1]].masked_fill(visited, float("inf")).argmin()))
         visited[order[-1]] = True
     return torch.tensor(order)
-
 
 def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> bytes:
     """COMPRESSOR=lrzip (#1855): the quantized matrices grouped by role across layers, stored column-major, the
@@ -1936,7 +1940,6 @@ def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) ->
     index = json.dumps([[role, len(blob)] for role, blob in parts]).encode()
     return struct.pack("<I", len(index)) + index + b"".join(blob for _, blob in parts)
 
-
 def decode_grouped(body: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     (index_len,) = struct.unpack_from("<I", body)
     offset, tensors, meta = 4 + index_len, {}, {}
@@ -1952,7 +1955,6 @@ def decode_grouped(body: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         tensors[base + ".q"] = tensors[base + ".q"][torch.argsort(tensors.pop(name).long())]
     return tensors, meta
 
-
 def encode_artifact(tensors: dict[str, torch.Tensor], schemes: dict[str, str], h: Hyperparameters) -> bytes:
     """Container -> optional byte shuffle -> compressor, behind a self-describing, checksummed header."""
     raw = pack_tensors(tensors, dict(schemes=schemes))
@@ -1964,7 +1966,6 @@ def encode_artifact(tensors: dict[str, torch.Tensor], schemes: dict[str, str], h
     header = json.dumps(dict(version=ARTIFACT_VERSION, compressor=h.compressor, transform=transform,
                              raw_bytes=len(raw), body_bytes=len(body), sha256=hashlib.sha256(body).hexdigest()))
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header.encode() + body
-
 
 def read_artifact(path: str) -> dict[str, torch.Tensor]:
     """Read an artifact from disk, verify it completely and return the dequantized named state."""
@@ -1993,7 +1994,6 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
     return dequantize_state(tensors, meta["schemes"])
-
 
 def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> bytes:
     """SIZE_FIT: zero the least important quantized values with |q| <= SIZE_FIT_LEVELS (#609: +-1; #1089: +-1 and
@@ -2039,13 +2039,11 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
         f"model_bytes:{len(blob)} budget:{budget}")
     return blob
 
-
 def stand_in_state(h: Hyperparameters, distribution) -> dict[str, torch.Tensor]:
     """The configured model's exported tensors, every quantized one replaced by samples of `distribution`."""
     torch.manual_seed(h.seed)
     state = export_state(GPT(h))
     return {n: distribution.sample(v.shape) if quantization_group(n, v) else v for n, v in state.items()}
-
 
 def plan_artifact(h: Hyperparameters) -> int:
     """DRY_RUN size planner: the configured model's tensors, with every quantized one replaced by a trained-
@@ -2067,7 +2065,6 @@ def plan_artifact(h: Hyperparameters) -> int:
 # Evaluate
 # ----------------------------------------------------------------------------------------------------
 
-
 class ScoreAccumulator:
     """float64 sums of NLL (nats), scored tokens and bytes; all-reduced as sums, never as ratios."""
 
@@ -2085,7 +2082,6 @@ class ScoreAccumulator:
             dist.all_reduce(sums)
         nll, tokens, byte_total = sums.tolist()
         return nll / tokens, nll / math.log(2) / byte_total, int(tokens), int(byte_total)
-
 
 class SlidingWindows:
     """The scoring plan of every evaluation pass. Window 0 scores targets [0, L) from inputs [0, L); window
@@ -2107,10 +2103,8 @@ class SlidingWindows:
         """Indices of the windows whose scored targets lie in [lo, hi)."""
         return np.nonzero((self.score_lo >= lo) & (self.score_hi <= hi))[0]
 
-
 class IllegalTestTimeTraining(RuntimeError):
     """Raised before an update that would train on a validation target that has not been scored yet."""
-
 
 class ScoreLedger:
     """How often each target has been scored (summed over ranks) and what training used: the TTT audit.
@@ -2162,7 +2156,6 @@ class ScoreLedger:
                 raise AssertionError(f"chunk {chunk}: trained up to target {trained}, scored only up to {scored}")
         return f"chunks={len(self.chunks)} tokens_scored={self.num_targets} tokens_trained={int(self.trained.sum())}"
 
-
 def window_batches(plan: SlidingWindows, indices: np.ndarray, batch: int, pad: bool):
     """Batches of windows with the same scored width (window 0 scores all L targets). With pad, short
     batches repeat their last window (results dropped) so compiled graphs keep one static shape."""
@@ -2176,11 +2169,9 @@ def window_batches(plan: SlidingWindows, indices: np.ndarray, batch: int, pad: b
                 chosen = np.concatenate((chosen, np.repeat(chosen[-1:], batch - real)))
             yield int(width), chosen, real
 
-
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host array -> device without a stream sync (a blocking copy waits for every queued kernel)."""
     return torch.from_numpy(array).to(device, non_blocking=True)
-
 
 def window_nll(model, run, window: torch.Tensor, width: int) -> torch.Tensor:
     """Per-target NLL (B, width) of the last `width` targets of (B, L + 1) token windows. The one scoring call,
@@ -2188,45 +2179,42 @@ def window_nll(model, run, window: torch.Tensor, width: int) -> torch.Tensor:
     with run.autocast():
         return run.forward(model, window[:, :-1], window[:, -width:], reduction="none")
 
-
 def sequences_loss(model, run, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Summed NLL of n * seq_len + 1 consecutive tokens read as n sequences: TTT's training call, shared with
     the priming for the same reason as window_nll."""
     with run.autocast():
         return run.forward(model, tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len), reduction="sum")
 
-
 @torch.inference_mode()
-def score_windows(model, run, tokens: np.ndarray, plan: SlidingWindows, indices, byte_counter, scores, ledger):
+def score_windows(model, run, val: ValidationSet, plan: SlidingWindows, indices, scores, ledger):
     """Add the NLL and bytes of the given windows' scored targets to scores; mark them in the ledger. The
-    batch loop never waits for the device: masks are built on the host, sums stay on the device."""
+    batch loop never waits for the device: masks and bytes are gathered on the host, sums stay on the device."""
     model.eval()
     offsets = np.arange(plan.seq_len + 1)
     for width, chosen, real in window_batches(plan, indices, run.window_batch, pad=run.compile):
-        window = to_device(tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64), run.device)
+        window = to_device(val.tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64), run.device)
         nll = window_nll(model, run, window, width)
         # Position p of the last `width` predicts target score_hi - width + p; keep those >= score_lo.
-        keep = (plan.score_hi[chosen] - width)[:, None] + np.arange(width) >= plan.score_lo[chosen][:, None]
+        targets = (plan.score_hi[chosen] - width)[:, None] + np.arange(width)
+        keep = targets >= plan.score_lo[chosen][:, None]
         keep[real:] = False
-        scores.add(nll, byte_counter.count(window[:, -width - 1:-1], window[:, -width:]), to_device(keep, run.device))
+        scores.add(nll, to_device(val.target_bytes[targets], run.device), to_device(keep, run.device))
         for k in chosen[:real]:
             ledger.mark(int(plan.score_lo[k]), int(plan.score_hi[k]))
 
-
-def evaluate(model: GPT, run, val_tokens: np.ndarray, byte_counter: ByteCounter, stride: int) -> tuple[float, float]:
+def evaluate(model: GPT, run, val: ValidationSet, stride: int) -> tuple[float, float]:
     """Mean NLL and BPB of every validation target, scored once each; ranks split the windows."""
-    num_targets = len(val_tokens) - 1
+    num_targets = len(val.tokens) - 1
     plan = SlidingWindows(num_targets, run.h.eval_seq_len, stride)
     mine = np.array_split(np.arange(len(plan)), run.world_size)[run.rank]
     scores, ledger = ScoreAccumulator(run.device), ScoreLedger(num_targets, run)
     was_training = model.training
-    score_windows(model, run, val_tokens, plan, mine, byte_counter, scores, ledger)
+    score_windows(model, run, val, plan, mine, scores, ledger)
     model.train(was_training)
     ledger.sync(0, num_targets)
     ledger.audit()
     val_loss, val_bpb, _, _ = scores.result(run.world_size > 1)
     return val_loss, val_bpb
-
 
 def ttt_steps(h: Hyperparameters, num_seqs: int, rank: int, world_size: int):
     """One TTT epoch over num_seqs sequences: (first, count, a, b) per step, where TTT_BATCH_SEQS sequences are
@@ -2235,12 +2223,10 @@ def ttt_steps(h: Hyperparameters, num_seqs: int, rank: int, world_size: int):
         count = min(h.ttt_batch_seqs, num_seqs - first)
         yield first, count, first + count * rank // world_size, first + count * (rank + 1) // world_size
 
-
 def ttt_rows(h: Hyperparameters, rank: int, world_size: int) -> list[int]:
     """The distinct per-rank batch sizes (sequences) of TTT's training steps: every trained chunk is full."""
     steps = ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, rank, world_size)
     return sorted({b - a for _, _, a, b in steps} - {0})
-
 
 def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     """Compile every graph variant evaluation will run, on random tokens, before the artifact is loaded and the
@@ -2267,7 +2253,6 @@ def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     model.eval()
     return variants
 
-
 def score_first_schedule(num_chunks: int):
     """The legal TTT order: score chunk c, then train on it; the last chunk is scored, never trained on."""
     for chunk in range(num_chunks):
@@ -2275,15 +2260,14 @@ def score_first_schedule(num_chunks: int):
         if chunk < num_chunks - 1:
             yield "train", chunk
 
-
 class TestTimeTrainer:
     """Legal score-first TTT (#549 section 15.3): SGD on already-scored chunks, cosine LR over chunks, with
     the ledger checking every update and a budget guard that stops training, never scoring."""
 
-    def __init__(self, model: GPT, run, val_tokens: np.ndarray, byte_counter: ByteCounter, eval_started: float):
+    def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float):
         h = self.h = run.h
-        self.model, self.run, self.tokens, self.byte_counter = model, run, val_tokens, byte_counter
-        self.num_targets = len(val_tokens) - 1
+        self.model, self.run, self.val, self.tokens = model, run, val, val.tokens
+        self.num_targets = len(val.tokens) - 1
         self.plan = SlidingWindows(self.num_targets, h.eval_seq_len, h.eval_stride)
         self.num_chunks = -(-self.num_targets // h.ttt_chunk_tokens)
         self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device)
@@ -2308,7 +2292,7 @@ class TestTimeTrainer:
     def score(self, chunk: int):
         lo, hi = self.chunk_range(chunk)
         mine = np.array_split(self.plan.within(lo, hi), self.run.world_size)[self.run.rank]
-        score_windows(self.model, self.run, self.tokens, self.plan, mine, self.byte_counter, self.scores, self.ledger)
+        score_windows(self.model, self.run, self.val, self.plan, mine, self.scores, self.ledger)
         self.ledger.sync(lo, hi, chunk)
 
     def train(self, chunk: int):
@@ -2383,9 +2367,7 @@ class TestTimeTrainer:
         val_loss, val_bpb, _, _ = self.scores.result(self.run.world_size > 1)
         return val_loss, val_bpb, summary
 
-
 TTT_ADAMW_BETAS = (0.9, 0.999)  # #518's TTT AdamW (weight decay 0)
-
 
 def ttt_optimizer(model: GPT, params: list[nn.Parameter], h: Hyperparameters) -> torch.optim.Optimizer:
     """SGD with momentum (#549) or AdamW (#518), one parameter group per bank for TTT_LR_MULTS."""
@@ -2395,7 +2377,6 @@ def ttt_optimizer(model: GPT, params: list[nn.Parameter], h: Hyperparameters) ->
     if h.ttt_optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=h.ttt_lr, betas=TTT_ADAMW_BETAS, weight_decay=0.0)
     return torch.optim.SGD(groups, lr=h.ttt_lr, momentum=h.ttt_momentum)
-
 
 def freeze_blocks(model: GPT, count: int) -> tuple[dict[int, torch.Tensor], list[nn.Parameter]]:
     """Freeze the first `count` blocks for TTT, their bank slices included (#549's freeze never reached the
@@ -2414,11 +2395,9 @@ def freeze_blocks(model: GPT, count: int) -> tuple[dict[int, torch.Tensor], list
 # Main: run context, logging, training loop, export, evaluation
 # ----------------------------------------------------------------------------------------------------
 
-
 # Graph variants of one compiled model: train, train+QAT, eval at two scored widths, TTT train (and the
 # switches to come). Dynamo's default limit of 8 per code object would silently fall back to eager.
 RECOMPILE_LIMIT = 64
-
 
 def raise_recompile_limit():
     config = torch._dynamo.config
@@ -2426,7 +2405,6 @@ def raise_recompile_limit():
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-
 
 class RunContext:
     """Device, ranks, precision and logging for one process of a run."""
@@ -2495,9 +2473,7 @@ class RunContext:
         if self.world_size > 1:
             dist.barrier()
 
-
 NOT_SETTINGS = ("env_names", "ignored_record_variables", "preset_values", "record_spellings")
-
 
 def log_run_header(run: RunContext, code: str):
     """The log starts with the code and the environment, like #549's logs."""
@@ -2530,25 +2506,21 @@ def log_run_header(run: RunContext, code: str):
     run.log(f"compute_dtype:{str(run.compute_dtype).removeprefix('torch.')} attention:{run.attention_name} "
             f"compile:{int(run.compile)} world_size:{run.world_size} grad_accum_steps:{h.grad_accum_steps}")
 
-
 def set_seeds(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
 
 def build_model(h: Hyperparameters, run: RunContext) -> GPT:
     """Same weights on every rank: the model is built on the CPU under the seed, then moved."""
     set_seeds(h.seed)
     return GPT(h, attention=run.attention).to(run.device)
 
-
 class Trainer:
     """The timed training loop of #549 section 11, with priming steps that are undone before the clock starts."""
 
-    def __init__(self, h: Hyperparameters, run: RunContext, model: GPT, val_tokens, byte_counter):
-        self.h, self.run, self.model = h, run, model
-        self.val_tokens, self.byte_counter = val_tokens, byte_counter
+    def __init__(self, h: Hyperparameters, run: RunContext, model: GPT, val: ValidationSet | None):
+        self.h, self.run, self.model, self.val = h, run, model, val
         fused = run.device.type == "cuda"
         self.optimizers = build_optimizers(model, h, run.compute_dtype, fused, run.rank, run.world_size)
         bank_ids = {id(p) for p in model.banks()}
@@ -2662,7 +2634,7 @@ class Trainer:
             self.run.log(f"looping:enabled step:{step} fraction:{fraction:.3f} layers:{self.model.layer_order()}")
 
     def validate(self, step: int, train_ms: float):
-        val_loss, val_bpb = evaluate(self.model, self.run, self.val_tokens, self.byte_counter, self.h.eval_seq_len)
+        val_loss, val_bpb = evaluate(self.model, self.run, self.val, self.h.eval_seq_len)
         self.run.log(f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                      f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
@@ -2785,7 +2757,6 @@ class Trainer:
         else:
             self.run.log("averaging:none; exporting the final weights")
 
-
 @torch.inference_mode()
 def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int) -> dict[str, torch.Tensor]:
     """Sum X^T X (fp32) of every matrix's inputs over GPTQ_CALIB_BATCHES training micro-batches per rank,
@@ -2813,7 +2784,6 @@ def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int) -> 
             dist.all_reduce(gram)
     return sums
 
-
 def verify_replicas(run: RunContext, model: GPT):
     """Without DDP, ranks stay in sync only through identical init and identical updates (#549 pitfall 29):
     compare a SHA-256 of every parameter's bytes across ranks and stop loudly if any differs."""
@@ -2828,7 +2798,6 @@ def verify_replicas(run: RunContext, model: GPT):
         raise RuntimeError(f"replicas diverged: parameter SHA-256 per rank {digests}")
     run.log(f"replicas:identical ranks:{run.world_size} sha256:{digests[0][:16]}")
 
-
 def log_size_plan(run: RunContext, code: str) -> int | None:
     """Predict the artifact (rank 0) before anything else, so an over-size configuration fails fast."""
     if not run.is_main:
@@ -2842,8 +2811,8 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
     total = code_bytes + predicted
     run.log(f"size_plan params:{params} code_bytes:{code_bytes} predicted_model_bytes:{predicted} "
             f"predicted_total_bytes:{total} cap:{SIZE_CAP_BYTES} headroom:{SIZE_CAP_BYTES - total}")
-    run.log(f"size_plan:scheme quant:{h.quant} bits_mlp/attn/embed:{h.quant_bits_mlp}/{h.quant_bits_attn}/"
-            f"{h.quant_bits_embed} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
+    run.log(f"size_plan:scheme quant:{h.quant} bits_mlp/attn/embed/tables:{h.quant_bits_mlp}/{h.quant_bits_attn}/"
+            f"{h.quant_bits_embed}/{h.quant_bits_tables} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
             f"seconds:{time.perf_counter() - started:.1f}")
     if h.mixed_precision:
         run.log("size_plan:mixed_precision planned at the base widths; after training, groups are promoted into "
@@ -2852,7 +2821,6 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
         run.log(f"WARNING: PREDICTED ARTIFACT OVER THE CAP by {total - SIZE_CAP_BYTES} bytes"
                 + ("" if h.size_fit else " (SIZE_FIT=1 would prune to fit)"))
     return predicted
-
 
 def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predicted=None) -> int:
     """Rank 0 quantizes and writes the artifact; every rank reads its size back from disk. The code counted
@@ -2886,7 +2854,6 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
                 f"it is written and will be evaluated, then the run exits with status 3")
     return total
 
-
 def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") -> tuple:
     """Run one evaluation pass and log its two lines: rounded with the time, then _exact (8 decimals).
     Returns what evaluate_fn returned: (val_loss, val_bpb, ...)."""
@@ -2900,8 +2867,7 @@ def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") ->
     run.log(f"{label}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     return result
 
-
-def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: ByteCounter):
+def evaluate_artifact(run: RunContext, val: ValidationSet):
     """Every scored pass runs on the artifact read back from disk. The eval budget starts at that read."""
     h = run.h
     phase_started = time.perf_counter()  # the eval phase's wall time, logged beside the eval clock's
@@ -2914,11 +2880,11 @@ def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: Byt
     eval_started = time.perf_counter()
     load_exported_state(model, read_artifact(h.artifact_path))
     run.log(f"eval:artifact loaded path:{h.artifact_path} seconds:{time.perf_counter() - eval_started:.1f}")
-    evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_seq_len))
-    evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_stride),
+    evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val, h.eval_seq_len))
+    evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val, h.eval_stride),
                   suffix=f" stride:{h.eval_stride}")
     if h.ttt_enabled:
-        ttt = TestTimeTrainer(model, run, val_tokens, byte_counter, eval_started)
+        ttt = TestTimeTrainer(model, run, val, eval_started)
         frozen, total = ttt.frozen_parameters(), sum(p.numel() for p in model.parameters())
         run.log(f"ttt:start chunks={ttt.num_chunks} chunk_tokens={h.ttt_chunk_tokens} windows={len(ttt.plan)} "
                 f"stride={h.eval_stride} lr={h.ttt_lr} epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} "
@@ -2932,7 +2898,6 @@ def evaluate_artifact(run: RunContext, val_tokens: np.ndarray, byte_counter: Byt
             + (" OVER BUDGET" if total_s > h.eval_budget_seconds else "")
             + f" phase_seconds_with_priming:{time.perf_counter() - phase_started:.1f}")
 
-
 def main() -> int:
     """Returns the exit status: 0, or 3 when the artifact is over the 16,000,000-byte cap."""
     h = Hyperparameters()
@@ -2943,13 +2908,10 @@ def main() -> int:
     if h.dry_run:  # the size plan needs neither data nor a tokenizer
         run.seal_log()
         return 0
-    processor = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    byte_counter = ByteCounter(processor, h.vocab_size, run.device)
-    val_tokens = load_validation_tokens(h.data_path, h.eval_seq_len, h.vocab_size)
-    val_targets = torch.from_numpy(val_tokens.astype(np.int64))
-    val_bytes = int(byte_counter.count(val_targets[:-1].to(run.device), val_targets[1:].to(run.device)).sum())
-    run.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} "
-            f"tokens:{len(val_tokens) - 1} bytes:{val_bytes}")
+    val = ValidationSet(h, load_tokenizer(h.tokenizer_path, h.vocab_size))
+    run.log(f"val_bytes:{val.source} " + " ".join(f"{k}:{v}" for k, v in val.audit.items()) + " (every document)")
+    run.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_[0-9]*.bin')} "
+            f"tokens:{len(val.tokens) - 1} bytes:{int(val.target_bytes.sum())} byte_source:{val.source}")
     total_bytes = 0
     if h.eval_only:
         if not Path(h.artifact_path).is_file():
@@ -2962,19 +2924,18 @@ def main() -> int:
         run.log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.use_xsa]}")
         run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
                 f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
-        hessians = Trainer(h, run, model, val_tokens, byte_counter).train()
+        hessians = Trainer(h, run, model, val).train()
         total_bytes = write_artifact(run, model, code, hessians, predicted)  # before any evaluation
         evaluate_pass(run, "DIAGNOSTIC post_average",
-                      lambda: evaluate(model, run, val_tokens, byte_counter, h.eval_seq_len))
+                      lambda: evaluate(model, run, val, h.eval_seq_len))
         del model, hessians
-    evaluate_artifact(run, val_tokens, byte_counter)
+    evaluate_artifact(run, val)
     status = 0
     if total_bytes > SIZE_CAP_BYTES:
         run.log(f"ERROR: exiting with status 3: the artifact ({total_bytes} bytes) is over the cap")
         status = 3
     run.seal_log()
     return status
-
 
 def end_distributed_run(status: int):
     """Barrier, tear down, and leave without interpreter finalization: gloo's worker threads may still be
@@ -2985,7 +2946,6 @@ def end_distributed_run(status: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
-
 
 if __name__ == "__main__":
     try:

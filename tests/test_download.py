@@ -14,15 +14,18 @@ from build_sample import write_shard
 SHARD, VAL_DOCS, TRAIN_TOKENS = 60_000, 50_000, 250_000
 
 
-def make_hub(root: Path, tokenizer: str) -> Path:
-    """A dataset repo laid out like willdepueoai/parameter-golf/datasets, small: shards of 60,000 tokens."""
+def make_hub(root: Path, tokenizer: str, name: str = "fineweb10B_sp1024") -> Path:
+    """A dataset repo laid out like willdepueoai/parameter-golf/datasets, small: shards of 60,000 tokens (a
+    CaseOps dataset also gets a byte sidecar per validation shard)."""
     rng = np.random.default_rng(0)
     val = np.concatenate([[1, *rng.integers(4, 1024, 2)] for _ in range(VAL_DOCS)])  # 50,000 docs of 3 tokens
     train = rng.integers(4, 1024, TRAIN_TOKENS)
-    base = root / "datasets" / "datasets" / "fineweb10B_sp1024"
+    base = root / "datasets" / "datasets" / name
     for split, tokens in (("val", val), ("train", train)):
         for index, first in enumerate(range(0, len(tokens), SHARD)):
             write_shard(base / f"fineweb_{split}_{index:06d}.bin", tokens[first:first + SHARD])
+            if split == "val" and "caseops" in name:
+                write_shard(base / f"fineweb_val_bytes_{index:06d}.bin", (tokens[first:first + SHARD] != 1) * 3)
     (root / "datasets" / "tokenizers").mkdir(parents=True)
     shutil.copy(tokenizer, root / "datasets" / "tokenizers" / "fineweb_1024_bpe.model")
     shutil.copy(Path(tokenizer).with_suffix(".vocab"), root / "datasets" / "tokenizers" / "fineweb_1024_bpe.vocab")
@@ -31,7 +34,7 @@ def make_hub(root: Path, tokenizer: str) -> Path:
         "tokenizers": [{"name": "sp_bpe_1024", "kind": "sentencepiece_bpe", "vocab_size": 1024,
                         "model_path": "tokenizers/fineweb_1024_bpe.model",
                         "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
-        "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "vocab_size": 1024, "bos_id": 1,
+        "datasets": [{"name": name, "tokenizer_name": "sp_bpe_1024", "vocab_size": 1024, "bos_id": 1,
                       "stats": {"docs_val": VAL_DOCS, "files_val": 3, "files_train": 5, "tokens_val": len(val),
                                 "tokens_train": TRAIN_TOKENS}}],
     }
@@ -61,6 +64,8 @@ def test_downloads_the_official_layout_and_verifies_it(hub, tmp_path):
         "fineweb_val_000000.bin", "fineweb_val_000001.bin", "fineweb_val_000002.bin"]
     assert (data / "tokenizers" / "fineweb_1024_bpe.model").is_file() and (data / "manifest.json").is_file()
     assert result["fetched"] == 8 and result["val_docs"] == 50_000 and result["val_tokens"] == 150_000
+    assert result["messages"][-1] == (f"train with: DATA_PATH={dataset} TOKENIZER_PATH={data}/tokenizers/"
+                                      f"fineweb_1024_bpe.model VOCAB_SIZE=1024")
     assert run(hub, data)["fetched"] == 0  # a rerun keeps every valid file
 
 
@@ -120,3 +125,22 @@ def test_command_line_reports_errors_in_one_line(hub, tmp_path, capsys):
     assert status == 2
     assert capsys.readouterr().err.startswith("error: fineweb10B_sp4096 is not in datasets/manifest.json")
     assert downloader.main(["--train-shards", "9", "--local-hub", str(hub), "--data-dir", str(tmp_path / "d")]) == 2
+
+
+def test_caseops_fetches_its_byte_sidecars_and_keeps_its_own_manifest(tmp_path, sample_data):
+    name = downloader.VARIANTS["caseops_sp8192"][1]
+    hub, data = make_hub(tmp_path / "hub", sample_data[1], name), tmp_path / "data"
+    (data / "manifest.json").parent.mkdir()
+    (data / "manifest.json").write_text("{}")  # the challenge repo's manifest: another repo's, left alone
+    result = downloader.download("caseops_sp8192", 1, data, downloader.hub_fetcher("x", hub), log=lambda m: None)
+    dataset = data / "datasets" / name
+    assert sorted(p.name for p in dataset.glob("fineweb_val_bytes_*.bin")) == [
+        f"fineweb_val_bytes_{i:06d}.bin" for i in range(3)]
+    assert result["fetched"] == 3 + 3 + 1 + 2 and (data / "manifest.romeerp__parameter-golf-caseops-v1.json").is_file()
+    assert (data / "manifest.json").read_text() == "{}"
+    sidecar = hub / "datasets" / "datasets" / name / "fineweb_val_bytes_000001.bin"
+    write_shard(sidecar, np.zeros(59_999, dtype=np.uint16))  # one entry short of its token shard
+    (dataset / "fineweb_val_bytes_000001.bin").unlink()
+    with pytest.raises(downloader.DownloadError, match=r"fineweb_val_bytes_000001.bin is invalid: .*59999 tokens, "
+                                                       r"the manifest implies 60000"):
+        downloader.download("caseops_sp8192", 1, data, downloader.hub_fetcher("x", hub), log=lambda m: None)

@@ -347,7 +347,7 @@ FRONTIER_1855 = {
     "muon_momentum_warmup_steps": 1500, "tied_embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02,
     "adam_wd": 0.02, "beta1": 0.9, "beta2": 0.99, "grad_clip_norm": 0.3, "warmdown_frac": 0.85, "lr_floor": 0.1,
     "wd_taper_start": 0.7, "wd_taper_final": 0.5, "ema_decay": 0.9965, "quant": "gptq", "quant_bits_mlp": 6,
-    "quant_bits_attn": 6, "quant_bits_embed": 7, "quant_clip_sigmas_mlp": 11.5, "quant_clip_sigmas_attn": 13.0,
+    "quant_bits_attn": 6, "quant_bits_embed": 7, "quant_bits_tables": 7, "quant_clip_sigmas_mlp": 11.5, "quant_clip_sigmas_attn": 13.0,
     "lqer_top_k": 3, "lqer_rank": 4, "compressor": "brotli", "byte_shuffle": True, "gptq_calib_batches": 16,
     "train_batch_tokens": 786_432, "train_seq_len": 2048, "rope_dims": 16, "logit_softcap": 30.0,
 }
@@ -357,6 +357,11 @@ def test_frontier_preset_has_the_1855_stacks_values():
     h = train_gpt.Hyperparameters({"PRESET": "frontier"})
     assert {k: getattr(h, k) for k in FRONTIER_1855} == FRONTIER_1855
     assert h.late_qat_threshold == 0  # #1218 removed QAT; LR_FLOOR 0.1 < 0.15 would otherwise switch it on
+    for preset, dataset in (("frontier_sp8192", "fineweb10B_sp8192"),
+                            ("frontier_caseops", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")):
+        h = train_gpt.Hyperparameters({"PRESET": preset})
+        assert {k: getattr(h, k) for k in FRONTIER_1855} == FRONTIER_1855 and h.vocab_size == 8192
+        assert h.bigram_vocab_size == 0 and not h.ve_enabled and h.data_path == f"./data/datasets/{dataset}"
 
 
 FRONTIER_TINY = dict(PRESET="frontier", XSA_LAST_N=4, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3,

@@ -104,3 +104,20 @@ def test_logs_of_other_code_are_refused(tmp_path, run_logs, capsys):
     other.write_text((REPO / "train_gpt.py").read_text().replace("0.997", "0.996"))
     assert pack(tmp_path, run_logs[1337], extra=["--allow-non-record", "--code", str(other)]) == 2
     assert "not byte-identical to the code being packed" in capsys.readouterr().err
+
+
+def test_the_expected_validation_tokens_follow_the_vocabulary(tmp_path):
+    caseops = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    assert pack_record.expected_val_tokens("fineweb10B_sp1024", 2048) == (62_021_632, "the records' logs")
+    assert pack_record.expected_val_tokens(caseops, 2048, tmp_path)[0] == 47_851_520
+    manifest = {"datasets": [{"name": "fineweb10B_sp8192", "stats": {"tokens_val": 40_000_001}}]}
+    (tmp_path / "manifest.kevclark__parameter-golf.json").write_text(json.dumps(manifest))
+    assert pack_record.expected_val_tokens("fineweb10B_sp8192", 2048, tmp_path) == (
+        19_531 * 2048, "manifest.kevclark__parameter-golf.json")
+    assert pack_record.expected_val_tokens("fineweb10B_sp4096", 2048, tmp_path)[0] is None
+
+
+def test_a_sample_run_is_labelled_by_its_validation_set(run_logs):
+    run = pack_record.parse_log(run_logs[1337], (REPO / "train_gpt.py").read_text(encoding="utf-8"))
+    assert "validated on 60 documents, not the challenge's 50,000" in run.non_record
+    assert any(note.startswith("the scored token count of 'kjv_sp1024' cannot be checked") for note in run.non_record)

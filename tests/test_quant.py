@@ -111,8 +111,9 @@ def test_quantization_groups_and_bit_widths():
     assert schemes["blocks.0.attn.q_gain"] == "fp16" and tensors["blocks.0.attn.q_gain"].dtype == torch.float16
     # #549's rule is "<= 65,536 elements stays fp16": the tiny token table has exactly 1024 x 64 = 65,536.
     assert schemes["token_embedding.weight"] == "fp16"
-    _, schemes = train_gpt.quantize_state({"token_embedding.weight": torch.randn(1025, 64)}, h)
-    assert schemes["token_embedding.weight"] == "int8"
+    big = {"token_embedding.weight": torch.randn(1025, 64), "bigram_hash.embed.weight": torch.randn(1025, 64)}
+    _, schemes = train_gpt.quantize_state(big, tiny_hyperparameters(QUANT_BITS_EMBED=7, QUANT_BITS_TABLES=6))
+    assert schemes == {"token_embedding.weight": "int7", "bigram_hash.embed.weight": "int6"}  # separate widths
     assert train_gpt.hessian_name("blocks.3.attn.k") == "blocks.3.attn.qkv"
     assert train_gpt.hessian_name("token_embedding.weight") == "head"
 

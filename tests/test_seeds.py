@@ -118,7 +118,7 @@ def test_engram_starts_silent_and_is_routed_like_the_record():
     assert owner(engram.proj.weight) is small_muon and owner(engram.gate) is scalar_adam
     assert scalar_adam.param_groups[0]["betas"] == (0.9, 0.95)
     state = train_gpt.export_state(model)
-    assert train_gpt.quantization_group("engram.embed.weight", state["engram.embed.weight"]) == "embed"
+    assert train_gpt.quantization_group("engram.embed.weight", state["engram.embed.weight"]) == "tables"
     assert train_gpt.quantization_group("engram.proj.weight", state["engram.proj.weight"]) is None  # fp16
 
 

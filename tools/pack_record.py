@@ -12,8 +12,10 @@ submission.json (val_bpb, val_loss, bytes_total, seeds ... parsed from the logs,
 Refused, with the reason: a log whose code is not byte-identical to --code; a log whose final
 log_sha256 line does not match its content (edited after the run); an artifact over 16,000,000 bytes;
 training (or GPTQ calibration) past 600 s; evaluation past 600 s; a TTT score without its audit line.
-Runs that are not on 8 CUDA GPUs or not on the challenge's validation set (62,021,632 tokens) are refused
-unless --allow-non-record, and are then labelled non-record in submission.json.
+Runs that are not on 8 CUDA GPUs or not on the challenge's validation set are refused unless --allow-non-record,
+and are then labelled non-record in submission.json. The validation set is checked by its 50,000 documents (the
+log's audited val_bytes line) and its scored token count, which depends on the vocabulary: 62,021,632 for sp1024,
+47,851,520 for CaseOps sp8192, and for any other dataset the count its manifest (data/manifest*.json) implies.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ sys.path.insert(0, str(REPO / "tools"))
 import pack_code  # noqa: E402
 from significance import SCORE_LABELS, final_score  # noqa: E402
 
-CAP_BYTES, LIMIT_SECONDS, CHALLENGE_VAL_TOKENS = 16_000_000, 600.0, 62_021_632
+CAP_BYTES, LIMIT_SECONDS, CHALLENGE_VAL_DOCS = 16_000_000, 600.0, 50_000
+# Scored validation tokens (the stream trimmed to whole 2048-token sequences) of the exports the records used.
+KNOWN_VAL_TOKENS = {"fineweb10B_sp1024": 62_021_632, "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": 47_851_520}
 RULE = "=" * 100
 
 
@@ -56,6 +60,7 @@ class RunLog:
     device: str
     world_size: int
     val_tokens: int
+    val_docs: int
     settings: dict = field(default_factory=dict)
     non_record: list = field(default_factory=list)
 
@@ -97,6 +102,7 @@ def parse_log(path: Path, code: str) -> RunLog:
                  last(r"^device:(\w+)", text, path, "device"),
                  int(last(r"world_size:(\d+) grad_accum_steps", text, path, "world_size")),
                  int(last(r"^val_loader:shards \S+ tokens:(\d+)", text, path, "val_loader")),
+                 int(last(r"^val_bytes:\S+ .*documents:(\d+)", text, path, "val_bytes (byte audit)")),
                  json.loads(last(r"^hyperparameters (\{.*\})$", text, path, "hyperparameters")))
     if code_bytes != len(code.encode("utf-8")):
         raise Refused(f"{path}: logged code_bytes {code_bytes} is not the size of the packed code")
@@ -108,9 +114,28 @@ def parse_log(path: Path, code: str) -> RunLog:
         raise Refused(f"{path}: evaluation took {eval_seconds:.1f} s, over {LIMIT_SECONDS:.0f} s")
     if run.device != "cuda" or run.world_size != 8:
         run.non_record.append(f"ran on {run.device} x{run.world_size}, not 8 CUDA GPUs")
-    if run.val_tokens != CHALLENGE_VAL_TOKENS:
-        run.non_record.append(f"validated on {run.val_tokens:,} tokens, not the challenge's {CHALLENGE_VAL_TOKENS:,}")
+    dataset = Path(run.settings.get("data_path", "")).name
+    expected, source = expected_val_tokens(dataset, int(run.settings.get("eval_seq_len", 2048)))
+    if run.val_docs != CHALLENGE_VAL_DOCS:
+        run.non_record.append(f"validated on {run.val_docs:,} documents, not the challenge's {CHALLENGE_VAL_DOCS:,}")
+    if expected is None:
+        run.non_record.append(f"the scored token count of {dataset!r} cannot be checked: {source}")
+    elif run.val_tokens != expected:
+        run.non_record.append(f"validated on {run.val_tokens:,} tokens, not the {expected:,} of {dataset} ({source})")
     return run
+
+
+def expected_val_tokens(dataset: str, seq_len: int, data_dir: Path = REPO / "data") -> tuple[int | None, str]:
+    """The scored token count of a challenge export: known for sp1024 and CaseOps, else from a local manifest's
+    tokens_val (as train_gpt.py trims it); (None, why) when neither knows the dataset."""
+    if dataset in KNOWN_VAL_TOKENS and seq_len == 2048:
+        return KNOWN_VAL_TOKENS[dataset], "the records' logs"
+    for manifest in sorted(data_dir.glob("manifest*.json")):
+        entry = next((d for d in json.loads(manifest.read_text(encoding="utf-8")).get("datasets", [])
+                      if d.get("name") == dataset), None)
+        if entry:
+            return (int(entry["stats"]["tokens_val"]) - 1) // seq_len * seq_len, f"{manifest.name}"
+    return None, f"no data/manifest*.json lists it (download it with data/cached_challenge_fineweb.py)"
 
 
 def non_default_settings(runs: list[RunLog]) -> dict:

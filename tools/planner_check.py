@@ -41,7 +41,7 @@ def main() -> int:
     run = tg.RunContext(h)
     tg.log_run_header(run, Path(tg.__file__).read_bytes().decode("utf-8"))
     run.log(f"planner_check quant:{h.quant} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
-            f"bits_mlp/attn/embed:{h.quant_bits_mlp}/{h.quant_bits_attn}/{h.quant_bits_embed}")
+            f"bits_mlp/attn/embed/tables:{h.quant_bits_mlp}/{h.quant_bits_attn}/{h.quant_bits_embed}/{h.quant_bits_tables}")
     started = time.perf_counter()
     planned = tg.plan_artifact(h)
     plan_seconds = time.perf_counter() - started

@@ -107,7 +107,7 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     h = run.h
     model = tg.build_model(h, run)
     report("model", f"params {sum(p.numel() for p in model.parameters())}")
-    trainer = tg.Trainer(h, run, model, val_tokens=None, byte_counter=None)
+    trainer = tg.Trainer(h, run, model, val=None)
     trainer.local_tokens = h.train_batch_tokens // (h.ranks * h.grad_accum_steps)
     trainer.new_loader = lambda: RandomBatches(h.vocab_size, run.device)
     prime_seconds = timed(run, trainer.prime)

@@ -75,8 +75,7 @@ def main() -> int:
     run = tg.RunContext(h)
     tg.log_run_header(run, Path(tg.__file__).read_bytes().decode("utf-8"))
     run.log(f"quant_sweep: grid {args.grid}")
-    byte_counter = tg.ByteCounter(tg.load_tokenizer(h.tokenizer_path, h.vocab_size), h.vocab_size, run.device)
-    val_tokens = tg.load_validation_tokens(h.data_path, h.eval_seq_len, h.vocab_size)
+    val = tg.ValidationSet(h, tg.load_tokenizer(h.tokenizer_path, h.vocab_size))
     model = tg.build_model(h, run)
     if args.load_state:
         saved = torch.load(args.load_state, weights_only=True)
@@ -84,11 +83,11 @@ def main() -> int:
         hessians = saved["hessians"]
         run.log(f"quant_sweep: loaded trained weights and Hessians from {args.load_state}")
     else:
-        hessians = tg.Trainer(h, run, model, val_tokens, byte_counter).train()
+        hessians = tg.Trainer(h, run, model, val).train()
     state = tg.export_state(model)
     if args.save_state:
         torch.save({"state": state, "hessians": hessians}, args.save_state)
-    pre_loss, pre_bpb = tg.evaluate(model, run, val_tokens, byte_counter, h.eval_seq_len)
+    pre_loss, pre_bpb = tg.evaluate(model, run, val, h.eval_seq_len)
     run.log(f"sweep pre_quant val_loss:{pre_loss:.6f} val_bpb:{pre_bpb:.6f}")
     rows = []
     for entry in args.grid:
@@ -104,7 +103,7 @@ def main() -> int:
             path.write_bytes(blob)
             restored = tg.build_model(h, run)
             tg.load_exported_state(restored, tg.read_artifact(str(path)))
-        loss, bpb = tg.evaluate(restored, run, val_tokens, byte_counter, h.eval_seq_len)
+        loss, bpb = tg.evaluate(restored, run, val, h.eval_seq_len)
         run.log(f"sweep {entry} model_bytes:{len(blob)} roundtrip_val_loss:{loss:.6f} roundtrip_val_bpb:{bpb:.6f} "
                 f"gap:{bpb - pre_bpb:+.6f} hessian_weighted_error:{weighted_error:.1f} export_seconds:{seconds:.1f}")
         rows.append((entry, len(blob), bpb))

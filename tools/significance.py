@@ -48,7 +48,7 @@ def read_score(path: Path) -> Score:
     score = final_score(text)
     if score is None:
         raise ValueError(f"{path}: no final score line ({', '.join(SCORE_LABELS)})")
-    counts = re.findall(r"^val_loader:shards \S+ tokens:(\d+) bytes:(\d+)$", text, re.M)
+    counts = re.findall(r"^val_loader:shards \S+ tokens:(\d+) bytes:(\d+)\b", text, re.M)
     tokens_per_byte = int(counts[-1][0]) / int(counts[-1][1]) if counts else None
     return Score(str(path), score[2], tokens_per_byte)
 
