@@ -12,14 +12,17 @@ import sentencepiece as spm
 import torch
 
 import train_gpt
-from conftest import SHARED_DATASET, SHARED_DOCS, SHARED_TOKENIZER
+from conftest import REPO, SHARED_DATASET, SHARED_DOCS, SHARED_TOKENIZER
 
 
-def shared_texts(limit: int | None = None) -> list[str]:
-    if not SHARED_DOCS.is_file():
-        pytest.skip("../shared is not present")
-    with SHARED_DOCS.open(encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f][:limit]
+def sample_texts(limit: int | None = None) -> list[str]:
+    """Real FineWeb documents from ../shared when present, else the repository's KJV chapters."""
+    if SHARED_DOCS.is_file():
+        with SHARED_DOCS.open(encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f][:limit]
+    import build_sample
+
+    return build_sample.read_documents(REPO / "data" / "sample" / "kjv_chapters.jsonl.xz")[:limit]
 
 
 def stream(processor, documents) -> np.ndarray:
@@ -43,11 +46,11 @@ def validation_set(dataset, tokenizer) -> train_gpt.ValidationSet:
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):
-    """SP4096, SP8192 and CaseOps SP8192 built from real FineWeb text by data/build_sample.py (60 validation
-    documents; tokenizers trained on the next 900), with the texts of the validation documents."""
+    """SP4096, SP8192 and CaseOps SP8192 built by data/build_sample.py from real FineWeb text (the KJV sample
+    without ../shared): 60 validation documents, tokenizers trained on the next 900; and the validation texts."""
     import build_sample
 
-    texts = shared_texts(960)
+    texts = sample_texts(960)
     root = tmp_path_factory.mktemp("variants")
     docs = root / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
@@ -67,7 +70,7 @@ def test_challenge_sp1024_audit_agrees_on_real_fineweb():
 
 
 @pytest.mark.parametrize("variant", ["sp4096", "sp8192", "caseops_sp8192"])
-def test_every_variant_audit_agrees_on_real_fineweb(variants, variant):
+def test_every_variant_audit_agrees_to_the_byte(variants, variant):
     texts, built = variants
     val = validation_set(*built[variant])
     assert val.audit["counted"] == val.audit["decoded"] and val.audit["documents"] == 60
@@ -75,7 +78,7 @@ def test_every_variant_audit_agrees_on_real_fineweb(variants, variant):
         assert val.source == "sidecar" and val.audit["unknown_targets"] == 0
         assert val.audit["counted"] == sum(len(t.encode("utf-8")) for t in texts)
     else:
-        assert val.source == "lookup" and val.audit["counted"] > 300_000
+        assert val.source == "lookup" and val.audit["counted"] > 100_000
 
 
 def test_caseops_round_trips_every_sample_document(variants):
@@ -83,8 +86,8 @@ def test_caseops_round_trips_every_sample_document(variants):
     validation documents, give back the original text exactly."""
     from caseops import caseops_encode
 
-    texts = shared_texts()
-    assert len(texts) == 3100 and all(train_gpt.caseops_decode(caseops_encode(t)) == t for t in texts)
+    texts = sample_texts()
+    assert len(texts) in (3100, 1189) and all(train_gpt.caseops_decode(caseops_encode(t)) == t for t in texts)
     processor = spm.SentencePieceProcessor(model_file=str(variants[1]["caseops_sp8192"][1]))
     validation = variants[0]
     decoded = [train_gpt.caseops_decode(processor.decode(ids)) for ids in processor.encode(
@@ -121,7 +124,7 @@ def test_sidecar_must_match_token_count_and_bytes(variants, tmp_path):
 
 def test_tokenizer_without_space_piece_is_refused(tmp_path):
     """#897: without a standalone '▁' a space falls back to the 3 byte pieces of U+2581, counted 3 bytes."""
-    texts = shared_texts(200)
+    texts = sample_texts(200)
     processor, path = train(["".join(t.split()) for t in texts], tmp_path, "nospace", 400, byte_fallback=True)
     assert processor.piece_to_id("\u2581") == processor.unk_id()
     with pytest.raises(train_gpt.InputError, match=r"no standalone '\u2581' piece.*#897"):
@@ -134,14 +137,14 @@ def test_tokenizer_without_space_piece_is_refused(tmp_path):
 
 
 def test_pieces_spanning_spaces_are_refused(tmp_path):
-    processor, path = train(shared_texts(200), tmp_path, "spanning", 2000, split_by_whitespace=False)
+    processor, path = train(sample_texts(200), tmp_path, "spanning", 2000, split_by_whitespace=False)
     with pytest.raises(train_gpt.InputError, match=r"\d+ pieces hold '\u2581' after their first character"):
         train_gpt.check_tokenizer(processor, path, "", sidecar=False)
 
 
 def test_audit_catches_byte_fallback_counted_as_replacement_character(tmp_path):
     """Scylla (#1143): byte-fallback pieces counted as 3 bytes (U+FFFD) instead of 1; and a BOS-less stream."""
-    texts = shared_texts(300)
+    texts = sample_texts(300)
     processor, _ = train(texts[100:], tmp_path, "fallback", 600, byte_fallback=True, character_coverage=0.98)
     tokens = stream(processor, texts[:100])
     counted = train_gpt.lookup_target_bytes(processor, tokens)
