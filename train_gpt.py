@@ -10,7 +10,9 @@ comes from ("#549" = the merged 1.1194 record this reproduces) and its measured 
 """
 from __future__ import annotations
 
+import collections
 import copy
+import datetime
 import functools
 import glob
 import hashlib
@@ -23,6 +25,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -44,10 +47,17 @@ import torch.nn.functional as F
 class InputError(ValueError):
     """Bad configuration or input data; the message names the variable or file and what is wrong."""
 
+EXIT_NONFINITE, EXIT_COLLECTIVE = 4, 5  # README "When a run goes wrong"; 2 = bad input, 3 = over the cap
+
+class RunFault(RuntimeError):
+    """A fault during the run, not a bad input: the message says what happened, `status` is the exit status."""
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
 class EnvReader:
     """Typed reads of environment variables; remembers every name it was asked for. A value missing from the
     environment comes from the preset, then from the default (an explicitly set variable always wins)."""
-
     def __init__(self, environ):
         self.environ, self.preset, self.names, self.from_preset = environ, {}, [], {}
 
@@ -69,7 +79,6 @@ class EnvReader:
 
     def int(self, name, default, minimum=None):
         return self._number(name, default, minimum, "an integer", int)
-
     def float(self, name, default, minimum=None, maximum=None):
         return self._number(name, default, minimum, "a number", float, maximum)
 
@@ -97,10 +106,8 @@ class EnvReader:
 
     def text(self, name, default):
         return self._get(name, default)
-
     def int_list(self, name, default):
         return self._list(name, default, int, "integers")
-
     def float_list(self, name, default):
         return self._list(name, default, float, "numbers")
 
@@ -132,6 +139,7 @@ DROPPED_RECORD_VARIABLES = {
     "MTP_NUM_HEADS": "multi-token prediction was disabled in #549",
     "MTP_LOSS_WEIGHT": "multi-token prediction was disabled in #549", "LAWA_ENABLED": "disabled in #549",
     "DTG_ENABLED": "disabled in #549", "GATED_ATTENTION": "disabled in #549", "VALUE_RESIDUAL": "disabled in #549",
+    "CASEOPS_ENABLED": "the byte sidecar is used whenever DATA_PATH holds one (#2071 scored CaseOps without it)",
 }
 # Record variables whose feature breaks the challenge's rules: setting them on is an error, not a warning.
 REFUSED_RECORD_VARIABLES = {
@@ -144,19 +152,14 @@ REFUSED_RECORD_VARIABLES = {
 # line pasted as is means the same run. Setting both spellings to different values is an error.
 RECORD_SPELLINGS = {
     "GPTQ_RESERVE_MS": (("GPTQ_RESERVE_SECONDS",), lambda v: str(float(v) / 1000.0)),  # #1089
-    "GPTQ_CALIBRATION_BATCHES": (("GPTQ_CALIB_BATCHES",), str),  # #1855
-    "QAT_THRESHOLD": (("LATE_QAT_THRESHOLD",), str),  # #1089
-    "MATRIX_BITS": (("QUANT_BITS_MLP", "QUANT_BITS_ATTN"), str),  # #1855
-    "EMBED_BITS": (("QUANT_BITS_EMBED",), str),  # #1855
-    "MLP_CLIP_SIGMAS": (("QUANT_CLIP_SIGMAS_MLP",), str),  # #1855
-    "ATTN_CLIP_SIGMAS": (("QUANT_CLIP_SIGMAS_ATTN",), str),  # #1855
-    "EMBED_CLIP_SIGMAS": (("QUANT_CLIP_SIGMAS_EMBED",), str),  # #1855 (its embed group is tok_emb only)
-    "VAL_BATCH_TOKENS": (("VAL_BATCH_SIZE",), str),  # #1855
-    "MIN_LR": (("LR_FLOOR",), str),  # #1855
-    "NGRAM_BUCKETS": (("ENGRAM_BUCKETS",), str),  # #1089's EngramLite names (not #181's NGRAM_ENABLED)
-    "NGRAM_HEADS": (("ENGRAM_HEADS",), str),
-    "NGRAM_ORDERS": (("ENGRAM_ORDERS",), str),
-    "NGRAM_DIM_PER_HEAD": (("ENGRAM_DIM_PER_HEAD",), str),
+    **{name: (canonical, str) for name, canonical in {
+        "QAT_THRESHOLD": ("LATE_QAT_THRESHOLD",), "MIN_LR": ("LR_FLOOR",),  # #1089, #1855
+        "GPTQ_CALIBRATION_BATCHES": ("GPTQ_CALIB_BATCHES",), "VAL_BATCH_TOKENS": ("VAL_BATCH_SIZE",),  # #1855
+        "MATRIX_BITS": ("QUANT_BITS_MLP", "QUANT_BITS_ATTN"), "EMBED_BITS": ("QUANT_BITS_EMBED",),  # #1855
+        "MLP_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_MLP",), "ATTN_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_ATTN",),  # #1855
+        "EMBED_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_EMBED",),  # #1855 (its embed group is tok_emb only)
+        "NGRAM_BUCKETS": ("ENGRAM_BUCKETS",), "NGRAM_HEADS": ("ENGRAM_HEADS",),  # #1089 (not #181's NGRAM_ENABLED)
+        "NGRAM_ORDERS": ("ENGRAM_ORDERS",), "NGRAM_DIM_PER_HEAD": ("ENGRAM_DIM_PER_HEAD",)}.items()},
 }
 
 # Record presets (PRESET=name): defaults taken from each record's scored run; explicit variables override them.
@@ -198,8 +201,8 @@ PRESETS = {
         "0.085", "SCALAR_LR": "0.02", "ADAM_WD": "0.02", "BETA2": "0.99", "WARMDOWN_FRAC": "0.85", "LR_FLOOR": "0.1",
         "WD_TAPER_START": "0.7", "WD_TAPER_FINAL": "0.5", "EMA_DECAY": "0.9965", "LATE_QAT_THRESHOLD": "0",
         "LOADER": "shuffled", "QUANT": "gptq", "QUANT_BITS_MLP": "6", "QUANT_BITS_ATTN": "6", "QUANT_BITS_EMBED": "7",
-        "QUANT_BITS_TABLES": "7", "QUANT_CLIP_SIGMAS_MLP": "11.5", "QUANT_CLIP_SIGMAS_ATTN": "13", "QUANT_CLIP_SIGMAS_EMBED": "20",
-        "LQER_TOP_K": "3", "LQER_RANK": "4", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1",
+        "QUANT_BITS_TABLES": "7", "QUANT_CLIP_SIGMAS_MLP": "11.5", "QUANT_CLIP_SIGMAS_ATTN": "13",
+        "QUANT_CLIP_SIGMAS_EMBED": "20", "LQER_TOP_K": "3", "LQER_RANK": "4", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1",
     },
 }
 # The same on #1394's SP8192 export and on #1729's CaseOps export (data/cached_challenge_fineweb.py --variant
@@ -231,7 +234,6 @@ def resolve_record_spellings(environ) -> dict:
 
 class Hyperparameters:
     """Every setting of a run. Names and defaults follow #549 (record_549.md section 2) where shared."""
-
     def __init__(self, environ=None):
         environ = resolve_record_spellings(os.environ if environ is None else environ)
         env = EnvReader(environ)
@@ -282,6 +284,8 @@ class Hyperparameters:
         self.rank = env.int("RANK", 0, minimum=0)
         self.world_size = env.int("WORLD_SIZE", 1, minimum=1)
         self.local_rank = env.int("LOCAL_RANK", 0, minimum=0)
+        # A collective waits this long for a dead or hung rank, then the run stops with an error (exit 5).
+        self.collective_timeout_seconds = env.float("COLLECTIVE_TIMEOUT_SECONDS", 300.0, minimum=1.0)
         self.distributed = "RANK" in env.environ and "WORLD_SIZE" in env.environ
 
     def _read_model(self, env: EnvReader):
@@ -488,7 +492,6 @@ class Hyperparameters:
     def group_bits(self, group: str) -> int:
         return {"mlp": self.quant_bits_mlp, "attn": self.quant_bits_attn, "embed": self.quant_bits_embed,
                 "tables": self.quant_bits_tables}[group]
-
     def group_clip_sigmas(self, group: str) -> float:
         return {"mlp": self.quant_clip_sigmas_mlp, "attn": self.quant_clip_sigmas_attn,
                 "embed": self.quant_clip_sigmas_embed, "tables": self.quant_clip_sigmas_embed}[group]
@@ -502,11 +505,9 @@ class Hyperparameters:
     @property
     def token_beta1(self) -> float:
         return self.beta1 if self.embed_beta1 is None else self.embed_beta1
-
     @property
     def grad_accum_steps(self) -> int:
         return 8 // self.world_size  # #549: the global batch is always split into 8 micro-batches
-
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
@@ -563,7 +564,6 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 class TokenStream:
     """The training shards read strictly in order, wrapping after the last one (#549: no shuffling)."""
-
     def __init__(self, files: list[str], vocab_size: int):
         self.files, self.vocab_size = files, vocab_size
         self.file_index, self.position = 0, 0
@@ -583,7 +583,6 @@ class TokenStream:
 
 class DistributedTokenLoader:
     """Every rank reads the same stream; rank r keeps span r of each block (spans overlap by nothing)."""
-
     def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(files, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -596,11 +595,8 @@ class DistributedTokenLoader:
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
 class ShuffledSequenceLoader:
-    """LOADER=shuffled (#1394): rank r reads shards r, r+W, ... (all when fewer shards than ranks), cut into
-    TRAIN_SEQ_LEN+1-token sequences at a random phase, visited in random order, each from a shard drawn in
-    proportion to its unvisited sequences (PCG64 seeded by SEED and rank); used up, a new pass starts. Shards
-    are memory-mapped after a header check; each batch's ids are checked against VOCAB_SIZE."""
-
+    """LOADER=shuffled (#1394): rank r reads shards r, r+W, ...; TRAIN_SEQ_LEN+1-token sequences at a random phase, in
+    random order, each from a shard drawn by its unvisited count (PCG64 seeded by SEED, rank); ids checked per batch."""
     def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
                  seed: int):
         self.files = files[rank::world_size] if len(files) >= world_size else files
@@ -631,18 +627,6 @@ class ShuffledSequenceLoader:
         inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
-def whole_sequences(tokens: np.ndarray, seq_len: int, data_path: str) -> np.ndarray:
-    """The validation stream trimmed to a whole number of sequences plus one token."""
-    usable = ((len(tokens) - 1) // seq_len) * seq_len
-    if usable <= 0:
-        raise InputError(f"validation set {os.path.join(data_path, 'fineweb_val_*.bin')} has {len(tokens)} tokens: "
-                         f"fewer than one sequence of EVAL_SEQ_LEN={seq_len} plus one")
-    return tokens[:usable + 1]
-
-def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int) -> np.ndarray:
-    files = shard_files(data_path, "val")
-    return whole_sequences(np.concatenate([load_data_shard(f, vocab_size) for f in files]), seq_len, data_path)
-
 def load_byte_sidecar(token_files: list[str]) -> np.ndarray | None:
     """CaseOps' original bytes per token (#1729: fineweb_val_bytes_NNNNNN.bin beside each token shard), or None."""
     sidecars = [Path(f).with_name(Path(f).name.replace("fineweb_val_", "fineweb_val_bytes_")) for f in token_files]
@@ -657,7 +641,6 @@ def load_byte_sidecar(token_files: list[str]) -> np.ndarray | None:
 
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
-
     if not Path(path).is_file():
         raise InputError(f"{path}: tokenizer file not found (set TOKENIZER_PATH)")
     try:
@@ -709,10 +692,8 @@ def check_tokenizer(processor, path: str, operators: str, sidecar: bool):
                          f"the lookup table would count each such space as 3 bytes, not 1")
 
 def audit_bytes(processor, tokens: np.ndarray, target_bytes: np.ndarray, operators: str) -> dict:
-    """Check every document's bytes against SentencePiece's own decoding: the stream is split at BOS; each run
-    between boundary tokens is decoded alone (the table drops the '▁' after a boundary, and so does the decoder);
-    CaseOps operators are undone, and the leading space the decoder drops is added back (the sidecar keeps the
-    original's). A document's targets run from its first piece to the next BOS."""
+    """Every document's counted bytes must equal SentencePiece's decoding of it: runs between boundary tokens decoded
+    alone (the table drops '▁' after a boundary, as the decoder does), CaseOps undone, a leading space restored."""
     if len(tokens) < 2 or tokens[0] != BOS_ID:
         raise InputError(f"the validation stream must start with BOS (id {BOS_ID}): every document begins with one")
     _, leading_space, boundary = piece_tables(processor)
@@ -736,7 +717,6 @@ def audit_bytes(processor, tokens: np.ndarray, target_bytes: np.ndarray, operato
 class ValidationSet:
     """The validation stream (whole EVAL_SEQ_LEN sequences plus one token) and each target's bytes: the sidecar's
     original bytes when the shards have one (CaseOps), else #549's lookup table; audited at load."""
-
     def __init__(self, h: Hyperparameters, processor):
         files = shard_files(h.data_path, "val")
         tokens = np.concatenate([load_data_shard(f, h.vocab_size) for f in files])
@@ -745,8 +725,11 @@ class ValidationSet:
         target_bytes = sidecar[1:] if sidecar is not None else lookup_target_bytes(processor, tokens)
         self.audit = audit_bytes(processor, tokens, target_bytes, operators if sidecar is not None else "")
         self.source = "sidecar" if sidecar is not None else "lookup"
-        self.tokens = whole_sequences(tokens, h.eval_seq_len, h.data_path)
-        self.target_bytes = target_bytes[:len(self.tokens) - 1]
+        usable = (len(tokens) - 1) // h.eval_seq_len * h.eval_seq_len
+        if usable <= 0:
+            raise InputError(f"validation set {os.path.join(h.data_path, 'fineweb_val_*.bin')} has {len(tokens)} "
+                             f"tokens: fewer than one sequence of EVAL_SEQ_LEN={h.eval_seq_len} plus one")
+        self.tokens, self.target_bytes = tokens[:usable + 1], target_bytes[:usable]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -787,7 +770,6 @@ if triton is not None:
 class SoftcappedCrossEntropy(torch.autograd.Function):
     """Per-row NLL of cap*tanh(z/cap) from the raw fp32 logits z (#1787): only z and the row LSE are kept for the
     backward, (softmax(z^) - onehot) * (1 - tanh^2(z/cap)), instead of autograd's capped logits and softmax."""
-
     @staticmethod
     def forward(ctx, z, targets, cap):
         z = z.contiguous()
@@ -817,10 +799,8 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         return probability * (1.0 - t * t) * grad[:, None], None, None
 
 class LeakyReluSquare(torch.autograd.Function):
-    """leaky_relu(u, s)^2 keeping only u for the backward: 2u (u > 0), 2s^2 u (u <= 0); autograd keeps u and the
-    activation. Under torch.compile Inductor emits this elementwise math as one kernel, so it has no hand-written
-    Triton twin; #1530's fusion into the up-projection GEMM's epilogue is not built (the GEMM stays cuBLAS)."""
-
+    """leaky_relu(u, s)^2 keeping only u for the backward (2u, or 2s^2 u for u <= 0); Inductor makes it one kernel,
+    so no Triton twin; #1530's fusion into the up-projection GEMM is not built."""
     @staticmethod
     def forward(ctx, u, slope):
         ctx.save_for_backward(u)
@@ -854,10 +834,8 @@ FLASH_INSTALL_HINT = {"fa3": "install a FlashAttention 3 wheel built for this to
                       "fa2": "pip install flash-attn --no-build-isolation, or set ATTENTION_BACKEND=sdpa"}
 
 def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype):
-    """ATTENTION_BACKEND -> (name, fn) with fn(q, k, v) over (B, T, H, D) tensors. "auto" is FA3 on CUDA with a
-    16-bit dtype and SDPA otherwise; a flash backend that cannot load fails here, at start, never silently: in a
-    wallclock-capped run a slower kernel costs steps. Flash kernels take only 16-bit inputs. Not verifiable
-    here (no GPU): the real FA3/FA2 kernels. Tests check the call contract with a stand-in."""
+    """ATTENTION_BACKEND -> (name, fn(q, k, v)) on (B, T, H, D): "auto" = FA3 on CUDA in 16 bits, else SDPA; a flash
+    backend that cannot load fails at start (a slower kernel costs steps). Real FA3/FA2 unverified here (no GPU)."""
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     setting = f"env ATTENTION_BACKEND={requested}" + (" (FA3 on CUDA with bf16)" if requested == "auto" else "")
     if requested == "auto":
@@ -881,9 +859,8 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
     return name, flash_attention
 
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (1, T, 1, rope_dims/2), fp32, built fresh on every call. Never cached: a table created
-    under inference_mode (scoring) and reused by autograd (TTT) raises "Inference tensors cannot be saved for
-    backward" (record_549.md pitfall 31). Building it is 8 x T flops."""
+    """cos/sin (1, T, 1, rope_dims/2) fp32, built on every call: a table cached under inference_mode (scoring) breaks
+    autograd in TTT (record_549.md pitfall 31). It costs 8 x T flops."""
     if seq_len > ROPE_NTK_REFERENCE_LEN:
         base = base * (seq_len / ROPE_NTK_REFERENCE_LEN) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
@@ -907,10 +884,8 @@ def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y.view(batch, seq, heads, dim)
 
 def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31, alpha: torch.Tensor | None = None) -> torch.Tensor:
-    """Fake quantization per output row on the symmetric grid [-qmax, qmax] * max|row|/qmax (late QAT on the
-    banks). Without alpha: round with a straight-through gradient. With alpha (#1089 soft-round): u = w/s,
-    s * (floor(u) + sigmoid(alpha * (u - floor(u) - 0.5))), a smooth step whose gradient is alpha*sig*(1-sig),
-    no straight-through; alpha -> infinity is rounding."""
+    """Per-row fake quantization on [-qmax, qmax] * max|row|/qmax (late QAT): rounding with a straight-through gradient,
+    or with alpha #1089's soft-round s * (floor(u) + sigmoid(alpha * (frac(u) - 0.5))), no straight-through."""
     scale = weight.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
     if alpha is None:
         quantized = (weight / scale).round().clamp(-qmax, qmax) * scale
@@ -930,11 +905,8 @@ GATE_INPUT_DIMS = 12  # #1667/#1855: the small gates read the first 12 channels 
 BOS_ID = 1  # every challenge document starts with BOS (id 1); there is no EOS (record_549.md section 4)
 
 class AttentionOutputGate(nn.Module):
-    """Per-head multiplier of the attention output (after XSA, before the out-projection), read from the block's
-    normalized attention input x: attn_out 2*sigmoid(W x[:12]) (#1667, x1 at init), dense sigmoid(W x) (#1736),
-    sparse sigmoid(s * W x[:12]) (#1787/#1855, s = 0.5). W starts at zero; dense's is drawn N(0, 0.01) last in
-    GPT._init_weights (#1855's code; frontier.md says 0.005), so switching it on leaves other draws unchanged."""
-
+    """Per-head multiplier of the attention output from the normalized input x: attn_out 2*sigmoid(W x[:12]) (#1667),
+    dense sigmoid(W x) (#1736; W ~ N(0, 0.01) drawn last), sparse sigmoid(s W x[:12]) (#1787/#1855); W = 0 at start."""
     def __init__(self, kind: str, dim: int, heads: int, sparse_scale: float):
         super().__init__()
         self.kind, self.sparse_scale = kind, sparse_scale
@@ -981,10 +953,8 @@ class CausalSelfAttention(nn.Module):
         return F.linear(y, out_w)
 
 class Block(nn.Module):
-    """Pre-norm block: x <- mix(x, x0); x += a*Attn(norm(x)*s); x += m*MLP(norm(x)*s), s = 1/sqrt(layer+1).
-    From PARALLEL_START_LAYER on, PARALLEL_RESIDUAL=gptj adds both branches of the same x (#1412), and two_lane
-    keeps an attention lane and an MLP lane with learned routing (#1529, forward_lanes)."""
-
+    """Pre-norm block: x <- mix(x, x0); x += a*Attn(norm(x)*s); x += m*MLP(norm(x)*s), s = 1/sqrt(layer+1). From
+    PARALLEL_START_LAYER: gptj adds both branches of one x (#1412); two_lane keeps routed lanes (#1529)."""
     def __init__(self, h: Hyperparameters, layer: int, attention):
         super().__init__()
         dim = h.model_dim
@@ -1043,10 +1013,8 @@ class Block(nn.Module):
                 rho[1] * mlp_lane + pi[0, 1] * attn + pi[1, 1] * mlp)
 
 class SmearGate(nn.Module):
-    """#549: out_t = (1 - g) * x_t + g * x_{t-1}, g = sigmoid(gate) per channel (init 0.5); x_{-1} = 0. Applied
-    after the embedding's RMSNorm. With SMEAR_BOS_MASK a document's BOS takes nothing from the document before
-    it (#549 smears doc N's last token into doc N+1's BOS)."""
-
+    """#549: out_t = (1 - g) x_t + g x_{t-1}, g = sigmoid(gate) per channel (init 0.5), after the embedding's RMSNorm;
+    SMEAR_BOS_MASK: a BOS takes nothing from the previous document (#549 smears across)."""
     def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
@@ -1062,7 +1030,6 @@ class SmearGate(nn.Module):
 class InputSmearGate(nn.Module):
     """#1667/#1855: e_t <- e_t + lambda * sigmoid(w . e_t[:12]) * e_{t-1} on the summed embeddings before the
     first RMSNorm; w and lambda start at zero, so it is the identity at init. BOS mask as SmearGate (#1851)."""
-
     def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(min(GATE_INPUT_DIMS, dim)))
@@ -1076,9 +1043,8 @@ class InputSmearGate(nn.Module):
         return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
 
 def optional_projection(in_dim: int, out_dim: int) -> nn.Linear | None:
-    """#549's rule for the bigram and value-embedding tables: a bias-free projection only when the table's width
-    differs from its target's. At P1 (VE_DIM = KV width) an always-present VE projection was a different model,
-    about 0.008 BPB worse (parity D1). Built here, in construction order, so the seed draws as #549's does."""
+    """#549's rule for the bigram/VE tables: a projection only when widths differ; an always-present VE projection was
+    another model, 0.008 BPB worse at P1 (parity D1). Built in construction order so the seed draws as #549's."""
     return nn.Linear(in_dim, out_dim, bias=False) if in_dim != out_dim else None
 
 def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize: bool) -> torch.Tensor:
@@ -1089,7 +1055,6 @@ def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize: bool) 
 
 class BigramHash(nn.Module):
     """Hashed (previous, current) token embedding projected to the model width (#549 section 5.7)."""
-
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
         self.buckets = buckets
@@ -1120,7 +1085,6 @@ ENGRAM_EMBED_INIT_STD = 0.01
 class EngramLite(nn.Module):
     """#1089: orders x heads hashed n-gram embeddings (one table, a slice of `buckets` rows each), concatenated,
     projected to the model width (zero init) and gated per channel by sigmoid(gate) (0.5 at init)."""
-
     def __init__(self, buckets: int, heads: int, orders: int, dim_per_head: int, model_dim: int):
         super().__init__()
         self.buckets, self.heads, self.orders = buckets, heads, orders
@@ -1145,7 +1109,6 @@ class EngramLite(nn.Module):
 class ValueEmbedding(nn.Module):
     """One token table shared by the VE layers, in the KV space (projected there when narrower); per-layer
     scalar gains."""
-
     def __init__(self, vocab_size: int, dim: int, kv_dim: int, num_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
@@ -1159,17 +1122,14 @@ class ValueEmbedding(nn.Module):
         return self.scale * project(self.embed(ids), self.proj, fake_quantize)
 
 class GPT(nn.Module):
-    """The #549 model: U-Net of pre-norm blocks whose matrices live in four 3-D banks (for Parallel Muon), in
-    the Linear [out, in] layout: qo_bank = [Q_0..Q_{L-1}, Out_0..Out_{L-1}], kv_bank = [K.., V..],
-    mlp_up_bank [L, hidden, d], mlp_down_bank [L, d, hidden]."""
-
+    """The #549 model: a U-Net of pre-norm blocks whose matrices live in four 3-D banks [out, in] for Parallel Muon:
+    qo [Q_0..Q_{L-1}, Out_0..], kv [K.., V..], mlp_up [L, hidden, d], mlp_down [L, d, hidden]."""
     def __init__(self, h: Hyperparameters, attention=sdpa_attention):
         super().__init__()
         dim, layers = h.model_dim, h.num_layers
         kv_dim, hidden = h.num_kv_heads * h.head_dim, int(h.mlp_mult * dim)
         self.num_layers, self.logit_softcap, self.vocab_size = layers, h.logit_softcap, h.vocab_size
-        self.rope_dims = h.rope_dims or h.head_dim
-        self.rope_base = h.rope_base
+        self.rope_dims, self.rope_base = h.rope_dims or h.head_dim, h.rope_base
         self.token_embedding = nn.Embedding(h.vocab_size, dim)
         self.bigram_hash = BigramHash(h.bigram_vocab_size, h.bigram_dim, dim) if h.bigram_vocab_size else None
         self.engram = (EngramLite(h.engram_buckets, h.engram_heads, h.engram_orders, h.engram_dim_per_head, dim)
@@ -1269,9 +1229,8 @@ class GPT(nn.Module):
         return x
 
     def run_blocks(self, x, banks, rotary, ve_base) -> torch.Tensor:
-        """U-Net over the virtual layers: decoder position num_encoder+i takes encoder output num_encoder-1-i
-        (LIFO; the last gets none). Two-lane blocks carry (attention, MLP) lanes: skips join the attention lane,
-        the lanes' mean leaves (#1529)."""
+        """U-Net over the virtual layers: decoder position num_encoder+i takes encoder output num_encoder-1-i (LIFO).
+        Two-lane blocks carry (attention, MLP) lanes: skips join the attention lane, the lanes' mean leaves (#1529)."""
         x0, order = x, self.layer_order()
         num_encoder, skips = len(order) // 2, []
         for position, layer in enumerate(order):
@@ -1316,9 +1275,8 @@ class GPT(nn.Module):
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy of targets (B, n) given ids (B, T): targets are the next tokens of the last n inputs
-        (n = T in training). reduction: "mean", "sum", or "none" for the per-target NLL (B, n). Training
-        forwards with FUSED_KERNELS use the fused soft-capped CE; scoring keeps the eager numerics (#1787)."""
+        """Cross-entropy of targets (B, n), the next tokens of the last n of ids (B, T); reduction "mean", "sum" or
+        "none" (B, n). FUSED_KERNELS: the fused soft-capped CE in training; scoring keeps eager numerics (#1787)."""
         if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
             raw = self.raw_logits(ids, last=targets.size(1))
             return SoftcappedCrossEntropy.apply(raw.reshape(-1, raw.size(-1)), targets.reshape(-1),
@@ -1391,9 +1349,8 @@ def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> 
     return x.mT if transposed else x
 
 def post_normalize(update: torch.Tensor, mode: str, eps: float = 1e-7) -> torch.Tensor:
-    """MUON_POST_NORM (#1089 row_col): divide each row by its L2 norm, then each column (norms in fp32), in the
-    weight's own orientation. The column step comes last, so columns end at unit norm. It raises the effective
-    LR of wide matrices (K/V x1.41, MLP-down x1.87 at #549's shapes): retune MATRIX_LR with it."""
+    """MUON_POST_NORM (#1089 row_col): rows then columns to unit L2 norm (fp32) in the weight's orientation; it raises
+    wide matrices' effective LR (K/V x1.41, MLP-down x1.87 at #549's shapes): retune MATRIX_LR."""
     if mode in ("row", "row_col"):
         update = update / (update.float().norm(dim=-1, keepdim=True) + eps).to(update.dtype)
     if mode in ("col", "row_col"):
@@ -1412,13 +1369,8 @@ reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduc
 all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 class BankMuon(torch.optim.Optimizer):
-    """Muon for 3-D banks: W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(g + mu buf) (#549 section 9.2).
-    Parallel Muon over W ranks (section 9.3, no DDP): each bank's leading dim is padded to a multiple of W and
-    split into W shards of whole matrices. reduce_gradients() launches one async reduce-scatter (average) per
-    bank, largest first; step() runs momentum + Newton-Schulz on this rank's shard and launches an async
-    all-gather, applying the previous bank's update while this bank's Newton-Schulz runs. With W = 1 nothing
-    is communicated. Communication and NS use comm_dtype (bf16 on CUDA; fp32 on the CPU); momentum is fp32."""
-
+    """Muon on 3-D banks, W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(g + mu buf), Parallel (#549 9.2-9.3): banks
+    padded to W shards; async reduce-scatter per bank, NS on this rank's shard, async all-gather overlapping."""
     def __init__(self, banks, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  comm_dtype: torch.dtype, rank: int = 0, world_size: int = 1, ns: str = "quintic",
                  post_norm: str = "none", decay_after_update: bool = False, eq_r: bool = False):
@@ -1512,9 +1464,8 @@ TOKEN_TABLE_SUFFIXES = ("token_embedding.weight", "bigram_hash.embed.weight", "v
 SMALL_MATRIX_SUFFIXES = ("bigram_hash.proj.weight", "value_embedding.proj.weight", "engram.proj.weight")
 
 def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fused: bool, rank=0, world_size=1):
-    """#549 section 9.1: Muon (banks), AdamW (token tables), AdamW (everything else); with
-    SMALL_MATRIX_OPTIMIZER=muon a fourth, #1089's unsharded Muon for the small projections (momentum without
-    warmup; its gradients are already averaged, so every rank computes the same update)."""
+    """#549 section 9.1: Muon (banks), AdamW (token tables), AdamW (the rest); SMALL_MATRIX_OPTIMIZER=muon adds #1089's
+    unsharded Muon for the small projections (momentum without warmup, on already-averaged gradients)."""
     named = list(model.named_parameters())
     bank_ids = {id(p) for p in model.banks()}
     tables = [p for n, p in named if n.endswith(TOKEN_TABLE_SUFFIXES)]
@@ -1539,9 +1490,8 @@ def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fu
     return optimizers
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear down to LR_FLOOR (#549: 0). With a wallclock cap the warmdown is
-    WARMDOWN_ITERS steps' worth of the measured step time before the cap (#549 section 10), or WARMDOWN_FRAC of
-    the cap; without a cap, the last iterations (or that fraction of ITERATIONS)."""
+    """1, then linear down to LR_FLOOR over the warmdown: WARMDOWN_ITERS steps' worth of measured step time before the
+    cap (#549 section 10) or WARMDOWN_FRAC of it; without a cap, the last iterations (or that fraction)."""
     if h.training_seconds <= 0:
         warmdown, remaining = h.warmdown_frac * h.iterations or h.warmdown_iters, h.iterations - step
     else:
@@ -1573,7 +1523,6 @@ def muon_momentum_at(h: Hyperparameters, step: int) -> float:
 
 class ExponentialMovingAverage:
     """fp32 shadow of every parameter: shadow <- decay * shadow + (1 - decay) * param, every step."""
-
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.params = list(model.parameters())
@@ -1590,7 +1539,6 @@ class ExponentialMovingAverage:
 
 class SnapshotAverage:
     """Uniform mean of snapshots taken every SWA_EVERY steps once the LR multiplier is below SWA_THRESHOLD."""
-
     def __init__(self, model: nn.Module):
         self.params, self.sum, self.count = list(model.parameters()), None, 0
 
@@ -1647,9 +1595,8 @@ def is_bank_matrix(name: str) -> bool:
     return name.startswith("blocks.") and name.split(".", 2)[2] in BANK_ROLES
 
 def quantization_group(name: str, value: torch.Tensor) -> str | None:
-    """"attn"/"mlp" for bank matrices at any size (#549 kept every tensor <= 65,536 elements in fp16, so on
-    small proxies like P1 it quantized nothing), "embed" for the token embedding, "tables" for the other large
-    2-D tensors (bigram and value-embedding tables), None for the small tensors stored in fp16."""
+    """"attn"/"mlp" for bank matrices at any size (#549's "<= 65,536 elements stays fp16" quantized nothing at P1),
+    "embed" for the token embedding, "tables" for the other large 2-D tensors, None for fp16 tensors."""
     if is_bank_matrix(name):
         return name.split(".")[2]
     if value.ndim != 2 or value.numel() <= SMALL_TENSOR_NUMEL:
@@ -1689,9 +1636,8 @@ def sd_clip_scale(weight: torch.Tensor, sigmas: float, qmax: int) -> torch.Tenso
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Full-Hessian GPTQ (Frantar et al.) on given per-row scales: quantize columns in order of descending
-    Hessian diagonal, pushing each column's error onto the not-yet-quantized ones through the upper Cholesky
-    factor of H^-1; blocks of 128 columns with lazy updates. H = sum of X^T X of the matrix's inputs."""
+    """Full-Hessian GPTQ (Frantar et al.) on given row scales: columns by descending Hessian diagonal, each one's error
+    pushed onto the rest through the upper Cholesky factor of H^-1, blocks of 128 with lazy updates."""
     w, h = weight.float().clone(), hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -1758,10 +1704,8 @@ def sensitivity_groups(state, hessians) -> list[tuple[float, list[str]]]:
     return sorted(ranked, key=lambda item: -item[0])
 
 def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -> dict[str, int]:
-    """MIXED_PRECISION: every matrix starts at its group's width; in sensitivity order, a group is promoted by
-    one bit (the most sensitive first tries two) when its measured extra compressed bytes (the group's tensors
-    compressed alone, with the run's compressor) fit what the base artifact leaves under `budget`. A group that
-    does not fit is skipped, not a stop (#1089). The real encode decides in the end: SIZE_FIT prunes if over."""
+    """MIXED_PRECISION (#1089): in sensitivity order a group gains one bit (the first tries two) if its measured extra
+    compressed bytes fit what the base artifact leaves under `budget`; misfits are skipped. SIZE_FIT prunes if over."""
     tensors, schemes = quantize_state(state, h, hessians)
     spare = budget - len(encode_artifact(tensors, schemes, h))
 
@@ -1890,10 +1834,8 @@ def compress(raw: bytes, compressor: str) -> bytes:
         return lzma.compress(raw, preset=9)
     if compressor == "zstd":
         import zstandard
-
         return zstandard.ZstdCompressor(level=22).compress(raw)
     import brotli
-
     return brotli.compress(raw, quality=11)
 
 def decompress(blob: bytes, compressor: str) -> bytes:
@@ -1903,10 +1845,8 @@ def decompress(blob: bytes, compressor: str) -> bytes:
         return lzma.decompress(blob)
     if compressor == "zstd":
         import zstandard
-
         return zstandard.ZstdDecompressor().decompress(blob)
     import brotli
-
     return brotli.decompress(blob)
 
 SIMILARITY_SORTED_ROLES = ("token_embedding.weight", "attn.q", "mlp.up")  # #1855's reordered groups
@@ -1921,9 +1861,8 @@ def similarity_order(rows: torch.Tensor) -> torch.Tensor:
     return torch.tensor(order)
 
 def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> bytes:
-    """COMPRESSOR=lrzip (#1855): the quantized matrices grouped by role across layers, stored column-major, the
-    rows of SIMILARITY_SORTED_ROLES in similarity order (int16 permutation kept), each group through lrzip;
-    everything else (scales, fp16 tensors, LQER factors, permutations) one brotli blob."""
+    """COMPRESSOR=lrzip (#1855): quantized matrices grouped by role across layers, column-major, the rows of
+    SIMILARITY_SORTED_ROLES in similarity order (int16 permutation), each group lrzip'd; the rest one brotli blob."""
     groups, rest = {}, {}
     for name, tensor in tensors.items():
         base = name.removesuffix(".q")
@@ -1996,10 +1935,8 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
     return dequantize_state(tensors, meta["schemes"])
 
 def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> bytes:
-    """SIZE_FIT: zero the least important quantized values with |q| <= SIZE_FIT_LEVELS (#609: +-1; #1089: +-1 and
-    +-2), cheapest first by cost s^2 q^2, until the encoded artifact fits the budget: bisection on the count, to
-    within 1/64 of the candidates (7 encodes). If pruning all of them is not enough, the run reports the
-    artifact over the cap."""
+    """SIZE_FIT: zero quantized values with |q| <= SIZE_FIT_LEVELS (#609: 1; #1089: 2), cheapest s^2 q^2 first, until
+    the artifact fits: bisection on the count to 1/64 of the candidates (7 encodes); still over, the run says so."""
     blob = encode_artifact(tensors, schemes, h)
     names = [n for n, scheme in schemes.items() if scheme != "fp16"]
     costs, owners, positions = [], [], []
@@ -2046,9 +1983,8 @@ def stand_in_state(h: Hyperparameters, distribution) -> dict[str, torch.Tensor]:
     return {n: distribution.sample(v.shape) if quantization_group(n, v) else v for n, v in state.items()}
 
 def plan_artifact(h: Hyperparameters) -> int:
-    """DRY_RUN size planner: the configured model's tensors, with every quantized one replaced by a trained-
-    weight stand-in (Student-t, PLANNER_TAIL_DOF), quantized and packed with the configured scheme. One row
-    in 8 of each quantized tensor is compressed and its ratio applied to the whole (the rows are i.i.d.)."""
+    """DRY_RUN size planner: every quantized tensor replaced by a trained-weight stand-in (Student-t, PLANNER_TAIL_DOF),
+    quantized and packed as configured; one row in 8 is compressed and its ratio applied to the whole."""
     stand_in = stand_in_state(h, torch.distributions.StudentT(PLANNER_TAIL_DOF))
     tensors, schemes = quantize_state(stand_in, h)
     if h.lqer_top_k:
@@ -2066,29 +2002,36 @@ def plan_artifact(h: Hyperparameters) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 class ScoreAccumulator:
-    """float64 sums of NLL (nats), scored tokens and bytes; all-reduced as sums, never as ratios."""
-
-    def __init__(self, device):
+    """float64 sums of NLL (nats), scored tokens and bytes; all-reduced as sums, never as ratios. Also the first
+    window whose scored NLL is not finite: such a pass is an error naming it, never a val_bpb:nan line."""
+    def __init__(self, device, plan=None):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.first_bad, self.plan = torch.full((), math.inf, dtype=torch.float64, device=device), plan
 
-    def add(self, nll: torch.Tensor, byte_counts: torch.Tensor, keep: torch.Tensor):
+    def add(self, nll: torch.Tensor, byte_counts: torch.Tensor, keep: torch.Tensor, windows=None):
         """Sums over the positions where keep is True: masks, not boolean indexing, so no host sync."""
         self.sums += torch.stack((torch.where(keep, nll.double(), 0.0).sum(), keep.sum(dtype=torch.float64),
                                   torch.where(keep, byte_counts.double(), 0.0).sum()))
+        if windows is not None:  # one window index per row of nll
+            bad_rows = (keep & ~torch.isfinite(nll)).any(dim=-1)
+            self.first_bad = torch.minimum(self.first_bad, torch.where(bad_rows, windows, math.inf).min())
 
     def result(self, distributed: bool) -> tuple[float, float, int, int]:
-        sums = self.sums.clone()
+        sums, first_bad = self.sums.clone(), self.first_bad.clone()
         if distributed:
             dist.all_reduce(sums)
-        nll, tokens, byte_total = sums.tolist()
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        (nll, tokens, byte_total), first = sums.tolist(), first_bad.item()
+        if math.isfinite(first) or not math.isfinite(nll):
+            k = int(first) if math.isfinite(first) else None
+            where = f"window {k}" + (f" (targets {self.plan.score_lo[k]}-{self.plan.score_hi[k]})"
+                                     if self.plan is not None and k is not None else "")
+            raise RunFault(f"the NLL is not finite in {where}: the weights are not finite or overflow", EXIT_NONFINITE)
         return nll / tokens, nll / math.log(2) / byte_total, int(tokens), int(byte_total)
 
 class SlidingWindows:
-    """The scoring plan of every evaluation pass. Window 0 scores targets [0, L) from inputs [0, L); window
-    k >= 1 scores targets [L + (k-1)s, L + ks) from the L inputs that end at its last target. Every target is
-    scored exactly once (#549 re-scored its last 64 tokens 32 times), with at least L - s tokens of context
-    after the first window; stride s = L is the plain evaluation over non-overlapping sequences."""
-
+    """Every pass's plan: window 0 scores targets [0, L); window k >= 1 scores [L + (k-1)s, L + ks) from the L inputs
+    ending at its last target: each target once (#549 re-scored its last 64 tokens 32 times); s = L: plain pass."""
     def __init__(self, num_targets: int, seq_len: int, stride: int):
         count = 1 + max(-(-(num_targets - seq_len) // stride), 0)
         self.score_hi = np.minimum(seq_len + stride * np.arange(count), num_targets)
@@ -2107,11 +2050,8 @@ class IllegalTestTimeTraining(RuntimeError):
     """Raised before an update that would train on a validation target that has not been scored yet."""
 
 class ScoreLedger:
-    """How often each target has been scored (summed over ranks) and what training used: the TTT audit.
-    mark() records this rank's scoring; sync(lo, hi) sums a range's counts over all ranks, also a barrier:
-    nothing can train on a range before every rank has scored its part. check_training() raises before an
-    update on any unscored target; audit() checks every target was scored exactly once."""
-
+    """The TTT audit: scorings per target (summed over ranks by sync(lo, hi), also a barrier) and what training used;
+    check_training() raises before an update on an unscored target, audit() demands exactly one scoring each."""
     def __init__(self, num_targets: int, run):
         self.run, self.num_targets = run, num_targets
         self.local = np.zeros(num_targets, dtype=np.uint8)
@@ -2198,7 +2138,8 @@ def score_windows(model, run, val: ValidationSet, plan: SlidingWindows, indices,
         targets = (plan.score_hi[chosen] - width)[:, None] + np.arange(width)
         keep = targets >= plan.score_lo[chosen][:, None]
         keep[real:] = False
-        scores.add(nll, to_device(val.target_bytes[targets], run.device), to_device(keep, run.device))
+        scores.add(nll, to_device(val.target_bytes[targets], run.device), to_device(keep, run.device),
+                   to_device(chosen.astype(np.float64), run.device))
         for k in chosen[:real]:
             ledger.mark(int(plan.score_lo[k]), int(plan.score_hi[k]))
 
@@ -2207,7 +2148,7 @@ def evaluate(model: GPT, run, val: ValidationSet, stride: int) -> tuple[float, f
     num_targets = len(val.tokens) - 1
     plan = SlidingWindows(num_targets, run.h.eval_seq_len, stride)
     mine = np.array_split(np.arange(len(plan)), run.world_size)[run.rank]
-    scores, ledger = ScoreAccumulator(run.device), ScoreLedger(num_targets, run)
+    scores, ledger = ScoreAccumulator(run.device, plan), ScoreLedger(num_targets, run)
     was_training = model.training
     score_windows(model, run, val, plan, mine, scores, ledger)
     model.train(was_training)
@@ -2229,9 +2170,8 @@ def ttt_rows(h: Hyperparameters, rank: int, world_size: int) -> list[int]:
     return sorted({b - a for _, _, a, b in steps} - {0})
 
 def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
-    """Compile every graph variant evaluation will run, on random tokens, before the artifact is loaded and the
-    eval clock starts (#1855's precedent; never validation tokens): scoring at both scored widths, and TTT's
-    training shapes (forward + backward; the gradients are dropped, no optimizer step). Returns the count."""
+    """Compile every eval graph on random tokens before the artifact loads and the eval clock starts (#1855; never val
+    tokens): scoring at both widths and TTT's training shapes (gradients dropped, no step). Returns the count."""
     h, generator = run.h, torch.Generator().manual_seed(0)
 
     def random_tokens(*shape: int) -> torch.Tensor:
@@ -2263,14 +2203,13 @@ def score_first_schedule(num_chunks: int):
 class TestTimeTrainer:
     """Legal score-first TTT (#549 section 15.3): SGD on already-scored chunks, cosine LR over chunks, with
     the ledger checking every update and a budget guard that stops training, never scoring."""
-
     def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float):
         h = self.h = run.h
         self.model, self.run, self.val, self.tokens = model, run, val, val.tokens
         self.num_targets = len(val.tokens) - 1
         self.plan = SlidingWindows(self.num_targets, h.eval_seq_len, h.eval_stride)
         self.num_chunks = -(-self.num_targets // h.ttt_chunk_tokens)
-        self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device)
+        self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, self.plan)
         self.bank_masks, self.frozen = freeze_blocks(model, h.ttt_freeze_blocks)
         frozen_ids = {id(p) for p in self.frozen}
         self.params = [p for p in model.parameters() if id(p) not in frozen_ids]
@@ -2329,10 +2268,8 @@ class TestTimeTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def keep_training(self, chunk: int) -> bool:
-        """Budget guard: train on this chunk only if, after the average training time, the remaining chunks
-        can still all be scored at the average scoring time within EVAL_BUDGET_SECONDS (agreed by all ranks).
-        Averages leave out chunk 0's one-off costs (allocation, any compile the priming missed): projected from
-        them, one slow chunk 0 once stopped TTT for the whole run; at chunk 0 only the elapsed time is checked."""
+        """Budget guard: train on this chunk only if the remaining chunks can still be scored within EVAL_BUDGET_SECONDS
+        (all ranks agree); averages skip chunk 0's one-off costs (one slow chunk 0 once stopped all TTT)."""
         if self.training_stopped:
             return False
         elapsed = time.perf_counter() - self.eval_started
@@ -2379,10 +2316,8 @@ def ttt_optimizer(model: GPT, params: list[nn.Parameter], h: Hyperparameters) ->
     return torch.optim.SGD(groups, lr=h.ttt_lr, momentum=h.ttt_momentum)
 
 def freeze_blocks(model: GPT, count: int) -> tuple[dict[int, torch.Tensor], list[nn.Parameter]]:
-    """Freeze the first `count` blocks for TTT, their bank slices included (#549's freeze never reached the
-    banks), by gradient masks: per-bank masks over the leading (layer) dim, and the blocks' own parameters,
-    whose gradients TTT drops. requires_grad is never changed: flipped after the eval graphs were compiled,
-    it forced recompiles inside chunk 0's scoring, whose time then made the budget guard stop all training."""
+    """Freeze the first `count` blocks for TTT, bank slices included (#549's never reached the banks), by gradient
+    masks; requires_grad never changes (flipped after compiling, it recompiled in chunk 0; the guard stopped TTT)."""
     frozen = [p for block in model.blocks[:count] for p in block.parameters()]
     layers = torch.arange(model.num_layers, device=model.qo_bank.device) >= count
     layer_mask = layers.float()
@@ -2408,7 +2343,6 @@ def raise_recompile_limit():
 
 class RunContext:
     """Device, ranks, precision and logging for one process of a run."""
-
     def __init__(self, h: Hyperparameters):
         self.h = h
         self.rank, self.world_size = h.rank, h.world_size
@@ -2424,8 +2358,9 @@ class RunContext:
         # the process group forms, so no rank can see a log that rank 0 of this very run already started.
         if self.log_path.exists():
             raise InputError(f"{self.log_path}: already exists (a log holds one run); set another RUN_ID or move it")
-        if h.distributed:
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
+        if h.distributed:  # NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default) aborts at the timeout
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None,
+                                    timeout=datetime.timedelta(seconds=h.collective_timeout_seconds))
         bf16 = h.compute_dtype == "bf16" or (h.compute_dtype == "auto" and use_cuda)
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
@@ -2436,7 +2371,12 @@ class RunContext:
             raise_recompile_limit()
         self.window_batch = max(h.val_batch_size // (self.world_size * h.grad_accum_steps * h.eval_seq_len), 1)
         if self.is_main:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise InputError(f"{self.log_path.parent}: cannot create the log directory ({error})") from None
+            if not os.access(self.log_path.parent, os.W_OK):
+                raise InputError(f"{self.log_path.parent}: not writable, so the run could not be logged")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
@@ -2468,7 +2408,6 @@ class RunContext:
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-
     def barrier(self):
         if self.world_size > 1:
             dist.barrier()
@@ -2516,9 +2455,57 @@ def build_model(h: Hyperparameters, run: RunContext) -> GPT:
     set_seeds(h.seed)
     return GPT(h, attention=run.attention).to(run.device)
 
+WATCH_LAG = 2  # steps between a step's launch and the host reading its flags: long finished on the GPU by then
+
+class TrainingWatch:
+    """Non-finite losses and SIGINT/SIGTERM, agreed by all ranks at one step with no host sync per step: flags are
+    max-reduced asynchronously, copied to the host, read WATCH_LAG steps later; a second signal acts at once."""
+    def __init__(self, run: RunContext):
+        self.run, self.pending, self.handlers, self.last_finite = run, collections.deque(), {}, None
+        self.signal_number = 0  # this process's; the stop follows the ranks' maximum
+
+    def __enter__(self):
+        self.handlers = {n: signal.signal(n, self.on_signal) for n in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
+
+    def on_signal(self, number, frame):
+        self.signal_number = self.signal_number or number
+        self.__exit__()  # the default handlers again: a second signal acts at once
+
+    def observe(self, step: int, loss: torch.Tensor):
+        loss = loss.detach().float()
+        flags = torch.stack((loss, (~torch.isfinite(loss)).float(), torch.full_like(loss, self.signal_number)))
+        if self.run.world_size > 1:  # on CUDA wait() only orders the stream: the host goes on
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()
+        cuda = flags.device.type == "cuda"
+        host = torch.empty(3, pin_memory=cuda).copy_(flags, non_blocking=cuda)
+        self.pending.append((step, host, torch.cuda.current_stream().record_event() if cuda else None))
+
+    def stop_signal(self, step: int, flush: bool = False) -> int:
+        """The agreed signal number (0: none) from the steps up to step - WATCH_LAG (every step when flush);
+        raises RunFault at the first step whose loss was not finite on any rank."""
+        while self.pending and (flush or self.pending[0][0] <= step - WATCH_LAG):
+            observed, host, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            loss, nonfinite, number = host.tolist()
+            if nonfinite:
+                last = (f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+                        if self.last_finite else "no step before it had a finite loss")
+                raise RunFault(f"training diverged: the loss is not finite at step {observed} on some rank ({last}); "
+                               f"no artifact written, ARTIFACT_PATH untouched (lower the learning rates, e.g. "
+                               f"MATRIX_LR, or clip with GRAD_CLIP_NORM)", EXIT_NONFINITE)
+            self.last_finite = (observed, loss)
+            if number:
+                return int(number)
+        return 0
+
 class Trainer:
     """The timed training loop of #549 section 11, with priming steps that are undone before the clock starts."""
-
     def __init__(self, h: Hyperparameters, run: RunContext, model: GPT, val: ValidationSet | None):
         self.h, self.run, self.model, self.val = h, run, model, val
         fused = run.device.type == "cuda"
@@ -2527,6 +2514,7 @@ class Trainer:
         self.replicated_params = [p for p in model.parameters() if id(p) not in bank_ids]
         self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
         self.qat_start = None  # the step soft-round's alpha ramp started
+        self.watch, self.interrupted = TrainingWatch(run), 0  # the signal that stopped training, if any
         model.looping = h.num_loops > 0 and h.enable_looping_at <= 0  # the plain graph first (#1855)
 
     def new_loader(self):
@@ -2590,9 +2578,8 @@ class Trainer:
                                            self.h.grad_clip_norm)
 
     def clip_scale(self, shards, replicated) -> torch.Tensor:
-        """Global-norm clip factor of the *averaged* gradient, so any world size trains the same model.
-        (#549 clipped each rank's local gradient before averaging: its 1- and 8-GPU runs differ.) Bank shards
-        are disjoint across ranks, so their squared norms add up; a tensor, so no host sync."""
+        """Global-norm clip factor of the *averaged* gradient, so any world size trains one model (#549 clipped per rank
+        before averaging). Bank shards are disjoint, so squared norms add up; a tensor, no host sync."""
         if self.h.grad_clip_norm <= 0 or self.h.grad_clip_scope == "local":
             return torch.ones((), device=self.run.device)
         bank_square = torch.stack([s.float().square().sum() for s in shards]).sum()
@@ -2602,10 +2589,8 @@ class Trainer:
         return (self.h.grad_clip_norm / (total + 1e-6)).clamp(max=1.0)
 
     def prime(self):
-        """WARMUP_STEPS real steps to trigger compilation and allocation, then restore weights, optimizer
-        state and data position (#549 pitfall 2). Graphs that switch on later get one step each when compiling:
-        the looped one (depth recurrence) and the late-QAT one (as #1089's head), so none compiles in the
-        timed loop."""
+        """WARMUP_STEPS real steps to compile and allocate, then weights, optimizer state and data position are restored
+        (#549 pitfall 2); compiled, the looped and late-QAT graphs get a step each: none compiles in the timed loop."""
         h, model = self.h, self.model
         if h.warmup_steps == 0:
             return
@@ -2651,10 +2636,8 @@ class Trainer:
                      f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
 
     def agreed_clock(self, local_ms: float) -> float:
-        """The training time every rank uses: the MAX over ranks of their own clocks, in the one collective per
-        step that also decides stopping. Each rank timing itself fed a different LR multiplier (and QAT/SWA
-        switch) to each rank under a wallclock cap; the replicas drifted apart and the run died in
-        verify_replicas, after 600 s, without an artifact."""
+        """The training time of every rank: the MAX of their clocks, in the per-step collective that decides stopping
+        (clocks per rank fed different LR multipliers; the replicas drifted and verify_replicas failed after 600 s)."""
         if self.h.training_seconds <= 0 or self.run.world_size == 1:
             return local_ms
         clock = torch.tensor([local_ms], dtype=torch.float64, device=self.run.device)
@@ -2680,18 +2663,35 @@ class Trainer:
         model.soft_round_alpha.fill_(1.0 + (h.soft_round_alpha_max - 1.0) * progress)
 
     def train(self):
-        """Returns the averaging object whose weights should be exported (or None for the raw weights)."""
+        """Train, average, and return GPTQ's Hessians (None unless QUANT=gptq)."""
         h, run, model = self.h, self.run, self.model
         self.prime()
         loader = self.new_loader()
         ema = ExponentialMovingAverage(model, h.ema_decay) if h.ema_decay > 0 else None
         swa = SnapshotAverage(model) if h.swa_enabled else None
+        with self.watch:
+            agreed_ms = self.loop(loader, ema, swa)
+        if run.device.type == "cuda":
+            run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                    f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        model.qat_active = False
+        model.looping = model.num_loops > 0  # evaluation and TTT always loop (#1855)
+        verify_replicas(run, model)
+        self.apply_average(ema, swa)
+        if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):  # watch saw losses
+            raise RunFault("the averaged weights are not finite although every training loss was; no artifact written, "
+                           "ARTIFACT_PATH untouched", EXIT_NONFINITE)
+        return self.calibrate(loader, agreed_ms) if h.quant == "gptq" else None
+
+    def loop(self, loader, ema, swa) -> float:
+        """Steps until ITERATIONS, the wallclock cap or an agreed signal; returns the agreed training ms."""
+        h, run = self.h, self.run
         train_ms, step, stop_after, agreed_ms = 0.0, 0, None, 0.0
         run.sync()
         started = time.perf_counter()
         while True:
             last_step = step == h.iterations or (stop_after is not None and step >= stop_after)
-            if last_step or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+            if (last_step and not self.interrupted) or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
                 run.sync()
                 train_ms += 1000.0 * (time.perf_counter() - started)
                 self.validate(step, agreed_ms)  # validation time is not training time (#549)
@@ -2707,25 +2707,22 @@ class Trainer:
             if ema is not None:
                 ema.update()
             step += 1
+            self.watch.observe(step, loss)
             if swa is not None and multiplier < h.swa_threshold and step % h.swa_every == 0:
                 if swa.count == 0:
                     run.log(f"swa:start step:{step}")
                 swa.add()
             agreed_ms = self.agreed_clock(train_ms + 1000.0 * (time.perf_counter() - started))
-            if 0 < h.training_seconds <= agreed_ms / 1000.0 and stop_after is None:
+            self.interrupted = self.interrupted or self.watch.stop_signal(step)
+            if stop_after is None and (0 < h.training_seconds <= agreed_ms / 1000.0 or self.interrupted):
                 stop_after = step
             if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0) or stop_after == step:
                 self.log_step(step, loss, agreed_ms)
+        self.watch.stop_signal(step, flush=True)  # the last steps' losses must be finite too
         if stop_after is not None and stop_after < h.iterations:
-            run.log(f"stopping_early: wallclock_cap train_time:{agreed_ms:.0f}ms step:{step}/{h.iterations}")
-        if run.device.type == "cuda":
-            run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                    f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-        model.qat_active = False
-        model.looping = model.num_loops > 0  # evaluation and TTT always loop (#1855)
-        verify_replicas(run, model)
-        self.apply_average(ema, swa)
-        return self.calibrate(loader, agreed_ms) if h.quant == "gptq" else None
+            cause = signal.Signals(self.interrupted).name if self.interrupted else "wallclock_cap"
+            run.log(f"stopping_early: {cause} train_time:{agreed_ms:.0f}ms step:{step}/{h.iterations}")
+        return agreed_ms
 
     def calibrate(self, loader, train_ms: float) -> dict[str, torch.Tensor]:
         """GPTQ Hessians of the exported (averaged) weights on the next training batches, inside the cap: the
@@ -2838,8 +2835,9 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
             run.log(f"lqer: rank {h.lqer_rank} corrections on {' '.join(corrected)}")
         blob = fit_to_budget(tensors, schemes, h, budget, run.log) if h.size_fit \
             else encode_artifact(tensors, schemes, h)
-        Path(h.artifact_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(h.artifact_path).write_bytes(blob)
+        partial = Path(h.artifact_path + ".partial")  # renamed into place: never a half-written artifact
+        partial.write_bytes(blob)
+        os.replace(partial, h.artifact_path)
         run.log(f"artifact:written quant:{h.quant} compressor:{h.compressor} seconds:{time.perf_counter() - started:.1f}")
     run.barrier()
     model_bytes = Path(h.artifact_path).stat().st_size
@@ -2859,7 +2857,10 @@ def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") ->
     Returns what evaluate_fn returned: (val_loss, val_bpb, ...)."""
     run.sync()
     started = time.perf_counter()
-    result = evaluate_fn()
+    try:
+        result = evaluate_fn()
+    except RunFault as fault:
+        raise RunFault(f"{label}: {fault}", fault.status) from None
     val_loss, val_bpb = result[:2]
     run.sync()
     elapsed_ms = 1000.0 * (time.perf_counter() - started)
@@ -2898,8 +2899,26 @@ def evaluate_artifact(run: RunContext, val: ValidationSet):
             + (" OVER BUDGET" if total_s > h.eval_budget_seconds else "")
             + f" phase_seconds_with_priming:{time.perf_counter() - phase_started:.1f}")
 
+def check_before_training(h: Hyperparameters) -> int:
+    """What would otherwise stop a run after the clock started: every train shard's header and size (not only
+    the first), a writable artifact directory with room for the artifact. Returns the train shard count."""
+    files = shard_files(h.data_path, "train")
+    for path in files:
+        shard_token_count(path)  # raises naming a bad shard
+    folder = Path(h.artifact_path).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise InputError(f"env ARTIFACT_PATH={h.artifact_path}: cannot write in {folder} ({error})") from None
+    if shutil.disk_usage(folder).free < 2 * SIZE_CAP_BYTES:
+        raise InputError(f"env ARTIFACT_PATH={h.artifact_path}: {shutil.disk_usage(folder).free:,} bytes free in "
+                         f"{folder}; writing the artifact needs {2 * SIZE_CAP_BYTES:,}")
+    return len(files)
+
 def main() -> int:
-    """Returns the exit status: 0, or 3 when the artifact is over the 16,000,000-byte cap."""
+    """Orchestrates one run; exit status (README "When a run goes wrong"): 0, 3 over the cap, 4 non-finite,
+    128 + signal after SIGINT/SIGTERM (artifact written), 5 at once on a failed collective (a rank died or hung)."""
     h = Hyperparameters()
     run = RunContext(h)
     code = Path(__file__).read_bytes().decode("utf-8")  # byte-exact: no newline translation
@@ -2912,35 +2931,58 @@ def main() -> int:
     run.log(f"val_bytes:{val.source} " + " ".join(f"{k}:{v}" for k, v in val.audit.items()) + " (every document)")
     run.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_[0-9]*.bin')} "
             f"tokens:{len(val.tokens) - 1} bytes:{int(val.target_bytes.sum())} byte_source:{val.source}")
-    total_bytes = 0
+    try:
+        status = run_phases(run, code, val, predicted)
+    except RunFault as fault:
+        if run.is_main:
+            print(f"error: {fault}", file=sys.stderr, flush=True)
+        run.log(f"error: {fault}", console=False)
+        status = fault.status
+    except RuntimeError as error:  # a failed or timed-out collective: a rank died, hung or lost its connection
+        words = ("gloo", "nccl", "timeout", "timed out")
+        if run.world_size == 1 or not (isinstance(error, dist.DistError) or any(w in str(error).lower() for w in words)):
+            raise
+        message = (f"error: rank {run.rank}: a collective failed: another rank died, hung past "
+                   f"COLLECTIVE_TIMEOUT_SECONDS={h.collective_timeout_seconds:.0f} or lost its connection ({error})")
+        print(message, file=sys.stderr, flush=True)
+        run.log(message, console=False)
+        os._exit(EXIT_COLLECTIVE)  # no barrier or teardown: they would wait on the missing rank
+    run.seal_log()
+    return status
+
+def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int:
+    """Train and write the artifact (unless EVAL_ONLY), then score the artifact read back from disk."""
+    h, total_bytes = run.h, 0
     if h.eval_only:
         if not Path(h.artifact_path).is_file():
             raise InputError(f"{h.artifact_path}: EVAL_ONLY=1 needs an existing artifact (set ARTIFACT_PATH)")
         run.log(f"eval_only: evaluating {h.artifact_path} without training")
     else:
-        run.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{len(shard_files(h.data_path, 'train'))}")
+        run.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{check_before_training(h)}")
         model = build_model(h, run)
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         run.log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.use_xsa]}")
         run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
                 f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
-        hessians = Trainer(h, run, model, val).train()
+        trainer = Trainer(h, run, model, val)
+        hessians = trainer.train()
         total_bytes = write_artifact(run, model, code, hessians, predicted)  # before any evaluation
-        evaluate_pass(run, "DIAGNOSTIC post_average",
-                      lambda: evaluate(model, run, val, h.eval_seq_len))
+        if trainer.interrupted:
+            run.log(f"interrupted: {signal.Signals(trainer.interrupted).name}; the artifact of the averaged weights "
+                    f"is written, evaluation skipped: EVAL_ONLY=1 ARTIFACT_PATH={h.artifact_path} and a new RUN_ID "
+                    f"score it")
+            return 128 + trainer.interrupted
+        evaluate_pass(run, "DIAGNOSTIC post_average", lambda: evaluate(model, run, val, h.eval_seq_len))
         del model, hessians
     evaluate_artifact(run, val)
-    status = 0
     if total_bytes > SIZE_CAP_BYTES:
         run.log(f"ERROR: exiting with status 3: the artifact ({total_bytes} bytes) is over the cap")
-        status = 3
-    run.seal_log()
-    return status
+        return 3
+    return 0
 
 def end_distributed_run(status: int):
-    """Barrier, tear down, and leave without interpreter finalization: gloo's worker threads may still be
-    freeing finished work objects, which takes the GIL; during finalization Python kills such a thread
-    inside C++ and the process aborts ("terminate called without an active exception", torch 2.13)."""
+    """Barrier, tear down, leave without interpreter finalization: killing a gloo thread that holds the GIL during
+    finalization aborts the process ("terminate called without an active exception", torch 2.13)."""
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

@@ -51,17 +51,24 @@ def test_no_files_match(tmp_path):
         train_gpt.shard_files(str(tmp_path), "train")
 
 
-def test_validation_shorter_than_one_sequence(tmp_path):
-    write_shard(tmp_path / "fineweb_val_000000.bin", list(range(1, 65)))
+def validation_set(path, seq_len: int, sample_data) -> train_gpt.ValidationSet:
+    h = train_gpt.Hyperparameters(dict(DATA_PATH=str(path), TOKENIZER_PATH=sample_data[1], EVAL_SEQ_LEN=str(seq_len),
+                                       EVAL_STRIDE=str(seq_len)))
+    return train_gpt.ValidationSet(h, train_gpt.load_tokenizer(sample_data[1], 1024))
+
+
+def test_validation_shorter_than_one_sequence(tmp_path, sample_data):
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1] + list(range(5, 68)))
     with pytest.raises(train_gpt.InputError, match=r"has 64 tokens: fewer than one sequence of EVAL_SEQ_LEN=64 plus one"):
-        train_gpt.load_validation_tokens(str(tmp_path), 64, 1024)
+        validation_set(tmp_path, 64, sample_data)
 
 
-def test_validation_concatenates_and_trims(tmp_path):
-    write_shard(tmp_path / "fineweb_val_000000.bin", list(range(0, 50)))
-    write_shard(tmp_path / "fineweb_val_000001.bin", list(range(50, 100)))
-    tokens = train_gpt.load_validation_tokens(str(tmp_path), 32, 1024)
-    assert tokens.tolist() == list(range(0, 97))  # 3 sequences of 32 targets, plus the first input
+def test_validation_concatenates_and_trims(tmp_path, sample_data):
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1] + list(range(5, 54)))
+    write_shard(tmp_path / "fineweb_val_000001.bin", [1] + list(range(54, 103)))
+    val = validation_set(tmp_path, 32, sample_data)
+    assert val.tokens.tolist() == ([1] + list(range(5, 54)) + [1] + list(range(54, 103)))[:97]  # 3 x 32 targets + 1
+    assert len(val.target_bytes) == 96 and val.audit["documents"] == 2 and val.audit["tokens"] == 100
 
 
 def test_tokenizer_vocab_mismatch(sample_data):

@@ -1,0 +1,171 @@
+"""Faults during a run (README "When a run goes wrong"): a diverged loss, a dead or hung rank, SIGINT/SIGTERM,
+inputs checked before the clock, and a non-finite score. Each test provokes the fault and checks the message, the
+exit status, what is on disk afterwards and, for ranks, that nothing waits past its bound."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import REPO, TINY_ENV, clean_environment, parse_metric, read_log, run_script, tiny_hyperparameters
+
+
+def tiny_env(sample_data, **overrides) -> dict:
+    dataset, tokenizer = sample_data
+    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer)
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def launch(cwd: Path, env: dict, ranks: int = 1) -> list[subprocess.Popen]:
+    """train_gpt.py as `ranks` processes wired by hand (as torchrun would), so a test can signal one of them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = []
+    for rank in range(ranks):
+        full = dict(clean_environment(), **env, OMP_NUM_THREADS="1")
+        if ranks > 1:
+            full.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        processes.append(subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=cwd, env=full,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def run_part(log: str) -> str:
+    """The log after the code that heads it (the code itself mentions val_bpb:nan)."""
+    return log.split("\n" + "=" * 100 + "\n", 1)[1]
+
+
+def wait_for_step(cwd: Path, run_id: str, step: int, timeout: float = 240):
+    log = Path(cwd) / "logs" / f"{run_id}.txt"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and f"\nstep:{step}/" in log.read_text(encoding="utf-8"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} never logged")
+
+
+def test_a_diverged_loss_stops_the_run_without_an_artifact(tmp_path, sample_data):
+    result = run_script(tmp_path, tiny_env(sample_data, MATRIX_LR=1e30, ITERATIONS=40, RUN_ID="nan"), timeout=300)
+    assert result.returncode == train_gpt.EXIT_NONFINITE == 4
+    assert "error: training diverged: the loss is not finite at step 2 on some rank (the last finite loss was " \
+           in result.stderr
+    log = read_log(tmp_path, "nan")
+    steps = [int(line.split("/")[0][5:]) for line in log.splitlines() if line.startswith("step:")]
+    assert max(steps) <= 2 + train_gpt.WATCH_LAG  # stopped within the watch's lag, not after 40 steps
+    assert not (tmp_path / "final_model.int6.ptz").exists() and "val_bpb:nan" not in run_part(log)
+    assert log.splitlines()[-2].startswith("error: training diverged") and log.splitlines()[-1].startswith("log_sha256:")
+
+
+def test_a_diverged_loss_stops_every_rank_at_the_same_step(tmp_path, sample_data):
+    result = run_script(tmp_path, tiny_env(sample_data, MATRIX_LR=1e30, ITERATIONS=40, RUN_ID="nan2"), nproc=2,
+                        timeout=300)
+    assert result.returncode != 0 and "training diverged: the loss is not finite at step 2" in result.stderr
+    assert not (tmp_path / "final_model.int6.ptz").exists()
+    assert "error: training diverged" in read_log(tmp_path, "nan2")
+
+
+def test_sigint_writes_the_averaged_artifact_and_eval_only_scores_it(tmp_path, sample_data):
+    env = tiny_env(sample_data, ITERATIONS=5000, RUN_ID="interrupted")
+    [process] = launch(tmp_path, env)
+    wait_for_step(tmp_path, "interrupted", 3)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT
+    log = read_log(tmp_path, "interrupted")
+    stopped = int(parse_metric(log, "stopping_early:")["step"].split("/")[0])
+    assert 3 <= stopped < 5000 and "interrupted: SIGINT; the artifact of the averaged weights is written" in log
+    assert "ema:applying EMA weights" in log and "final_int6_roundtrip" not in run_part(log)  # no evaluation
+    scored = run_script(tmp_path, dict(env, EVAL_ONLY=1, RUN_ID="scored"), timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert math.isfinite(parse_metric(read_log(tmp_path, "scored"), "legal_ttt_exact")["val_bpb"])
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, sample_data):
+    processes = launch(tmp_path, tiny_env(sample_data, ITERATIONS=5000, RUN_ID="term"), ranks=2)
+    wait_for_step(tmp_path, "term", 3)
+    processes[1].send_signal(signal.SIGTERM)  # rank 0 never sees a signal: the ranks agree through the watch
+    for process in processes:
+        process.communicate(timeout=120)
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2
+    log = read_log(tmp_path, "term")
+    assert "replicas:identical ranks:2" in log and "stopping_early: SIGTERM" in log
+    assert (tmp_path / "final_model.int6.ptz").stat().st_size > 0
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_dead_or_hung_rank_ends_the_run_within_the_timeout(tmp_path, sample_data, fault):
+    """SIGKILL: the survivor's next collective fails at once; SIGSTOP (a hang): it fails after
+    COLLECTIVE_TIMEOUT_SECONDS. Either way rank 0 leaves with status 5 and says why."""
+    processes = launch(tmp_path, tiny_env(sample_data, ITERATIONS=5000, RUN_ID="dead",
+                                          COLLECTIVE_TIMEOUT_SECONDS=6), ranks=2)
+    wait_for_step(tmp_path, "dead", 3)
+    started = time.time()
+    processes[1].send_signal(fault)
+    try:
+        _, stderr = processes[0].communicate(timeout=60)
+        elapsed = time.time() - started
+    finally:
+        processes[1].kill()
+        processes[1].communicate()
+    assert processes[0].returncode == train_gpt.EXIT_COLLECTIVE == 5
+    assert "error: rank 0: a collective failed: another rank died, hung past COLLECTIVE_TIMEOUT_SECONDS=6" in stderr
+    assert elapsed < (3 if fault == signal.SIGKILL else 6 + 10)
+    assert "a collective failed" in read_log(tmp_path, "dead")
+
+
+def test_inputs_are_checked_before_the_clock_starts(tmp_path, sample_data):
+    import build_sample
+
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    for name in ("fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+        (dataset / name).write_bytes((Path(sample_data[0]) / name).read_bytes())
+    build_sample.write_shard(dataset / "fineweb_train_000001.bin", [1, 2, 3])
+    with open(dataset / "fineweb_train_000001.bin", "ab") as f:
+        f.write(b"\0")  # a second shard one byte longer than its header says: found at start, not mid-run
+    result = run_script(tmp_path, tiny_env(sample_data, DATA_PATH=dataset, RUN_ID="shard"), timeout=300)
+    assert result.returncode == 2 and "fineweb_train_000001.bin: header says 3 tokens" in result.stderr
+    assert "step:" not in run_part(read_log(tmp_path, "shard"))
+    (tmp_path / "occupied").write_text("a file where a directory should be")
+    result = run_script(tmp_path, tiny_env(sample_data, ARTIFACT_PATH=tmp_path / "occupied" / "model.ptz",
+                                           RUN_ID="unwritable"), timeout=300)
+    assert result.returncode == 2 and "env ARTIFACT_PATH=" in result.stderr and "cannot write in" in result.stderr
+    assert "step:" not in run_part(read_log(tmp_path, "unwritable"))
+
+
+def test_a_non_finite_score_is_an_error_naming_the_pass_and_window(tmp_path, sample_data):
+    env = tiny_env(sample_data, RUN_ID="nan_eval", EVAL_ONLY=1)
+    h = tiny_hyperparameters(**{k: v for k, v in env.items() if k in TINY_ENV})
+    torch.manual_seed(0)
+    state = train_gpt.export_state(train_gpt.GPT(h))
+    state["blocks.0.attn.q_gain"] = torch.full_like(state["blocks.0.attn.q_gain"], float("nan"))  # stored fp16
+    tensors, schemes = train_gpt.quantize_state(state, h)
+    (tmp_path / "final_model.int6.ptz").write_bytes(train_gpt.encode_artifact(tensors, schemes, h))
+    result = run_script(tmp_path, env, timeout=300)
+    assert result.returncode == 4
+    assert "error: final_int6_roundtrip: the NLL is not finite in window 0 (targets 0-64)" in result.stderr
+    assert "val_bpb:nan" not in run_part(read_log(tmp_path, "nan_eval"))
+
+
+def test_the_accumulator_names_the_first_bad_window():
+    scores = train_gpt.ScoreAccumulator(torch.device("cpu"))
+    nll = torch.ones(3, 4)
+    nll[2, 1], nll[1, 3] = float("inf"), float("nan")
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    keep[1, 3] = False  # a masked NaN (padding) is not an error
+    scores.add(nll, torch.ones(3, 4), keep, torch.tensor([5.0, 6.0, 7.0]))
+    with pytest.raises(train_gpt.RunFault, match=r"not finite in window 7"):
+        scores.result(distributed=False)
