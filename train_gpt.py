@@ -2459,7 +2459,7 @@ WATCH_LAG = 2  # steps between a step's launch and the host reading its flags: l
 
 class TrainingWatch:
     """Non-finite losses and SIGINT/SIGTERM, agreed by all ranks at one step with no host sync per step: flags are
-    max-reduced asynchronously, copied to the host, read WATCH_LAG steps later; a second signal acts at once."""
+    max-reduced asynchronously, copied to the host, read WATCH_LAG steps later; a repeated signal acts at once."""
     def __init__(self, run: RunContext):
         self.run, self.pending, self.handlers, self.last_finite = run, collections.deque(), {}, None
         self.signal_number = 0  # this process's; the stop follows the ranks' maximum
@@ -2472,9 +2472,9 @@ class TrainingWatch:
         for number, handler in self.handlers.items():
             signal.signal(number, handler)
 
-    def on_signal(self, number, frame):
+    def on_signal(self, number, frame):  # torchrun follows a Ctrl-C with SIGTERM: only a repeat acts at once
         self.signal_number = self.signal_number or number
-        self.__exit__()  # the default handlers again: a second signal acts at once
+        signal.signal(number, self.handlers[number])
 
     def observe(self, step: int, loss: torch.Tensor):
         loss = loss.detach().float()
@@ -2669,8 +2669,7 @@ class Trainer:
         loader = self.new_loader()
         ema = ExponentialMovingAverage(model, h.ema_decay) if h.ema_decay > 0 else None
         swa = SnapshotAverage(model) if h.swa_enabled else None
-        with self.watch:
-            agreed_ms = self.loop(loader, ema, swa)
+        agreed_ms = self.loop(loader, ema, swa)
         if run.device.type == "cuda":
             run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -2965,8 +2964,9 @@ def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int
         run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
                 f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
         trainer = Trainer(h, run, model, val)
-        hessians = trainer.train()
-        total_bytes = write_artifact(run, model, code, hessians, predicted)  # before any evaluation
+        with trainer.watch:  # a signal stops training; the artifact is still written
+            hessians = trainer.train()
+            total_bytes = write_artifact(run, model, code, hessians, predicted)  # before any evaluation
         if trainer.interrupted:
             run.log(f"interrupted: {signal.Signals(trainer.interrupted).name}; the artifact of the averaged weights "
                     f"is written, evaluation skipped: EVAL_ONLY=1 ARTIFACT_PATH={h.artifact_path} and a new RUN_ID "

@@ -82,6 +82,8 @@ def test_sigint_writes_the_averaged_artifact_and_eval_only_scores_it(tmp_path, s
     [process] = launch(tmp_path, env)
     wait_for_step(tmp_path, "interrupted", 3)
     process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)  # what torchrun sends after a Ctrl-C: not a repeat, so still graceful
     process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT
     log = read_log(tmp_path, "interrupted")
