@@ -2,6 +2,8 @@
 never inside the timed training loop or the eval clock."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -76,9 +78,6 @@ def test_warmup_primes_the_looped_graph_before_the_clock(tmp_path, monkeypatch, 
     assert compiled_graphs() == primed
 
 
-class ConstantBytes:
-    def count(self, previous, targets):
-        return torch.full_like(targets, 3)
 
 
 def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch):
@@ -90,9 +89,10 @@ def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch):
     train_gpt.prime_eval_graphs(model, run)
     primed = compiled_graphs()
     tokens = np.random.default_rng(0).integers(0, 1024, 64 * 8 + 1).astype(np.uint16)
-    train_gpt.evaluate(model, run, tokens, ConstantBytes(), stride=64)
-    train_gpt.evaluate(model, run, tokens, ConstantBytes(), stride=16)
-    ttt = train_gpt.TestTimeTrainer(model, run, tokens, ConstantBytes(), eval_started=0.0)
+    val = SimpleNamespace(tokens=tokens, target_bytes=np.full(len(tokens) - 1, 3))  # a stand-in ValidationSet
+    train_gpt.evaluate(model, run, val, stride=64)
+    train_gpt.evaluate(model, run, val, stride=16)
+    ttt = train_gpt.TestTimeTrainer(model, run, val, eval_started=0.0)
     ttt.h.eval_budget_seconds = float("inf")
     _, _, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
     assert summary == "chunks=4 tokens_scored=512 tokens_trained=384"

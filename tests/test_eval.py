@@ -3,6 +3,7 @@ the budget guard, frozen blocks and eval-only reruns."""
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,11 +33,9 @@ def make_run(tmp_path, monkeypatch, **overrides):
     return train_gpt.RunContext(h)
 
 
-class ConstantBytes:
-    """Stand-in byte counter: 3 bytes per target, so BPB is a known function of the loss."""
-
-    def count(self, previous, targets):
-        return torch.full_like(targets, 3)
+def constant_bytes(tokens: np.ndarray) -> SimpleNamespace:
+    """A stand-in ValidationSet: 3 bytes per target, so BPB is a known function of the loss."""
+    return SimpleNamespace(tokens=tokens, target_bytes=np.full(len(tokens) - 1, 3, dtype=np.int64))
 
 
 def tiny_setup(tmp_path, monkeypatch, num_tokens=64 * 12 + 1, **overrides):
@@ -47,18 +46,18 @@ def tiny_setup(tmp_path, monkeypatch, num_tokens=64 * 12 + 1, **overrides):
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)
     tokens = np.random.default_rng(0).integers(0, 1024, num_tokens).astype(np.uint16)
-    return run, model, tokens
+    return run, model, constant_bytes(tokens)
 
 
 def test_sliding_equals_plain_evaluation_at_stride_equal_window(tmp_path, monkeypatch):
     run, model, tokens = tiny_setup(tmp_path, monkeypatch)
-    loss, bpb = train_gpt.evaluate(model, run, tokens, ConstantBytes(), stride=64)
-    ids = torch.from_numpy(tokens.astype(np.int64))
+    loss, bpb = train_gpt.evaluate(model, run, tokens, stride=64)
+    ids = torch.from_numpy(tokens.tokens.astype(np.int64))
     with torch.no_grad():
         plain = model(ids[:-1].view(-1, 64), ids[1:].view(-1, 64), reduction="none")
     assert loss == pytest.approx(plain.mean().item(), abs=1e-6)
     assert bpb == pytest.approx(plain.mean().item() / np.log(2) / 3, abs=1e-6)
-    sliding_loss, _ = train_gpt.evaluate(model, run, tokens, ConstantBytes(), stride=16)
+    sliding_loss, _ = train_gpt.evaluate(model, run, tokens, stride=16)
     assert sliding_loss != loss  # more context per target changes the score
 
 
@@ -66,7 +65,7 @@ def ttt_setup(tmp_path, monkeypatch, **overrides):
     settings = dict(EVAL_STRIDE=16, TTT_CHUNK_TOKENS=128, TTT_EPOCHS=1, TTT_BATCH_SEQS=2, TTT_LR=0.01)
     settings.update(overrides)
     run, model, tokens = tiny_setup(tmp_path, monkeypatch, **settings)
-    return run, model, tokens, train_gpt.TestTimeTrainer(model, run, tokens, ConstantBytes(), eval_started=time_now())
+    return run, model, tokens, train_gpt.TestTimeTrainer(model, run, tokens, eval_started=time_now())
 
 
 def time_now():
@@ -119,7 +118,7 @@ def test_budget_guard_stops_training_but_scores_every_token(tmp_path, monkeypatc
     log = (tmp_path / "logs" / "unit.txt").read_text()
     assert re.search(r"ttt_budget: stopping training at chunk 1/6: .* > EVAL_BUDGET_SECONDS=0; "
                      r"scoring the remaining 5 chunks", log)
-    plain_loss, _ = train_gpt.evaluate(model, run, tokens, ConstantBytes(), stride=16)
+    plain_loss, _ = train_gpt.evaluate(model, run, tokens, stride=16)
     assert loss == pytest.approx(plain_loss, abs=1e-6)  # untrained TTT is exactly the sliding evaluation
 
 

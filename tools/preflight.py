@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -179,7 +180,8 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
 
         timing[width] = float(np.median([timed(run, score) for _ in range(batches)]))
     if h.ttt_enabled and h.ttt_epochs > 0:
-        trainer = tg.TestTimeTrainer(model, run, np.zeros(h.ttt_chunk_tokens + 1, dtype=np.uint16), None, 0.0)
+        zeros = np.zeros(h.ttt_chunk_tokens + 1, dtype=np.uint16)
+        trainer = tg.TestTimeTrainer(model, run, SimpleNamespace(tokens=zeros, target_bytes=zeros[1:]), 0.0)
         shapes = [b - a for _, _, a, b in tg.ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, h.ranks - 1,
                                                          h.ranks)]
 
