@@ -129,25 +129,20 @@ DROPPED_RECORD_VARIABLES = {
     "GPTQ_BLOCK_SIZE": "fixed at #1089's 128", "GPTQ_DAMP": "fixed at #1089's 0.01",
     "GPTQ_COL_ORDER": "always descending diag(H), as #1089", "GPTQ_SINGLE_PASS": "always single pass, as #1089",
     "TARGET_BYTES": "the cap is the challenge's 16,000,000 bytes", "QAT_CLIP_PCT": "QAT's grid is the exporter's",
-    "HEAD_BETA1": "the head is tied (unused in #1089 too)",
-    "LAWA_K": "LAWA was disabled in #549", "LAWA_FREQ": "LAWA was disabled in #549",
-    "CONTROL_TENSOR_NAME_PATTERNS": "tensors <= 65,536 entries are fp16 by rule",
-    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": "tensors <= 65,536 entries are fp16 by rule",
+    "HEAD_BETA1": "the head is tied (unused in #1089 too)", "TIE_EMBEDDINGS": "embeddings are always tied",
+    **dict.fromkeys(("CONTROL_TENSOR_NAME_PATTERNS", "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS"),
+                    "tensors <= 65,536 entries are fp16 by rule"),
     "EMA_ENABLED": "EMA is on whenever EMA_DECAY > 0", "LATE_QAT": "late QAT is on whenever LATE_QAT_THRESHOLD > 0",
-    "MUON_BETA2": "dead in #549", "TIE_EMBEDDINGS": "embeddings are always tied",
-    "EMBED_LR": "only used untied in #549", "HEAD_LR": "only used untied in #549",
-    "MTP_NUM_HEADS": "multi-token prediction was disabled in #549",
-    "MTP_LOSS_WEIGHT": "multi-token prediction was disabled in #549", "LAWA_ENABLED": "disabled in #549",
-    "DTG_ENABLED": "disabled in #549", "GATED_ATTENTION": "disabled in #549", "VALUE_RESIDUAL": "disabled in #549",
+    **dict.fromkeys(("EMBED_LR", "HEAD_LR"), "only used untied in #549"), "MUON_BETA2": "dead in #549",
+    **dict.fromkeys(("LAWA_K", "LAWA_FREQ", "LAWA_ENABLED", "MTP_NUM_HEADS", "MTP_LOSS_WEIGHT", "DTG_ENABLED",
+                     "GATED_ATTENTION", "VALUE_RESIDUAL"), "a feature #549 disabled in its run"),
     "CASEOPS_ENABLED": "the byte sidecar is used whenever DATA_PATH holds one (#2071 scored CaseOps without it)",
 }
 # Record variables whose feature breaks the challenge's rules: setting them on is an error, not a warning.
 REFUSED_RECORD_VARIABLES = {
-    "NGRAM_ENABLED": "#181's two-pass n-gram re-score builds its tables from the whole validation stream before "
-                     "scoring (future tokens and the target's own count), and blends only the target's probability "
-                     "(not a distribution): illegal (issues #402, #677); not offered",
+    "NGRAM_ENABLED": "#181's two-pass n-gram re-score builds its tables from the whole validation stream (future "
+                     "tokens, the target's own count) and blends only the target's probability: illegal (#402, #677)",
 }
-
 # Other records' spellings of this script's variables: name -> (canonical names, conversion). A record's command
 # line pasted as is means the same run. Setting both spellings to different values is an error.
 RECORD_SPELLINGS = {
@@ -161,7 +156,6 @@ RECORD_SPELLINGS = {
         "NGRAM_BUCKETS": ("ENGRAM_BUCKETS",), "NGRAM_HEADS": ("ENGRAM_HEADS",),  # #1089 (not #181's NGRAM_ENABLED)
         "NGRAM_ORDERS": ("ENGRAM_ORDERS",), "NGRAM_DIM_PER_HEAD": ("ENGRAM_DIM_PER_HEAD",)}.items()},
 }
-
 # Record presets (PRESET=name): defaults taken from each record's scored run; explicit variables override them.
 # record549 is this script's own defaults. README "Presets" says what each still differs in.
 PRESETS = {
@@ -323,6 +317,7 @@ class Hyperparameters:
         # channel: #549's per-channel gate; input: #1855's e_t += lambda*sigmoid(w.e_t[:12])*e_{t-1} (identity at init)
         self.smear_gate = env.choice("SMEAR_GATE", "channel", ("channel", "input"))
         self.smear_bos_mask = env.flag("SMEAR_BOS_MASK", False)  # no smearing into a document's BOS (#1851)
+        self.doc_isolation = env.flag("DOC_ISOLATION", False)  # attention stops at every BOS (#1530 VarLen)
         # Per-head gate on the attention output before the out-projection (#1667 attn_out, #1736 dense, #1787 sparse)
         self.attn_out_gate = env.choice("ATTN_OUT_GATE", "none", ("none", "attn_out", "dense", "sparse"))
         self.sparse_attn_gate_scale = env.float("SPARSE_ATTN_GATE_SCALE", 0.5)  # #1855's greedy-stack value
@@ -821,10 +816,10 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     (an AutocastCUDA kernel; none on the CPU): uncast, the residual stream turned fp32 and FA3 refused it."""
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
-def sdpa_attention(q, k, v):
-    """q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D); PyTorch SDPA with native GQA."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, enable_gqa=q.size(2) != k.size(2))
+def sdpa_attention(q, k, v, mask=None):
+    """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D): SDPA, native GQA, causal or DOC_ISOLATION's (B, 1, T, T)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None, enable_gqa=q.size(2) != k.size(2))
     return out.transpose(1, 2)
 
 FLASH_MODULES = {"fa3": ("flash_attn_interface", "flash_attention_3"), "fa2": ("flash_attn", "flash_attention_2")}
@@ -833,13 +828,15 @@ FLASH_INSTALL_HINT = {"fa3": "install a FlashAttention 3 wheel built for this to
                              "wheel), or set ATTENTION_BACKEND=fa2 or sdpa deliberately (slower steps)",
                       "fa2": "pip install flash-attn --no-build-isolation, or set ATTENTION_BACKEND=sdpa"}
 
-def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype):
+def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype, doc_isolation: bool = False):
     """ATTENTION_BACKEND -> (name, fn(q, k, v)) on (B, T, H, D): "auto" = FA3 on CUDA in 16 bits, else SDPA; a flash
     backend that cannot load fails at start (a slower kernel costs steps). Real FA3/FA2 unverified here (no GPU)."""
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     setting = f"env ATTENTION_BACKEND={requested}" + (" (FA3 on CUDA with bf16)" if requested == "auto" else "")
-    if requested == "auto":
-        requested = "fa3" if device_type == "cuda" and sixteen_bit else "sdpa"
+    if requested == "auto":  # DOC_ISOLATION's masks need SDPA: FA3's varlen path is not built
+        requested = "fa3" if device_type == "cuda" and sixteen_bit and not doc_isolation else "sdpa"
+    if doc_isolation and requested != "sdpa":
+        raise InputError(f"{setting} with DOC_ISOLATION=1: document masks run on SDPA only (no varlen kernel yet)")
     if requested == "sdpa":
         return "sdpa", sdpa_attention
     if device_type != "cuda" or not sixteen_bit:
@@ -937,12 +934,11 @@ class CausalSelfAttention(nn.Module):
             v = v + value_embed  # #549: VE joins V in the KV space, not the residual stream
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = rms_norm(q), rms_norm(k)  # QK-norm without weights; only q gets a learned per-head gain
-        if rotary is not None:
-            q, k = apply_partial_rotary(q, *rotary), apply_partial_rotary(k, *rotary)
+        q, k = apply_partial_rotary(q, *rotary[:2]), apply_partial_rotary(k, *rotary[:2])
         q = q * self.q_gain.to(q.dtype)[:, None]
         # The compute dtype (x's: the residual stream's) by construction, whatever autocast did on the way.
         q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
-        y = self.attention(q, k, v)
+        y = self.attention(q, k, v, *rotary[2:])  # DOC_ISOLATION's mask travels with the positions
         if self.use_xsa:
             y = subtract_self_value(y, v)
         if self.output_gate is not None:
@@ -1155,7 +1151,7 @@ class GPT(nn.Module):
         # soft-round sharpness: a tensor filled in place each step, so the compiled graph never changes
         self.register_buffer("soft_round_alpha", torch.ones(()) if h.soft_round_qat else None, persistent=False)
         self.hessian_recorder = None  # GPTQ calibration: called with (name, matrix inputs) when set
-        self.fused_kernels = h.fused_kernels
+        self.fused_kernels, self.doc_isolation = h.fused_kernels, h.doc_isolation
         self._init_weights(h)
 
     @torch.no_grad()
@@ -1222,7 +1218,11 @@ class GPT(nn.Module):
             banks = [fake_quantize_rows(bank, qmax, self.soft_round_alpha) for bank, qmax in zip(banks, self.bank_qmax)]
         ve_base = (self.value_embedding(ids, quantize_projections).to(compute_dtype)
                    if self.value_embedding is not None else None)
-        x = self.run_blocks(x, banks, rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device), ve_base)
+        rotary = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
+        if self.doc_isolation:  # block-diagonal causal mask: attention never crosses a BOS (#1530's VarLen)
+            doc = torch.cumsum(ids == BOS_ID, dim=1)
+            rotary = (*rotary, (doc[:, None, :, None] == doc[:, None, None, :]).tril())
+        x = self.run_blocks(x, banks, rotary, ve_base)
         x = rms_norm(x)
         if self.hessian_recorder is not None:
             self.hessian_recorder("head", x)  # the tied embedding's input as the LM head
@@ -2365,7 +2365,7 @@ class RunContext:
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
         self.attention_name, self.attention = select_attention_backend(h.attention_backend, self.device.type,
-                                                                       self.compute_dtype)
+                                                                       self.compute_dtype, h.doc_isolation)
         self.compiled = {}
         if self.compile:
             raise_recompile_limit()

@@ -1,6 +1,7 @@
 """Perturb the future: changing the validation tokens after target p must not change any score of a target
-before p, in every evaluation pass (sliding window, plain, score-first SGD TTT). Scores are captured per
-target from the one scoring function every pass shares."""
+before p, in every evaluation pass (sliding window, plain, score-first SGD TTT), with and without document
+isolation; and with DOC_ISOLATION a document's outputs do not depend on any other document. Scores are captured
+per target from the one scoring function every pass shares."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -68,13 +69,14 @@ def assert_past_unchanged(before: dict, after: dict, p: int, num_targets: int):
     assert any(before[t] != after[t] for t in range(p + 1, num_targets))  # the test can fail: the future changed
 
 
+@pytest.mark.parametrize("isolation", [0, 1])
 @pytest.mark.parametrize("stride", [16, 64])  # sliding, and plain (stride = window)
 @pytest.mark.parametrize("p", [200, 300])  # inside a window, and straddling a window boundary
-def test_sliding_and_plain_scores_ignore_the_future(tmp_path, monkeypatch, per_target_scores, stride, p):
+def test_sliding_and_plain_scores_ignore_the_future(tmp_path, monkeypatch, per_target_scores, stride, p, isolation):
     original, perturbed = original_and_perturbed(p)
     evaluate = lambda model, run, val: train_gpt.evaluate(model, run, val, stride)  # noqa: E731
-    before = scores_of(evaluate, original, tmp_path / "a", monkeypatch, per_target_scores)
-    after = scores_of(evaluate, perturbed, tmp_path / "b", monkeypatch, per_target_scores)
+    before = scores_of(evaluate, original, tmp_path / "a", monkeypatch, per_target_scores, DOC_ISOLATION=isolation)
+    after = scores_of(evaluate, perturbed, tmp_path / "b", monkeypatch, per_target_scores, DOC_ISOLATION=isolation)
     assert_past_unchanged(before, after, p, len(original) - 1)
 
 
@@ -94,3 +96,25 @@ def test_score_first_ttt_scores_ignore_the_future(tmp_path, monkeypatch, per_tar
     before = scores_of(ttt, original, tmp_path / "a", monkeypatch, per_target_scores, TTT_OPTIMIZER=optimizer)
     after = scores_of(ttt, perturbed, tmp_path / "b", monkeypatch, per_target_scores, TTT_OPTIMIZER=optimizer)
     assert_past_unchanged(before, after, p, len(original) - 1)
+
+
+@pytest.mark.parametrize("isolation", [0, 1])
+def test_document_isolation_hides_other_documents(isolation):
+    """Two documents in one window (BOS at 0 and 40): with DOC_ISOLATION, changing the first document changes no
+    output of the second (BigramHash off and the smear BOS-masked, the other ways across a BOS); without, it does."""
+    from conftest import tiny_hyperparameters
+
+    h = tiny_hyperparameters(DOC_ISOLATION=isolation, BIGRAM_VOCAB_SIZE=0, SMEAR_BOS_MASK=1)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(h).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    ids = torch.randint(4, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = ids[0, 40] = train_gpt.BOS_ID
+    other = ids.clone()
+    other[0, 1:40] = torch.randint(4, 1024, (39,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first, second = model.logits(ids), model.logits(other)
+    assert not torch.equal(first[0, :40], second[0, :40])
+    assert torch.equal(first[0, 40:], second[0, 40:]) == bool(isolation)

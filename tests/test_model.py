@@ -191,6 +191,10 @@ def test_attention_backend_choice():
         with pytest.raises(train_gpt.InputError, match=r"ATTENTION_BACKEND=fa3: FlashAttention needs CUDA and "
                                                         r"COMPUTE_DTYPE=bf16"):
             train_gpt.select_attention_backend("fa3", device, dtype)
+    # DOC_ISOLATION's masks run on SDPA: auto picks it even on CUDA, an explicit flash backend is refused at start
+    assert train_gpt.select_attention_backend("auto", "cuda", torch.bfloat16, doc_isolation=True)[0] == "sdpa"
+    with pytest.raises(train_gpt.InputError, match=r"ATTENTION_BACKEND=fa3 with DOC_ISOLATION=1: document masks"):
+        train_gpt.select_attention_backend("fa3", "cuda", torch.bfloat16, doc_isolation=True)
 
 
 @pytest.mark.parametrize("requested, module", [("auto", "flash_attn_interface"), ("fa3", "flash_attn_interface"),
