@@ -818,9 +818,8 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 def sdpa_attention(q, k, v, mask=None):
     """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D): SDPA, native GQA, causal or DOC_ISOLATION's (B, 1, T, T)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=mask is None, enable_gqa=q.size(2) != k.size(2))
-    return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                          is_causal=mask is None, enable_gqa=q.size(2) != k.size(2)).transpose(1, 2)
 
 FLASH_MODULES = {"fa3": ("flash_attn_interface", "flash_attention_3"), "fa2": ("flash_attn", "flash_attention_2")}
 FLASH_INSTALL_HINT = {"fa3": "install a FlashAttention 3 wheel built for this torch and CUDA (the records used "
@@ -934,11 +933,12 @@ class CausalSelfAttention(nn.Module):
             v = v + value_embed  # #549: VE joins V in the KV space, not the residual stream
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = rms_norm(q), rms_norm(k)  # QK-norm without weights; only q gets a learned per-head gain
-        q, k = apply_partial_rotary(q, *rotary[:2]), apply_partial_rotary(k, *rotary[:2])
+        if rotary is not None:
+            q, k = apply_partial_rotary(q, *rotary[:2]), apply_partial_rotary(k, *rotary[:2])
         q = q * self.q_gain.to(q.dtype)[:, None]
         # The compute dtype (x's: the residual stream's) by construction, whatever autocast did on the way.
         q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
-        y = self.attention(q, k, v, *rotary[2:])  # DOC_ISOLATION's mask travels with the positions
+        y = self.attention(q, k, v, *(rotary or ())[2:])  # DOC_ISOLATION's mask travels with the positions
         if self.use_xsa:
             y = subtract_self_value(y, v)
         if self.output_gate is not None:
