@@ -11,6 +11,7 @@ comes from ("#549" = the merged 1.1194 record this reproduces) and its measured 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import copy
 import datetime
 import functools
@@ -40,10 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------------
-# Hyperparameters
-# ----------------------------------------------------------------------------------------------------
-
+# Hyperparameters ====================================================================================================
 class InputError(ValueError):
     """Bad configuration or input data; the message names the variable or file and what is wrong."""
 
@@ -60,14 +58,12 @@ class EnvReader:
     environment comes from the preset, then from the default (an explicitly set variable always wins)."""
     def __init__(self, environ):
         self.environ, self.preset, self.names, self.from_preset = environ, {}, [], {}
-
     def _get(self, name, default):
         self.names.append(name)
         value = self.environ.get(name)
         if (value is None or value.strip() == "") and name in self.preset:
             value = self.from_preset[name] = self.preset[name]
         return default if value is None or value.strip() == "" else value.strip()
-
     def _parse(self, name, default, kind, convert):
         raw = self._get(name, default)
         if not isinstance(raw, str):
@@ -76,12 +72,10 @@ class EnvReader:
             return convert(raw)
         except ValueError:
             raise InputError(f"env {name}={raw!r}: expected {kind}") from None
-
     def int(self, name, default, minimum=None):
         return self._number(name, default, minimum, "an integer", int)
     def float(self, name, default, minimum=None, maximum=None):
         return self._number(name, default, minimum, "a number", float, maximum)
-
     def _number(self, name, default, minimum, kind, convert, maximum=None):
         value = self._parse(name, default, kind, convert)
         if minimum is not None and value is not None and value < minimum:
@@ -89,7 +83,6 @@ class EnvReader:
         if maximum is not None and value is not None and value > maximum:
             raise InputError(f"env {name}={value}: must be <= {maximum}")
         return value
-
     def flag(self, name, default):
         value = self._get(name, default)
         if isinstance(value, bool):
@@ -97,20 +90,21 @@ class EnvReader:
         if value not in ("0", "1"):
             raise InputError(f"env {name}={value!r}: expected 0 or 1")
         return value == "1"
-
     def choice(self, name, default, choices):
         value = self._get(name, default)
         if value not in choices:
             raise InputError(f"env {name}={value!r}: expected one of {', '.join(choices)}")
         return value
-
     def text(self, name, default):
         return self._get(name, default)
+    def fill(self, target, kind: str, **specs):
+        """target.<name in lower case> = self.<kind>(NAME, *spec) for each NAME=spec (a bare default or a tuple)."""
+        for name, spec in specs.items():
+            setattr(target, name.lower(), getattr(self, kind)(name, *(spec if isinstance(spec, tuple) else (spec,))))
     def int_list(self, name, default):
         return self._list(name, default, int, "integers")
     def float_list(self, name, default):
         return self._list(name, default, float, "numbers")
-
     def _list(self, name, default, convert, kind):
         raw = self._get(name, default)
         try:
@@ -118,8 +112,7 @@ class EnvReader:
         except ValueError:
             raise InputError(f"env {name}={raw!r}: expected comma-separated {kind}") from None
 
-# Variables of the seeds' code and command lines (#549, #1089, #181, #518) that this script deliberately does not
-# read: dead or replaced there, or not built here. Each is logged as a warning when set.
+# The seeds' variables (#549, #1089, #181, #518) deliberately not read (dead, replaced, not built): a warning when set.
 _NOT_BUILT_1089 = "#1089 head code, never in a scored run; not built here"
 DROPPED_RECORD_VARIABLES = {
     **{name: _NOT_BUILT_1089 for name in (
@@ -136,6 +129,7 @@ DROPPED_RECORD_VARIABLES = {
     **dict.fromkeys(("EMBED_LR", "HEAD_LR"), "only used untied in #549"), "MUON_BETA2": "dead in #549",
     **dict.fromkeys(("LAWA_K", "LAWA_FREQ", "LAWA_ENABLED", "MTP_NUM_HEADS", "MTP_LOSS_WEIGHT", "DTG_ENABLED",
                      "GATED_ATTENTION", "VALUE_RESIDUAL"), "a feature #549 disabled in its run"),
+    "PHASED_TTT_PREFIX_DOCS": "TTT_PHASE_FRACTION (a fraction of the documents: #1855's 2,500 are 0.05)",
     "CASEOPS_ENABLED": "the byte sidecar is used whenever DATA_PATH holds one (#2071 scored CaseOps without it)",
 }
 # Record variables whose feature breaks the challenge's rules: setting them on is an error, not a warning.
@@ -143,8 +137,7 @@ REFUSED_RECORD_VARIABLES = {
     "NGRAM_ENABLED": "#181's two-pass n-gram re-score builds its tables from the whole validation stream (future "
                      "tokens, the target's own count) and blends only the target's probability: illegal (#402, #677)",
 }
-# Other records' spellings of this script's variables: name -> (canonical names, conversion). A record's command
-# line pasted as is means the same run. Setting both spellings to different values is an error.
+# Records' spellings of these variables (name -> (names, conversion)): a pasted command line means the same run.
 RECORD_SPELLINGS = {
     "GPTQ_RESERVE_MS": (("GPTQ_RESERVE_SECONDS",), lambda v: str(float(v) / 1000.0)),  # #1089
     **{name: (canonical, str) for name, canonical in {
@@ -156,8 +149,7 @@ RECORD_SPELLINGS = {
         "NGRAM_BUCKETS": ("ENGRAM_BUCKETS",), "NGRAM_HEADS": ("ENGRAM_HEADS",),  # #1089 (not #181's NGRAM_ENABLED)
         "NGRAM_ORDERS": ("ENGRAM_ORDERS",), "NGRAM_DIM_PER_HEAD": ("ENGRAM_DIM_PER_HEAD",)}.items()},
 }
-# Record presets (PRESET=name): defaults taken from each record's scored run; explicit variables override them.
-# record549 is this script's own defaults. README "Presets" says what each still differs in.
+# PRESET=name: defaults from each record's scored run, below explicit variables (README "Presets": what differs).
 PRESETS = {
     "record549": {},
     # #181 (1.1190, non-record): #549 re-run with its code defaults: 2048 bigram buckets, TTT freezing 2 blocks.
@@ -177,15 +169,14 @@ PRESETS = {
         "MIXED_PRECISION": "1", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1", "SIZE_FIT": "1", "SIZE_FIT_LEVELS": "2",
         "TTT_ENABLED": "0",
     },
-    # #518's model (#414 stack + LeakyReLU(0.5)^2, 2048 bigram buckets, zstd) with its TTT optimizer -- AdamW
-    # 5e-4, mlp_up x0.5, mlp_down x3, clip 1 -- run score-first per chunk. Its own 30-50 epochs over the whole
-    # validation set before scoring trained on unscored tokens: illegal, not offered (README "Presets").
+    # #518's model and TTT optimizer (AdamW 5e-4, mlp_up x0.5, mlp_down x3, clip 1), run score-first per chunk: its
+    # own 30-50 epochs over the validation set before scoring trained on unscored tokens (illegal, not offered).
     "pr518_legal": {
         "BIGRAM_VOCAB_SIZE": "2048", "COMPRESSOR": "zstd", "TTT_ENABLED": "1", "TTT_OPTIMIZER": "adamw",
         "TTT_LR": "0.0005", "TTT_LR_MULTS": "1,1,0.5,3", "TTT_GRAD_CLIP": "1.0", "TTT_FREEZE_BLOCKS": "0",
     },
-    # The 1.0611 stack's (#1855) model, optimizer and quantization on this vocabulary (frontier.md A.3; PRs per
-    # part in README "Presets"). Kept from #549: BigramHash and VE (#1218 dropped them with SP4096), SGD chunk TTT.
+    # The 1.0611 stack (#1855; README "Presets": the PRs) on this vocabulary, BigramHash and VE kept (#1218 dropped
+    # them with SP4096); its eval plus #1514's tilt: document isolation, phased doc-LoRA TTT (rank 80), the tilt.
     "frontier": {
         "MLP_MULT": "4", "XSA_LAST_N": "11", "QK_GAIN_INIT": "5.25", "SKIP_GATES_ENABLED": "1", "SMEAR_GATE": "input",
         "SMEAR_BOS_MASK": "1", "ATTN_OUT_GATE": "sparse", "SPARSE_ATTN_GATE_SCALE": "0.5", "PARALLEL_RESIDUAL":
@@ -197,6 +188,7 @@ PRESETS = {
         "LOADER": "shuffled", "QUANT": "gptq", "QUANT_BITS_MLP": "6", "QUANT_BITS_ATTN": "6", "QUANT_BITS_EMBED": "7",
         "QUANT_BITS_TABLES": "7", "QUANT_CLIP_SIGMAS_MLP": "11.5", "QUANT_CLIP_SIGMAS_ATTN": "13",
         "QUANT_CLIP_SIGMAS_EMBED": "20", "LQER_TOP_K": "3", "LQER_RANK": "4", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1",
+        "DOC_ISOLATION": "1", "TTT_MODE": "lora", "TTT_LORA_RANK": "80", "NGRAM_TILT": "1",
     },
 }
 # The same on #1394's SP8192 export and on #1729's CaseOps export (data/cached_challenge_fineweb.py --variant
@@ -238,232 +230,133 @@ class Hyperparameters:
         self._read_optimizer(env)
         self._read_export(env)
         self._read_evaluation(env)
-        self.env_names = tuple(env.names)
-        self.preset_values = dict(env.from_preset)
+        self.env_names, self.preset_values = tuple(env.names), dict(env.from_preset)
         self.record_spellings = sorted(n for n in RECORD_SPELLINGS if environ.get(n, "").strip())
         self.ignored_record_variables = sorted(n for n in DROPPED_RECORD_VARIABLES if n in environ)
         for name, reason in REFUSED_RECORD_VARIABLES.items():
             if environ.get(name, "0").strip() not in ("", "0"):
                 raise InputError(f"env {name}={environ[name]}: {reason}")
         self.validate()
-
     def _read_run(self, env: EnvReader):
-        """Data, bookkeeping, training length, batch, logging, devices and ranks."""
-        self.data_path = env.text("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-        self.tokenizer_path = env.text("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
-        self.run_id = env.text("RUN_ID", str(uuid.uuid4()))
-        self.seed = env.int("SEED", 1337)
-        self.artifact_path = env.text("ARTIFACT_PATH", "final_model.int6.ptz")
-        # Training length, batch and logging.
-        self.iterations = env.int("ITERATIONS", 20000, minimum=0)
-        self.warmup_steps = env.int("WARMUP_STEPS", 20, minimum=0)
-        self.warmdown_iters = env.int("WARMDOWN_ITERS", 3500, minimum=0)
-        self.warmdown_frac = env.float("WARMDOWN_FRAC", 0.0, minimum=0.0, maximum=1.0)  # > 0: the last fraction of training
-        self.lr_floor = env.float("LR_FLOOR", 0.0, minimum=0.0, maximum=0.99)  # warmdown ends here, not at 0 (#1089: 0.05)
-        self.max_wallclock_seconds = env.float("MAX_WALLCLOCK_SECONDS", 600.0, minimum=0.0)
-        self.train_batch_tokens = env.int("TRAIN_BATCH_TOKENS", 786_432, minimum=1)
-        self.train_seq_len = env.int("TRAIN_SEQ_LEN", 2048, minimum=2)
-        self.eval_seq_len = env.int("EVAL_SEQ_LEN", 2048, minimum=2)
-        self.val_batch_size = env.int("VAL_BATCH_SIZE", 524_288, minimum=1)
-        self.val_loss_every = env.int("VAL_LOSS_EVERY", 4000, minimum=0)
-        self.train_log_every = env.int("TRAIN_LOG_EVERY", 500, minimum=0)
-        self.loader = env.choice("LOADER", "stream", ("stream", "shuffled"))  # shuffled: #1394's random sequences
-        self.fused_kernels = env.flag("FUSED_KERNELS", False)  # training-only fused CE, LeakyReLU^2 (#1787, #1530)
-        # Devices. "auto" means bf16 + compile on CUDA, fp32 + eager on the CPU.
-        self.compute_dtype = env.choice("COMPUTE_DTYPE", "auto", ("auto", "bf16", "fp32"))
-        self.compile = env.choice("COMPILE", "auto", ("auto", "0", "1"))
-        # auto: FlashAttention 3 on CUDA with bf16 (required: a missing wheel fails at start), SDPA otherwise.
-        self.attention_backend = env.choice("ATTENTION_BACKEND", "auto", ("auto", "fa3", "fa2", "sdpa"))
-        # Set by torchrun; absent for a single process.
-        self.rank = env.int("RANK", 0, minimum=0)
-        self.world_size = env.int("WORLD_SIZE", 1, minimum=1)
-        self.local_rank = env.int("LOCAL_RANK", 0, minimum=0)
-        # A collective waits this long for a dead or hung rank, then the run stops with an error (exit 5).
-        self.collective_timeout_seconds = env.float("COLLECTIVE_TIMEOUT_SECONDS", 300.0, minimum=1.0)
+        """Data, bookkeeping, training length, batch, logging, devices and ranks. In each table below the attribute
+        is the variable's lower-case name; a spec is a default or (default, minimum[, maximum]) / (default, choices)."""
+        env.fill(self, "text", DATA_PATH="./data/datasets/fineweb10B_sp1024", RUN_ID=str(uuid.uuid4()),
+                 TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model", ARTIFACT_PATH="final_model.int6.ptz")
+        env.fill(self, "int", SEED=1337, ITERATIONS=(20000, 0), WARMUP_STEPS=(20, 0), WARMDOWN_ITERS=(3500, 0),
+                 TRAIN_BATCH_TOKENS=(786_432, 1), TRAIN_SEQ_LEN=(2048, 2), EVAL_SEQ_LEN=(2048, 2),
+                 VAL_BATCH_SIZE=(524_288, 1), VAL_LOSS_EVERY=(4000, 0), TRAIN_LOG_EVERY=(500, 0))
+        env.fill(self, "float", WARMDOWN_FRAC=(0.0, 0.0, 1.0), LR_FLOOR=(0.0, 0.0, 0.99), MAX_WALLCLOCK_SECONDS=(600.0, 0.0))
+        # auto: bf16 + compile + FlashAttention 3 (a missing wheel fails at start) on CUDA, fp32 + eager + SDPA on CPU
+        env.fill(self, "choice", LOADER=("stream", ("stream", "shuffled")), COMPILE=("auto", ("auto", "0", "1")),
+                 COMPUTE_DTYPE=("auto", ("auto", "bf16", "fp32")),
+                 ATTENTION_BACKEND=("auto", ("auto", "fa3", "fa2", "sdpa")))
+        self.fused_kernels = env.flag("FUSED_KERNELS", False)
+        env.fill(self, "int", RANK=(0, 0), WORLD_SIZE=(1, 1), LOCAL_RANK=(0, 0))  # set by torchrun
+        self.collective_timeout_seconds = env.float("COLLECTIVE_TIMEOUT_SECONDS", 300.0, 1.0)
         self.distributed = "RANK" in env.environ and "WORLD_SIZE" in env.environ
-
     def _read_model(self, env: EnvReader):
-        """Model shape and initialization."""
-        self.vocab_size = env.int("VOCAB_SIZE", 1024, minimum=2)
-        self.num_layers = env.int("NUM_LAYERS", 11, minimum=1)
-        self.model_dim = env.int("MODEL_DIM", 512, minimum=8)
-        self.num_heads = env.int("NUM_HEADS", 8, minimum=1)
-        self.num_kv_heads = env.int("NUM_KV_HEADS", 4, minimum=1)
-        self.mlp_mult = env.float("MLP_MULT", 3.0, minimum=0.0)
-        self.rope_base = env.float("ROPE_BASE", 10000.0, minimum=1.0)
-        self.rope_dims = env.int("ROPE_DIMS", 16, minimum=0)
-        self.qk_gain_init = env.float("QK_GAIN_INIT", 1.5)
-        self.logit_softcap = env.float("LOGIT_SOFTCAP", 30.0, minimum=0.0)
-        self.xsa_last_n = env.int("XSA_LAST_N", 4, minimum=0)
-        self.ln_scale = env.flag("LN_SCALE", True)
-        # 1536 is what #549 ran (its command line, submission and parameter count); its code default was 2048.
-        self.bigram_vocab_size = env.int("BIGRAM_VOCAB_SIZE", 1536, minimum=0)
-        self.bigram_dim = env.int("BIGRAM_DIM", 128, minimum=1)
-        # EngramLite (#1089): hashed bigram + trigram tables, 2 heads each, gated projection (0 buckets = off).
-        self.engram_buckets = env.int("ENGRAM_BUCKETS", 0, minimum=0)
-        self.engram_heads = env.int("ENGRAM_HEADS", 2, minimum=1)
-        self.engram_orders = env.int("ENGRAM_ORDERS", 2, minimum=1)
-        self.engram_dim_per_head = env.int("ENGRAM_DIM_PER_HEAD", 32, minimum=1)
-        self.ve_enabled = env.flag("VE_ENABLED", True)
-        self.ve_dim = env.int("VE_DIM", 128, minimum=1)
-        self.ve_layers = env.int_list("VE_LAYERS", "9,10")
-        self.tied_embed_init_std = env.float("TIED_EMBED_INIT_STD", 0.005, minimum=0.0)
-        self.mimetic_vo_init = env.float("MIMETIC_VO_INIT", 0.0, minimum=0.0)  # #1089: Out = -0.05 * GQA-expand(V)
-        # LeakyReLU(slope)^2: #549 0.5 (-0.0021 BPB vs ReLU^2); #1089's scored run 0.3. A per-layer list overrides it
-        # for the layers it covers (#1089 head "ASQU v3", README "Presets").
-        self.mlp_negative_slope = env.float("MLP_NEGATIVE_SLOPE", 0.5)
-        self.mlp_negative_slopes = env.float_list("MLP_NEGATIVE_SLOPES", "")
-        self.skip_gates_enabled = env.flag("SKIP_GATES_ENABLED", False)  # #1089/#1855 sigmoid-gated U-Net skips
-        # channel: #549's per-channel gate; input: #1855's e_t += lambda*sigmoid(w.e_t[:12])*e_{t-1} (identity at init)
-        self.smear_gate = env.choice("SMEAR_GATE", "channel", ("channel", "input"))
-        self.smear_bos_mask = env.flag("SMEAR_BOS_MASK", False)  # no smearing into a document's BOS (#1851)
-        self.doc_isolation = env.flag("DOC_ISOLATION", False)  # attention stops at every BOS (#1530 VarLen)
-        # Per-head gate on the attention output before the out-projection (#1667 attn_out, #1736 dense, #1787 sparse)
-        self.attn_out_gate = env.choice("ATTN_OUT_GATE", "none", ("none", "attn_out", "dense", "sparse"))
-        self.sparse_attn_gate_scale = env.float("SPARSE_ATTN_GATE_SCALE", 0.5)  # #1855's greedy-stack value
-        # two_lane: #1529's attention/MLP lanes with learned routing; gptj: #1412's x + Attn(n(x)) + MLP(n(x))
-        self.parallel_residual = env.choice("PARALLEL_RESIDUAL", "none", ("none", "two_lane", "gptj"))
-        self.parallel_start_layer = env.int("PARALLEL_START_LAYER", 8, minimum=0)
-        # Depth recurrence (#1204 -> #1855): LOOP_START..LOOP_END run 1 + NUM_LOOPS times from ENABLE_LOOPING_AT on
-        self.num_loops = env.int("NUM_LOOPS", 0, minimum=0)
-        self.loop_start = env.int("LOOP_START", 3, minimum=0)
-        self.loop_end = env.int("LOOP_END", 5, minimum=0)
-        self.enable_looping_at = env.float("ENABLE_LOOPING_AT", 0.35, minimum=0.0, maximum=1.0)
-
+        """Model shape and initialization. BIGRAM_VOCAB_SIZE 1536 is what #549 ran (its code default was 2048);
+        ENGRAM_*: #1089's hashed bigram + trigram tables (0 buckets = off); LOOP_*: depth recurrence (#1204 -> #1855)."""
+        env.fill(self, "int", VOCAB_SIZE=(1024, 2), NUM_LAYERS=(11, 1), MODEL_DIM=(512, 8), NUM_HEADS=(8, 1),
+                 NUM_KV_HEADS=(4, 1), ROPE_DIMS=(16, 0), XSA_LAST_N=(4, 0), BIGRAM_VOCAB_SIZE=(1536, 0),
+                 BIGRAM_DIM=(128, 1), ENGRAM_BUCKETS=(0, 0), ENGRAM_HEADS=(2, 1), ENGRAM_ORDERS=(2, 1),
+                 ENGRAM_DIM_PER_HEAD=(32, 1), VE_DIM=(128, 1), PARALLEL_START_LAYER=(8, 0), NUM_LOOPS=(0, 0),
+                 LOOP_START=(3, 0), LOOP_END=(5, 0))
+        # MIMETIC_VO_INIT (#1089): Out = -0.05 * GQA-expand(V). LeakyReLU(slope)^2: #549 0.5 (-0.0021 BPB vs ReLU^2),
+        # #1089 0.3; MLP_NEGATIVE_SLOPES overrides it per layer (#1089 head "ASQU v3"). SPARSE_ATTN_GATE_SCALE: #1855.
+        env.fill(self, "float", MLP_MULT=(3.0, 0.0), ROPE_BASE=(10000.0, 1.0), QK_GAIN_INIT=1.5, LOGIT_SOFTCAP=(30.0, 0.0),
+                 TIED_EMBED_INIT_STD=(0.005, 0.0), MIMETIC_VO_INIT=(0.0, 0.0), MLP_NEGATIVE_SLOPE=0.5,
+                 SPARSE_ATTN_GATE_SCALE=0.5, ENABLE_LOOPING_AT=(0.35, 0.0, 1.0))
+        self.ve_layers, self.mlp_negative_slopes = env.int_list("VE_LAYERS", "9,10"), env.float_list("MLP_NEGATIVE_SLOPES", "")
+        env.fill(self, "flag", LN_SCALE=True, VE_ENABLED=True, SKIP_GATES_ENABLED=False, SMEAR_BOS_MASK=False,
+                 DOC_ISOLATION=False)
+        env.fill(self, "choice", SMEAR_GATE=("channel", ("channel", "input")),
+                 ATTN_OUT_GATE=("none", ("none", "attn_out", "dense", "sparse")),
+                 PARALLEL_RESIDUAL=("none", ("none", "two_lane", "gptj")))
     def _read_optimizer(self, env: EnvReader):
-        """Optimizers, weight averaging and quantization-aware training."""
-        self.matrix_lr = env.float("MATRIX_LR", 0.025, minimum=0.0)
-        self.scalar_lr = env.float("SCALAR_LR", 0.025, minimum=0.0)
-        self.tied_embed_lr = env.float("TIED_EMBED_LR", 0.035, minimum=0.0)
-        self.muon_momentum = env.float("MUON_MOMENTUM", 0.99, minimum=0.0)
-        self.muon_momentum_warmup_start = env.float("MUON_MOMENTUM_WARMUP_START", 0.92, minimum=0.0)
-        self.muon_momentum_warmup_steps = env.int("MUON_MOMENTUM_WARMUP_STEPS", 1500, minimum=0)
-        self.muon_backend_steps = env.int("MUON_BACKEND_STEPS", 5, minimum=1)
-        # quintic: #549's fixed Newton-Schulz; turbo: #1089's AOL preconditioning + its Polar Express table.
-        # polar_express: the frontier's (#1787/#1855) five per-step tuples after a Frobenius normalization.
-        self.muon_ns = env.choice("MUON_NS", "quintic", ("quintic", "turbo", "polar_express"))
-        self.muon_eq_r = env.flag("MUON_EQ_R", False)  # MuonEq-R (#1855): unit rows before Newton-Schulz
-        self.muon_post_norm = env.choice("MUON_POST_NORM", "none", ("none", "row", "col", "row_col"))  # #1089 row_col
-        self.muon_decay_after_update = env.flag("MUON_DECAY_AFTER_UPDATE", False)  # #1089 order; #549 decays first
-        # adamw: #549 (bigram/VE projections with the scalars); muon: #1089's separate unsharded Muon for them.
-        self.small_matrix_optimizer = env.choice("SMALL_MATRIX_OPTIMIZER", "adamw", ("adamw", "muon"))
-        self.muon_wd = env.float("MUON_WD", 0.04, minimum=0.0)
-        self.adam_wd = env.float("ADAM_WD", 0.04, minimum=0.0)
-        self.embed_wd = env.float("EMBED_WD", None, minimum=0.0)  # token-table AdamW decay (#1855: 0.085)
-        # WD taper (#1729): from this training fraction Muon's decay falls linearly to WD_TAPER_FINAL x at the end
-        self.wd_taper_start = env.float("WD_TAPER_START", 1.0, minimum=0.0, maximum=1.0)
-        self.wd_taper_final = env.float("WD_TAPER_FINAL", 0.5, minimum=0.0)
-        self.beta1 = env.float("BETA1", 0.9, minimum=0.0)
-        self.embed_beta1 = env.float("EMBED_BETA1", None, minimum=0.0)  # token-table AdamW beta1 (#1089: 0.7)
-        self.beta2 = env.float("BETA2", 0.95, minimum=0.0)
-        self.adam_eps = env.float("ADAM_EPS", 1e-8, minimum=0.0)
-        self.grad_clip_norm = env.float("GRAD_CLIP_NORM", 0.3, minimum=0.0)
-        # global: clip the rank-averaged gradient (any world size trains the same model); local: #549, each rank
-        # clips its own gradient before averaging.
-        self.grad_clip_scope = env.choice("GRAD_CLIP_SCOPE", "global", ("global", "local"))
-        self.ema_decay = env.float("EMA_DECAY", 0.997, minimum=0.0)
-        self.swa_enabled = env.flag("SWA_ENABLED", False)
-        self.swa_every = env.int("SWA_EVERY", 50, minimum=1)
-        self.swa_threshold = env.float("SWA_THRESHOLD", 0.2, minimum=0.0)  # snapshots once the LR multiplier is below
-        self.swa_min_snapshots = env.int("SWA_MIN_SNAPSHOTS", 1, minimum=1)  # fewer: export EMA (#1089: 2)
-        self.qat_enabled = env.flag("QAT_ENABLED", False)
-        self.late_qat_threshold = env.float("LATE_QAT_THRESHOLD", 0.15, minimum=0.0)
-        # banks: int6 STE on every bank matrix (what the exporter quantizes); projections: #549's reach, its
-        # floored [-32, 31] quantizer on the bigram and VE projections only (record_549.md section 13).
-        self.late_qat_scope = env.choice("LATE_QAT_SCOPE", "banks", ("banks", "projections"))
-        # #1089: soft rounding s*(floor(u) + sigmoid(alpha*(frac(u) - 0.5))) instead of the straight-through
-        # estimator, alpha ramped from 1 to SOFT_ROUND_ALPHA_MAX over the QAT steps, on the export's bit widths.
-        self.soft_round_qat = env.flag("SOFT_ROUND_QAT", False)
-        self.soft_round_alpha_max = env.float("SOFT_ROUND_ALPHA_MAX", 16.0, minimum=1.0)
-
+        """Optimizers, weight averaging and quantization-aware training. MUON_NS quintic: #549's Newton-Schulz; turbo:
+        #1089's AOL + Polar Express table; polar_express: #1787/#1855's per-step tuples. MUON_EQ_R: unit rows first
+        (#1855). SMALL_MATRIX_OPTIMIZER muon: #1089's Muon for the bigram/VE projections (#549: AdamW)."""
+        env.fill(self, "float", MATRIX_LR=(0.025, 0.0), SCALAR_LR=(0.025, 0.0), TIED_EMBED_LR=(0.035, 0.0),
+                 MUON_MOMENTUM=(0.99, 0.0), MUON_MOMENTUM_WARMUP_START=(0.92, 0.0), MUON_WD=(0.04, 0.0),
+                 ADAM_WD=(0.04, 0.0), EMBED_WD=(None, 0.0), WD_TAPER_START=(1.0, 0.0, 1.0), WD_TAPER_FINAL=(0.5, 0.0),
+                 BETA1=(0.9, 0.0), EMBED_BETA1=(None, 0.0), BETA2=(0.95, 0.0), ADAM_EPS=(1e-8, 0.0),
+                 GRAD_CLIP_NORM=(0.3, 0.0), EMA_DECAY=(0.997, 0.0), SWA_THRESHOLD=(0.2, 0.0),
+                 LATE_QAT_THRESHOLD=(0.15, 0.0), SOFT_ROUND_ALPHA_MAX=(16.0, 1.0))
+        env.fill(self, "int", MUON_MOMENTUM_WARMUP_STEPS=(1500, 0), MUON_BACKEND_STEPS=(5, 1), SWA_EVERY=(50, 1),
+                 SWA_MIN_SNAPSHOTS=(1, 1))
+        env.fill(self, "flag", MUON_EQ_R=False, MUON_DECAY_AFTER_UPDATE=False, SWA_ENABLED=False, QAT_ENABLED=False,
+                 SOFT_ROUND_QAT=False)
+        # GRAD_CLIP_SCOPE local and LATE_QAT_SCOPE projections are #549's (README: the global clip, QAT on every bank)
+        env.fill(self, "choice", MUON_NS=("quintic", ("quintic", "turbo", "polar_express")),
+                 MUON_POST_NORM=("none", ("none", "row", "col", "row_col")), LATE_QAT_SCOPE=("banks", ("banks", "projections")),
+                 SMALL_MATRIX_OPTIMIZER=("adamw", ("adamw", "muon")), GRAD_CLIP_SCOPE=("global", ("global", "local")))
     def _read_export(self, env: EnvReader):
-        """Quantization (per tensor group), GPTQ calibration, compression and the size planner."""
-        self.quant = env.choice("QUANT", "gptq_lite", ("gptq_lite", "gptq"))
-        self.quant_bits_mlp = env.int("QUANT_BITS_MLP", 6)
-        self.quant_bits_attn = env.int("QUANT_BITS_ATTN", 6)
-        self.quant_bits_embed = env.int("QUANT_BITS_EMBED", 8)  # the tied token embedding (#1394: GPTQ int7 at SP8192)
-        self.quant_bits_tables = env.int("QUANT_BITS_TABLES", 8)  # BigramHash and value-embedding tables
-        # 0: GPTQ on GPTQ-lite's per-row searched clip (best at equal size on P1); k > 0: SDClip k * std(row).
-        self.quant_clip_sigmas_mlp = env.float("QUANT_CLIP_SIGMAS_MLP", 0.0, minimum=0.0)
-        self.quant_clip_sigmas_attn = env.float("QUANT_CLIP_SIGMAS_ATTN", 0.0, minimum=0.0)
-        self.quant_clip_sigmas_embed = env.float("QUANT_CLIP_SIGMAS_EMBED", 0.0, minimum=0.0)
-        self.gptq_reserve_seconds = env.float("GPTQ_RESERVE_SECONDS", 8.0, minimum=0.0)
-        self.gptq_calib_batches = env.int("GPTQ_CALIB_BATCHES", 16, minimum=1)
-        # lrzip: #1855's per-group compression (similarity-sorted rows, lrzip/ZPAQ per role, brotli for the rest)
-        self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli", "lrzip"))
-        self.byte_shuffle = env.flag("BYTE_SHUFFLE", False)
-        self.size_fit = env.flag("SIZE_FIT", False)
-        self.size_fit_levels = env.int("SIZE_FIT_LEVELS", 1, minimum=1)  # prune |q| <= this (#1089: 2)
-        # #1089: after GPTQ, promote (layer, attn|mlp) groups by Hessian sensitivity to +1 bit (the top one +2)
-        # while the measured compressed bytes still fit the cap. Needs QUANT=gptq's Hessians.
-        self.mixed_precision = env.flag("MIXED_PRECISION", False)
-        self.lqer_top_k = env.int("LQER_TOP_K", 0, minimum=0)  # LQER (#1797): low-rank fix of the K worst matrices
-        self.lqer_rank = env.int("LQER_RANK", 4, minimum=1)
-        self.dry_run = env.flag("DRY_RUN", False)
-
+        """Quantization (per tensor group), GPTQ calibration, compression and the size planner. QUANT_CLIP_SIGMAS 0:
+        GPTQ on GPTQ-lite's searched clip (best on P1), k > 0: SDClip k*std(row). COMPRESSOR lrzip: #1855's per-group
+        compression. MIXED_PRECISION: #1089's Hessian-ranked +1/+2 bits while it fits. LQER_TOP_K: #1797."""
+        env.fill(self, "int", QUANT_BITS_MLP=6, QUANT_BITS_ATTN=6, QUANT_BITS_EMBED=8, QUANT_BITS_TABLES=8,
+                 GPTQ_CALIB_BATCHES=(16, 1), SIZE_FIT_LEVELS=(1, 1), LQER_TOP_K=(0, 0), LQER_RANK=(4, 1))
+        env.fill(self, "float", QUANT_CLIP_SIGMAS_MLP=(0.0, 0.0), QUANT_CLIP_SIGMAS_ATTN=(0.0, 0.0),
+                 QUANT_CLIP_SIGMAS_EMBED=(0.0, 0.0), GPTQ_RESERVE_SECONDS=(8.0, 0.0))
+        env.fill(self, "choice", QUANT=("gptq_lite", ("gptq_lite", "gptq")),
+                 COMPRESSOR=("lzma", ("lzma", "zstd", "brotli", "lrzip")))
+        env.fill(self, "flag", BYTE_SHUFFLE=False, SIZE_FIT=False, MIXED_PRECISION=False, DRY_RUN=False)
     def _read_evaluation(self, env: EnvReader):
-        """Evaluation: sliding window, legal TTT (on by default: #549's run used it), budget, eval-only."""
-        self.eval_stride = env.int("EVAL_STRIDE", 64, minimum=1)
-        self.ttt_enabled = env.flag("TTT_ENABLED", True)
-        self.ttt_lr = env.float("TTT_LR", 0.002, minimum=0.0)
-        self.ttt_epochs = env.int("TTT_EPOCHS", 3, minimum=0)
-        self.ttt_chunk_tokens = env.int("TTT_CHUNK_TOKENS", 32768, minimum=1)
-        self.ttt_momentum = env.float("TTT_MOMENTUM", 0.9, minimum=0.0)
-        # adamw: #518's optimizer (betas 0.9/0.999, no decay), here score-first under the ledger.
-        self.ttt_optimizer = env.choice("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"))
-        # LR multipliers of the qo, kv, mlp_up, mlp_down banks (#518: mlp.fc x0.5, mlp.proj x3 -> 1,1,0.5,3)
+        """Evaluation: sliding window, legal TTT (#549's run used it), its budget, eval-only. TTT_OPTIMIZER adamw:
+        #518's (betas 0.9/0.999). TTT_LR_MULTS: the qo, kv, mlp_up, mlp_down banks (#518: 1,1,0.5,3). TTT_MODE lora:
+        phased document LoRA TTT with #1855's values (frontier.md); NGRAM_TILT: #1514's causal token-only tilt."""
+        env.fill(self, "int", EVAL_STRIDE=(64, 1), TTT_EPOCHS=(3, 0), TTT_CHUNK_TOKENS=(32768, 1), TTT_BATCH_SEQS=(32, 1),
+                 TTT_FREEZE_BLOCKS=(0, 0), TTT_LORA_RANK=(96, 1), TTT_LORA_CHUNK=(48, 1), TTT_LORA_CONTEXT=(2048, 1),
+                 TTT_LORA_BATCH=(64, 1), TTT_PHASES=(3, 0))
+        env.fill(self, "float", TTT_LR=(0.002, 0.0), TTT_MOMENTUM=(0.9, 0.0), TTT_GRAD_CLIP=(1.0, 0.0),
+                 TTT_LORA_ALPHA=(144.0, 0.0), TTT_LORA_LR=(1e-4, 0.0), TTT_LORA_WD=(0.5, 0.0),
+                 TTT_LORA_BETA1=(0.0, 0.0, 0.999), TTT_LORA_BETA2=(0.99, 0.0, 0.9999), TTT_PHASE_FRACTION=(0.05, 0.0, 1.0),
+                 TTT_PHASE_LR=(0.001, 0.0), NGRAM_TILT_BETA=(2.0, 0.0), EVAL_BUDGET_SECONDS=(600.0, 0.0))
+        env.fill(self, "choice", TTT_OPTIMIZER=("sgd", ("sgd", "adamw")), TTT_MODE=("sgd", ("sgd", "lora")))
+        env.fill(self, "flag", TTT_ENABLED=True, TTT_LORA_WARM_START_A=True, NGRAM_TILT=False, EVAL_ONLY=False)
         self.ttt_lr_mults = env.float_list("TTT_LR_MULTS", "1,1,1,1")
-        self.ttt_grad_clip = env.float("TTT_GRAD_CLIP", 1.0, minimum=0.0)
-        self.ttt_batch_seqs = env.int("TTT_BATCH_SEQS", 32, minimum=1)
-        self.ttt_freeze_blocks = env.int("TTT_FREEZE_BLOCKS", 0, minimum=0)
-        self.eval_budget_seconds = env.float("EVAL_BUDGET_SECONDS", 600.0, minimum=0.0)
-        self.eval_only = env.flag("EVAL_ONLY", False)
-
     def validate(self):
-        if self.model_dim % self.num_heads:
-            raise InputError(f"env MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise InputError(f"env NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if self.rope_dims % 2 or self.rope_dims > head_dim:
-            raise InputError(f"env ROPE_DIMS={self.rope_dims}: must be even and <= head_dim={head_dim} (0 = all)")
-        if self.xsa_last_n > self.num_layers:
-            raise InputError(f"env XSA_LAST_N={self.xsa_last_n} exceeds NUM_LAYERS={self.num_layers}")
-        bad_ve = [i for i in self.ve_layers if not 0 <= i < self.num_layers]
-        if self.ve_enabled and bad_ve:
-            raise InputError(f"env VE_LAYERS has layers {bad_ve} outside 0..{self.num_layers - 1}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise InputError(f"env EMA_DECAY={self.ema_decay}: must be in [0, 1); 0 disables EMA")
-        if self.eval_stride > self.eval_seq_len or self.eval_seq_len % self.eval_stride:
-            raise InputError(f"env EVAL_STRIDE={self.eval_stride}: must divide EVAL_SEQ_LEN={self.eval_seq_len}")
-        chunk = self.ttt_chunk_tokens
-        if self.ttt_enabled and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)):
-            raise InputError(f"env TTT_CHUNK_TOKENS={chunk}: must be a multiple of EVAL_STRIDE={self.eval_stride} and "
-                             f">= EVAL_SEQ_LEN and TRAIN_SEQ_LEN, so no scoring window straddles two chunks")
-        if self.engram_heads > len(ENGRAM_HASHES[0]) or self.engram_orders > len(ENGRAM_HASHES):
-            raise InputError(f"env ENGRAM_HEADS={self.engram_heads} / ENGRAM_ORDERS={self.engram_orders}: "
-                             f"at most {len(ENGRAM_HASHES[0])} heads of orders 2..{len(ENGRAM_HASHES) + 1}")
-        if len(self.mlp_negative_slopes) > self.num_layers:
-            raise InputError(f"env MLP_NEGATIVE_SLOPES has {len(self.mlp_negative_slopes)} values for "
-                             f"NUM_LAYERS={self.num_layers}")
-        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
-            raise InputError(f"env LOOP_START={self.loop_start}..LOOP_END={self.loop_end}: must satisfy "
-                             f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
-        if self.parallel_residual != "none" and self.parallel_start_layer >= self.num_layers:
-            raise InputError(f"env PARALLEL_START_LAYER={self.parallel_start_layer}: no layer of NUM_LAYERS="
-                             f"{self.num_layers} would be parallel")
-        if len(self.ttt_lr_mults) != 4:
-            raise InputError(f"env TTT_LR_MULTS={self.ttt_lr_mults}: expected 4 numbers (qo, kv, mlp_up, mlp_down banks)")
-        if self.ttt_freeze_blocks > self.num_layers:
-            raise InputError(f"env TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds NUM_LAYERS={self.num_layers}")
-        if 8 % self.world_size:
-            raise InputError(f"WORLD_SIZE={self.world_size}: must divide 8 (1, 2, 4 or 8 ranks), as in #549")
-        micro = self.world_size * self.grad_accum_steps * self.train_seq_len
-        if self.train_batch_tokens % micro:
-            raise InputError(f"env TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by "
-                             f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={micro}")
+        """Refuse settings that cannot work together: the first failing check, naming its variables."""
+        head_dim, chunk, layers = self.model_dim // self.num_heads, self.ttt_chunk_tokens, self.num_layers
+        micro = max(self.world_size * self.grad_accum_steps * self.train_seq_len, 1)
+        bad_ve = [i for i in self.ve_layers if not 0 <= i < layers] if self.ve_enabled else []
+        checks = (
+            (self.model_dim % self.num_heads, f"env MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}"),
+            (self.num_heads % self.num_kv_heads, f"env NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS="
+                                                 f"{self.num_kv_heads}"),
+            (self.rope_dims % 2 or self.rope_dims > head_dim, f"env ROPE_DIMS={self.rope_dims}: must be even and <= "
+                                                              f"head_dim={head_dim} (0 = all)"),
+            (self.xsa_last_n > layers, f"env XSA_LAST_N={self.xsa_last_n} exceeds NUM_LAYERS={layers}"),
+            (bad_ve, f"env VE_LAYERS has layers {bad_ve} outside 0..{layers - 1}"),
+            (not 0.0 <= self.ema_decay < 1.0, f"env EMA_DECAY={self.ema_decay}: must be in [0, 1); 0 disables EMA"),
+            (self.eval_stride > self.eval_seq_len or self.eval_seq_len % self.eval_stride,
+             f"env EVAL_STRIDE={self.eval_stride}: must divide EVAL_SEQ_LEN={self.eval_seq_len}"),
+            (self.ttt_enabled and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)),
+             f"env TTT_CHUNK_TOKENS={chunk}: must be a multiple of EVAL_STRIDE={self.eval_stride} and >= EVAL_SEQ_LEN "
+             f"and TRAIN_SEQ_LEN, so no scoring window straddles two chunks"),
+            (self.engram_heads > len(ENGRAM_HASHES[0]) or self.engram_orders > len(ENGRAM_HASHES),
+             f"env ENGRAM_HEADS={self.engram_heads} / ENGRAM_ORDERS={self.engram_orders}: at most "
+             f"{len(ENGRAM_HASHES[0])} heads of orders 2..{len(ENGRAM_HASHES) + 1}"),
+            (len(self.mlp_negative_slopes) > layers,
+             f"env MLP_NEGATIVE_SLOPES has {len(self.mlp_negative_slopes)} values for NUM_LAYERS={layers}"),
+            (self.num_loops and not 0 <= self.loop_start <= self.loop_end < layers, f"env LOOP_START={self.loop_start}"
+             f"..LOOP_END={self.loop_end}: must satisfy 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={layers}"),
+            (self.parallel_residual != "none" and self.parallel_start_layer >= layers,
+             f"env PARALLEL_START_LAYER={self.parallel_start_layer}: no layer of NUM_LAYERS={layers} would be parallel"),
+            (len(self.ttt_lr_mults) != 4, f"env TTT_LR_MULTS={self.ttt_lr_mults}: expected 4 numbers (qo, kv, mlp_up, "
+                                          f"mlp_down banks)"),
+            (self.ttt_lora_context < self.ttt_lora_chunk,
+             f"env TTT_LORA_CONTEXT={self.ttt_lora_context} < TTT_LORA_CHUNK={self.ttt_lora_chunk}"),
+            (self.ttt_freeze_blocks > layers, f"env TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds NUM_LAYERS={layers}"),
+            (8 % self.world_size, f"WORLD_SIZE={self.world_size}: must divide 8 (1, 2, 4 or 8 ranks), as in #549"),
+            (self.train_batch_tokens % micro, f"env TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by "
+                                              f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={micro}"),
+        )
+        for failed, message in checks:
+            if failed:
+                raise InputError(message)
         self.validate_export()
-
     def validate_export(self):
         for group in ("mlp", "attn", "embed", "tables"):
             bits = self.group_bits(group)
@@ -483,20 +376,17 @@ class Hyperparameters:
         if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
             raise InputError(f"env GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-
     def group_bits(self, group: str) -> int:
         return {"mlp": self.quant_bits_mlp, "attn": self.quant_bits_attn, "embed": self.quant_bits_embed,
                 "tables": self.quant_bits_tables}[group]
     def group_clip_sigmas(self, group: str) -> float:
         return {"mlp": self.quant_clip_sigmas_mlp, "attn": self.quant_clip_sigmas_attn,
                 "embed": self.quant_clip_sigmas_embed, "tables": self.quant_clip_sigmas_embed}[group]
-
     @property
     def training_seconds(self) -> float:
         """The training loop's share of the cap: GPTQ's Hessian collection runs inside the cap too."""
         reserve = self.gptq_reserve_seconds if self.quant == "gptq" else 0.0
         return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds > 0 else 0.0
-
     @property
     def token_beta1(self) -> float:
         return self.beta1 if self.embed_beta1 is None else self.embed_beta1
@@ -507,11 +397,7 @@ class Hyperparameters:
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
 
-
-# ----------------------------------------------------------------------------------------------------
-# Data: challenge shards, the training stream, validation tokens and bytes-per-token accounting
-# ----------------------------------------------------------------------------------------------------
-
+# Data: challenge shards, the training stream, validation tokens and bytes-per-token accounting ======================
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 CASEOPS_OPERATORS = "\ue000\ue001\ue002\ue003\ue004"  # TITLE ALLCAPS CAPNEXT ESC SPACE_MARK (data/caseops.py)
 
@@ -563,7 +449,6 @@ class TokenStream:
         self.files, self.vocab_size = files, vocab_size
         self.file_index, self.position = 0, 0
         self.tokens = load_data_shard(files[0], vocab_size)
-
     def take(self, count: int) -> np.ndarray:
         pieces = []
         while count > 0:
@@ -581,7 +466,6 @@ class DistributedTokenLoader:
     def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(files, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
-
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         span = local_tokens + 1  # the extra token is only ever a target
         block = self.stream.take(span * self.world_size)
@@ -599,11 +483,9 @@ class ShuffledSequenceLoader:
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
         self.shards = [np.memmap(f, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(f),))
                        for f in self.files]
-
     def sequence_starts(self, shard: np.ndarray, span: int) -> list[int]:
         phase = int(self.rng.integers(span)) if len(shard) >= 2 * span else 0
         return list(phase + span * self.rng.permutation((len(shard) - phase) // span))
-
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for _ in range(local_tokens // seq_len):
@@ -726,14 +608,9 @@ class ValidationSet:
                              f"tokens: fewer than one sequence of EVAL_SEQ_LEN={h.eval_seq_len} plus one")
         self.tokens, self.target_bytes = tokens[:usable + 1], target_bytes[:usable]
 
-
-# ----------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------
-
-# ---- Fused training kernels (FUSED_KERNELS=1). Each is an autograd Function whose backward is written out, so
-# the CPU runs and tests the exact math; on CUDA with triton the row/element loops run as Triton kernels. The
-# Triton code follows #1787/#1530's published form but has not run here (no GPU, no triton on this machine).
+# Model ==============================================================================================================
+# ---- FUSED_KERNELS=1: autograd Functions with written-out backwards (the CPU tests the math); on CUDA the rows run as
+# Triton kernels in #1787/#1530's published form, not run here (no GPU, no triton on this machine).
 try:
     import triton
     import triton.language as tl
@@ -750,8 +627,7 @@ if triton is not None:
         mask = offsets < cols
         z = tl.load(z_ptr + row * cols + offsets, mask=mask, other=0.0).to(tl.float32)
         t = 2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0
-        capped = tl.where(mask, cap * t, -float("inf"))
-        target = tl.load(target_ptr + row)
+        capped, target = tl.where(mask, cap * t, -float("inf")), tl.load(target_ptr + row)
         if backward:
             probability = tl.exp(capped - tl.load(lse_ptr + row))
             gradient = (probability - tl.where(offsets == target, 1.0, 0.0)) * (1.0 - t * t) * tl.load(grad_ptr + row)
@@ -779,7 +655,6 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(z, targets, lse)
         ctx.cap = cap
         return loss
-
     @staticmethod
     def backward(ctx, grad):
         z, targets, lse = ctx.saved_tensors
@@ -801,7 +676,6 @@ class LeakyReluSquare(torch.autograd.Function):
         ctx.save_for_backward(u)
         ctx.slope = slope
         return torch.where(u > 0, u, slope * u).square()
-
     @staticmethod
     def backward(ctx, grad):
         (u,) = ctx.saved_tensors
@@ -828,31 +702,73 @@ FLASH_INSTALL_HINT = {"fa3": "install a FlashAttention 3 wheel built for this to
                       "fa2": "pip install flash-attn --no-build-isolation, or set ATTENTION_BACKEND=sdpa"}
 
 def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype, doc_isolation: bool = False):
-    """ATTENTION_BACKEND -> (name, fn(q, k, v)) on (B, T, H, D): "auto" = FA3 on CUDA in 16 bits, else SDPA; a flash
-    backend that cannot load fails at start (a slower kernel costs steps). Real FA3/FA2 unverified here (no GPU)."""
+    """ATTENTION_BACKEND -> (name, fn(q, k, v[, documents])) on (B, T, H, D): "auto" = FA3 on CUDA in 16 bits, else
+    SDPA; DOC_ISOLATION: flash's varlen kernel (#1530), SDPA with a mask. Real FA3/FA2 unverified here (no GPU)."""
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     setting = f"env ATTENTION_BACKEND={requested}" + (" (FA3 on CUDA with bf16)" if requested == "auto" else "")
-    if requested == "auto":  # DOC_ISOLATION's masks need SDPA: FA3's varlen path is not built
-        requested = "fa3" if device_type == "cuda" and sixteen_bit and not doc_isolation else "sdpa"
-    if doc_isolation and requested != "sdpa":
-        raise InputError(f"{setting} with DOC_ISOLATION=1: document masks run on SDPA only (no varlen kernel yet)")
+    if requested == "auto":
+        requested = "fa3" if device_type == "cuda" and sixteen_bit else "sdpa"
     if requested == "sdpa":
         return "sdpa", sdpa_attention
     if device_type != "cuda" or not sixteen_bit:
         raise InputError(f"{setting}: FlashAttention needs CUDA and COMPUTE_DTYPE=bf16 "
                          f"(this run: {device_type}, {str(dtype).removeprefix('torch.')}); use sdpa")
-    module_name, name = FLASH_MODULES[requested]
-    try:
-        flash_attn_func = __import__(module_name).flash_attn_func
-    except (ImportError, AttributeError) as error:  # a wheel built for another torch fails with ImportError too
-        raise InputError(f"{setting}: cannot load {module_name}.flash_attn_func "
+    (module_name, name), function = FLASH_MODULES[requested], "flash_attn_varlen_func" if doc_isolation else "flash_attn_func"
+    try:  # a wheel built for another torch fails with ImportError too: at start, not after the clock started
+        kernel = getattr(__import__(module_name), function)
+    except (ImportError, AttributeError) as error:
+        raise InputError(f"{setting}: cannot load {module_name}.{function} "
                          f"({type(error).__name__}: {error}); {FLASH_INSTALL_HINT[requested]}") from None
+    def flash_attention(q, k, v, cu_seqlens=None):
+        if cu_seqlens is None:
+            out = kernel(q, k, v, causal=True)
+        else:  # the batch as one flat sequence cut at every document start (and row start): #1530's VarLen
+            batch, seq = q.shape[:2]
+            out = kernel(*(t.flatten(0, 1) for t in (q, k, v)), cu_seqlens, cu_seqlens, seq, seq, causal=True)
+        out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+        return out.view(q.shape) if cu_seqlens is not None else out
+    flash_attention.varlen = doc_isolation
+    return name + ("_varlen" if doc_isolation else ""), flash_attention
 
-    def flash_attention(q, k, v):
-        out = flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+def document_boundaries(ids: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """DOC_ISOLATION: FA varlen's int32 cu_seqlens of the flattened (B, T) batch (a segment starts at each BOS and
+    row start; a static B*T + 1 entries, unused ones B*T, so compiled shapes never change), or SDPA's mask."""
+    doc = torch.cumsum(ids == BOS_ID, dim=1)
+    if not varlen:
+        return (doc[:, None, :, None] == doc[:, None, None, :]).tril()
+    starts = (ids == BOS_ID) | (torch.arange(ids.size(1), device=ids.device) == 0)
+    flat = torch.nonzero_static(starts.flatten(), size=ids.numel(), fill_value=ids.numel())[:, 0]
+    return torch.cat((flat, flat.new_full((1,), ids.numel()))).to(torch.int32)
 
-    return name, flash_attention
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """F.linear, or a LoRA-adapted weight (a callable: GPT.adapted) applied to x."""
+    return F.linear(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
+
+class BatchedLoRA:
+    """TTT_MODE=lora (#1530): one rank-r adapter per document of a batch on every layer's Q, K, V, Out, MLP down and
+    the LM head: W x + (alpha/r) B_d A_d x for row d. A ~ U(+-1/sqrt(in)), B = 0: a fresh adapter is the base model."""
+    def __init__(self, model, rows: int, rank: int, alpha: float, seed: int):
+        self.scale, self.generator = alpha / rank, torch.Generator().manual_seed(seed)
+        shapes = {(layer, slot): weight.shape for layer in range(model.num_layers)
+                  for slot, weight in enumerate(model.layer_weights(layer, model.banks())) if slot != 4}
+        shapes["head"], device = model.token_embedding.weight.shape, model.token_embedding.weight.device
+        self.index = {key: i for i, key in enumerate(shapes)}  # plain tensors below: never the GPT's parameters
+        self.a = [torch.empty(rows, rank, s[1], device=device, requires_grad=True) for s in shapes.values()]
+        self.b = [torch.zeros(rows, s[0], rank, device=device, requires_grad=True) for s in shapes.values()]
+        self.reset(warm_start_a=False)
+    @torch.no_grad()
+    def reset(self, warm_start_a: bool):
+        """A fresh adapter for the next batch: B = 0; A drawn again unless warm-started (#1787: A kept)."""
+        for a, b in zip(self.a, self.b):
+            b.zero_()
+            if not warm_start_a:
+                bound = a.size(-1) ** -0.5
+                a.copy_(torch.rand(a.shape, generator=self.generator).mul_(2 * bound).sub_(bound))
+    def apply(self, key, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x (rows', T, in) for the first rows' documents of the batch."""
+        i, rows = self.index[key], x.size(0)
+        a, b = self.a[i][:rows].to(x.dtype), self.b[i][:rows].to(x.dtype)
+        return F.linear(x, weight) + self.scale * ((x @ a.mT) @ b.mT)
 
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin (1, T, 1, rope_dims/2) fp32, built on every call: a table cached under inference_mode (scoring) breaks
@@ -874,8 +790,7 @@ def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: remove from each head's output its component along the token's own value vector (GQA-aware)."""
     batch, seq, heads, dim = y.shape
     kv_heads = v.size(2)
-    y = y.view(batch, seq, kv_heads, heads // kv_heads, dim)
-    direction = F.normalize(v, dim=-1).unsqueeze(3)
+    y, direction = y.view(batch, seq, kv_heads, heads // kv_heads, dim), F.normalize(v, dim=-1).unsqueeze(3)
     y = y - (y * direction).sum(-1, keepdim=True) * direction
     return y.view(batch, seq, heads, dim)
 
@@ -908,7 +823,6 @@ class AttentionOutputGate(nn.Module):
         self.kind, self.sparse_scale = kind, sparse_scale
         self.width = dim if kind == "dense" else min(GATE_INPUT_DIMS, dim)
         self.weight = nn.Parameter(torch.zeros(heads, self.width))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, dim) -> (B, T, heads, 1)"""
         logits = F.linear(x[..., :self.width], self.weight.to(x.dtype))
@@ -923,12 +837,10 @@ class CausalSelfAttention(nn.Module):
         self.use_xsa, self.attention = use_xsa, attention
         self.output_gate = (AttentionOutputGate(h.attn_out_gate, h.model_dim, h.num_heads, h.sparse_attn_gate_scale)
                             if h.attn_out_gate != "none" else None)
-
     def forward(self, x, q_w, k_w, v_w, out_w, rotary, value_embed=None, record=None):
         batch, seq, _ = x.shape
-        q = F.linear(x, q_w).view(batch, seq, self.num_heads, self.head_dim)
-        k = F.linear(x, k_w).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = F.linear(x, v_w)
+        q = linear(x, q_w).view(batch, seq, self.num_heads, self.head_dim)
+        k, v = linear(x, k_w).view(batch, seq, self.num_kv_heads, self.head_dim), linear(x, v_w)
         if value_embed is not None:
             v = v + value_embed  # #549: VE joins V in the KV space, not the residual stream
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -938,7 +850,7 @@ class CausalSelfAttention(nn.Module):
         q = q * self.q_gain.to(q.dtype)[:, None]
         # The compute dtype (x's: the residual stream's) by construction, whatever autocast did on the way.
         q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
-        y = self.attention(q, k, v, *(rotary or ())[2:])  # DOC_ISOLATION's mask travels with the positions
+        y = self.attention(q, k, v, *(rotary or ())[2:])  # DOC_ISOLATION's boundaries travel with the positions
         if self.use_xsa:
             y = subtract_self_value(y, v)
         if self.output_gate is not None:
@@ -946,17 +858,15 @@ class CausalSelfAttention(nn.Module):
         y = y.reshape(batch, seq, -1)
         if record is not None:
             record("attn.out", y)
-        return F.linear(y, out_w)
+        return linear(y, out_w)
 
 class Block(nn.Module):
     """Pre-norm block: x <- mix(x, x0); x += a*Attn(norm(x)*s); x += m*MLP(norm(x)*s), s = 1/sqrt(layer+1). From
     PARALLEL_START_LAYER: gptj adds both branches of one x (#1412); two_lane keeps routed lanes (#1529)."""
     def __init__(self, h: Hyperparameters, layer: int, attention):
         super().__init__()
-        dim = h.model_dim
-        self.attn = CausalSelfAttention(h, layer >= h.num_layers - h.xsa_last_n, attention)
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        dim, self.attn = h.model_dim, CausalSelfAttention(h, layer >= h.num_layers - h.xsa_last_n, attention)
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
         slopes = h.mlp_negative_slopes
@@ -966,14 +876,12 @@ class Block(nn.Module):
         if self.residual_form == "two_lane":  # #1529: rho = 1.1, pi = 1 at init
             self.lane_decay = nn.Parameter(torch.full((2,), 1.1))  # rho of (attention lane, MLP lane)
             self.lane_routing = nn.Parameter(torch.ones(2, 2))  # pi[branch (attn, mlp), lane (attn, mlp)]
-
     def attention_branch(self, x, weights, rotary, value_embed, record):
         attn_in = rms_norm(x) * self.ln_scale
         if record is not None:
             record("attn.qkv", attn_in)
         attn_out = self.attn(attn_in, *weights[:4], rotary, value_embed, record)
         return self.attn_scale.to(x.dtype) * attn_out.to(x.dtype)  # the residual stream keeps its dtype
-
     def mlp_branch(self, x, weights, record):
         up_w, down_w = weights[4:]
         mlp_in = rms_norm(x) * self.ln_scale
@@ -983,8 +891,7 @@ class Block(nn.Module):
         if record is not None:
             record("mlp.up", mlp_in)
             record("mlp.down", hidden)
-        return self.mlp_scale.to(x.dtype) * F.linear(hidden, down_w).to(x.dtype)
-
+        return self.mlp_scale.to(x.dtype) * linear(hidden, down_w).to(x.dtype)
     def forward(self, x, x0, weights, rotary, value_embed=None, record=None):
         """x: the residual stream (the (attention, MLP) lanes for two_lane). record(role, inputs), when given,
         sees the input of every matrix (GPTQ calibration)."""
@@ -997,7 +904,6 @@ class Block(nn.Module):
             return x + attn + self.mlp_branch(x, weights, record)
         x = x + attn
         return x + self.mlp_branch(x, weights, record)
-
     def forward_lanes(self, lanes, x0, weights, rotary, value_embed, record):
         """#1529: a = Attn(mix(L0, x0)), m = MLP(L1); L0 <- rho0 L0 + pi00 a + pi10 m; L1 <- rho1 L1 + pi01 a + pi11 m"""
         attn_lane, mlp_lane = lanes
@@ -1013,9 +919,7 @@ class SmearGate(nn.Module):
     SMEAR_BOS_MASK: a BOS takes nothing from the previous document (#549 smears across)."""
     def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
-        self.bos_mask = bos_mask
-
+        self.gate, self.bos_mask = nn.Parameter(torch.zeros(dim)), bos_mask
     def forward(self, x, ids):
         g = torch.sigmoid(self.gate).to(x.dtype)
         if self.bos_mask:
@@ -1029,9 +933,7 @@ class InputSmearGate(nn.Module):
     def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(min(GATE_INPUT_DIMS, dim)))
-        self.strength = nn.Parameter(torch.zeros(()))
-        self.bos_mask = bos_mask
-
+        self.strength, self.bos_mask = nn.Parameter(torch.zeros(())), bos_mask
     def forward(self, x, ids):
         gate = self.strength.to(x.dtype) * torch.sigmoid(x[..., :self.weight.numel()] @ self.weight.to(x.dtype))
         if self.bos_mask:
@@ -1054,22 +956,18 @@ class BigramHash(nn.Module):
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
         self.buckets = buckets
-        self.embed = nn.Embedding(buckets, dim)
-        self.proj = optional_projection(dim, model_dim)
+        self.embed, self.proj = nn.Embedding(buckets, dim), optional_projection(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(BIGRAM_INIT_SCALE))
-
     def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
         ids32 = ids.to(torch.int32)
         a, b = BIGRAM_HASH_MULTIPLIERS
         hashed = torch.bitwise_xor(a * ids32[:, 1:], b * ids32[:, :-1]) % (self.buckets - 1)
         first = torch.full_like(ids32[:, :1], self.buckets - 1)  # reserved bucket for position 0
         return torch.cat((first, hashed), dim=1).to(torch.int64)
-
     def forward(self, ids, fake_quantize=False):
         return self.scale * project(self.embed(self.bucket_ids(ids)), self.proj, fake_quantize)
 
-# EngramLite's hashes (#1089), one row per n-gram order (bigram, trigram), one function per head, of the current
-# token and the 1-2 before it (missing ones are token 0; no reserved bucket): int64, then mod the bucket count.
+# EngramLite's hashes (#1089): a row per order (bigram, trigram), a function per head; missing tokens are 0 (int64).
 ENGRAM_HASHES = (
     (lambda cur, prev, pp: prev * 1009 + cur,
      lambda cur, prev, pp: torch.bitwise_xor(prev * 2719 + 314159, cur * 3137)),
@@ -1090,30 +988,25 @@ class EngramLite(nn.Module):
         self.proj = nn.Linear(orders * heads * dim_per_head, model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.gate = nn.Parameter(torch.zeros(model_dim))
-
     def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, orders * heads) rows of the shared table."""
         cur = ids.to(torch.int64)
         prev, pp = F.pad(cur[:, :-1], (1, 0)), F.pad(cur[:, :-2], (2, 0))
         slots = [hashes[head](cur, prev, pp) for hashes in ENGRAM_HASHES[:self.orders] for head in range(self.heads)]
         return torch.stack([slot % self.buckets + i * self.buckets for i, slot in enumerate(slots)], dim=-1)
-
     def forward(self, ids, fake_quantize=False):
         rows = self.embed(self.bucket_ids(ids)).flatten(-2)
         return torch.sigmoid(self.gate) * project(rows, self.proj, fake_quantize)
 
 class ValueEmbedding(nn.Module):
-    """One token table shared by the VE layers, in the KV space (projected there when narrower); per-layer
-    scalar gains."""
+    """One token table shared by the VE layers in the KV space (projected when narrower); per-layer gains."""
     def __init__(self, vocab_size: int, dim: int, kv_dim: int, num_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         with torch.no_grad():  # drawn here, before the projection's default init, in #549's order (parity D2)
             self.embed.weight.normal_(std=VE_EMBED_INIT_STD)
-        self.proj = optional_projection(dim, kv_dim)
-        self.scale = nn.Parameter(torch.tensor(VE_INIT_SCALE))
+        self.proj, self.scale = optional_projection(dim, kv_dim), nn.Parameter(torch.tensor(VE_INIT_SCALE))
         self.layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in range(num_layers)])
-
     def forward(self, ids, fake_quantize=False):
         return self.scale * project(self.embed(ids), self.proj, fake_quantize)
 
@@ -1151,9 +1044,11 @@ class GPT(nn.Module):
         # soft-round sharpness: a tensor filled in place each step, so the compiled graph never changes
         self.register_buffer("soft_round_alpha", torch.ones(()) if h.soft_round_qat else None, persistent=False)
         self.hessian_recorder = None  # GPTQ calibration: called with (name, matrix inputs) when set
+        # TTT_MODE=lora sets its adapters and pins the RoPE table (its NTK base) at EVAL_SEQ_LEN for its short rows
+        self.lora, self.rope_length = None, 0
         self.fused_kernels, self.doc_isolation = h.fused_kernels, h.doc_isolation
+        self.varlen = getattr(attention, "varlen", False)  # DOC_ISOLATION through FA's varlen kernel
         self._init_weights(h)
-
     @torch.no_grad()
     def _init_weights(self, h: Hyperparameters):
         """#549 section 6: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens. Every
@@ -1179,15 +1074,16 @@ class GPT(nn.Module):
         for block in self.blocks:  # drawn last: the dense gate leaves every other weight's draw unchanged
             if block.attn.output_gate is not None and block.attn.output_gate.kind == "dense":
                 nn.init.normal_(block.attn.output_gate.weight, std=DENSE_ATTN_GATE_INIT_STD)
-
     def banks(self) -> list[nn.Parameter]:
         return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
-
     def layer_weights(self, layer: int, banks) -> tuple:
+        """(Q, K, V, Out, up, down) of a layer; with a LoRA attached, all but up carry its per-document delta."""
         qo, kv, up, down = banks
         n = self.num_layers
-        return qo[layer], kv[layer], kv[n + layer], qo[n + layer], up[layer], down[layer]
-
+        weights = qo[layer], kv[layer], kv[n + layer], qo[n + layer], up[layer], down[layer]
+        return tuple(w if slot == 4 else self.adapted((layer, slot), w) for slot, w in enumerate(weights))
+    def adapted(self, key, weight: torch.Tensor):
+        return weight if self.lora is None else functools.partial(self.lora.apply, key, weight)
     def layer_order(self, looping: bool | None = None) -> list[int]:
         """The block run at each virtual layer: with depth recurrence LOOP_START..LOOP_END run 1 + NUM_LOOPS
         times (#1855: 0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10), sharing their bank slices and block scalars."""
@@ -1196,15 +1092,12 @@ class GPT(nn.Module):
             return layers
         loop = layers[self.loop_start:self.loop_end + 1]
         return layers[:self.loop_start] + loop * (1 + self.num_loops) + layers[self.loop_end + 1:]
-
     @property
     def num_encoder(self) -> int:
         return len(self.layer_order()) // 2
-
     def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
         qat = self.qat_active and self.training  # fake quantization in training forwards only, never in scoring
-        quantize_projections = qat and self.qat_scope == "projections"
-        x = self.token_embedding(ids)
+        quantize_projections, x = qat and self.qat_scope == "projections", self.token_embedding(ids)
         if self.bigram_hash is not None:
             x = x + self.bigram_hash(ids, quantize_projections)
         if self.engram is not None:
@@ -1218,16 +1111,15 @@ class GPT(nn.Module):
             banks = [fake_quantize_rows(bank, qmax, self.soft_round_alpha) for bank, qmax in zip(banks, self.bank_qmax)]
         ve_base = (self.value_embedding(ids, quantize_projections).to(compute_dtype)
                    if self.value_embedding is not None else None)
-        rotary = rotary_tables(ids.size(1), self.rope_dims, self.rope_base, ids.device)
-        if self.doc_isolation:  # block-diagonal causal mask: attention never crosses a BOS (#1530's VarLen)
-            doc = torch.cumsum(ids == BOS_ID, dim=1)
-            rotary = (*rotary, (doc[:, None, :, None] == doc[:, None, None, :]).tril())
+        rotary = [t[:, :ids.size(1)] for t in rotary_tables(max(ids.size(1), self.rope_length), self.rope_dims,
+                                                            self.rope_base, ids.device)]
+        if self.doc_isolation:  # attention never crosses a BOS (#1530); RoPE is relative: positions stay per row
+            rotary.append(document_boundaries(ids, self.varlen))
         x = self.run_blocks(x, banks, rotary, ve_base)
         x = rms_norm(x)
         if self.hessian_recorder is not None:
             self.hessian_recorder("head", x)  # the tied embedding's input as the LM head
         return x
-
     def run_blocks(self, x, banks, rotary, ve_base) -> torch.Tensor:
         """U-Net over the virtual layers: decoder position num_encoder+i takes encoder output num_encoder-1-i (LIFO).
         Two-lane blocks carry (attention, MLP) lanes: skips join the attention lane, the lanes' mean leaves (#1529)."""
@@ -1252,7 +1144,6 @@ class GPT(nn.Module):
             if position < num_encoder:
                 skips.append(0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x)
         return 0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x
-
     def join_skip(self, x: torch.Tensor, skip: torch.Tensor, index: int) -> torch.Tensor:
         """#549: x + w*skip. Gated (#1089): sigmoid(g)*x + (1 - sigmoid(g))*w*skip, g = 0 at init (half of each)."""
         weighted = self.skip_weights[index].to(x.dtype) * skip
@@ -1260,7 +1151,6 @@ class GPT(nn.Module):
             return x + weighted
         gate = torch.sigmoid(self.skip_gates[index]).to(x.dtype)
         return gate * x + (1 - gate) * weighted
-
     def raw_logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """fp32 logits (B, T, V) of the tied LM head before the soft cap; with last=n only the last n positions."""
         compute_dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) \
@@ -1268,31 +1158,28 @@ class GPT(nn.Module):
         hidden = self.hidden_states(ids, compute_dtype)
         if last is not None:
             hidden = hidden[:, -last:]  # sliding-window scoring needs only the newest positions' logits
-        return F.linear(hidden, self.token_embedding.weight).float()
-
+        return linear(hidden, self.adapted("head", self.token_embedding.weight)).float()
     def logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
         raw, cap = self.raw_logits(ids, last), self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
-
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", hints=None) -> torch.Tensor:
         """Cross-entropy of targets (B, n), the next tokens of the last n of ids (B, T); reduction "mean", "sum" or
-        "none" (B, n). FUSED_KERNELS: the fused soft-capped CE in training; scoring keeps eager numerics (#1787)."""
+        "none" (B, n); with hints (B, n) (NGRAM_TILT) the NLLs of targets and hints (2, B, n).
+        FUSED_KERNELS: the fused soft-capped CE in training; scoring keeps eager numerics (#1787)."""
         if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
             raw = self.raw_logits(ids, last=targets.size(1))
             return SoftcappedCrossEntropy.apply(raw.reshape(-1, raw.size(-1)), targets.reshape(-1),
                                                 self.logit_softcap).mean()
         logits = self.logits(ids, last=targets.size(1))
+        if hints is not None:  # one log-softmax for both
+            log_probs = F.log_softmax(logits, dim=-1)
+            return -torch.stack((log_probs.gather(-1, targets[..., None]), log_probs.gather(-1, hints[..., None])))[..., 0]
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
 
-
-# ----------------------------------------------------------------------------------------------------
-# Optimizer: Muon on the banks, AdamW on embeddings and scalars, the LR schedule
-# ----------------------------------------------------------------------------------------------------
-
+# Optimizer: Muon on the banks, AdamW on embeddings and scalars, the LR schedule =====================================
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic iteration of modded-nanogpt, as #549
-# #1089's Polar Express table (Amsel et al. 2025, degree 5). Entry 0 is never used: AOL scaling replaces the first
-# iteration, so step k uses entry min(k + 1, 6). Not to be mixed with the frontier's (#1787) coefficient set.
+# #1089's Polar Express table (Amsel et al. 2025): AOL replaces iteration 0, so step k uses entry min(k + 1, 6).
 POLAR_EXPRESS_1089 = (
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
     (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
@@ -1303,8 +1190,7 @@ POLAR_EXPRESS_1089 = (
     (1.875, -1.25, 0.375),
 )
 
-# The frontier's Polar Express tuples (#1787/#1855), one per step after a Frobenius normalization; steps past
-# the fifth reuse the last. Not to be mixed with #1089's table (its AOL start skips entry 0).
+# The frontier's (#1787/#1855): one tuple per step after a Frobenius normalization, the last one reused after five.
 POLAR_EXPRESS_FRONTIER = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -1339,8 +1225,7 @@ def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> 
         x = x.mT
     gram = x @ x.mT
     scale = 1.0 / (gram.abs().sum(dim=-1).sqrt() + eps)
-    x = scale[..., :, None] * x
-    gram = scale[..., :, None] * gram * scale[..., None, :]
+    x, gram = scale[..., :, None] * x, scale[..., :, None] * gram * scale[..., None, :]
     for k in range(steps):
         if k > 0:
             gram = x @ x.mT
@@ -1382,16 +1267,13 @@ class BankMuon(torch.optim.Optimizer):
         self.rank, self.world_size = rank, world_size
         self.order = sorted(banks, key=lambda bank: bank.numel(), reverse=True)  # biggest transfers first
         self.reductions = {}
-
     def shard_rows(self, bank) -> int:
         return -(-bank.size(0) // self.world_size)
-
     def _buffer(self, bank, name, rows, dtype):
         state = self.state[bank]
         if name not in state:
             state[name] = torch.zeros(rows, *bank.shape[1:], dtype=dtype, device=bank.device)
         return state[name]
-
     @torch.no_grad()
     def reduce_gradients(self):
         """Phase 1: launch the averaging of every bank gradient; each rank will hold its shard of the mean."""
@@ -1403,7 +1285,6 @@ class BankMuon(torch.optim.Optimizer):
             padded[:bank.size(0)].copy_(bank.grad)  # padding matrices stay zero; NS maps them to zero
             shard = self._buffer(bank, "grad_shard", rows, self.comm_dtype)
             self.reductions[bank] = reduce_scatter_into(shard, padded, op=dist.ReduceOp.AVG, async_op=True)
-
     @torch.no_grad()
     def gradient_shards(self) -> list[torch.Tensor]:
         """Wait for the reductions; this rank's averaged gradient shard of each bank (in self.order)."""
@@ -1414,7 +1295,6 @@ class BankMuon(torch.optim.Optimizer):
             self.reductions.pop(bank).wait()
             shards.append(self.state[bank]["grad_shard"])
         return shards
-
     @torch.no_grad()
     def step(self, shards: list[torch.Tensor] | None = None, grad_scale=1.0):
         """Phases 2-3 for the banks: momentum and NS on each shard, all-gather, apply (overlapped).
@@ -1448,7 +1328,6 @@ class BankMuon(torch.optim.Optimizer):
             pending = (bank, gathered, work)
         if pending is not None:
             self._apply(*pending, lr, weight_decay)
-
     def _apply(self, bank, update, work, lr, weight_decay):
         if work is not None:
             work.wait()
@@ -1466,8 +1345,7 @@ SMALL_MATRIX_SUFFIXES = ("bigram_hash.proj.weight", "value_embedding.proj.weight
 def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fused: bool, rank=0, world_size=1):
     """#549 section 9.1: Muon (banks), AdamW (token tables), AdamW (the rest); SMALL_MATRIX_OPTIMIZER=muon adds #1089's
     unsharded Muon for the small projections (momentum without warmup, on already-averaged gradients)."""
-    named = list(model.named_parameters())
-    bank_ids = {id(p) for p in model.banks()}
+    named, bank_ids = list(model.named_parameters()), {id(p) for p in model.banks()}
     tables = [p for n, p in named if n.endswith(TOKEN_TABLE_SUFFIXES)]
     small = [p for n, p in named if n.endswith(SMALL_MATRIX_SUFFIXES)] if h.small_matrix_optimizer == "muon" else []
     taken = bank_ids | {id(p) for p in tables + small}
@@ -1516,22 +1394,15 @@ def muon_momentum_at(h: Hyperparameters, step: int) -> float:
     fraction = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
     return (1 - fraction) * h.muon_momentum_warmup_start + fraction * h.muon_momentum
 
-
-# ----------------------------------------------------------------------------------------------------
-# Weight averaging: EMA (exported by default, as #549) and SWA (exported when SWA_ENABLED=1)
-# ----------------------------------------------------------------------------------------------------
-
+# Weight averaging: EMA (exported by default, as #549) and SWA (exported when SWA_ENABLED=1) =========================
 class ExponentialMovingAverage:
     """fp32 shadow of every parameter: shadow <- decay * shadow + (1 - decay) * param, every step."""
     def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = list(model.parameters())
+        self.decay, self.params = decay, list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
-
     @torch.no_grad()
     def update(self):
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
-
     @torch.no_grad()
     def copy_to(self, model: nn.Module):
         for param, value in zip(model.parameters(), self.shadow):
@@ -1541,7 +1412,6 @@ class SnapshotAverage:
     """Uniform mean of snapshots taken every SWA_EVERY steps once the LR multiplier is below SWA_THRESHOLD."""
     def __init__(self, model: nn.Module):
         self.params, self.sum, self.count = list(model.parameters()), None, 0
-
     @torch.no_grad()
     def add(self):
         values = [p.detach().float() for p in self.params]
@@ -1550,26 +1420,20 @@ class SnapshotAverage:
         else:
             torch._foreach_add_(self.sum, values)
         self.count += 1
-
     @torch.no_grad()
     def copy_to(self, model: nn.Module):
         for param, total in zip(model.parameters(), self.sum):
             param.copy_(total / self.count)
 
-
-# ----------------------------------------------------------------------------------------------------
-# Quantize and pack: int6 banks, int8 tables, fp16 small tensors; a pickle-free compressed artifact
-# ----------------------------------------------------------------------------------------------------
-
+# Quantize and pack: int6 banks, int8 tables, fp16 small tensors; a pickle-free compressed artifact ==================
 SMALL_TENSOR_NUMEL = 65_536  # other tensors with at most this many elements are stored fp16 as-is (#549)
 BANK_ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down")
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # #549's clip candidates ("GPTQ-lite")
 GPTQ_BLOCK_SIZE, GPTQ_DAMP = 128, 0.01  # as #609/#1089
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGAF", 1
 SIZE_CAP_BYTES = 16_000_000
-# The planner's stand-in for trained weights: Student-t entries with this many degrees of freedom, fitted so
-# #549's configuration (int6 GPTQ-lite + lzma) predicts 15.87 MB against its logged 15.79-15.90 MB. Gaussian
-# stand-ins predict 18.8 MB there: long training makes weights heavy-tailed and more compressible.
+# The planner's stand-in for trained weights, Student-t with these degrees of freedom: #549's configuration predicts
+# 15.87 MB against its logged 15.79-15.90 MB (Gaussian: 18.8 MB; trained weights are heavy-tailed).
 PLANNER_TAIL_DOF = 4.4
 
 def export_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -1604,8 +1468,7 @@ def quantization_group(name: str, value: torch.Tensor) -> str | None:
     return "embed" if name == "token_embedding.weight" else "tables"
 
 def hessian_name(name: str) -> str:
-    """Which recorded input Gram matrix belongs to a weight: q/k/v share theirs; the tied embedding's is the
-    LM head's input (#1394 GPTQ'd the embedding that way)."""
+    """A weight's input Gram matrix: q/k/v share one; the tied embedding's is the LM head's input (#1394)."""
     if name == "token_embedding.weight":
         return "head"
     return name[:-2] + ".qkv" if name.endswith((".attn.q", ".attn.k", ".attn.v")) else name
@@ -1613,8 +1476,7 @@ def hessian_name(name: str) -> str:
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-lite: symmetric per-row round-to-nearest to +-(2^(bits-1) - 1); each row picks the clip quantile of
     |w| with the lowest squared error (#549 picks one per tensor). Scales are fp16-rounded before use."""
-    qmax = 2 ** (bits - 1) - 1
-    weight = weight.float()
+    qmax, weight = 2 ** (bits - 1) - 1, weight.float()
     clips = torch.quantile(weight.abs(), torch.tensor(CLIP_QUANTILES, device=weight.device), dim=1)
     best_q, best_scale, best_error = None, None, None
     for clip in clips:
@@ -1630,8 +1492,7 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     return best_q.to(torch.int8), best_scale.half()
 
 def sd_clip_scale(weight: torch.Tensor, sigmas: float, qmax: int) -> torch.Tensor:
-    """SDClip (#1394): per-row scale k * std(row) / qmax, fp16-rounded as stored. Larger k: coarser grid,
-    lower entropy, smaller artifact (#1394: H(q) ~ b - log2 k)."""
+    """SDClip (#1394): row scale k*std(row)/qmax, fp16-rounded; a larger k, a smaller artifact."""
     return (sigmas * weight.float().std(dim=1, unbiased=False) / qmax).clamp_min(1e-8).half().float()
 
 @torch.no_grad()
@@ -1649,8 +1510,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         factor, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             break
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
-    q = torch.zeros_like(w)
+    upper, q = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), torch.zeros_like(w)
     for first in range(0, w.size(1), GPTQ_BLOCK_SIZE):
         last = min(first + GPTQ_BLOCK_SIZE, w.size(1))
         block, errors = w[:, first:last].clone(), torch.zeros(w.size(0), last - first, device=w.device)
@@ -1676,8 +1536,7 @@ def quantize_tensor(name: str, value: torch.Tensor, group: str, bits: int, h: Hy
     return q, scale.half()
 
 def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=None, bits=None):
-    """Quantize each tensor by its group's bit width (QUANT_BITS_*, or `bits` by name: the mixed-precision
-    allocation). Returns (tensors to store, scheme per name)."""
+    """Each tensor at its group's width (QUANT_BITS_*, or `bits` by name); returns (tensors, schemes)."""
     tensors, schemes = {}, {}
     for name, value in state.items():
         group = quantization_group(name, value)
@@ -1708,7 +1567,6 @@ def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -
     compressed bytes fit what the base artifact leaves under `budget`; misfits are skipped. SIZE_FIT prunes if over."""
     tensors, schemes = quantize_state(state, h, hessians)
     spare = budget - len(encode_artifact(tensors, schemes, h))
-
     def group_bytes(names: list[str], width: int, base: int) -> int:
         stored = {}
         for n in names:  # the base width was quantized above: reuse it rather than run GPTQ again
@@ -1716,7 +1574,6 @@ def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -
                 quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
             stored[n + ".q"], stored[n + ".scale"] = q, scale
         return len(compress(pack_tensors(stored, {}), h.compressor))
-
     bits, promoted = {}, []
     for rank, (sensitivity, names) in enumerate(sensitivity_groups(state, hessians)):
         base = h.group_bits(quantization_group(names[0], state[names[0]]))
@@ -1790,8 +1647,7 @@ def unpack_tensors(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     """Parse a container; anything else (a pickle, a torch.save zip) is refused without being executed."""
     try:
         (header_len,) = struct.unpack_from("<Q", raw)
-        header = json.loads(raw[8:8 + header_len])
-        body = memoryview(raw)[8 + header_len:]
+        header, body = json.loads(raw[8:8 + header_len]), memoryview(raw)[8 + header_len:]
         tensors = {}
         for entry in header["tensors"]:
             dtype = {"int8": torch.int8, "int16": torch.int16, "float16": torch.float16,
@@ -1927,8 +1783,7 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
         if header.get("transform") == "grouped":
             tensors, meta = decode_grouped(body)
         else:
-            raw = decompress(body, header["compressor"])
-            shuffled = header.get("transform") == "byte_shuffle2"
+            raw, shuffled = decompress(body, header["compressor"]), header.get("transform") == "byte_shuffle2"
             tensors, meta = unpack_tensors(byte_unshuffle(raw, 2) if shuffled else raw)
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
@@ -1937,8 +1792,7 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
 def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> bytes:
     """SIZE_FIT: zero quantized values with |q| <= SIZE_FIT_LEVELS (#609: 1; #1089: 2), cheapest s^2 q^2 first, until
     the artifact fits: bisection on the count to 1/64 of the candidates (7 encodes); still over, the run says so."""
-    blob = encode_artifact(tensors, schemes, h)
-    names = [n for n, scheme in schemes.items() if scheme != "fp16"]
+    blob, names = encode_artifact(tensors, schemes, h), [n for n, scheme in schemes.items() if scheme != "fp16"]
     costs, owners, positions = [], [], []
     for index, name in enumerate(names):
         q, scale = tensors[name + ".q"], tensors[name + ".scale"].float()
@@ -1949,7 +1803,6 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
         positions.append(candidates)
     order = torch.argsort(torch.cat(costs))
     owners, positions = torch.cat(owners)[order], torch.cat(positions)[order]
-
     def pruned(count: int) -> bytes:
         trial = dict(tensors)
         for index, name in enumerate(names):
@@ -1958,7 +1811,6 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
                 trial[name + ".q"] = tensors[name + ".q"].clone().reshape(-1).index_fill_(0, chosen, 0).view_as(
                     tensors[name + ".q"])
         return encode_artifact(trial, schemes, h)
-
     count = 0
     if len(blob) > budget:
         low, high = 0, len(order)  # invariant: pruning `low` is too big, pruning `high` fits (if anything does)
@@ -1996,37 +1848,107 @@ def plan_artifact(h: Hyperparameters) -> int:
     full_raw = len(pack_tensors(tensors, dict(schemes=schemes)))
     return overhead + int(full_raw * (len(sample_blob) - overhead) / len(sample_raw))
 
+# Evaluate ===========================================================================================================
+NGRAM_TILT_HASH = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the context hash (golden ratio)
+NGRAM_TILT_ORDERS = range(16, 7, -1)  # #1514: contexts of 8..16 tokens, the longest confident one wins
+# (lowest order of a group, minimum confidence, minimum count of the hint): #1514's ngram_tilt.py (gap_specs 3.20)
+NGRAM_TILT_GROUPS = ((14, 0.50, 2), (11, 0.60, 2), (8, 0.70, 3))
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluate
-# ----------------------------------------------------------------------------------------------------
+def segment_offsets(is_start: np.ndarray) -> np.ndarray:
+    """Each element's position within its segment of a sorted array (segments begin where is_start)."""
+    index = np.arange(len(is_start))
+    return index - np.maximum.accumulate(np.where(is_start, index, 0))
+
+def ngram_hint_counts(tokens: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For target i (next token tokens[i+1], context tokens[i-order+1..i]): the token that most often followed the
+    context at earlier targets, its count and the context's count, all read before target i joins the counts (ties:
+    the first to reach a count). 64-bit hashes (collisions ~n^2/2^65), two stable sorts, no loop over tokens."""
+    num_targets, count = len(tokens) - 1, len(tokens) - order
+    hint, hint_count, context_count = np.full(num_targets, -1), np.zeros(num_targets, np.int64), np.zeros(num_targets, np.int64)
+    if count <= 0:
+        return hint, hint_count, context_count
+    values, keys = tokens.astype(np.uint64) + np.uint64(1), np.zeros(count, np.uint64)
+    for j in range(order):
+        keys = keys * NGRAM_TILT_HASH + values[j:j + count]
+    pairs = keys * NGRAM_TILT_HASH + tokens[order:].astype(np.uint64)  # (context, next token), hashed again
+    by_pair = np.argsort(pairs, kind="stable")  # stable: each pair's occurrences in stream order
+    pair_keys = pairs[by_pair]
+    new_pair, seen = np.r_[True, pair_keys[1:] != pair_keys[:-1]], np.empty(count, np.int64)
+    seen[by_pair] = segment_offsets(new_pair) + 1  # the pair's occurrences so far, this one included
+    by_context = np.argsort(keys, kind="stable")
+    sorted_keys, counts, nexts = keys[by_context], seen[by_context], tokens[order:][by_context].astype(np.int64)
+    new_context, index = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]], np.arange(count)
+    offset = np.cumsum(new_context) * (count + 1)  # keeps the running maximum inside each context
+    best = np.maximum.accumulate(counts + offset) - offset
+    leader = np.maximum.accumulate(np.where(new_context | (best > np.r_[0, best[:-1]]), index, 0))
+    before = np.maximum(index - 1, 0)  # the counts before an occurrence: after the previous one of its context
+    targets = by_context + order - 1
+    hint[targets] = np.where(new_context, -1, nexts[leader[before]])
+    hint_count[targets] = np.where(new_context, 0, best[before])
+    context_count[targets] = segment_offsets(new_context)
+    return hint, hint_count, context_count
+
+class NgramTilt:
+    """NGRAM_TILT (#1514, causal and token-only): a hint per target from the hashed contexts of the tokens before
+    it; p'(t) = p(t) exp(b 1[t = hint]) / Z, Z = 1 + p(hint)(e^b - 1), b = NGRAM_TILT_BETA x confidence. Ranks
+    split the orders; the all-reduced maximum of (order, hint, confidence) is the longest confident order."""
+    def __init__(self, tokens: np.ndarray, beta: float, run):
+        started, orders = time.perf_counter(), NGRAM_TILT_ORDERS[run.rank::run.world_size]
+        # numpy's sorts release the GIL: a rank's orders run side by side (46 s per order at 62M tokens here)
+        with concurrent.futures.ThreadPoolExecutor(max(len(orders), 1)) as pool:
+            packed = functools.reduce(np.maximum, pool.map(lambda order: self.confident_hints(tokens, order), orders),
+                                      np.zeros(len(tokens) - 1, np.int64))
+        if run.world_size > 1:
+            reduced = torch.from_numpy(packed).to(run.device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+            packed = reduced.cpu().numpy()
+        self.hint = np.where(packed > 0, (packed >> 16) & 0xFFFFFFFF, -1)
+        self.beta = (beta * (packed & 0xFFFF) / 65535).astype(np.float32)  # 0 where there is no hint
+        self.hit, self.seconds = self.hint == tokens[1:], time.perf_counter() - started
+    @staticmethod
+    def confident_hints(tokens: np.ndarray, order: int) -> np.ndarray:
+        """(order, hint, confidence) packed in an int64 where the order's hint passes its thresholds, else 0."""
+        _, min_confidence, min_count = next(group for group in NGRAM_TILT_GROUPS if order >= group[0])
+        hint, hint_count, context_count = ngram_hint_counts(tokens, order)
+        confidence = hint_count / np.maximum(context_count, 1)
+        confident = (hint_count >= min_count) & (confidence >= min_confidence)
+        code = (order << 48) | (np.maximum(hint, 0) << 16) | np.round(confidence * 65535).astype(np.int64)
+        return np.where(confident, code, 0)
+    def hint_ids(self, targets: np.ndarray) -> np.ndarray:
+        return np.maximum(self.hint[targets], 0)  # a valid id where there is none (its beta is 0)
+    def apply(self, nll: torch.Tensor, hint_nll: torch.Tensor, targets: np.ndarray, device) -> torch.Tensor:
+        """The tilted NLL: NLL + log Z - b 1[target = hint] (exactly the NLL where there is no hint)."""
+        beta = to_device(self.beta[targets], device)
+        log_z = torch.log1p(torch.expm1(beta) * torch.exp(-hint_nll.float()))
+        return nll.float() + log_z - beta * to_device(self.hit[targets], device)
 
 class ScoreAccumulator:
-    """float64 sums of NLL (nats), scored tokens and bytes; all-reduced as sums, never as ratios. Also the first
-    window whose scored NLL is not finite: such a pass is an error naming it, never a val_bpb:nan line."""
-    def __init__(self, device, plan=None):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-        self.first_bad, self.plan = torch.full((), math.inf, dtype=torch.float64, device=device), plan
-
-    def add(self, nll: torch.Tensor, byte_counts: torch.Tensor, keep: torch.Tensor, windows=None):
-        """Sums over the positions where keep is True: masks, not boolean indexing, so no host sync."""
-        self.sums += torch.stack((torch.where(keep, nll.double(), 0.0).sum(), keep.sum(dtype=torch.float64),
-                                  torch.where(keep, byte_counts.double(), 0.0).sum()))
-        if windows is not None:  # one window index per row of nll
-            bad_rows = (keep & ~torch.isfinite(nll)).any(dim=-1)
-            self.first_bad = torch.minimum(self.first_bad, torch.where(bad_rows, windows, math.inf).min())
-
-    def result(self, distributed: bool) -> tuple[float, float, int, int]:
+    """float64 sums of NLL (nats), scored tokens, bytes and, with NGRAM_TILT, the tilted NLL; all-reduced as sums,
+    never ratios. Also the first target whose NLL is not finite: an error naming it, never a val_bpb:nan line."""
+    def __init__(self, device, val, tilt=None):
+        self.device, self.val, self.tilt = device, val, tilt
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=device)
+    def add(self, nll: torch.Tensor, targets: np.ndarray, keep: np.ndarray, hint_nll: torch.Tensor | None = None):
+        """nll (B, w) of validation targets (B, w) (indices), summed where keep: masks, no host sync."""
+        keep, index = to_device(keep, self.device), to_device(targets.astype(np.float64), self.device)
+        byte_counts = to_device(self.val.target_bytes[targets], self.device)
+        tilted = self.tilt.apply(nll, hint_nll, targets, self.device) if hint_nll is not None else nll
+        masked = lambda values: torch.where(keep, values.double(), 0.0).sum()  # noqa: E731
+        self.sums += torch.stack((masked(nll), keep.sum(dtype=torch.float64), masked(byte_counts), masked(tilted)))
+        bad = keep & ~(torch.isfinite(nll) & torch.isfinite(tilted))
+        self.first_bad = torch.minimum(self.first_bad, torch.where(bad, index, math.inf).min())
+    def result(self, distributed: bool, tilted: bool = False) -> tuple[float, float, int, int]:
+        """(val_loss, val_bpb, tokens, bytes) of the model's scores, or of the tilted ones."""
         sums, first_bad = self.sums.clone(), self.first_bad.clone()
         if distributed:
             dist.all_reduce(sums)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-        (nll, tokens, byte_total), first = sums.tolist(), first_bad.item()
+        (plain, tokens, byte_total, tilt_sum), first = sums.tolist(), first_bad.item()
+        nll = tilt_sum if tilted else plain
         if math.isfinite(first) or not math.isfinite(nll):
-            k = int(first) if math.isfinite(first) else None
-            where = f"window {k}" + (f" (targets {self.plan.score_lo[k]}-{self.plan.score_hi[k]})"
-                                     if self.plan is not None and k is not None else "")
-            raise RunFault(f"the NLL is not finite in {where}: the weights are not finite or overflow", EXIT_NONFINITE)
+            where = f"target {int(first)}" if math.isfinite(first) else "the sum"
+            raise RunFault(f"the NLL is not finite at {where}: the weights are not finite or overflow", EXIT_NONFINITE)
         return nll / tokens, nll / math.log(2) / byte_total, int(tokens), int(byte_total)
 
 class SlidingWindows:
@@ -2035,13 +1957,10 @@ class SlidingWindows:
     def __init__(self, num_targets: int, seq_len: int, stride: int):
         count = 1 + max(-(-(num_targets - seq_len) // stride), 0)
         self.score_hi = np.minimum(seq_len + stride * np.arange(count), num_targets)
-        self.score_lo = np.concatenate(([0], self.score_hi[:-1]))
-        self.starts = self.score_hi - seq_len
+        self.score_lo, self.starts = np.concatenate(([0], self.score_hi[:-1])), self.score_hi - seq_len
         self.seq_len, self.stride, self.num_targets = seq_len, stride, num_targets
-
     def __len__(self) -> int:
         return len(self.starts)
-
     def within(self, lo: int, hi: int) -> np.ndarray:
         """Indices of the windows whose scored targets lie in [lo, hi)."""
         return np.nonzero((self.score_lo >= lo) & (self.score_hi <= hi))[0]
@@ -2057,12 +1976,9 @@ class ScoreLedger:
         self.local = np.zeros(num_targets, dtype=np.uint8)
         self.scored = np.zeros(num_targets, dtype=np.uint8)  # global counts of synced ranges
         self.chunks = {}  # chunk -> [highest scored target, highest trained target or -1]
-        self.trained = np.zeros(num_targets, dtype=np.bool_)
-        self.highest_scored = -1
-
+        self.trained, self.highest_scored = np.zeros(num_targets, dtype=np.bool_), -1
     def mark(self, lo: int, hi: int):
         self.local[lo:hi] += 1
-
     def sync(self, lo: int, hi: int, chunk: int = 0):
         counts = self.local[lo:hi]
         if self.run.world_size > 1:  # uint8 sums: a count past 255 would need 255 scorings of one target
@@ -2070,23 +1986,23 @@ class ScoreLedger:
             dist.all_reduce(reduced)
             counts = reduced.cpu().numpy()
         self.scored[lo:hi] = counts
-        # A running maximum, not a scan of [0, hi) (~0.1 s per chunk at full size); the last nonzero entry by a
-        # short-circuiting argmax from the end, not flatnonzero's index array (0.9 s for a full pass).
+        # A running maximum by a short-circuiting argmax from the end: a scan of [0, hi) cost 0.1 s per chunk at 62M.
         tail = counts[::-1] > 0
         last = int(np.argmax(tail))
         if tail[last]:
             self.highest_scored = max(self.highest_scored, hi - 1 - last)
         self.chunks.setdefault(chunk, [-1, -1])[0] = self.highest_scored
-
-    def check_training(self, chunk: int, lo: int, hi: int):
-        if not self.scored[lo:hi].all():
-            first = lo + int(np.argmin(self.scored[lo:hi] > 0))
+    def check_training(self, chunk: int, lo: int, hi: int, local: bool = False):
+        """local: against this rank's own scorings (a document only this rank scores and trains on)."""
+        scored = (self.local if local else self.scored)[lo:hi]
+        if not scored.all():
+            first = lo + int(np.argmin(scored > 0))
             raise IllegalTestTimeTraining(f"chunk {chunk}: an update would train on targets [{lo}, {hi}) but target "
                                           f"{first} has not been scored")
         self.trained[lo:hi] = True
-        record = self.chunks.setdefault(chunk, [-1, -1])
-        record[1] = max(record[1], hi - 1)
-
+        if not local:  # a local check is per document, checked here already: no chunk order to audit
+            record = self.chunks.setdefault(chunk, [-1, -1])
+            record[1] = max(record[1], hi - 1)
     def audit(self) -> str:
         if not (self.scored == 1).all():
             bad = int(np.argmax(self.scored != 1))
@@ -2113,15 +2029,15 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host array -> device without a stream sync (a blocking copy waits for every queued kernel)."""
     return torch.from_numpy(array).to(device, non_blocking=True)
 
-def window_nll(model, run, window: torch.Tensor, width: int) -> torch.Tensor:
-    """Per-target NLL (B, width) of the last `width` targets of (B, L + 1) token windows. The one scoring call,
-    shared with the priming: compiled graphs guard on the inputs' strides, so both must slice alike."""
+def window_nll(model, run, window: torch.Tensor, width: int, hints: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-target NLL (B, width) of the last `width` targets of (B, L + 1) token windows, stacked with the hints'
+    (2, B, width) when given. The one scoring call, shared with the priming: compiled graphs guard on the inputs'
+    strides, so both must slice alike."""
     with run.autocast():
-        return run.forward(model, window[:, :-1], window[:, -width:], reduction="none")
+        return run.forward(model, window[:, :-1], window[:, -width:], "none", hints)
 
 def sequences_loss(model, run, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Summed NLL of n * seq_len + 1 consecutive tokens read as n sequences: TTT's training call, shared with
-    the priming for the same reason as window_nll."""
+    """Summed NLL of n * seq_len + 1 tokens read as n sequences: TTT's training call, shared with priming."""
     with run.autocast():
         return run.forward(model, tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len), reduction="sum")
 
@@ -2133,29 +2049,29 @@ def score_windows(model, run, val: ValidationSet, plan: SlidingWindows, indices,
     offsets = np.arange(plan.seq_len + 1)
     for width, chosen, real in window_batches(plan, indices, run.window_batch, pad=run.compile):
         window = to_device(val.tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64), run.device)
-        nll = window_nll(model, run, window, width)
         # Position p of the last `width` predicts target score_hi - width + p; keep those >= score_lo.
         targets = (plan.score_hi[chosen] - width)[:, None] + np.arange(width)
-        keep = targets >= plan.score_lo[chosen][:, None]
+        hints = to_device(scores.tilt.hint_ids(targets), run.device) if scores.tilt is not None else None
+        nll, keep = window_nll(model, run, window, width, hints), targets >= plan.score_lo[chosen][:, None]
         keep[real:] = False
-        scores.add(nll, to_device(val.target_bytes[targets], run.device), to_device(keep, run.device),
-                   to_device(chosen.astype(np.float64), run.device))
+        nll, hint_nll = (nll[0], nll[1]) if hints is not None else (nll, None)
+        scores.add(nll, targets, keep, hint_nll)
         for k in chosen[:real]:
             ledger.mark(int(plan.score_lo[k]), int(plan.score_hi[k]))
 
-def evaluate(model: GPT, run, val: ValidationSet, stride: int) -> tuple[float, float]:
-    """Mean NLL and BPB of every validation target, scored once each; ranks split the windows."""
+def evaluate(model: GPT, run, val: ValidationSet, stride: int, tilt=None):
+    """Mean NLL and BPB of every target, scored once, ranks splitting the windows; with a tilt also the tilted."""
     num_targets = len(val.tokens) - 1
     plan = SlidingWindows(num_targets, run.h.eval_seq_len, stride)
     mine = np.array_split(np.arange(len(plan)), run.world_size)[run.rank]
-    scores, ledger = ScoreAccumulator(run.device, plan), ScoreLedger(num_targets, run)
+    scores, ledger = ScoreAccumulator(run.device, val, tilt), ScoreLedger(num_targets, run)
     was_training = model.training
     score_windows(model, run, val, plan, mine, scores, ledger)
     model.train(was_training)
     ledger.sync(0, num_targets)
     ledger.audit()
     val_loss, val_bpb, _, _ = scores.result(run.world_size > 1)
-    return val_loss, val_bpb
+    return (val_loss, val_bpb) + ((scores.result(run.world_size > 1, tilted=True)[:2],) if tilt is not None else ())
 
 def ttt_steps(h: Hyperparameters, num_seqs: int, rank: int, world_size: int):
     """One TTT epoch over num_seqs sequences: (first, count, a, b) per step, where TTT_BATCH_SEQS sequences are
@@ -2173,18 +2089,17 @@ def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     """Compile every eval graph on random tokens before the artifact loads and the eval clock starts (#1855; never val
     tokens): scoring at both widths and TTT's training shapes (gradients dropped, no step). Returns the count."""
     h, generator = run.h, torch.Generator().manual_seed(0)
-
     def random_tokens(*shape: int) -> torch.Tensor:
         return torch.randint(0, h.vocab_size, shape, generator=generator).to(run.device)
-
     # The scoring windows are made under inference_mode, as score_windows makes its own: graphs guard on that too.
     variants = 0
     with torch.inference_mode():
         model.eval()
         for width in sorted({h.eval_seq_len, h.eval_stride}):
-            window_nll(model, run, random_tokens(run.window_batch, h.eval_seq_len + 1), width)
+            hints = random_tokens(run.window_batch, width) if h.ngram_tilt else None
+            window_nll(model, run, random_tokens(run.window_batch, h.eval_seq_len + 1), width, hints)
             variants += 1
-    if h.ttt_enabled and h.ttt_epochs > 0:
+    if h.ttt_enabled and h.ttt_mode == "sgd" and h.ttt_epochs > 0:  # LoRA TTT runs eager
         model.train()
         for count in rows if rows is not None else ttt_rows(h, run.rank, run.world_size):
             sequences_loss(model, run, random_tokens(count * h.train_seq_len + 1), h.train_seq_len).backward()
@@ -2203,40 +2118,35 @@ def score_first_schedule(num_chunks: int):
 class TestTimeTrainer:
     """Legal score-first TTT (#549 section 15.3): SGD on already-scored chunks, cosine LR over chunks, with
     the ledger checking every update and a budget guard that stops training, never scoring."""
-    def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float):
+    def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float, tilt=None):
         h = self.h = run.h
         self.model, self.run, self.val, self.tokens = model, run, val, val.tokens
         self.num_targets = len(val.tokens) - 1
         self.plan = SlidingWindows(self.num_targets, h.eval_seq_len, h.eval_stride)
         self.num_chunks = -(-self.num_targets // h.ttt_chunk_tokens)
-        self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, self.plan)
+        self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, val, tilt)
         self.bank_masks, self.frozen = freeze_blocks(model, h.ttt_freeze_blocks)
         frozen_ids = {id(p) for p in self.frozen}
         self.params = [p for p in model.parameters() if id(p) not in frozen_ids]
         self.optimizer = ttt_optimizer(model, self.params, h)
-        self.eval_started, self.training_stopped = eval_started, False
+        self.eval_started, self.guard = eval_started, BudgetGuard(run, eval_started)
         self.score_seconds, self.train_seconds = [], []
-
     def frozen_parameters(self) -> int:
         """Entries TTT never changes: frozen blocks' own parameters plus their masked bank slices."""
         frozen = sum(p.numel() for p in self.frozen)
         for bank in self.model.banks():
             frozen += int((1 - self.bank_masks[id(bank)]).sum()) * bank.shape[1] * bank.shape[2]
         return frozen
-
     def chunk_range(self, chunk: int) -> tuple[int, int]:
         lo = chunk * self.h.ttt_chunk_tokens
         return lo, min(lo + self.h.ttt_chunk_tokens, self.num_targets)
-
     def score(self, chunk: int):
         lo, hi = self.chunk_range(chunk)
         mine = np.array_split(self.plan.within(lo, hi), self.run.world_size)[self.run.rank]
         score_windows(self.model, self.run, self.val, self.plan, mine, self.scores, self.ledger)
         self.ledger.sync(lo, hi, chunk)
-
     def train(self, chunk: int):
-        """TTT_EPOCHS passes over the chunk's sequences; each step's TTT_BATCH_SEQS sequences are split evenly
-        over ranks."""
+        """TTT_EPOCHS passes over the chunk's sequences, each step's TTT_BATCH_SEQS split evenly over ranks."""
         h, run, model = self.h, self.run, self.model
         lo, hi = self.chunk_range(chunk)
         seq_len, num_seqs = h.train_seq_len, (hi - lo) // h.train_seq_len
@@ -2251,40 +2161,16 @@ class TestTimeTrainer:
                     loss = sequences_loss(model, run, window, seq_len)  # compiled; primed before the eval clock
                     (loss / (count * seq_len)).backward()  # summed over ranks below: the global batch mean
                 self.update()
-
     def update(self):
         for param in self.frozen:
             param.grad = None
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.run.world_size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            grads = [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
-        for param, grad in zip(self.params, grads):
-            param.grad = grad * self.bank_masks[id(param)] if id(param) in self.bank_masks else grad
-        if self.h.ttt_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.h.ttt_grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
+        sgd_step(self.run, self.params, self.optimizer, self.bank_masks)
     def keep_training(self, chunk: int) -> bool:
-        """Budget guard: train on this chunk only if the remaining chunks can still be scored within EVAL_BUDGET_SECONDS
-        (all ranks agree); averages skip chunk 0's one-off costs (one slow chunk 0 once stopped all TTT)."""
-        if self.training_stopped:
-            return False
-        elapsed = time.perf_counter() - self.eval_started
-        steady = lambda values: sum(values[1:]) / (len(values) - 1) if len(values) > 1 else 0.0
-        projected = elapsed + steady(self.train_seconds) + (self.num_chunks - 1 - chunk) * steady(self.score_seconds)
-        over = torch.tensor(float(projected > self.h.eval_budget_seconds), device=self.run.device)
-        if self.run.world_size > 1:
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)
-        if over.item():
-            self.training_stopped = True
-            self.run.log(f"ttt_budget: stopping training at chunk {chunk + 1}/{self.num_chunks}: elapsed {elapsed:.1f}s "
-                         f"+ projected {projected - elapsed:.1f}s > EVAL_BUDGET_SECONDS={self.h.eval_budget_seconds:.0f}; "
-                         f"scoring the remaining {self.num_chunks - chunk - 1} chunks with the current weights")
-        return not self.training_stopped
-
+        """Train on this chunk only if it and the rest's scoring fit the budget (steady means skip chunk 0)."""
+        steady = lambda values: sum(values[1:]) / (len(values) - 1) if len(values) > 1 else 0.0  # noqa: E731
+        left = self.num_chunks - 1 - chunk
+        return self.guard.allows(steady(self.train_seconds) + left * steady(self.score_seconds), f"stopping training "
+                                 f"at chunk {chunk + 1}/{self.num_chunks}, scoring the remaining {left} chunks as is")
     def run_schedule(self, schedule) -> tuple[float, float, str]:
         for action, chunk in schedule:
             self.run.sync()
@@ -2300,9 +2186,159 @@ class TestTimeTrainer:
                 self.train(chunk)
                 self.run.sync()
                 self.train_seconds.append(time.perf_counter() - started)
-        summary = self.ledger.audit()
-        val_loss, val_bpb, _, _ = self.scores.result(self.run.world_size > 1)
-        return val_loss, val_bpb, summary
+        return pass_result(self.scores, self.run, self.ledger.audit())
+
+def pass_result(scores: ScoreAccumulator, run, summary: str) -> tuple:
+    """(val_loss, val_bpb, audit summary[, (tilted val_loss, tilted val_bpb)]) of a finished TTT pass."""
+    distributed = run.world_size > 1
+    tilted = (scores.result(distributed, tilted=True)[:2],) if scores.tilt is not None else ()
+    return (*scores.result(distributed)[:2], summary, *tilted)
+
+def sgd_step(run, params: list, optimizer, masks: dict | None = None):
+    """All-reduce the summed gradients (one flat tensor), mask frozen slices, clip to TTT_GRAD_CLIP, step."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if run.world_size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        grads = [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in params]), params)]
+    for param, grad in zip(params, grads):
+        param.grad = grad * masks[id(param)] if masks and id(param) in masks else grad
+    if run.h.ttt_grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, run.h.ttt_grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+def document_spans(tokens: np.ndarray) -> np.ndarray:
+    """(first, end) targets of each document: from a BOS (or target 0) to the next BOS's prediction included."""
+    num_targets = len(tokens) - 1
+    starts = np.union1d([0], np.flatnonzero(tokens[:num_targets] == BOS_ID))
+    return np.stack((starts, np.r_[starts[1:], num_targets]), axis=1)
+
+class BudgetGuard:
+    """TTT updates go on while elapsed + projected seconds fit EVAL_BUDGET_SECONDS, then stop for good. An agreed
+    check is a collective on every rank, even one already stopped by a local check (it then stops them all)."""
+    def __init__(self, run, eval_started: float):
+        self.run, self.eval_started, self.stopped = run, eval_started, False
+    def allows(self, projected: float, dropping: str, agreed: bool = True) -> bool:
+        elapsed, budget = time.perf_counter() - self.eval_started, self.run.h.eval_budget_seconds
+        mine = ">" if elapsed + projected > budget else ""  # this rank's own verdict
+        over = torch.tensor(float(self.stopped or bool(mine)), device=self.run.device)
+        if agreed and self.run.world_size > 1:
+            dist.all_reduce(over, op=dist.ReduceOp.MAX)
+        if over.item() and not self.stopped:
+            self.stopped = True
+            self.run.log(f"ttt_budget: {dropping}: elapsed {elapsed:.1f}s + projected {projected:.1f}s "
+                         f"{mine or '(another rank over)'} EVAL_BUDGET_SECONDS={budget:.0f}; every target is still scored")
+        return not self.stopped
+
+def lora_batch_tokens(docs: np.ndarray, chunk: int, context: int) -> int:
+    """Tokens a LoRA batch runs through the model: each chunk of each document with its context (the time model)."""
+    return sum(int(np.minimum(np.minimum(np.arange(1, -(-n // chunk) + 1) * chunk, n), context).sum())
+               for n in docs[:, 1] - docs[:, 0])
+
+class DocumentLoRATrainer:
+    """TTT_MODE=lora (#1530 -> #1855), README "Evaluation": documents by length into batches, one BatchedLoRA per
+    batch, each document's chunks scored then trained on in turn; TTT_PHASES global SGD passes on scored documents."""
+    def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float, tilt=None):
+        h = self.h = run.h
+        self.model, self.run, self.val, self.num_targets = model, run, val, len(val.tokens) - 1
+        spans = document_spans(val.tokens)
+        docs = spans[np.argsort(spans[:, 0] - spans[:, 1], kind="stable")]  # longest first
+        self.batches = [docs[i:i + h.ttt_lora_batch] for i in range(0, len(docs), h.ttt_lora_batch)]
+        self.costs = np.array([lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in self.batches])
+        prefix = h.ttt_phase_fraction * len(docs) / h.ttt_lora_batch  # in batches, as the boundaries
+        ends = {math.ceil(prefix * k / h.ttt_phases) for k in range(1, h.ttt_phases + 1)}
+        self.phase_ends = sorted(end for end in ends if 0 < end < len(self.batches))
+        self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, val, tilt)
+        self.lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed + run.rank)
+        self.optimizer = torch.optim.AdamW(self.lora.a + self.lora.b, h.ttt_lora_lr, (h.ttt_lora_beta1, h.ttt_lora_beta2),
+                                           eps=1e-10, weight_decay=h.ttt_lora_wd)
+        self.guard, self.seconds, self.done = BudgetGuard(run, eval_started), {"batch": [], "phase": []}, []
+    def run_schedule(self) -> tuple:
+        """Phase by phase: this rank's batches (every world_size-th), a full ledger sync, then the phase's SGD."""
+        first = 0
+        for phase, end in enumerate(self.phase_ends + [len(self.batches)]):
+            for index in range(first, end)[self.run.rank::self.run.world_size]:
+                self.score_batch(index, self.projected(index, 0))
+            self.ledger.sync(0, self.num_targets, phase)
+            if end < len(self.batches) and self.guard.allows(self.projected(end, len(self.phase_ends) - phase),
+                                                             f"the phases from {phase + 1} on and the LoRA steps"):
+                self.train_base(np.concatenate(self.batches[first:end]), phase)
+            first = end
+        return pass_result(self.scores, self.run, self.ledger.audit())
+    def projected(self, index: int, phases: int) -> float:
+        """Seconds of this rank's batches from index on (measured s/token) plus `phases` phases at their mean."""
+        rate = sum(self.seconds["batch"]) / max(self.costs[self.done].sum(), 1)
+        mine = self.costs[index:][(np.arange(index, len(self.batches)) % self.run.world_size) == self.run.rank]
+        return rate * mine.sum() + phases * (float(np.mean(self.seconds["phase"])) if self.seconds["phase"] else 0.0)
+    def score_batch(self, index: int, projected: float):
+        """A fresh adapter (B = 0; A warm-started or redrawn, optimizer state cleared), then chunk after chunk."""
+        started, h, docs = time.perf_counter(), self.h, self.batches[index]
+        self.lora.reset(h.ttt_lora_warm_start_a)
+        self.optimizer.state.clear()
+        steps = -(-(docs[:, 1] - docs[:, 0]) // h.ttt_lora_chunk)
+        train = self.guard.allows(projected, "the LoRA steps and phases", agreed=False)
+        self.model.lora, self.model.rope_length = self.lora, h.eval_seq_len
+        try:
+            for chunk in range(int(steps.max())):
+                rows = int((steps > chunk).sum())  # longest first: the documents still going are the first rows
+                self.chunk_step(docs[:rows], chunk, train & (chunk < steps[:rows] - 1))
+        finally:
+            self.model.lora, self.model.rope_length = None, 0
+        self.seconds["batch"].append(time.perf_counter() - started)
+        self.done.append(index)
+    def chunk_step(self, docs: np.ndarray, chunk: int, train_rows: np.ndarray):
+        """Score each document's chunk, then one LoRA step on train_rows' chunks: one forward, scores read first."""
+        h, run, tokens = self.h, self.run, self.val.tokens
+        lo = docs[:, 0] + chunk * h.ttt_lora_chunk
+        hi = np.minimum(lo + h.ttt_lora_chunk, docs[:, 1])
+        first = np.maximum(docs[:, 0], hi - h.ttt_lora_context)
+        targets = first[:, None] + np.arange(int((hi - first).max()))  # target t: tokens[t + 1] after tokens[..t]
+        valid = targets < hi[:, None]
+        targets, keep = np.where(valid, targets, first[:, None]), valid & (targets >= lo[:, None])  # right padding
+        hints = to_device(self.scores.tilt.hint_ids(targets), run.device) if self.scores.tilt is not None else None
+        with torch.set_grad_enabled(bool(train_rows.any())), run.autocast():
+            nll = self.model(to_device(tokens[targets].astype(np.int64), run.device),
+                             to_device(tokens[targets + 1].astype(np.int64), run.device), "none", hints)
+        nll, hint_nll = (nll[0], nll[1].detach()) if hints is not None else (nll, None)
+        self.scores.add(nll.detach(), targets, keep, hint_nll)
+        for a, b in zip(lo, hi):
+            self.ledger.mark(int(a), int(b))
+        if train_rows.any():
+            for a, b in zip(lo[train_rows], hi[train_rows]):
+                self.ledger.check_training(-1, int(a), int(b), local=True)
+            rows = to_device(keep & train_rows[:, None], run.device)
+            (torch.where(rows, nll, 0.0).sum(1) / rows.sum(1).clamp_min(1)).sum().backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+    def train_base(self, docs: np.ndarray, phase: int):
+        """One SGD epoch (TTT_PHASE_LR, TTT_MOMENTUM, TTT_GRAD_CLIP) on the base weights over these scored documents
+        in TRAIN_SEQ_LEN rows (padding masked: no row crosses a document), TTT_BATCH_SEQS rows a step over ranks."""
+        started, h, run, model, tokens = time.perf_counter(), self.h, self.run, self.model, self.val.tokens
+        rows = np.array([(a, min(a + h.train_seq_len, end)) for start, end in docs
+                         for a in range(start, end, h.train_seq_len)])
+        for a, b in rows:
+            self.ledger.check_training(phase, int(a), int(b))
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD(params, lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
+        model.train()
+        for step in range(0, len(rows), h.ttt_batch_seqs):
+            batch = rows[step:step + h.ttt_batch_seqs]
+            mine = np.array_split(batch, run.world_size)[run.rank]
+            if len(mine):
+                targets = mine[:, :1] + np.arange(h.train_seq_len)
+                valid = targets < mine[:, 1:]
+                targets = np.where(valid, targets, mine[:, :1])  # padding, masked by label -100
+                labels = np.where(valid, tokens[targets + 1].astype(np.int64), -100)
+                with run.autocast():
+                    loss = model(to_device(tokens[targets].astype(np.int64), run.device), to_device(labels, run.device),
+                                 "sum")
+                (loss / int((batch[:, 1] - batch[:, 0]).sum())).backward()
+            sgd_step(run, params, optimizer)
+        model.eval()
+        self.seconds["phase"].append(time.perf_counter() - started)
+        run.log(f"  ttt_phase [{phase + 1}/{len(self.phase_ends)}] docs={len(docs)} rows={len(rows)} "
+                f"seconds={self.seconds['phase'][-1]:.1f} elapsed={time.perf_counter() - self.guard.eval_started:.1f}s")
 
 TTT_ADAMW_BETAS = (0.9, 0.999)  # #518's TTT AdamW (weight decay 0)
 
@@ -2325,13 +2361,8 @@ def freeze_blocks(model: GPT, count: int) -> tuple[dict[int, torch.Tensor], list
              id(model.mlp_up_bank): layer_mask, id(model.mlp_down_bank): layer_mask}
     return {key: mask[:, None, None] for key, mask in masks.items()}, frozen
 
-
-# ----------------------------------------------------------------------------------------------------
-# Main: run context, logging, training loop, export, evaluation
-# ----------------------------------------------------------------------------------------------------
-
-# Graph variants of one compiled model: train, train+QAT, eval at two scored widths, TTT train (and the
-# switches to come). Dynamo's default limit of 8 per code object would silently fall back to eager.
+# Main: run context, logging, training loop, export, evaluation ======================================================
+# Graph variants of one compiled model (train, QAT, looped, two scored widths, TTT...): Dynamo's default 8 falls back.
 RECOMPILE_LIMIT = 64
 
 def raise_recompile_limit():
@@ -2346,16 +2377,13 @@ class RunContext:
     def __init__(self, h: Hyperparameters):
         self.h = h
         self.rank, self.world_size = h.rank, h.world_size
-        self.is_main = self.rank == 0
-        use_cuda = torch.cuda.is_available()
+        self.is_main, use_cuda = self.rank == 0, torch.cuda.is_available()
         self.device = torch.device("cuda", h.local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
         self.log_path = Path("logs") / f"{h.run_id}.txt"
-        # One run per log: its seal covers the whole file, and tools parse one run. Every rank checks before
-        # the process group forms, so no rank can see a log that rank 0 of this very run already started.
+        # One run per log (its seal covers the file), checked by every rank before the process group forms.
         if self.log_path.exists():
             raise InputError(f"{self.log_path}: already exists (a log holds one run); set another RUN_ID or move it")
         if h.distributed:  # NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default) aborts at the timeout
@@ -2377,18 +2405,15 @@ class RunContext:
                 raise InputError(f"{self.log_path.parent}: cannot create the log directory ({error})") from None
             if not os.access(self.log_path.parent, os.W_OK):
                 raise InputError(f"{self.log_path.parent}: not writable, so the run could not be logged")
-
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
-
-    def forward(self, model: GPT, inputs, targets, reduction="mean"):
-        """model(inputs, targets), through torch.compile(fullgraph=True) when COMPILE is on."""
+    def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None):
+        """model(inputs, targets, reduction, hints), through torch.compile(fullgraph=True) when COMPILE is on."""
         if not self.compile:
-            return model(inputs, targets, reduction)
+            return model(inputs, targets, reduction, hints)
         if id(model) not in self.compiled:
             self.compiled[id(model)] = torch.compile(model, dynamic=False, fullgraph=True)
-        return self.compiled[id(model)](inputs, targets, reduction)
-
+        return self.compiled[id(model)](inputs, targets, reduction, hints)
     def log(self, message: str, console: bool = True):
         if not self.is_main:
             return
@@ -2396,15 +2421,12 @@ class RunContext:
             print(message, flush=True)
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(message + "\n")
-
     def seal_log(self):
-        """Last line: the SHA-256 of everything above it, so an edit after the run is detectable
-        (tools/pack_record.py checks it)."""
+        """Last line: the SHA-256 of everything above it, so a later edit shows (tools/pack_record.py checks)."""
         if self.is_main:
             digest = hashlib.sha256(self.log_path.read_bytes()).hexdigest()
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(f"log_sha256:{digest}\n")
-
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -2463,19 +2485,15 @@ class TrainingWatch:
     def __init__(self, run: RunContext):
         self.run, self.pending, self.handlers, self.last_finite = run, collections.deque(), {}, None
         self.signal_number = 0  # this process's; the stop follows the ranks' maximum
-
     def __enter__(self):
         self.handlers = {n: signal.signal(n, self.on_signal) for n in (signal.SIGINT, signal.SIGTERM)}
         return self
-
     def __exit__(self, *exc_info):
         for number, handler in self.handlers.items():
             signal.signal(number, handler)
-
     def on_signal(self, number, frame):  # torchrun follows a Ctrl-C with SIGTERM: only a repeat acts at once
         self.signal_number = self.signal_number or number
         signal.signal(number, self.handlers[number])
-
     def observe(self, step: int, loss: torch.Tensor):
         loss = loss.detach().float()
         flags = torch.stack((loss, (~torch.isfinite(loss)).float(), torch.full_like(loss, self.signal_number)))
@@ -2484,7 +2502,6 @@ class TrainingWatch:
         cuda = flags.device.type == "cuda"
         host = torch.empty(3, pin_memory=cuda).copy_(flags, non_blocking=cuda)
         self.pending.append((step, host, torch.cuda.current_stream().record_event() if cuda else None))
-
     def stop_signal(self, step: int, flush: bool = False) -> int:
         """The agreed signal number (0: none) from the steps up to step - WATCH_LAG (every step when flush);
         raises RunFault at the first step whose loss was not finite on any rank."""
@@ -2516,14 +2533,12 @@ class Trainer:
         self.qat_start = None  # the step soft-round's alpha ramp started
         self.watch, self.interrupted = TrainingWatch(run), 0  # the signal that stopped training, if any
         model.looping = h.num_loops > 0 and h.enable_looping_at <= 0  # the plain graph first (#1855)
-
     def new_loader(self):
         h, run = self.h, self.run
         files = shard_files(h.data_path, "train")
         if h.loader == "shuffled":
             return ShuffledSequenceLoader(files, h.vocab_size, run.rank, run.world_size, run.device, h.seed)
         return DistributedTokenLoader(files, h.vocab_size, run.rank, run.world_size, run.device)
-
     def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
         h, run, model = self.h, self.run, self.model
@@ -2556,10 +2571,8 @@ class Trainer:
         muon.step(shards, scale)
         model.zero_grad(set_to_none=True)
         return total / h.grad_accum_steps
-
     def average_replicated_gradients(self) -> list[torch.Tensor]:
-        """All-reduce (mean) the gradients of every non-bank parameter as one flat buffer (#549: one call per
-        tensor); returns them."""
+        """All-reduce (mean) every non-bank gradient as one flat buffer (#549: a call per tensor)."""
         grads = []
         for param in self.replicated_params:
             if param.grad is None:
@@ -2570,13 +2583,11 @@ class Trainer:
             dist.all_reduce(flat, op=dist.ReduceOp.AVG)
             torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)])
         return grads
-
     def clip_local_gradients(self):
         """GRAD_CLIP_SCOPE=local, #549's order: each rank clips its own gradient before any averaging."""
         if self.h.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
                                            self.h.grad_clip_norm)
-
     def clip_scale(self, shards, replicated) -> torch.Tensor:
         """Global-norm clip factor of the *averaged* gradient, so any world size trains one model (#549 clipped per rank
         before averaging). Bank shards are disjoint, so squared norms add up; a tensor, no host sync."""
@@ -2587,7 +2598,6 @@ class Trainer:
             dist.all_reduce(bank_square)
         total = (bank_square + torch.stack([g.square().sum() for g in replicated]).sum()).sqrt()
         return (self.h.grad_clip_norm / (total + 1e-6)).clamp(max=1.0)
-
     def prime(self):
         """WARMUP_STEPS real steps to compile and allocate, then weights, optimizer state and data position are restored
         (#549 pitfall 2); compiled, the looped and late-QAT graphs get a step each: none compiles in the timed loop."""
@@ -2595,10 +2605,8 @@ class Trainer:
         if h.warmup_steps == 0:
             return
         saved_model = copy.deepcopy(model.state_dict())
-        saved_optimizers = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
-        loader = self.new_loader()
-        final_looping = model.num_loops > 0
-        variants = [("", h.qat_enabled, model.looping)] * h.warmup_steps
+        saved_optimizers, loader = [copy.deepcopy(o.state_dict()) for o in self.optimizers], self.new_loader()
+        final_looping, variants = model.num_loops > 0, [("", h.qat_enabled, model.looping)] * h.warmup_steps
         if self.run.compile and model.looping != final_looping:
             variants.append((":loop_graph", h.qat_enabled, final_looping))
         if self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled:
@@ -2611,30 +2619,25 @@ class Trainer:
         for optimizer, state in zip(self.optimizers, saved_optimizers):
             optimizer.load_state_dict(state)
         model.qat_active, model.looping = h.qat_enabled, variants[0][2]
-
     def update_looping(self, step: int, fraction: float):
         """Depth recurrence switches on at ENABLE_LOOPING_AT of training (#1855: 0.35) and stays on."""
         if self.model.num_loops and not self.model.looping and fraction >= self.h.enable_looping_at:
             self.model.looping = True
             self.run.log(f"looping:enabled step:{step} fraction:{fraction:.3f} layers:{self.model.layer_order()}")
-
     def validate(self, step: int, train_ms: float):
         val_loss, val_bpb = evaluate(self.model, self.run, self.val, self.h.eval_seq_len)
         self.run.log(f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                      f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-
     def log_step(self, step: int, loss: torch.Tensor, train_ms: float):
         h = self.h
         if self.run.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the global batch's loss, as one process would log it
-        step_avg = train_ms / step
-        tokens_per_s = h.train_batch_tokens * step / (train_ms / 1000.0)
+        step_avg, tokens_per_s = train_ms / step, h.train_batch_tokens * step / (train_ms / 1000.0)
         eta_s = (h.iterations - step) * step_avg / 1000.0
         if h.training_seconds > 0:
             eta_s = min(eta_s, max(h.training_seconds - train_ms / 1000.0, 0.0))
         self.run.log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
                      f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
-
     def agreed_clock(self, local_ms: float) -> float:
         """The training time of every rank: the MAX of their clocks, in the per-step collective that decides stopping
         (clocks per rank fed different LR multipliers; the replicas drifted and verify_replicas failed after 600 s)."""
@@ -2643,7 +2646,6 @@ class Trainer:
         clock = torch.tensor([local_ms], dtype=torch.float64, device=self.run.device)
         dist.all_reduce(clock, op=dist.ReduceOp.MAX)
         return float(clock.item())
-
     def update_qat(self, step: int, multiplier: float, agreed_ms: float):
         """Late QAT switches on below LATE_QAT_THRESHOLD; soft-round's alpha then ramps linearly from 1 to
         SOFT_ROUND_ALPHA_MAX over the QAT steps, their count re-estimated every step from the remaining time."""
@@ -2661,7 +2663,6 @@ class Trainer:
         done = step - self.qat_start
         progress = min(done / max(done + remaining, 1.0), 1.0)
         model.soft_round_alpha.fill_(1.0 + (h.soft_round_alpha_max - 1.0) * progress)
-
     def train(self):
         """Train, average, and return GPTQ's Hessians (None unless QUANT=gptq)."""
         h, run, model = self.h, self.run, self.model
@@ -2681,7 +2682,6 @@ class Trainer:
             raise RunFault("the averaged weights are not finite although every training loss was; no artifact written, "
                            "ARTIFACT_PATH untouched", EXIT_NONFINITE)
         return self.calibrate(loader, agreed_ms) if h.quant == "gptq" else None
-
     def loop(self, loader, ema, swa) -> float:
         """Steps until ITERATIONS, the wallclock cap or an agreed signal; returns the agreed training ms."""
         h, run = self.h, self.run
@@ -2722,14 +2722,11 @@ class Trainer:
             cause = signal.Signals(self.interrupted).name if self.interrupted else "wallclock_cap"
             run.log(f"stopping_early: {cause} train_time:{agreed_ms:.0f}ms step:{step}/{h.iterations}")
         return agreed_ms
-
     def calibrate(self, loader, train_ms: float) -> dict[str, torch.Tensor]:
-        """GPTQ Hessians of the exported (averaged) weights on the next training batches, inside the cap: the
-        loop stopped GPTQ_RESERVE_SECONDS early (training data may only be read within the 600 s)."""
+        """GPTQ Hessians of the averaged weights on the next training batches, inside the cap (GPTQ_RESERVE_SECONDS)."""
         h, run = self.h, self.run
         run.sync()
-        started = time.perf_counter()
-        hessians = collect_hessians(self.model, run, loader, self.local_tokens)
+        started, hessians = time.perf_counter(), collect_hessians(self.model, run, loader, self.local_tokens)
         run.sync()
         seconds = time.perf_counter() - started
         ended = train_ms / 1000.0 + seconds
@@ -2739,7 +2736,6 @@ class Trainer:
             run.log(f"WARNING: GPTQ CALIBRATION ENDED {ended - h.max_wallclock_seconds:.1f}s AFTER THE TRAINING CAP; "
                     f"raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_BATCHES")
         return hessians
-
     def apply_average(self, ema, swa):
         if swa is not None and swa.count >= max(self.h.swa_min_snapshots, 1):
             self.run.log(f"swa:applying mean of {swa.count} snapshots (exported instead of EMA)")
@@ -2755,16 +2751,13 @@ class Trainer:
 
 @torch.inference_mode()
 def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int) -> dict[str, torch.Tensor]:
-    """Sum X^T X (fp32) of every matrix's inputs over GPTQ_CALIB_BATCHES training micro-batches per rank,
-    summed over ranks. Runs eagerly: the recorder hooks are Python callbacks."""
+    """X^T X (fp32) of every matrix's inputs over GPTQ_CALIB_BATCHES micro-batches, summed over ranks."""
     h, sums = run.h, {}
-
     def record(name: str, inputs: torch.Tensor):
         with torch.autocast(inputs.device.type, enabled=False):
             flat = inputs.reshape(-1, inputs.size(-1)).float()
             gram = flat.T @ flat
         sums[name] = sums[name] + gram if name in sums else gram
-
     model.eval()
     model.hessian_recorder = record
     try:
@@ -2781,15 +2774,11 @@ def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int) -> 
     return sums
 
 def verify_replicas(run: RunContext, model: GPT):
-    """Without DDP, ranks stay in sync only through identical init and identical updates (#549 pitfall 29):
-    compare a SHA-256 of every parameter's bytes across ranks and stop loudly if any differs."""
-    digest = hashlib.sha256()
-    for param in model.parameters():
-        digest.update(param.detach().float().cpu().numpy().tobytes())
-    digests = [digest.hexdigest()]
+    """Ranks stay in sync only by identical init and updates (#549 pitfall 29): compare parameter SHA-256s."""
+    digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    digests = [digest] * run.world_size
     if run.world_size > 1:
-        digests = [None] * run.world_size
-        dist.all_gather_object(digests, digest.hexdigest())
+        dist.all_gather_object(digests, digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"replicas diverged: parameter SHA-256 per rank {digests}")
     run.log(f"replicas:identical ranks:{run.world_size} sha256:{digests[0][:16]}")
@@ -2798,8 +2787,7 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
     """Predict the artifact (rank 0) before anything else, so an over-size configuration fails fast."""
     if not run.is_main:
         return None
-    h = run.h
-    started = time.perf_counter()
+    h, started = run.h, time.perf_counter()
     predicted = plan_artifact(h)
     with torch.device("meta"):
         params = sum(p.numel() for p in GPT(h).parameters())
@@ -2821,11 +2809,9 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
 def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predicted=None) -> int:
     """Rank 0 quantizes and writes the artifact; every rank reads its size back from disk. The code counted
     is the text this process started from (not the file now on disk). Returns the total bytes."""
-    h = run.h
-    code_bytes = len(code.encode("utf-8"))
+    h, code_bytes = run.h, len(code.encode("utf-8"))
     if run.is_main:
-        started = time.perf_counter()
-        state = export_state(model)
+        started, state = time.perf_counter(), export_state(model)
         budget = SIZE_CAP_BYTES - code_bytes
         bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if h.mixed_precision and hessians else None
         tensors, schemes = quantize_state(state, h, hessians, bits)
@@ -2852,19 +2838,19 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
     return total
 
 def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") -> tuple:
-    """Run one evaluation pass and log its two lines: rounded with the time, then _exact (8 decimals).
-    Returns what evaluate_fn returned: (val_loss, val_bpb, ...)."""
+    """Run one pass, log it (rounded with the time, then _exact lines); return evaluate_fn's result."""
     run.sync()
     started = time.perf_counter()
     try:
         result = evaluate_fn()
     except RunFault as fault:
         raise RunFault(f"{label}: {fault}", fault.status) from None
-    val_loss, val_bpb = result[:2]
     run.sync()
     elapsed_ms = 1000.0 * (time.perf_counter() - started)
-    run.log(f"{label} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{suffix} eval_time:{elapsed_ms:.0f}ms")
-    run.log(f"{label}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    scored = [(label, result[:2])] + ([(f"{label}_tilt", result[-1])] if isinstance(result[-1], tuple) else [])
+    for name, (val_loss, val_bpb) in scored:  # with NGRAM_TILT the tilted line is the pass's score
+        run.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{suffix} eval_time:{elapsed_ms:.0f}ms")
+        run.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     return result
 
 def evaluate_artifact(run: RunContext, val: ValidationSet):
@@ -2881,22 +2867,36 @@ def evaluate_artifact(run: RunContext, val: ValidationSet):
     load_exported_state(model, read_artifact(h.artifact_path))
     run.log(f"eval:artifact loaded path:{h.artifact_path} seconds:{time.perf_counter() - eval_started:.1f}")
     evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val, h.eval_seq_len))
-    evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val, h.eval_stride),
+    tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run) if h.ngram_tilt else None  # on the eval clock
+    if tilt is not None:
+        run.log(f"ngram_tilt: seconds:{tilt.seconds:.1f} hinted:{(tilt.hint >= 0).mean():.4f} "
+                f"hint_correct:{tilt.hit.sum() / max((tilt.hint >= 0).sum(), 1):.4f} beta:{h.ngram_tilt_beta}")
+    evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val, h.eval_stride, tilt),
                   suffix=f" stride:{h.eval_stride}")
     if h.ttt_enabled:
-        ttt = TestTimeTrainer(model, run, val, eval_started)
-        frozen, total = ttt.frozen_parameters(), sum(p.numel() for p in model.parameters())
-        run.log(f"ttt:start chunks={ttt.num_chunks} chunk_tokens={h.ttt_chunk_tokens} windows={len(ttt.plan)} "
-                f"stride={h.eval_stride} lr={h.ttt_lr} epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} "
-                f"params_unfrozen={total - frozen} params_frozen={frozen}")
-        _, _, audit = evaluate_pass(run, "legal_ttt", lambda: ttt.run_schedule(score_first_schedule(ttt.num_chunks)))
+        audit = evaluate_pass(run, "legal_ttt", lambda: start_ttt(run, model, val, eval_started, tilt))[2]
         run.log(f"ttt_audit ok: {audit}")
     total_s = time.perf_counter() - eval_started
-    # Merged records leave compile warmup off the eval clock (frontier.md B.2: convention, no written rule), so
-    # the budget guard uses the clock; the phase's whole wall time is logged too, for those who count it all.
+    # Records leave compile warmup off the eval clock (frontier.md B.2: a convention); the phase's wall time is logged too
     run.log(f"eval:total seconds:{total_s:.1f} budget:{h.eval_budget_seconds:.0f}"
             + (" OVER BUDGET" if total_s > h.eval_budget_seconds else "")
             + f" phase_seconds_with_priming:{time.perf_counter() - phase_started:.1f}")
+
+def start_ttt(run: RunContext, model: GPT, val: ValidationSet, eval_started: float, tilt) -> tuple:
+    """Log the TTT pass's plan, then run it (score-first SGD chunks, or phased document LoRA)."""
+    h = run.h
+    if h.ttt_mode == "lora":
+        ttt = DocumentLoRATrainer(model, run, val, eval_started, tilt)
+        run.log(f"ttt:start mode=lora documents={sum(map(len, ttt.batches))} batches={len(ttt.batches)} "
+                f"phase_ends={ttt.phase_ends} rank={h.ttt_lora_rank} chunk={h.ttt_lora_chunk} "
+                f"context={h.ttt_lora_context} lr={h.ttt_lora_lr} phase_lr={h.ttt_phase_lr}")
+        return ttt.run_schedule()
+    ttt = TestTimeTrainer(model, run, val, eval_started, tilt)
+    frozen, total = ttt.frozen_parameters(), sum(p.numel() for p in model.parameters())
+    run.log(f"ttt:start chunks={ttt.num_chunks} chunk_tokens={h.ttt_chunk_tokens} windows={len(ttt.plan)} "
+            f"stride={h.eval_stride} lr={h.ttt_lr} epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} "
+            f"params_unfrozen={total - frozen} params_frozen={frozen}")
+    return ttt.run_schedule(score_first_schedule(ttt.num_chunks))
 
 def check_before_training(h: Hyperparameters) -> int:
     """What would otherwise stop a run after the clock started: every train shard's header and size (not only

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -174,10 +175,11 @@ def test_boundary_rules(sample_data):
 
 
 def test_bpb_formula():
-    scores = train_gpt.ScoreAccumulator(torch.device("cpu"))
-    scores.add(torch.full((10,), 2.0), torch.full((10,), 4), torch.ones(10, dtype=torch.bool))
-    keep = torch.tensor([True] * 6 + [False] * 3)  # masked positions count nothing, even non-finite padding
-    scores.add(torch.tensor([1.0] * 6 + [7.0, float("nan"), float("inf")]), torch.full((9,), 2), keep)
+    val = SimpleNamespace(target_bytes=np.array([4] * 10 + [2] * 9))
+    scores = train_gpt.ScoreAccumulator(torch.device("cpu"), val)
+    scores.add(torch.full((10,), 2.0), np.arange(10), np.ones(10, dtype=bool))
+    keep = np.array([True] * 6 + [False] * 3)  # masked positions count nothing, even non-finite padding
+    scores.add(torch.tensor([1.0] * 6 + [7.0, float("nan"), float("inf")]), np.arange(10, 19), keep)
     loss, bpb, tokens, byte_total = scores.result(distributed=False)
     assert tokens == 16 and byte_total == 52
     assert math.isclose(loss, 26 / 16) and math.isclose(bpb, 26 / math.log(2) / 52)

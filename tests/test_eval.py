@@ -116,8 +116,8 @@ def test_budget_guard_stops_training_but_scores_every_token(tmp_path, monkeypatc
     loss, bpb, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
     assert summary == "chunks=6 tokens_scored=768 tokens_trained=0"
     log = (tmp_path / "logs" / "unit.txt").read_text()
-    assert re.search(r"ttt_budget: stopping training at chunk 1/6: .* > EVAL_BUDGET_SECONDS=0; "
-                     r"scoring the remaining 5 chunks", log)
+    assert re.search(r"ttt_budget: stopping training at chunk 1/6, scoring the remaining 5 chunks as is: .* > "
+                     r"EVAL_BUDGET_SECONDS=0; every target is still scored", log)
     plain_loss, _ = train_gpt.evaluate(model, run, tokens, stride=16)
     assert loss == pytest.approx(plain_loss, abs=1e-6)  # untrained TTT is exactly the sliding evaluation
 
@@ -168,9 +168,9 @@ def test_eval_graphs_are_primed_on_random_tokens_without_touching_the_weights(tm
     shapes = []
     real_forward = run.forward
 
-    def recording_forward(model, inputs, targets, reduction="mean"):
+    def recording_forward(model, inputs, targets, reduction="mean", hints=None):
         shapes.append((model.training, torch.is_inference_mode_enabled(), tuple(inputs.shape), targets.size(1)))
-        return real_forward(model, inputs, targets, reduction)
+        return real_forward(model, inputs, targets, reduction, hints)
 
     run.forward = recording_forward
     before = [p.detach().clone() for p in model.parameters()]

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,16 +160,16 @@ def test_a_non_finite_score_is_an_error_naming_the_pass_and_window(tmp_path, sam
     (tmp_path / "final_model.int6.ptz").write_bytes(train_gpt.encode_artifact(tensors, schemes, h))
     result = run_script(tmp_path, env, timeout=300)
     assert result.returncode == 4
-    assert "error: final_int6_roundtrip: the NLL is not finite in window 0 (targets 0-64)" in result.stderr
+    assert "error: final_int6_roundtrip: the NLL is not finite at target 0" in result.stderr
     assert "val_bpb:nan" not in run_part(read_log(tmp_path, "nan_eval"))
 
 
-def test_the_accumulator_names_the_first_bad_window():
-    scores = train_gpt.ScoreAccumulator(torch.device("cpu"))
+def test_the_accumulator_names_the_first_bad_target():
+    scores = train_gpt.ScoreAccumulator(torch.device("cpu"), SimpleNamespace(target_bytes=np.ones(20, np.int64)))
     nll = torch.ones(3, 4)
     nll[2, 1], nll[1, 3] = float("inf"), float("nan")
-    keep = torch.ones(3, 4, dtype=torch.bool)
+    keep = np.ones((3, 4), dtype=bool)
     keep[1, 3] = False  # a masked NaN (padding) is not an error
-    scores.add(nll, torch.ones(3, 4), keep, torch.tensor([5.0, 6.0, 7.0]))
-    with pytest.raises(train_gpt.RunFault, match=r"not finite in window 7"):
+    scores.add(nll, np.arange(12).reshape(3, 4) + 5, keep)
+    with pytest.raises(train_gpt.RunFault, match=r"not finite at target 14"):
         scores.result(distributed=False)

@@ -365,12 +365,14 @@ def test_frontier_preset_has_the_1855_stacks_values():
 
 
 FRONTIER_TINY = dict(PRESET="frontier", XSA_LAST_N=4, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3,
-                     QUANT_BITS_EMBED=7, GPTQ_CALIB_BATCHES=2, LQER_TOP_K=2)
+                     QUANT_BITS_EMBED=7, GPTQ_CALIB_BATCHES=2, LQER_TOP_K=2,
+                     TTT_LORA_BATCH=8, TTT_LORA_CONTEXT=64, TTT_LORA_RANK=4, TTT_PHASE_FRACTION=0.5, TTT_BATCH_SEQS=4)
 
 
 def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample_data):
     """Every frontier part on at once (looping switched on mid-run, two lanes, gates, Polar Express + MuonEq-R,
-    WD taper, shuffled loader, GPTQ + SDClip + LQER, brotli) under torchrun with 2 gloo ranks."""
+    WD taper, shuffled loader, document isolation, GPTQ + SDClip + LQER, brotli, phased document LoRA TTT with its
+    SGD phases and the n-gram tilt) under torchrun with 2 gloo ranks."""
     dataset, tokenizer = sample_data
     env = dict(TINY_ENV, **FRONTIER_TINY, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="frontier",
                ITERATIONS=8, OMP_NUM_THREADS=1, TTT_CHUNK_TOKENS=16384)
@@ -381,6 +383,9 @@ def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample
     assert re.search(r"^looping:enabled step:3 ", log, re.M)
     assert re.search(r"^replicas:identical ranks:2 sha256:[0-9a-f]{16}$", log, re.M)
     assert re.search(r"^lqer: rank 4 corrections on \S+ \S+$", log, re.M)
+    assert re.search(r"^ttt:start mode=lora documents=60 batches=8 phase_ends=\[2, 3, 4\] ", log, re.M)
+    assert len(re.findall(r"^  ttt_phase \[\d/3\] docs=\d+ rows=\d+ ", log, re.M)) == 3
+    assert re.search(r"^legal_ttt_tilt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
     assert re.search(r"^ttt_audit ok: ", log, re.M)
 
 

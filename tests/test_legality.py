@@ -4,6 +4,8 @@ isolation; and with DOC_ISOLATION a document's outputs do not depend on any othe
 per target from the one scoring function every pass shares."""
 from __future__ import annotations
 
+import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,17 +18,16 @@ from conftest import TINY_ENV
 
 @pytest.fixture
 def per_target_scores(monkeypatch):
-    """Every scored target's NLL, as ScoreAccumulator.add sees it (window rows mapped to target indices)."""
+    """Every scored target's NLL (tilted when a tilt is on), as ScoreAccumulator.add sees it."""
     scores = {}
     real_add = train_gpt.ScoreAccumulator.add
 
-    def recording_add(self, nll, byte_counts, keep, windows=None):
-        width = nll.shape[1]
-        for row, window in enumerate(windows.tolist()):
-            first = int(self.plan.score_hi[int(window)]) - width
-            for position in np.nonzero(keep[row].cpu().numpy())[0]:
-                scores[first + int(position)] = float(nll[row, position])
-        return real_add(self, nll, byte_counts, keep, windows)
+    def recording_add(self, nll, targets, keep, hint_nll=None):
+        values = self.tilt.apply(nll, hint_nll, targets, nll.device) if hint_nll is not None else nll
+        for target, value in zip(targets[keep].tolist(), values[torch.from_numpy(keep)].tolist()):
+            assert target not in scores, f"target {target} scored twice"
+            scores[target] = value
+        return real_add(self, nll, targets, keep, hint_nll)
 
     monkeypatch.setattr(train_gpt.ScoreAccumulator, "add", recording_add)
     return scores
@@ -118,3 +119,218 @@ def test_document_isolation_hides_other_documents(isolation):
         first, second = model.logits(ids), model.logits(other)
     assert not torch.equal(first[0, :40], second[0, :40])
     assert torch.equal(first[0, 40:], second[0, 40:]) == bool(isolation)
+
+
+# ---- The n-gram tilt ------------------------------------------------------------------------------------------
+
+def repetitive_stream(num_tokens: int = 64 * 12 + 1, seed: int = 1) -> np.ndarray:
+    """Phrases that recur (so 8..16-token contexts repeat and the tilt has hints), with noise, BOS every 100."""
+    rng = np.random.default_rng(seed)
+    phrases = rng.integers(2, 1024, (3, 24))
+    stream = np.concatenate([phrases[i] for i in rng.integers(0, 3, num_tokens // 24 + 1)])[:num_tokens]
+    noise = rng.random(num_tokens) < 0.05
+    stream[noise] = rng.integers(2, 1024, int(noise.sum()))
+    stream[::100] = train_gpt.BOS_ID
+    return stream.astype(np.uint16)
+
+
+def perturbed_after(stream: np.ndarray, p: int, seed: int = 2) -> np.ndarray:
+    """The stream changed after token p (target p - 1), its BOS positions kept (document lengths unchanged)."""
+    perturbed = stream.copy()
+    fresh = np.random.default_rng(seed).integers(2, 1024, len(stream) - p - 1)
+    perturbed[p + 1:] = np.where(stream[p + 1:] == train_gpt.BOS_ID, train_gpt.BOS_ID, fresh)
+    return perturbed
+
+
+def one_rank():
+    return SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def test_ngram_hints_match_a_token_by_token_count():
+    """Each target's hint is the most frequent follower of its context among earlier targets (first to reach
+    a count wins), counted before the target joins the table."""
+    import collections
+
+    tokens = np.random.default_rng(0).integers(0, 4, 1500).astype(np.uint16)
+    for order in (1, 3):
+        hint, hint_count, context_count = train_gpt.ngram_hint_counts(tokens, order)
+        followers, leader = collections.defaultdict(collections.Counter), {}
+        for i in range(order - 1, len(tokens) - 1):
+            context, following = tuple(tokens[i - order + 1:i + 1]), int(tokens[i + 1])
+            counts = followers[context]
+            assert context_count[i] == sum(counts.values())
+            assert (hint[i], hint_count[i]) == (leader.get(context, (-1, 0)))
+            counts[following] += 1
+            if context not in leader or counts[following] > leader[context][1]:
+                leader[context] = (following, counts[following])
+
+
+def test_ngram_tilt_reads_only_the_past():
+    stream = repetitive_stream(4000)
+    tilt = train_gpt.NgramTilt(stream, 2.0, one_rank())
+    assert (tilt.hint >= 0).mean() > 0.3 and tilt.hit[tilt.hint >= 0].mean() > 0.5  # the test has hints to lose
+    p = 2500
+    other = train_gpt.NgramTilt(perturbed_after(stream, p), 2.0, one_rank())
+    assert np.array_equal(tilt.hint[:p], other.hint[:p]) and np.array_equal(tilt.beta[:p], other.beta[:p])
+    assert not np.array_equal(tilt.hint[p:], other.hint[p:])
+
+
+def test_tilted_distribution_sums_to_one():
+    """p'(t) = p(t) exp(b 1[t = hint]) / Z over the whole vocabulary, from the tilted NLL of every possible target."""
+    vocab, hint, beta = 50, 7, 1.3
+    log_probs = torch.log_softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(0)), dim=0)
+    tilt = SimpleNamespace(beta=np.full(vocab, beta, np.float32), hit=np.arange(vocab) == hint)
+    targets = np.arange(vocab)  # target t stands for "the next token is t"
+    tilted = train_gpt.NgramTilt.apply(tilt, -log_probs, -log_probs[hint].expand(vocab), targets, "cpu")
+    assert math.isclose(torch.exp(-tilted).sum().item(), 1.0, rel_tol=1e-6)
+    assert tilted[hint] < -log_probs[hint]  # the hint gained
+
+
+@pytest.mark.parametrize("pass_name", ["sliding", "sgd_ttt"])
+def test_tilted_scores_ignore_the_future(tmp_path, monkeypatch, per_target_scores, pass_name):
+    p = 300
+    original = repetitive_stream()
+    perturbed = perturbed_after(original, p)
+
+    def scored(model, run, val):
+        tilt = train_gpt.NgramTilt(val.tokens, 2.0, run)
+        if pass_name == "sliding":
+            train_gpt.evaluate(model, run, val, 16, tilt)
+        else:
+            trainer = train_gpt.TestTimeTrainer(model, run, val, eval_started=0.0, tilt=tilt)
+            trainer.h.eval_budget_seconds = float("inf")
+            trainer.run_schedule(train_gpt.score_first_schedule(trainer.num_chunks))
+
+    before = scores_of(scored, original, tmp_path / "a", monkeypatch, per_target_scores, NGRAM_TILT=1)
+    after = scores_of(scored, perturbed, tmp_path / "b", monkeypatch, per_target_scores, NGRAM_TILT=1)
+    assert_past_unchanged(before, after, p, len(original) - 1)
+
+
+# ---- Document LoRA TTT ----------------------------------------------------------------------------------------
+
+LORA_ENV = dict(TTT_MODE="lora", TTT_LORA_CHUNK=16, TTT_LORA_CONTEXT=48, TTT_LORA_BATCH=2, TTT_LORA_RANK=4,
+                TTT_LORA_LR=0.01, TTT_PHASES=0, TTT_PHASE_LR=0.05, TTT_BATCH_SEQS=4)
+
+
+def test_a_fresh_lora_is_the_base_model():
+    from conftest import tiny_hyperparameters
+
+    model = train_gpt.GPT(tiny_hyperparameters()).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    ids = torch.randint(2, 1024, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model.logits(ids)
+        model.lora = train_gpt.BatchedLoRA(model, rows=3, rank=4, alpha=8.0, seed=0)
+        adapted = model.logits(ids)
+        model.lora.b[0].add_(0.1)  # the test can fail: a nonzero B changes the outputs
+        changed = model.logits(ids)
+    assert torch.equal(base, adapted) and not torch.equal(base, changed)
+
+
+def lora_pass(record_phases: list | None = None, budget: float = float("inf"), summaries: list | None = None):
+    def run_pass(model, run, val):
+        trainer = train_gpt.DocumentLoRATrainer(model, run, val, eval_started=time.perf_counter())
+        trainer.h.eval_budget_seconds = budget
+        if record_phases is not None:
+            real_train_base = trainer.train_base
+
+            def recording_train_base(docs, phase):
+                record_phases.append(docs.copy())
+                return real_train_base(docs, phase)
+
+            trainer.train_base = recording_train_base
+        _, _, summary = trainer.run_schedule()
+        assert summary.startswith("chunks=")
+        if summaries is not None:
+            summaries.append(summary)
+    return run_pass
+
+
+def test_lora_budget_guard_drops_every_update_and_scores_every_target(tmp_path, monkeypatch, per_target_scores):
+    stream, env, summaries = repetitive_stream(), dict(LORA_ENV, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5), []
+    guarded = scores_of(lora_pass(budget=0.0, summaries=summaries), stream, tmp_path / "a", monkeypatch,
+                        per_target_scores, **env)
+    untrained = scores_of(lora_pass(), stream, tmp_path / "b", monkeypatch, per_target_scores,
+                          **dict(env, TTT_LORA_LR=0, TTT_PHASES=0))
+    assert guarded == untrained and summaries[0].endswith("tokens_trained=0")
+    log = (tmp_path / "a" / "logs" / "legality.txt").read_text()
+    assert "ttt_budget: the LoRA steps and phases: elapsed" in log and "every target is still scored" in log
+
+
+@pytest.mark.parametrize("p", [130, 555])  # inside the second document, and in a late one
+def test_lora_ttt_scores_ignore_the_future(tmp_path, monkeypatch, per_target_scores, p):
+    """Without phases each document is scored from its own prefix and its own scored chunks only."""
+    original = repetitive_stream()
+    perturbed = perturbed_after(original, p)
+    before = scores_of(lora_pass(), original, tmp_path / "a", monkeypatch, per_target_scores, **LORA_ENV)
+    after = scores_of(lora_pass(), perturbed, tmp_path / "b", monkeypatch, per_target_scores, **LORA_ENV)
+    assert_past_unchanged(before, after, p, len(original) - 1)
+
+
+def test_lora_ttt_trains_and_phases_see_only_scored_documents(tmp_path, monkeypatch, per_target_scores):
+    """The phase trains on exactly the documents scored before its boundary. Changing a document changes no score
+    of a document scored before it or beside it in its batch (the processing order: longest first, batches of 2),
+    and changes every document after the phase that trained on it."""
+    stream = repetitive_stream()
+    env = dict(LORA_ENV, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5)
+    phases = []
+    base = scores_of(lora_pass(phases), stream, tmp_path / "a", monkeypatch, per_target_scores, **env)
+    spans = train_gpt.document_spans(stream)
+    processing = spans[np.argsort(spans[:, 0] - spans[:, 1], kind="stable")]
+    batch_of = {tuple(doc): i // 2 for i, doc in enumerate(processing)}
+    assert len(phases) == 1 and [tuple(d) for d in phases[0]] == [tuple(d) for d in processing[:4]]
+    late = [tuple(d) for d in processing[4:]]
+    no_lora = scores_of(lora_pass(), stream, tmp_path / "b", monkeypatch, per_target_scores,
+                        **dict(env, TTT_LORA_LR=0, TTT_PHASE_LR=0))
+    assert any(base[t] != no_lora[t] for start, end in processing[:4] for t in range(start + 16, end))  # LoRA acts
+
+    def changed_documents(document):
+        start, end = document
+        perturbed = stream.copy()
+        perturbed[start + 1:end] = np.random.default_rng(3).integers(2, 1024, end - start - 1)
+        after = scores_of(lora_pass(), perturbed, tmp_path / f"c{start}", monkeypatch, per_target_scores, **env)
+        return {tuple(s) for s in spans if any(base[t] != after[t] for t in range(*s))} - {document}
+
+    for document in (tuple(processing[0]), tuple(processing[-1])):
+        changed = changed_documents(document)
+        assert all(batch_of[d] > batch_of[document] for d in changed)  # only documents scored after it
+        if document in late:
+            assert changed == set()
+        else:
+            assert set(late) <= changed  # the phase's SGD used it
+
+
+def test_lora_rows_keep_the_scoring_windows_rope_base():
+    """RoPE's NTK base follows the table length: LoRA TTT's short rows pin the table at EVAL_SEQ_LEN, so a row of
+    100 tokens gets the positions a 2048-token scoring window gives its first 100 (unpinned, it would not)."""
+    from conftest import tiny_hyperparameters
+
+    model = train_gpt.GPT(tiny_hyperparameters()).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    ids = torch.randint(2, 1024, (1, 2048), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        window = model.logits(ids)[:, :100]
+        unpinned = model.logits(ids[:, :100])
+        model.rope_length = 2048
+        pinned = model.logits(ids[:, :100])
+    assert torch.allclose(pinned, window, atol=1e-5) and not torch.allclose(unpinned, window, atol=1e-3)
+
+
+def test_budget_guard_agrees_across_ranks_after_a_local_stop(tmp_path):
+    """A rank whose own LoRA projection stopped its updates still joins the next agreed check (before a phase),
+    which then stops every rank: skipping the collective there hung the other rank (found on 2 gloo ranks)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_environment
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "tests" / "budget_guard_worker.py")], cwd=tmp_path, env=clean_environment(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 local:True agreed:False" in result.stdout and "rank 1 local:False agreed:False" in result.stdout
+    assert "rank 0 log: ttt_budget: the phases: elapsed" in result.stdout and "(another rank over)" in result.stdout

@@ -183,7 +183,7 @@ def test_flash_attention_call_contract(monkeypatch):
     flash_loss.backward()
 
 
-def test_attention_backend_choice():
+def test_attention_backend_choice(monkeypatch):
     assert train_gpt.select_attention_backend("auto", "cpu", torch.float32)[0] == "sdpa"
     assert train_gpt.select_attention_backend("auto", "cuda", torch.float32)[0] == "sdpa"  # flash is 16-bit only
     assert train_gpt.select_attention_backend("sdpa", "cuda", torch.bfloat16)[0] == "sdpa"
@@ -191,10 +191,42 @@ def test_attention_backend_choice():
         with pytest.raises(train_gpt.InputError, match=r"ATTENTION_BACKEND=fa3: FlashAttention needs CUDA and "
                                                         r"COMPUTE_DTYPE=bf16"):
             train_gpt.select_attention_backend("fa3", device, dtype)
-    # DOC_ISOLATION's masks run on SDPA: auto picks it even on CUDA, an explicit flash backend is refused at start
-    assert train_gpt.select_attention_backend("auto", "cuda", torch.bfloat16, doc_isolation=True)[0] == "sdpa"
-    with pytest.raises(train_gpt.InputError, match=r"ATTENTION_BACKEND=fa3 with DOC_ISOLATION=1: document masks"):
-        train_gpt.select_attention_backend("fa3", "cuda", torch.bfloat16, doc_isolation=True)
+    # DOC_ISOLATION on flash needs its varlen kernel: a wheel without one fails at start
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=None))
+    with pytest.raises(train_gpt.InputError, match=r"cannot load flash_attn_interface\.flash_attn_varlen_func"):
+        train_gpt.select_attention_backend("auto", "cuda", torch.bfloat16, doc_isolation=True)
+    assert train_gpt.select_attention_backend("sdpa", "cuda", torch.bfloat16, doc_isolation=True)[0] == "sdpa"
+
+
+def test_varlen_flash_isolation_matches_the_sdpa_mask(monkeypatch):
+    """DOC_ISOLATION through FA's varlen kernel (here a stand-in running SDPA per segment of cu_seqlens) gives the
+    SDPA mask path's outputs: the cu_seqlens, the flattening and the reshape are right."""
+    segments = []
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+        assert causal and cu_seqlens_q is cu_seqlens_k and cu_seqlens_q.dtype == torch.int32 and q.dim() == 3
+        out, bounds = torch.zeros_like(q), cu_seqlens_q.tolist()
+        assert len(bounds) == q.size(0) + 1 and bounds == sorted(bounds) and max_seqlen_q == 40
+        for a, b in zip(bounds, bounds[1:]):
+            if b > a:
+                segments.append((a, b))
+                out[a:b] = train_gpt.sdpa_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0]
+        return out
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface",
+                        types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    name, attention = train_gpt.select_attention_backend("auto", "cuda", torch.bfloat16, doc_isolation=True)
+    assert name == "flash_attention_3_varlen"
+    h = tiny_hyperparameters(DOC_ISOLATION=1)
+    ids = torch.randint(2, 1024, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids[0, 10] = ids[0, 25] = ids[1, 0] = train_gpt.BOS_ID
+    torch.manual_seed(0)
+    varlen_model = train_gpt.GPT(h, attention=attention).eval()
+    torch.manual_seed(0)
+    mask_model = train_gpt.GPT(h).eval()
+    with torch.no_grad():
+        assert torch.allclose(varlen_model.logits(ids), mask_model.logits(ids), atol=1e-5)
+    assert segments[:4] == [(0, 10), (10, 25), (25, 40), (40, 80)]  # row 0's three documents, then row 1
 
 
 @pytest.mark.parametrize("requested, module", [("auto", "flash_attn_interface"), ("fa3", "flash_attn_interface"),

@@ -65,3 +65,15 @@ def test_preflight_fails_on_an_artifact_over_the_cap(tmp_path):
     assert result.returncode == 1
     assert re.search(r"^preflight size: code_bytes 16000001 .* headroom -\d+$", result.stdout, re.M)
     assert "preflight FAIL size: RuntimeError: the predicted artifact is over the 16,000,000-byte cap" in result.stderr
+
+
+def test_preflight_projects_document_lora_ttt_and_the_tilt(tmp_path):
+    result = preflight(tmp_path, COMPILE=0, TTT_MODE="lora", TTT_LORA_CONTEXT=64, TTT_LORA_CHUNK=16, TTT_LORA_BATCH=2,
+                       TTT_LORA_RANK=4, TTT_CHUNK_TOKENS=256, TTT_BATCH_SEQS=3, NGRAM_TILT=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^preflight eval: projected document LoRA TTT \d+s: scoring with LoRA steps \d+s \([\d.]+ us per "
+                     r"processed token; 50,000 documents taken at the mean 1240 tokens\), 3 phases' SGD \d+s$", out, re.M)
+    assert "projected legal TTT" not in out
+    assert re.search(r"^preflight eval: projected n-gram tilt precompute \d+s per rank", out, re.M)
+    assert out.rstrip().endswith("preflight result: ok: every check passed")

@@ -12,8 +12,9 @@ rank of a RANKS-GPU run) and, on random tokens (no dataset needed, nothing from 
    late-QAT training step, both scoring widths and TTT's training shapes (and GPTQ's Hessian pass if QUANT=gptq);
 3. times STEPS training steps at the per-rank batch of a RANKS-GPU run and reports ms/step, peak memory and the
    projected number of steps inside the training cap, stating the assumptions;
-4. times scoring batches and a TTT step and projects each evaluation pass on the challenge's full validation set
-   (62,021,632 targets) split over RANKS ranks;
+4. times scoring batches, a TTT step, a document-LoRA batch (TTT_MODE=lora) and the n-gram tilt's precompute
+   (NGRAM_TILT=1) and projects each evaluation pass on the challenge's full validation set (62,021,632 targets)
+   split over RANKS ranks;
 5. prints the artifact size plan (DRY_RUN's) for this configuration.
 It exits 0 when every check passed, 1 naming the first check that failed and why, 2 for a bad setting. On the
 CPU it runs the same checks in fp32 (SDPA, eager unless COMPILE=1): slow, but a tiny config proves the path.
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 CHALLENGE_VAL_TARGETS = 62_021_632  # sp1024 validation tokens minus one: every target of the 50,000 documents
+CHALLENGE_DOCUMENTS, CHALLENGE_MEAN_DOCUMENT = 50_000, CHALLENGE_VAL_TARGETS // 50_000  # 1,240 tokens
 RECORD_549_STEP_MS = 83.4  # #549 on 8xH100 (record_549.md section 18): the overlap the projection assumes
 
 
@@ -193,8 +195,30 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
             model.eval()
 
         timing["ttt_chunk"] = float(np.median([timed(run, ttt_chunk) for _ in range(batches)])) * h.ttt_epochs
+    if h.ttt_enabled and h.ttt_mode == "lora":
+        timing["lora_per_token"] = time_lora_batch(run, model, batches)
     expect_no_new_graphs(primed, "evaluation")
+    if h.ngram_tilt:  # one order on a tenth of the stream, scaled (n log n) to the full stream and a rank's orders
+        tokens = np.random.default_rng(0).integers(0, h.vocab_size, CHALLENGE_VAL_TARGETS // 10 + 1).astype(np.uint16)
+        seconds = timed(run, lambda: tg.ngram_hint_counts(tokens, 8)) * 10 * math.log(CHALLENGE_VAL_TARGETS) / \
+            math.log(len(tokens))
+        timing["tilt"] = seconds * math.ceil(len(tg.NGRAM_TILT_ORDERS) / h.ranks)  # threads: at best one order's time
     return timing
+
+
+def time_lora_batch(run: tg.RunContext, model, batches: int) -> float:
+    """Seconds per processed token (the trainer's time model) of one batch of TTT_LORA_BATCH documents long enough
+    to fill TTT_LORA_CONTEXT, LoRA steps included, on random tokens (eager, as in the run)."""
+    h = run.h
+    length = h.ttt_lora_context + 2 * h.ttt_lora_chunk
+    tokens = np.random.default_rng(0).integers(2, h.vocab_size, h.ttt_lora_batch * length + 1).astype(np.uint16)
+    tokens[:-1:length] = tg.BOS_ID
+    val = SimpleNamespace(tokens=tokens, target_bytes=np.ones(len(tokens) - 1, np.int64))
+    trainer = tg.DocumentLoRATrainer(model, run, val, eval_started=time.perf_counter())
+    trainer.guard.eval_started = math.inf  # never stops: the timing must include the steps
+    seconds = float(np.median([timed(run, lambda: trainer.score_batch(0, 0.0)) for _ in range(batches)]))
+    model.eval()
+    return seconds / trainer.costs[0]
 
 
 def report_evaluation_projection(run: tg.RunContext, timing: dict):
@@ -211,12 +235,25 @@ def report_evaluation_projection(run: tg.RunContext, timing: dict):
                    f"{h.eval_seq_len}, {1000 * timing[h.eval_stride]:.1f} ms at width {h.eval_stride}")
     report("eval", f"projected on {CHALLENGE_VAL_TARGETS:,} targets over {ranks} ranks: roundtrip {roundtrip:.0f}s, "
                    f"sliding {sliding:.0f}s")
-    if "ttt_chunk" in timing:
+    if "ttt_chunk" in timing and "lora_per_token" not in timing:
         chunks = math.ceil(CHALLENGE_VAL_TARGETS / h.ttt_chunk_tokens)
         ttt = sliding + (chunks - 1) * timing["ttt_chunk"]
         total += ttt
         report("eval", f"projected legal TTT {ttt:.0f}s ({chunks} chunks; training {timing['ttt_chunk']:.3f}s per "
                        f"chunk for {h.ttt_epochs} epochs, gradient all-reduce not included)")
+    if "lora_per_token" in timing:
+        per_document = tg.lora_batch_tokens(np.array([[0, CHALLENGE_MEAN_DOCUMENT]]), h.ttt_lora_chunk, h.ttt_lora_context)
+        lora = timing["lora_per_token"] * per_document * CHALLENGE_DOCUMENTS / ranks
+        phase_chunks = h.ttt_phase_fraction * CHALLENGE_VAL_TARGETS / h.ttt_chunk_tokens  # one SGD epoch, all phases
+        phases = phase_chunks * timing.get("ttt_chunk", 0.0) / max(h.ttt_epochs, 1) if h.ttt_phases else 0.0
+        total += lora + phases
+        report("eval", f"projected document LoRA TTT {lora + phases:.0f}s: scoring with LoRA steps {lora:.0f}s "
+                       f"({1e6 * timing['lora_per_token']:.2f} us per processed token; {CHALLENGE_DOCUMENTS:,} documents "
+                       f"taken at the mean {CHALLENGE_MEAN_DOCUMENT} tokens), {h.ttt_phases} phases' SGD {phases:.0f}s")
+    if "tilt" in timing:
+        total += timing["tilt"]
+        report("eval", f"projected n-gram tilt precompute {timing['tilt']:.0f}s per rank (this CPU, one thread per "
+                       f"order; {len(tg.NGRAM_TILT_ORDERS)} orders over {ranks} ranks)")
     verdict = "within" if total <= h.eval_budget_seconds else "OVER (the TTT budget guard will stop training early)"
     report("eval", f"projected total {total:.0f}s, {verdict} EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f} "
                    f"(artifact read and decompression not included)")

@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Times NGRAM_TILT's hint precompute at the challenge's size: one order alone, then rank 0's share of an
+8-rank run (orders 16 and 8, side by side in threads), on a 62,021,633-token stream (the sample's validation
+shard tiled: its repeats make hints common, the sorts cost the same).
+
+    python3 bench/tilt_precompute.py [--shard S] [--ranks R] > logs/bench_tilt_precompute.txt
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+CHALLENGE_TOKENS = 62_021_633  # 62,021,632 scored targets plus the first input
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shard", default="../shared/data/datasets/fineweb_sample_sp1024/fineweb_val_000000.bin")
+    parser.add_argument("--ranks", type=int, default=8, help="the run's rank count; rank 0's orders are timed")
+    args = parser.parse_args()
+    sample = tg.load_data_shard(args.shard, 1024)
+    tokens = np.tile(sample, -(-CHALLENGE_TOKENS // len(sample)))[:CHALLENGE_TOKENS]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}; "
+          f"tokens {len(tokens):,} ({len(sample):,}-token sample tiled)")
+    started = time.perf_counter()
+    tg.ngram_hint_counts(tokens, 8)
+    print(f"one order (8): {time.perf_counter() - started:.1f} s")
+    rank0 = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    orders = list(tg.NGRAM_TILT_ORDERS[0::args.ranks])
+    original, tg.NGRAM_TILT_ORDERS = tg.NGRAM_TILT_ORDERS, orders  # rank 0's share, without a process group
+    tilt = tg.NgramTilt(tokens, 2.0, rank0)
+    tg.NGRAM_TILT_ORDERS = original
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"rank 0 of {args.ranks} (orders {orders}, in threads): {tilt.seconds:.1f} s; peak memory {peak:.1f} GiB; "
+          f"hinted {(tilt.hint >= 0).mean():.4f} of the targets by these orders")
+
+
+if __name__ == "__main__":
+    main()
