@@ -1,0 +1,18 @@
+"""The style budget of DEVELOPERS.md, as a test: train_gpt.py at most 3,000 lines, no function over 60 lines."""
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+
+SOURCE = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+
+
+def test_train_gpt_stays_within_its_line_budget():
+    assert len(SOURCE.splitlines()) <= 3000
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(SOURCE))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, f"functions over 60 lines: {long}"
