@@ -188,7 +188,7 @@ PRESETS = {
         "LOADER": "shuffled", "QUANT": "gptq", "QUANT_BITS_MLP": "6", "QUANT_BITS_ATTN": "6", "QUANT_BITS_EMBED": "7",
         "QUANT_BITS_TABLES": "7", "QUANT_CLIP_SIGMAS_MLP": "11.5", "QUANT_CLIP_SIGMAS_ATTN": "13",
         "QUANT_CLIP_SIGMAS_EMBED": "20", "LQER_TOP_K": "3", "LQER_RANK": "4", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1",
-        "DOC_ISOLATION": "1", "TTT_MODE": "lora", "TTT_LORA_RANK": "80", "NGRAM_TILT": "1",
+        "DOC_ISOLATION": "1", "TTT_MODE": "lora", "TTT_LORA_RANK": "80", "NGRAM_TILT": "1", "EVAL_SLIDING": "0",
     },
 }
 # The same on #1394's SP8192 export and on #1729's CaseOps export (data/cached_challenge_fineweb.py --variant
@@ -314,7 +314,8 @@ class Hyperparameters:
                  TTT_LORA_BETA1=(0.0, 0.0, 0.999), TTT_LORA_BETA2=(0.99, 0.0, 0.9999), TTT_PHASE_FRACTION=(0.05, 0.0, 1.0),
                  TTT_PHASE_LR=(0.001, 0.0), NGRAM_TILT_BETA=(2.0, 0.0), EVAL_BUDGET_SECONDS=(600.0, 0.0))
         env.fill(self, "choice", TTT_OPTIMIZER=("sgd", ("sgd", "adamw")), TTT_MODE=("sgd", ("sgd", "lora")))
-        env.fill(self, "flag", TTT_ENABLED=True, TTT_LORA_WARM_START_A=True, NGRAM_TILT=False, EVAL_ONLY=False)
+        env.fill(self, "flag", TTT_ENABLED=True, TTT_LORA_WARM_START_A=True, NGRAM_TILT=False, EVAL_ONLY=False,
+                 EVAL_SLIDING=True)
         self.ttt_lr_mults = env.float_list("TTT_LR_MULTS", "1,1,1,1")
     def validate(self):
         """Refuse settings that cannot work together: the first failing check, naming its variables."""
@@ -1860,9 +1861,8 @@ def segment_offsets(is_start: np.ndarray) -> np.ndarray:
     return index - np.maximum.accumulate(np.where(is_start, index, 0))
 
 def ngram_hint_counts(tokens: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For target i (next token tokens[i+1], context tokens[i-order+1..i]): the token that most often followed the
-    context at earlier targets, its count and the context's count, all read before target i joins the counts (ties:
-    the first to reach a count). 64-bit hashes (collisions ~n^2/2^65), two stable sorts, no loop over tokens."""
+    """Target i's (context tokens[i-order+1..i]) most frequent earlier follower, its count and the context's, read
+    before i joins the counts (ties: first to reach a count); 64-bit hashes, two stable sorts, no loop over tokens."""
     num_targets, count = len(tokens) - 1, len(tokens) - order
     hint, hint_count, context_count = np.full(num_targets, -1), np.zeros(num_targets, np.int64), np.zeros(num_targets, np.int64)
     if count <= 0:
@@ -1889,9 +1889,8 @@ def ngram_hint_counts(tokens: np.ndarray, order: int) -> tuple[np.ndarray, np.nd
     return hint, hint_count, context_count
 
 class NgramTilt:
-    """NGRAM_TILT (#1514, causal and token-only): a hint per target from the hashed contexts of the tokens before
-    it; p'(t) = p(t) exp(b 1[t = hint]) / Z, Z = 1 + p(hint)(e^b - 1), b = NGRAM_TILT_BETA x confidence. Ranks
-    split the orders; the all-reduced maximum of (order, hint, confidence) is the longest confident order."""
+    """NGRAM_TILT (#1514, causal, token-only): a hint per target from the contexts before it; p'(t) = p(t) e^(b 1[t =
+    hint]) / Z, Z = 1 + p(hint)(e^b - 1), b = NGRAM_TILT_BETA x confidence; ranks split the orders (MAX-reduced)."""
     def __init__(self, tokens: np.ndarray, beta: float, run):
         started, orders = time.perf_counter(), NGRAM_TILT_ORDERS[run.rank::run.world_size]
         # numpy's sorts release the GIL: two orders at a time (62M tokens: 47 s each here, both in 51 s, 19.5 GiB)
@@ -1905,6 +1904,8 @@ class NgramTilt:
         self.hint = np.where(packed > 0, (packed >> 16) & 0xFFFFFFFF, -1)
         self.beta = (beta * (packed & 0xFFFF) / 65535).astype(np.float32)  # 0 where there is no hint
         self.hit, self.seconds = self.hint == tokens[1:], time.perf_counter() - started
+        run.log(f"ngram_tilt: seconds:{self.seconds:.1f} hinted:{(self.hint >= 0).mean():.4f} hint_correct:"
+                f"{self.hit.sum() / max((self.hint >= 0).sum(), 1):.4f} beta:{beta}")
     @staticmethod
     def confident_hints(tokens: np.ndarray, order: int) -> np.ndarray:
         """(order, hint, confidence) packed in an int64 where the order's hint passes its thresholds, else 0."""
@@ -2868,11 +2869,9 @@ def evaluate_artifact(run: RunContext, val: ValidationSet):
     run.log(f"eval:artifact loaded path:{h.artifact_path} seconds:{time.perf_counter() - eval_started:.1f}")
     evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val, h.eval_seq_len))
     tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run) if h.ngram_tilt else None  # on the eval clock
-    if tilt is not None:
-        run.log(f"ngram_tilt: seconds:{tilt.seconds:.1f} hinted:{(tilt.hint >= 0).mean():.4f} "
-                f"hint_correct:{tilt.hit.sum() / max((tilt.hint >= 0).sum(), 1):.4f} beta:{h.ngram_tilt_beta}")
-    evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val, h.eval_stride, tilt),
-                  suffix=f" stride:{h.eval_stride}")
+    if h.eval_sliding or not h.ttt_enabled:  # TTT scores every target anyway: EVAL_SLIDING=0 leaves its time to TTT
+        evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val, h.eval_stride, tilt),
+                      suffix=f" stride:{h.eval_stride}")
     if h.ttt_enabled:
         audit = evaluate_pass(run, "legal_ttt", lambda: start_ttt(run, model, val, eval_started, tilt))[2]
         run.log(f"ttt_audit ok: {audit}")

@@ -37,7 +37,7 @@ def main() -> None:
     started = time.perf_counter()
     tg.ngram_hint_counts(tokens, 8)
     print(f"one order (8): {time.perf_counter() - started:.1f} s")
-    rank0 = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    rank0 = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), log=lambda message: None)
     orders = list(tg.NGRAM_TILT_ORDERS[0::args.ranks])
     original, tg.NGRAM_TILT_ORDERS = tg.NGRAM_TILT_ORDERS, orders  # rank 0's share, without a process group
     tilt = tg.NgramTilt(tokens, 2.0, rank0)

@@ -203,6 +203,12 @@ def test_end_to_end_with_ttt_and_eval_only_rerun(tmp_path, sample_data):
     assert not re.search(r"^step:\d+/\d+ train_loss", rerun, re.M)
     for label in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
         assert parse_metric(rerun, label) == parse_metric(log, label), label
+    # EVAL_SLIDING=0: no sliding pass, TTT's score unchanged (it scores every target itself)
+    lean = run_script(tmp_path, dict(env, RUN_ID="lean", EVAL_ONLY=1, EVAL_SLIDING=0), timeout=600)
+    assert lean.returncode == 0, lean.stderr[-3000:]
+    lean_log = read_log(tmp_path, "lean")
+    assert "final_int6_sliding_window" not in lean_log.split("eval_only: evaluating", 1)[1]
+    assert parse_metric(lean_log, "legal_ttt_exact") == parse_metric(log, "legal_ttt_exact")
 
 
 def test_eval_only_needs_an_artifact(tmp_path, sample_data):

@@ -143,7 +143,7 @@ def perturbed_after(stream: np.ndarray, p: int, seed: int = 2) -> np.ndarray:
 
 
 def one_rank():
-    return SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    return SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), log=lambda message: None)
 
 
 def test_ngram_hints_match_a_token_by_token_count():

@@ -241,6 +241,9 @@ def report_evaluation_projection(run: tg.RunContext, timing: dict):
         total += ttt
         report("eval", f"projected legal TTT {ttt:.0f}s ({chunks} chunks; training {timing['ttt_chunk']:.3f}s per "
                        f"chunk for {h.ttt_epochs} epochs, gradient all-reduce not included)")
+    if "ttt_chunk" in timing and not h.eval_sliding:  # EVAL_SLIDING=0: TTT's own scoring replaces the sliding pass
+        total -= sliding
+        report("eval", "the sliding pass is skipped (EVAL_SLIDING=0): TTT scores every target")
     if "lora_per_token" in timing:
         per_document = tg.lora_batch_tokens(np.array([[0, CHALLENGE_MEAN_DOCUMENT]]), h.ttt_lora_chunk, h.ttt_lora_context)
         lora = timing["lora_per_token"] * per_document * CHALLENGE_DOCUMENTS / ranks
