@@ -1930,11 +1930,15 @@ class ScoreAccumulator:
         self.device, self.val, self.tilt = device, val, tilt
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=device)
-    def add(self, nll: torch.Tensor, targets: np.ndarray, keep: np.ndarray, hint_nll: torch.Tensor | None = None):
-        """nll (B, w) of validation targets (B, w) (indices), summed where keep: masks, no host sync."""
+    def hints(self, targets: np.ndarray) -> torch.Tensor | None:
+        """The tilt's hint ids of targets for the forward (None without a tilt): it then returns (2, B, w)."""
+        return to_device(self.tilt.hint_ids(targets), self.device) if self.tilt is not None else None
+    def add(self, scored: torch.Tensor, targets: np.ndarray, keep: np.ndarray):
+        """NLL (B, w) of targets (B, w) (indices), with the tilt (2, B, w) of targets and hints; masked sums, no sync."""
         keep, index = to_device(keep, self.device), to_device(targets.astype(np.float64), self.device)
-        byte_counts = to_device(self.val.target_bytes[targets], self.device)
-        tilted = self.tilt.apply(nll, hint_nll, targets, self.device) if hint_nll is not None else nll
+        byte_counts, scored = to_device(self.val.target_bytes[targets], self.device), scored.detach()
+        nll = scored[0] if self.tilt is not None else scored
+        tilted = self.tilt.apply(nll, scored[1], targets, self.device) if self.tilt is not None else nll
         masked = lambda values: torch.where(keep, values.double(), 0.0).sum()  # noqa: E731
         self.sums += torch.stack((masked(nll), keep.sum(dtype=torch.float64), masked(byte_counts), masked(tilted)))
         bad = keep & ~(torch.isfinite(nll) & torch.isfinite(tilted))
@@ -2052,11 +2056,9 @@ def score_windows(model, run, val: ValidationSet, plan: SlidingWindows, indices,
         window = to_device(val.tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64), run.device)
         # Position p of the last `width` predicts target score_hi - width + p; keep those >= score_lo.
         targets = (plan.score_hi[chosen] - width)[:, None] + np.arange(width)
-        hints = to_device(scores.tilt.hint_ids(targets), run.device) if scores.tilt is not None else None
-        nll, keep = window_nll(model, run, window, width, hints), targets >= plan.score_lo[chosen][:, None]
+        scored, keep = window_nll(model, run, window, width, scores.hints(targets)), targets >= plan.score_lo[chosen][:, None]
         keep[real:] = False
-        nll, hint_nll = (nll[0], nll[1]) if hints is not None else (nll, None)
-        scores.add(nll, targets, keep, hint_nll)
+        scores.add(scored, targets, keep)
         for k in chosen[:real]:
             ledger.mark(int(plan.score_lo[k]), int(plan.score_hi[k]))
 
@@ -2297,12 +2299,11 @@ class DocumentLoRATrainer:
         targets = first[:, None] + np.arange(int((hi - first).max()))  # target t: tokens[t + 1] after tokens[..t]
         valid = targets < hi[:, None]
         targets, keep = np.where(valid, targets, first[:, None]), valid & (targets >= lo[:, None])  # right padding
-        hints = to_device(self.scores.tilt.hint_ids(targets), run.device) if self.scores.tilt is not None else None
+        inputs, labels = (to_device(tokens[t].astype(np.int64), run.device) for t in (targets, targets + 1))
         with torch.set_grad_enabled(bool(train_rows.any())), run.autocast():
-            nll = self.model(to_device(tokens[targets].astype(np.int64), run.device),
-                             to_device(tokens[targets + 1].astype(np.int64), run.device), "none", hints)
-        nll, hint_nll = (nll[0], nll[1].detach()) if hints is not None else (nll, None)
-        self.scores.add(nll.detach(), targets, keep, hint_nll)
+            scored = self.model(inputs, labels, "none", self.scores.hints(targets))
+        self.scores.add(scored, targets, keep)
+        nll = scored[0] if self.scores.tilt is not None else scored  # the step's loss keeps its graph
         for a, b in zip(lo, hi):
             self.ledger.mark(int(a), int(b))
         if train_rows.any():

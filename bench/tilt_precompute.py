@@ -8,32 +8,26 @@ shard tiled: its repeats make hints common, the sorts cost the same).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_gpt as tg  # noqa: E402
-
-CHALLENGE_TOKENS = 62_021_633  # 62,021,632 scored targets plus the first input
+from audit_bytes import SAMPLE_SHARD, challenge_sized_stream  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shard", default="../shared/data/datasets/fineweb_sample_sp1024/fineweb_val_000000.bin")
+    parser.add_argument("--shard", default=SAMPLE_SHARD)
     parser.add_argument("--ranks", type=int, default=8, help="the run's rank count; rank 0's orders are timed")
     args = parser.parse_args()
-    sample = tg.load_data_shard(args.shard, 1024)
-    tokens = np.tile(sample, -(-CHALLENGE_TOKENS // len(sample)))[:CHALLENGE_TOKENS]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}; "
-          f"tokens {len(tokens):,} ({len(sample):,}-token sample tiled)")
+    tokens = challenge_sized_stream(args.shard)
     started = time.perf_counter()
     tg.ngram_hint_counts(tokens, 8)
     print(f"one order (8): {time.perf_counter() - started:.1f} s")

@@ -22,12 +22,13 @@ def per_target_scores(monkeypatch):
     scores = {}
     real_add = train_gpt.ScoreAccumulator.add
 
-    def recording_add(self, nll, targets, keep, hint_nll=None):
-        values = self.tilt.apply(nll, hint_nll, targets, nll.device) if hint_nll is not None else nll
+    def recording_add(self, scored, targets, keep):
+        scored = scored.detach()
+        values = self.tilt.apply(scored[0], scored[1], targets, scored.device) if self.tilt is not None else scored
         for target, value in zip(targets[keep].tolist(), values[torch.from_numpy(keep)].tolist()):
             assert target not in scores, f"target {target} scored twice"
             scores[target] = value
-        return real_add(self, nll, targets, keep, hint_nll)
+        return real_add(self, scored, targets, keep)
 
     monkeypatch.setattr(train_gpt.ScoreAccumulator, "add", recording_add)
     return scores
@@ -46,6 +47,18 @@ def setup(tmp_path, monkeypatch, tokens: np.ndarray, **overrides):
         for param in model.parameters():  # a model that is not at its (partly zero) initialization
             param.add_(torch.randn_like(param) * 0.05)
     return run, model, SimpleNamespace(tokens=tokens, target_bytes=np.full(len(tokens) - 1, 3))
+
+
+def perturbed_tiny_model(**overrides) -> train_gpt.GPT:
+    """A tiny GPT in eval mode, moved off its (partly zero) initialization."""
+    from conftest import tiny_hyperparameters
+
+    torch.manual_seed(0)
+    model = train_gpt.GPT(tiny_hyperparameters(**overrides)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
 
 
 def original_and_perturbed(p: int, num_tokens: int = 64 * 12 + 1):
@@ -103,14 +116,7 @@ def test_score_first_ttt_scores_ignore_the_future(tmp_path, monkeypatch, per_tar
 def test_document_isolation_hides_other_documents(isolation):
     """Two documents in one window (BOS at 0 and 40): with DOC_ISOLATION, changing the first document changes no
     output of the second (BigramHash off and the smear BOS-masked, the other ways across a BOS); without, it does."""
-    from conftest import tiny_hyperparameters
-
-    h = tiny_hyperparameters(DOC_ISOLATION=isolation, BIGRAM_VOCAB_SIZE=0, SMEAR_BOS_MASK=1)
-    torch.manual_seed(0)
-    model = train_gpt.GPT(h).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+    model = perturbed_tiny_model(DOC_ISOLATION=isolation, BIGRAM_VOCAB_SIZE=0, SMEAR_BOS_MASK=1)
     ids = torch.randint(4, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
     ids[0, 0] = ids[0, 40] = train_gpt.BOS_ID
     other = ids.clone()
@@ -213,12 +219,7 @@ LORA_ENV = dict(TTT_MODE="lora", TTT_LORA_CHUNK=16, TTT_LORA_CONTEXT=48, TTT_LOR
 
 
 def test_a_fresh_lora_is_the_base_model():
-    from conftest import tiny_hyperparameters
-
-    model = train_gpt.GPT(tiny_hyperparameters()).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+    model = perturbed_tiny_model()
     ids = torch.randint(2, 1024, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model.logits(ids)
@@ -305,12 +306,7 @@ def test_lora_ttt_trains_and_phases_see_only_scored_documents(tmp_path, monkeypa
 def test_lora_rows_keep_the_scoring_windows_rope_base():
     """RoPE's NTK base follows the table length: LoRA TTT's short rows pin the table at EVAL_SEQ_LEN, so a row of
     100 tokens gets the positions a 2048-token scoring window gives its first 100 (unpinned, it would not)."""
-    from conftest import tiny_hyperparameters
-
-    model = train_gpt.GPT(tiny_hyperparameters()).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+    model = perturbed_tiny_model()
     ids = torch.randint(2, 1024, (1, 2048), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         window = model.logits(ids)[:, :100]
