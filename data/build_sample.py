@@ -100,19 +100,19 @@ CASEOPS_OPTIONS = dict(normalization_rule_name="identity", remove_extra_whitespa
 
 
 def caseops_shards(docs: list[str], model_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """CaseOps tokens (BOS per document) and their original byte costs; each document's costs must sum to the
-    UTF-8 length of its text (the bytes BPB is charged against)."""
+    """CaseOps tokens (BOS per document) and their original byte counts (data/caseops.py, the record's export);
+    with this identity-normalizing tokenizer each document's counts must sum to the UTF-8 length of its text."""
     import sentencepiece as spm
-    from caseops import caseops_encode, token_byte_costs
+    from caseops import encode_document
 
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     tokens, costs = [], []
-    for index, (text, ids) in enumerate(zip(docs, sp.encode([caseops_encode(d) for d in docs]))):
-        doc_costs = token_byte_costs(sp, [BOS_ID] + ids)
+    for index, text in enumerate(docs):
+        ids, doc_costs = encode_document(sp, text)
         if sum(doc_costs) != len(text.encode("utf-8")):
             raise ValueError(f"document {index}: byte costs sum to {sum(doc_costs)}, its text has "
                              f"{len(text.encode('utf-8'))} bytes")
-        tokens += [BOS_ID] + ids
+        tokens += ids
         costs += doc_costs
     return np.asarray(tokens, dtype=np.uint16), np.asarray(costs, dtype=np.uint16)
 

@@ -1,18 +1,24 @@
-"""CaseOps (#1729/#1736, frontier.md A.3): a bijective case transform applied before SentencePiece.
+"""CaseOps (lossless_caps_caseops_v1 of #1729, as the 1.0611 record #1855 exports it): a bijective case transform
+applied before SentencePiece, and the per-token byte sidecar of the original text.
 
-Over maximal runs of ASCII letters: lowercase words stay; TitleCase (and a single capital) becomes TITLE +
-lowercase; ALLCAPS (two or more capitals) becomes ALLCAPS + lowercase; any other mix becomes CAPNEXT before each
-capital, lowercased. A literal operator character is written ESC + itself, and a literal U+2581 ('▁', which
-SentencePiece would read back as a space) is written SPACE_MARK. The operators are private-use characters,
-registered as user-defined pieces in the order TITLE, ALLCAPS, CAPNEXT, ESC, SPACE_MARK (ids 4-8, after
-pad/bos/eos/unk), which is how train_gpt.py finds them in a tokenizer. The inverse is train_gpt.caseops_decode.
+Over maximal runs of ASCII letters: lowercase words stay; ALLCAPS words of two or more letters become ALLCAPS +
+lowercase; a capital followed by lowercase letters (or a single capital) becomes TITLE + lowercase; any other mix
+becomes TITLE (when the first letter is a capital) then the lowercased letters with CAPNEXT before each later
+capital ("McDonald" -> TITLE "mc" CAPNEXT "donald"). A literal operator character is written ESC + itself; nothing
+else is escaped (U+E000 and U+2581 pass through as text, as in the record). The operators are the private-use
+characters U+E001 TITLE, U+E002 ALLCAPS, U+E003 CAPNEXT, U+E004 ESC, registered as user-defined pieces 4-7 (after
+pad/bos/eos/unk), which is how train_gpt.py finds them in a tokenizer; the inverse is train_gpt.caseops_decode.
 
-Bytes: BPB is charged against the original text, so every validation token carries its original UTF-8 byte
-cost in a uint16 sidecar shard fineweb_val_bytes_NNNNNN.bin (the token shard's header, one entry per token):
-operators cost 0, a lowercased letter 1 (the capital it stands for), '▁' in a piece 1 (a space), a byte piece 1,
-ESC + c the bytes of c, SPACE_MARK 3 (the bytes of U+2581), BOS 0. The tokenizer uses identity normalization
-and byte fallback, so decoding gives back exactly the transformed text.
+Bytes: BPB is charged against the ORIGINAL text, so every validation token carries its original UTF-8 byte count
+in a uint16 sidecar shard fineweb_val_bytes_NNNNNN.bin (the token shard's header, one entry per token), counted from
+the span of the input each piece covers (SentencePiece's `surface`): operators 0, ESC + c the bytes of c, every
+other character its UTF-8 bytes, BOS 0. A byte-fallback character's span lies on its last byte piece (the others
+count 0). With a normalizing tokenizer (the record's: NFKC, extra whitespace removed) the spans are those of the
+text before normalization, so a document's entries sum to its original UTF-8 length while SentencePiece's decode
+returns the normalized text: the two differ wherever normalization changed something (about 1 document in 20 of
+the sample). Surfaces need the protobuf package (sentencepiece's encode_as_proto).
 """
+
 from __future__ import annotations
 
 import re
@@ -20,51 +26,52 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_gpt import CASEOPS_OPERATORS  # noqa: E402
+from train_gpt import BOS_ID, CASEOPS_OPERATORS  # noqa: E402
 
-TITLE, ALLCAPS, CAPNEXT, ESC, SPACE_MARK = CASEOPS_OPERATORS
-SPACE_PIECE = "\u2581"
-_TOKENS = re.compile(f"[{CASEOPS_OPERATORS}]|{SPACE_PIECE}|[A-Za-z]+")
+TITLE, ALLCAPS, CAPNEXT, ESC = CASEOPS_OPERATORS
+_TOKENS = re.compile(f"[{CASEOPS_OPERATORS}]|[A-Za-z]+")
 
 
 def _encode_match(match: re.Match) -> str:
-    text = match.group(0)
-    if text in CASEOPS_OPERATORS:
-        return ESC + text
-    if text == SPACE_PIECE:
-        return SPACE_MARK
-    if text.islower():
-        return text
-    if len(text) == 1 or (text[0].isupper() and text[1:].islower()):
-        return TITLE + text.lower()
-    if text.isupper():
-        return ALLCAPS + text.lower()
-    return "".join(CAPNEXT + c.lower() if c.isupper() else c for c in text)
+    word = match.group(0)
+    if word in CASEOPS_OPERATORS:
+        return ESC + word
+    if word.islower():
+        return word
+    lower = word.lower()
+    if len(word) >= 2 and word.isupper():
+        return ALLCAPS + lower
+    if word[0].isupper() and word[1:].islower():
+        return TITLE + lower
+    later = "".join(CAPNEXT + low if char.isupper() else low for char, low in zip(word[1:], lower[1:]))
+    return (TITLE if word[0].isupper() else "") + lower[0] + later
 
 
 def caseops_encode(text: str) -> str:
     return _TOKENS.sub(_encode_match, text)
 
 
-def token_byte_costs(processor, ids) -> list[int]:
-    """The original UTF-8 bytes each token of one BOS-led document stands for (the sidecar's entries)."""
-    costs, escaped = [], False
-    for token in ids:
-        if processor.is_control(token) or processor.is_unknown(token):
-            if processor.is_unknown(token):
-                raise ValueError("an unknown piece in CaseOps text: its original bytes are lost (train with byte_fallback)")
-            costs.append(0)
-            continue
-        if processor.is_byte(token):
-            costs.append(1)
-            continue
-        cost = 0
-        for char in processor.id_to_piece(token):
-            if escaped or char == SPACE_MARK:  # a literal character, or U+2581: 3 bytes either way
-                cost, escaped = cost + len(char.encode("utf-8")), False
+def surface_byte_counts(surfaces) -> list[int]:
+    """Original UTF-8 bytes of each piece's input span: operators 0, an escaped character its bytes (the ESC may
+    end the previous piece)."""
+    counts, escaped = [], False
+    for surface in surfaces:
+        count = 0
+        for char in surface:
+            if escaped or char not in CASEOPS_OPERATORS:
+                count, escaped = count + len(char.encode("utf-8")), False
             elif char == ESC:
                 escaped = True
-            elif char not in CASEOPS_OPERATORS:
-                cost += 1 if char == SPACE_PIECE else len(char.encode("utf-8"))
-        costs.append(cost)
-    return costs
+        counts.append(count)
+    if escaped:
+        raise ValueError("CaseOps text ends with a dangling ESC")
+    return counts
+
+
+def encode_document(processor, text: str) -> tuple[list[int], list[int]]:
+    """One document's tokens (BOS first) and their sidecar entries (0 for the BOS)."""
+    pieces = processor.encode_as_proto(caseops_encode(text)).pieces
+    if any(piece.id == processor.unk_id() for piece in pieces):
+        raise ValueError("an unknown piece in CaseOps text: its original bytes are lost (train with byte_fallback)")
+    return [BOS_ID] + [piece.id for piece in pieces], [0] + surface_byte_counts(piece.surface for piece in pieces)
+

@@ -15,6 +15,10 @@ SHARED = REPO.parent / "shared"
 SHARED_TOKENIZER = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SHARED_DATASET = SHARED / "data" / "datasets" / "fineweb_sample_sp1024"
 SHARED_DOCS = SHARED / "data" / "fineweb_sample" / "docs.jsonl"
+# The 1.0611 record's CaseOps tokenizer and an export of the sample written by its own prepare_caseops_data.py
+RECORD_CASEOPS_TOKENIZER = SHARED / "data" / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+RECORD_CASEOPS_DATASET = SHARED / "data" / "datasets" / "fineweb_sample_caseops_record"
+PLAIN_SP8192_TOKENIZER = SHARED / "data" / "tokenizers" / "fineweb_8192_bpe.model"  # a record's plain SP8192
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 torch.set_num_threads(2)

@@ -102,7 +102,7 @@ def test_caseops_round_trips_every_sample_document(variants):
 def test_caseops_tokenizer_without_sidecar_is_refused(variants, tmp_path):
     dataset, tokenizer = variants[1]["caseops_sp8192"]
     shutil.copy(dataset / "fineweb_val_000000.bin", tmp_path / "fineweb_val_000000.bin")
-    with pytest.raises(train_gpt.InputError, match=r"CaseOps operator pieces \['U\+E000'.*no byte sidecar.*#2071"):
+    with pytest.raises(train_gpt.InputError, match=r"CaseOps operator pieces \['U\+E001'.*no byte sidecar.*#2071"):
         validation_set(tmp_path, tokenizer)
 
 
@@ -183,3 +183,124 @@ def test_bpb_formula():
     loss, bpb, tokens, byte_total = scores.result(distributed=False)
     assert tokens == 16 and byte_total == 52
     assert math.isclose(loss, 26 / 16) and math.isclose(bpb, 26 / math.log(2) / 52)
+
+
+# ---- The 1.0611 record's CaseOps export (../shared): its tokenizer normalizes, its sidecar counts the original ----
+
+def record_caseops():
+    from conftest import RECORD_CASEOPS_DATASET, RECORD_CASEOPS_TOKENIZER
+
+    if not (RECORD_CASEOPS_DATASET.is_dir() and RECORD_CASEOPS_TOKENIZER.is_file()):
+        pytest.skip("../shared's record CaseOps export is not present")
+    return RECORD_CASEOPS_DATASET, RECORD_CASEOPS_TOKENIZER
+
+
+def test_record_caseops_export_is_accepted_and_counts_the_original_text():
+    """The record's sidecar sums to the 120 documents' original UTF-8 length; the decoder returns NFKC-normalized,
+    whitespace-collapsed text, so the decoded total differs (in 7 documents) and is logged beside it."""
+    dataset, tokenizer = record_caseops()
+    val = validation_set(dataset, tokenizer)
+    texts = sample_texts(120)
+    assert val.source == "sidecar" and val.audit["documents"] == 120 and val.audit["tokens"] == 269_617
+    assert val.audit["counted"] == sum(len(t.encode("utf-8")) for t in texts) == 806_935
+    assert val.audit["decoded"] == 806_926 and val.audit["normalized_documents"] == 7
+    assert 0 < val.audit["normalized_pieces"] <= 20
+
+
+def crafted_record_sidecar(tmp_path, change) -> Path:
+    """The record's export with its sidecar changed by change(tokens, entries)."""
+    import build_sample
+
+    dataset, _ = record_caseops()
+    tokens = train_gpt.load_data_shard(dataset / "fineweb_val_000000.bin", 8192)
+    entries = train_gpt.load_data_shard(dataset / "fineweb_val_bytes_000000.bin", 1 << 16).astype(np.int64)
+    entries = change(tokens, entries)
+    build_sample.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    build_sample.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", entries.astype(np.uint16))
+    return tmp_path
+
+
+def test_crafted_byte_bugs_are_refused_on_the_normalizing_tokenizer(tmp_path):
+    """The bugs the exact audit refuses on our own tokenizers are refused on the record's too: a sidecar one entry
+    short, a BOS charged bytes, an operator charged 3 bytes, byte-fallback pieces counted 3 bytes each (Scylla),
+    the sidecar shifted by one token."""
+    _, tokenizer = record_caseops()
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    byte_ids = [t for t in range(8192) if processor.is_byte(t)]
+
+    def refused(change, message):
+        folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        with pytest.raises(train_gpt.InputError, match=message):
+            validation_set(crafted_record_sidecar(folder, change), tokenizer)
+
+    refused(lambda tokens, entries: entries[:-1], r"fineweb_val_bytes_000000.bin: \d+ entries; the byte sidecar must")
+
+    def bos_charged(tokens, entries):
+        entries[np.flatnonzero(tokens == 1)[3]] = 2
+        return entries
+
+    refused(bos_charged, r"target \d+ \(id 1, a BOS or CaseOps operator\) is charged 2 bytes")
+
+    def operator_charged(tokens, entries):
+        entries[np.flatnonzero(tokens == 4)[10]] = 3  # TITLE, the lookup table's 3 bytes of U+E001 (#2071)
+        return entries
+
+    refused(operator_charged, r"\(id 4, a BOS or CaseOps operator\) is charged 3 bytes")
+
+    def scylla(tokens, entries):
+        return np.where(np.isin(tokens, byte_ids), 3, entries)
+
+    refused(scylla, r"byte-fallback character at targets \d+-\d+ is charged \[3, 3")
+    refused(lambda tokens, entries: np.r_[entries[1:], 0], r"is charged \d+ bytes")  # shifted: operators charged
+
+    def space_twice(tokens, entries):  # every '▁'-led piece of document 5 charged its space twice
+        starts = np.flatnonzero(tokens == 1)
+        led = [t for t in range(8192) if processor.id_to_piece(t).startswith("\u2581")]
+        inside = np.zeros(len(tokens), bool)
+        inside[starts[5]:starts[6]] = True
+        return np.where(inside & np.isin(tokens, led), entries + 1, entries)
+
+    refused(space_twice, r"document 5 \(tokens from \d+\): \d+ of \d+ pieces are charged other bytes")
+
+
+def test_caseops_transform_reproduces_the_record_export_token_for_token():
+    """data/caseops.py with the record's tokenizer on the export's documents (the first 720 of the sample): the
+    validation and train shards token for token, the sidecar entry for entry; caseops_decode inverts the transform."""
+    import build_sample
+    from caseops import caseops_encode, encode_document
+
+    dataset, tokenizer = record_caseops()
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    texts = sample_texts(720)
+    encoded = [encode_document(processor, text) for text in texts]
+    shard = lambda name: train_gpt.load_data_shard(dataset / name, 1 << 16).tolist()  # noqa: E731
+    assert [t for ids, _ in encoded[:120] for t in ids] == shard("fineweb_val_000000.bin")
+    assert [c for _, costs in encoded[:120] for c in costs] == shard("fineweb_val_bytes_000000.bin")
+    assert [t for ids, _ in encoded[120:] for t in ids] == shard("fineweb_train_000000.bin")
+    assert all(train_gpt.caseops_decode(caseops_encode(t)) == t for t in texts)
+    assert build_sample.caseops_shards  # the sample builder writes shards through the same encode_document
+
+
+def test_caseops_record_semantics_on_awkward_words():
+    """The record's rules (lossless_caps_caseops_v1): TITLE before a mixed word's first capital, CAPNEXT after."""
+    from caseops import caseops_encode
+
+    assert caseops_encode("McDonald") == "\ue001mc\ue003donald"
+    assert caseops_encode("iPhone NASA A eBay") == "i\ue003phone \ue002nasa \ue001a e\ue003bay"
+    assert caseops_encode("\ue000\ue001\u2581") == "\ue000\ue004\ue001\u2581"  # only the operators are escaped
+
+
+def test_plain_sp8192_record_tokenizer_lookup_table_agrees(tmp_path):
+    """A record's plain SP8192 tokenizer on the sample's 120 validation documents: #549's lookup table and the
+    decoder agree to the byte on every document."""
+    import build_sample
+    from conftest import PLAIN_SP8192_TOKENIZER
+
+    if not PLAIN_SP8192_TOKENIZER.is_file():
+        pytest.skip("../shared's plain SP8192 tokenizer is not present")
+    processor = spm.SentencePieceProcessor(model_file=str(PLAIN_SP8192_TOKENIZER))
+    build_sample.write_shard(tmp_path / "fineweb_val_000000.bin", stream(processor, sample_texts(120)).astype(np.uint16))
+    val = validation_set(tmp_path, PLAIN_SP8192_TOKENIZER)
+    assert val.source == "lookup" and val.audit["documents"] == 120
+    assert val.audit["counted"] == val.audit["decoded"] > 700_000

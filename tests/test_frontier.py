@@ -383,10 +383,45 @@ def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample
     assert re.search(r"^looping:enabled step:3 ", log, re.M)
     assert re.search(r"^replicas:identical ranks:2 sha256:[0-9a-f]{16}$", log, re.M)
     assert re.search(r"^lqer: rank 4 corrections on \S+ \S+$", log, re.M)
-    assert re.search(r"^ttt:start mode=lora documents=60 batches=8 phase_ends=\[2, 3, 4\] ", log, re.M)
+    assert re.search(r"^ttt:start mode=lora order=length documents=60 batches=8 phase_ends=\[2, 3, 4\] ", log, re.M)
     assert len(re.findall(r"^  ttt_phase \[\d/3\] docs=\d+ rows=\d+ ", log, re.M)) == 3
     assert re.search(r"^legal_ttt_tilt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
     assert re.search(r"^ttt_audit ok: ", log, re.M)
+
+
+def record_caseops_cut(folder, documents: int = 20):
+    """The record's CaseOps export (../shared) with its validation shard and sidecar cut to the first documents."""
+    import build_sample
+    from conftest import RECORD_CASEOPS_DATASET, RECORD_CASEOPS_TOKENIZER
+
+    if not (RECORD_CASEOPS_DATASET.is_dir() and RECORD_CASEOPS_TOKENIZER.is_file()):
+        pytest.skip("../shared's record CaseOps export is not present")
+    folder.mkdir()
+    tokens = train_gpt.load_data_shard(RECORD_CASEOPS_DATASET / "fineweb_val_000000.bin", 8192)
+    entries = train_gpt.load_data_shard(RECORD_CASEOPS_DATASET / "fineweb_val_bytes_000000.bin", 1 << 16)
+    cut = np.flatnonzero(tokens == train_gpt.BOS_ID)[documents]
+    build_sample.write_shard(folder / "fineweb_val_000000.bin", tokens[:cut])
+    build_sample.write_shard(folder / "fineweb_val_bytes_000000.bin", entries[:cut])
+    (folder / "fineweb_train_000000.bin").symlink_to(RECORD_CASEOPS_DATASET / "fineweb_train_000000.bin")
+    return folder, RECORD_CASEOPS_TOKENIZER, int(entries[:cut].astype(np.int64).sum())
+
+
+def test_frontier_caseops_trains_and_evaluates_on_the_records_export(tmp_path):
+    """PRESET=frontier_caseops at a tiny shape on the data #1855's own script wrote, unchanged but cut to 20
+    validation documents, with its normalizing tokenizer: the audit accepts it, logging counted (sidecar) and
+    decoded totals, and the phased LoRA TTT with the tilt scores every target."""
+    dataset, tokenizer, original_bytes = record_caseops_cut(tmp_path / "data")
+    env = dict(TINY_ENV, **dict(FRONTIER_TINY, PRESET="frontier_caseops"), DATA_PATH=dataset,
+               TOKENIZER_PATH=tokenizer, RUN_ID="caseops", ITERATIONS=4, TTT_CHUNK_TOKENS=16384)
+    result = run_script(tmp_path, env, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path, "caseops")
+    audit = re.search(r"^val_bytes:sidecar counted:(\d+) decoded:(\d+) documents:20 .* normalized_documents:(\d+)", log,
+                      re.M)
+    assert audit and int(audit[1]) == original_bytes and int(audit[2]) != original_bytes
+    assert re.search(r"^ttt:start mode=lora order=length documents=20 ", log, re.M)
+    assert re.search(r"^ngram_tilt: order:scoring ", log, re.M) and "ngram_tilt: order:stream" not in log
+    assert re.search(r"^legal_ttt_tilt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
 
 
 # ---------------------------------------------------------------------------------------------------- lrzip groups
@@ -404,6 +439,29 @@ def test_similarity_order_is_a_greedy_nearest_neighbour_chain():
     assert train_gpt.similarity_order(rows).tolist() == [0, 2, 4, 3, 1]
     big = torch.randint(-31, 32, (300, 16), dtype=torch.int8)
     assert sorted(train_gpt.similarity_order(big).tolist()) == list(range(300))
+
+
+def test_similarity_order_runs_its_chain_on_the_host():
+    """The chain is a host loop over one copied distance matrix: a fixed handful of tensor operations whatever the
+    row count (on a GPU, a device op and a sync per row, and a CPU mask on a CUDA matrix crashed the export)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.count += 1
+            return func(*args, **(kwargs or {}))
+
+    rows = torch.randint(-31, 32, (400, 16), dtype=torch.int8)
+    reference = [0]
+    distance = torch.cdist(rows.float(), rows.float(), p=1).numpy()
+    for _ in range(399):
+        candidates = [(distance[reference[-1], j], j) for j in range(400) if j not in reference]
+        reference.append(min(candidates)[1])
+    with CountOps():
+        order = train_gpt.similarity_order(rows)
+    assert order.tolist() == reference and CountOps.count < 20
 
 
 def test_grouped_lrzip_artifact_round_trips(tmp_path, monkeypatch):

@@ -127,6 +127,23 @@ def test_document_isolation_hides_other_documents(isolation):
     assert torch.equal(first[0, 40:], second[0, 40:]) == bool(isolation)
 
 
+@pytest.mark.parametrize("isolation", [0, 1])
+def test_isolated_hash_embeddings_do_not_read_across_a_bos(isolation):
+    """BigramHash and EngramLite with DOC_ISOLATION: changing the previous document's last two tokens changes no
+    output of the next document (its BOS and first token hashed without them); without isolation it does."""
+    model = perturbed_tiny_model(DOC_ISOLATION=isolation, SMEAR_BOS_MASK=1, ENGRAM_BUCKETS=64, ENGRAM_HEADS=2,
+                                 ENGRAM_ORDERS=2, ENGRAM_DIM_PER_HEAD=4)
+    with torch.no_grad():
+        model.engram.proj.weight.normal_(std=0.1)  # zero at init: the test needs the table to reach the output
+    ids = torch.randint(4, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = ids[0, 40] = train_gpt.BOS_ID
+    other = ids.clone()
+    other[0, 38:40] = torch.tensor([5, 6]) + ids[0, 38:40] % 900
+    with torch.no_grad():
+        first, second = model.logits(ids), model.logits(other)
+    assert torch.equal(first[0, 40:], second[0, 40:]) == bool(isolation)
+
+
 # ---- The n-gram tilt ------------------------------------------------------------------------------------------
 
 def repetitive_stream(num_tokens: int = 64 * 12 + 1, seed: int = 1) -> np.ndarray:
@@ -242,7 +259,7 @@ def lora_pass(record_phases: list | None = None, budget: float = float("inf"), s
                 return real_train_base(docs, phase)
 
             trainer.train_base = recording_train_base
-        _, _, summary = trainer.run_schedule()
+        summary = trainer.run_schedule()[2]
         assert summary.startswith("chunks=")
         if summaries is not None:
             summaries.append(summary)
@@ -330,3 +347,103 @@ def test_budget_guard_agrees_across_ranks_after_a_local_stop(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 local:True agreed:False" in result.stdout and "rank 1 local:False agreed:False" in result.stdout
     assert "rank 0 log: ttt_budget: the phases: elapsed" in result.stdout and "(another rank over)" in result.stdout
+
+
+# ---- The tilt in the LoRA pass's own scoring order ------------------------------------------------------------
+
+def varied_documents_stream(lengths=(40, 120, 50, 110, 60, 100, 70, 90, 80, 30), seed: int = 1) -> np.ndarray:
+    """repetitive_stream's phrases cut into documents of these lengths (BOS first): longest-first LoRA batches
+    score the short early documents last."""
+    body = repetitive_stream(sum(lengths) + 1, seed)
+    body[body == train_gpt.BOS_ID] = 7
+    body[np.cumsum((0,) + lengths[:-1])] = train_gpt.BOS_ID
+    return body
+
+
+def test_scoring_order_hints_match_a_token_by_token_count():
+    """With a scoring order, each target's hint counts only targets scored before it, from contexts that stop at
+    its document's BOS (earlier tokens read as 0)."""
+    import collections
+
+    tokens = np.random.default_rng(0).integers(2, 5, 900).astype(np.uint16)
+    tokens[[0, 250, 400, 700]] = train_gpt.BOS_ID
+    spans = train_gpt.document_spans(tokens)
+    docs = spans[[2, 0, 3, 1]]
+    rank = train_gpt.scoring_ranks(docs, len(tokens) - 1)
+    for order in (1, 3):
+        hint, hint_count, context_count = train_gpt.ngram_hint_counts(tokens, order, rank)
+        followers, leader = collections.defaultdict(collections.Counter), {}
+        for start, end in docs:
+            for i in range(max(start, order - 1), end):
+                context = tuple(int(tokens[j]) + 1 if j >= start else 0 for j in range(i - order + 1, i + 1))
+                counts = followers[context]
+                assert context_count[i] == sum(counts.values())
+                assert (hint[i], hint_count[i]) == leader.get(context, (-1, 0))
+                counts[int(tokens[i + 1])] += 1
+                if context not in leader or counts[int(tokens[i + 1])] > leader[context][1]:
+                    leader[context] = (int(tokens[i + 1]), counts[int(tokens[i + 1])])
+
+
+TILTED_LORA_ENV = dict(LORA_ENV, NGRAM_TILT=1, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5, TTT_LORA_WARM_START_A=1)
+
+
+def lora_scoring_order(stream: np.ndarray, order: str = "length") -> list[tuple[int, int]]:
+    return [tuple(d) for d in train_gpt.lora_document_order(train_gpt.document_spans(stream), order)]
+
+
+def rewritten(stream: np.ndarray, document: tuple[int, int], seed: int = 3) -> np.ndarray:
+    """The stream with one document's tokens after its BOS replaced by other phrases (lengths and BOS kept)."""
+    start, end = document
+    other = stream.copy()
+    other[start + 1:end] = repetitive_stream(end - start - 1 + 1, seed)[:end - start - 1]
+    other[start + 1:end][other[start + 1:end] == train_gpt.BOS_ID] = 9
+    return other
+
+
+def test_tilted_lora_is_score_first_in_its_own_order(tmp_path, monkeypatch, per_target_scores):
+    """Coupled LoRA TTT (warm-started A, a phase) with the tilt: rewriting a document scored late in the LoRA order
+    but early in the stream (the first document, 40 tokens) leaves every tilted score of every document scored
+    before it bit-identical. A tilt counted in stream order gave those documents hints from its tokens."""
+    stream = varied_documents_stream()
+    order = lora_scoring_order(stream)
+    late = (0, 40)
+    assert order.index(late) == len(order) - 2  # scored in the last batch, first in the stream
+    before = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **TILTED_LORA_ENV)
+    after = scores_of(lora_pass(), rewritten(stream, late), tmp_path / "b", monkeypatch, per_target_scores,
+                      **TILTED_LORA_ENV)
+    earlier = [t for start, end in order[:order.index(late)] for t in range(start, end)]
+    assert len(earlier) > 600 and sorted(before) == sorted(after) == list(range(len(stream) - 1))
+    assert [t for t in earlier if before[t] != after[t]] == []
+    assert any(before[t] != after[t] for t in range(*late))  # the test can fail: the document itself changed
+
+
+def test_lora_scoring_leaves_no_gradient_on_the_base_weights(tmp_path, monkeypatch, per_target_scores):
+    """LoRA steps train the adapters only: when a phase starts, no base weight holds a gradient, so the phase's
+    first SGD step is its own documents' gradient (before: the sum of every LoRA backward so far)."""
+    grads_at_phase = []
+    real_train_base = train_gpt.DocumentLoRATrainer.train_base
+
+    def checking_train_base(self, docs, phase):
+        grads_at_phase.append([name for name, p in self.model.named_parameters() if p.grad is not None])
+        return real_train_base(self, docs, phase)
+
+    monkeypatch.setattr(train_gpt.DocumentLoRATrainer, "train_base", checking_train_base)
+    scores_of(lora_pass(), varied_documents_stream(), tmp_path, monkeypatch, per_target_scores, **TILTED_LORA_ENV)
+    assert grads_at_phase == [[]]
+
+
+def test_stream_order_lora_ignores_future_documents_and_their_lengths(tmp_path, monkeypatch, per_target_scores):
+    """TTT_LORA_ORDER=stream batches documents as they come: a change after p, its BOS positions moved too, leaves
+    every score before p's batch bit-identical; under the length order the same change moves earlier scores."""
+    stream = varied_documents_stream()
+    p = 280  # inside the 4th document (batch 1 of batches of 2)
+    future = stream.copy()
+    future[p + 1:] = varied_documents_stream((30, 90, 45, 160, 60, 40, 80), seed=5)[:len(stream) - p - 1]
+    env = dict(TILTED_LORA_ENV, TTT_LORA_ORDER="stream")
+    before = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **env)
+    after = scores_of(lora_pass(), future, tmp_path / "b", monkeypatch, per_target_scores, **env)
+    first_of_batch = 160  # batch 1 holds the documents at 160 and 210
+    assert all(before[t] == after[t] for t in range(first_of_batch))
+    length_before = scores_of(lora_pass(), stream, tmp_path / "c", monkeypatch, per_target_scores, **TILTED_LORA_ENV)
+    length_after = scores_of(lora_pass(), future, tmp_path / "d", monkeypatch, per_target_scores, **TILTED_LORA_ENV)
+    assert any(length_before[t] != length_after[t] for t in range(first_of_batch))
