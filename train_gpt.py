@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import datetime
 import functools
@@ -1754,11 +1755,12 @@ def run_lrzip(data: bytes, unpack: bool) -> bytes:
             raise RuntimeError(f"lrzip failed ({result.returncode}): {result.stderr.decode(errors='replace')[-500:]}")
         return target.read_bytes()
 
-def compress(raw: bytes, compressor: str) -> bytes:
+def compress(raw: bytes, compressor: str, fast: bool = False) -> bytes:
+    """fast: lzma at preset 1 (the export after a signal; decoding does not depend on the preset)."""
     if compressor == "lrzip":
         return run_lrzip(raw, unpack=False)
     if compressor == "lzma":
-        return lzma.compress(raw, preset=9)
+        return lzma.compress(raw, preset=1 if fast else 9)
     if compressor == "zstd":
         import zstandard
         return zstandard.ZstdCompressor(level=22).compress(raw)
@@ -1823,15 +1825,17 @@ def decode_grouped(body: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         tensors[base + ".q"] = tensors[base + ".q"][torch.argsort(tensors.pop(name).long())]
     return tensors, meta
 
-def encode_artifact(tensors: dict[str, torch.Tensor], schemes: dict[str, str], h: Hyperparameters) -> bytes:
-    """Container -> optional byte shuffle -> compressor, behind a self-describing, checksummed header."""
+def encode_artifact(tensors: dict[str, torch.Tensor], schemes: dict[str, str], h: Hyperparameters,
+                    fast: bool = False) -> bytes:
+    """Container -> optional byte shuffle -> compressor, behind a self-describing, checksummed header. fast: lzma at
+    preset 1, whatever COMPRESSOR says (seconds, not the tens lzma 9, brotli 11 or lrzip take)."""
     raw = pack_tensors(tensors, dict(schemes=schemes))
-    transform = "byte_shuffle2" if h.byte_shuffle else "none"
-    if h.compressor == "lrzip":
+    compressor, transform = "lzma" if fast else h.compressor, "byte_shuffle2" if h.byte_shuffle else "none"
+    if compressor == "lrzip":
         transform, body = "grouped", encode_grouped(tensors, schemes)
     else:
-        body = compress(byte_shuffle(raw, 2) if h.byte_shuffle else raw, h.compressor)
-    header = json.dumps(dict(version=ARTIFACT_VERSION, compressor=h.compressor, transform=transform,
+        body = compress(byte_shuffle(raw, 2) if h.byte_shuffle else raw, compressor, fast)
+    header = json.dumps(dict(version=ARTIFACT_VERSION, compressor=compressor, transform=transform,
                              raw_bytes=len(raw), body_bytes=len(body), sha256=hashlib.sha256(body).hexdigest()))
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header.encode() + body
 
@@ -2176,6 +2180,19 @@ def ttt_rows(h: Hyperparameters, rank: int, world_size: int) -> list[int]:
     steps = ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, rank, world_size)
     return sorted({b - a for _, _, a, b in steps} - {0})
 
+def stream_passes(h: Hyperparameters) -> tuple[bool, bool, bool]:
+    """(the sliding pass runs, SGD TTT runs, the stream-order tilt is built): TTT scores every target anyway, so
+    EVAL_SLIDING=0 leaves it the time; the tilt follows each pass's order (document LoRA builds its own)."""
+    sliding, sgd_ttt = h.eval_sliding or not h.ttt_enabled, h.ttt_enabled and h.ttt_mode == "sgd"
+    return sliding, sgd_ttt, h.ngram_tilt and (sliding or sgd_ttt)
+
+def scoring_graphs(h: Hyperparameters) -> list[tuple[int, bool]]:
+    """The (scored width, hinted) pairs the compiled scorer sees: the roundtrip's full windows without hints; the
+    stream passes' window 0 and strides, hinted when the stream tilt is on. Document LoRA runs eager."""
+    sliding, sgd_ttt, tilted = stream_passes(h)
+    widths = {h.eval_seq_len, h.eval_stride} if sliding or sgd_ttt else set()
+    return sorted({(h.eval_seq_len, False)} | {(width, tilted) for width in widths})
+
 def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     """Compile every eval graph on random tokens before the artifact loads and the eval clock starts (#1855; never val
     tokens): scoring at both widths and TTT's training shapes (gradients dropped, no step). Returns the count."""
@@ -2186,8 +2203,8 @@ def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     variants = 0
     with torch.inference_mode():
         model.eval()
-        for width in sorted({h.eval_seq_len, h.eval_stride}):
-            hints = random_tokens(run.window_batch, width) if h.ngram_tilt else None
+        for width, hinted in scoring_graphs(h):  # exactly the pairs the passes use: any other recompiles on the clock
+            hints = random_tokens(run.window_batch, width) if hinted else None
             window_nll(model, run, random_tokens(run.window_batch, h.eval_seq_len + 1), width, hints)
             variants += 1
     if h.ttt_enabled and h.ttt_mode == "sgd" and h.ttt_epochs > 0:  # LoRA TTT runs eager
@@ -2338,6 +2355,18 @@ def scoring_ranks(docs: np.ndarray, num_targets: int) -> np.ndarray:
     rank[np.concatenate([np.arange(start, end) for start, end in docs])] = np.arange(num_targets)
     return rank
 
+def balanced_owners(costs: np.ndarray, phase_ends: list[int], world_size: int) -> np.ndarray:
+    """The rank of each batch: within each phase the costliest batch first to the least loaded rank (ties: the lower
+    rank), so no rank waits at a phase's sync for long (round robin gave rank 0 every phase's longest batch). A rank
+    still scores its batches in index order: the scoring order the tilt counts in is unchanged."""
+    owner, bounds = np.zeros(len(costs), np.int64), [0, *phase_ends, len(costs)]
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        load = np.zeros(world_size)
+        for index in first + np.argsort(-costs[first:end], kind="stable"):
+            owner[index] = int(np.argmin(load))
+            load[owner[index]] += costs[index]
+    return owner
+
 class DocumentLoRATrainer:
     """TTT_MODE=lora (#1530 -> #1855), README "Evaluation": documents in TTT_LORA_ORDER into batches, one BatchedLoRA
     per batch, each document's chunks scored then trained on in turn; TTT_PHASES global SGD passes on scored
@@ -2353,17 +2382,18 @@ class DocumentLoRATrainer:
         prefix = h.ttt_phase_fraction * len(docs) / h.ttt_lora_batch  # in batches, as the boundaries
         ends = {math.ceil(prefix * k / h.ttt_phases) for k in range(1, h.ttt_phases + 1)}
         self.phase_ends = sorted(end for end in ends if 0 < end < len(self.batches))
+        self.owner = balanced_owners(self.costs, self.phase_ends, run.world_size)
         self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, val, tilt)
         self.lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed + run.rank)
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), h.ttt_lora_lr, (h.ttt_lora_beta1, h.ttt_lora_beta2),
                                            eps=1e-10, weight_decay=h.ttt_lora_wd)
         self.guard, self.seconds, self.done = BudgetGuard(run, eval_started), {"batch": [], "phase": []}, []
     def run_schedule(self) -> tuple:
-        """Phase by phase: this rank's batches (every world_size-th), a full ledger sync, then the phase's SGD."""
+        """Phase by phase: this rank's batches (balanced by cost), a full ledger sync, then the phase's SGD."""
         first = 0
         for phase, end in enumerate(self.phase_ends + [len(self.batches)]):
-            for index in range(first, end)[self.run.rank::self.run.world_size]:
-                self.score_batch(index, self.projected(index, 0))
+            for index in np.flatnonzero(self.owner[first:end] == self.run.rank) + first:
+                self.score_batch(int(index), self.projected(int(index), 0))
             self.ledger.sync(0, self.num_targets, phase)
             if end < len(self.batches) and self.guard.allows(self.projected(end, len(self.phase_ends) - phase),
                                                              f"the phases from {phase + 1} on and the LoRA steps"):
@@ -2373,7 +2403,7 @@ class DocumentLoRATrainer:
     def projected(self, index: int, phases: int) -> float:
         """Seconds of this rank's batches from index on (measured s/token) plus `phases` phases at their mean."""
         rate = sum(self.seconds["batch"]) / max(self.costs[self.done].sum(), 1)
-        mine = self.costs[index:][(np.arange(index, len(self.batches)) % self.run.world_size) == self.run.rank]
+        mine = self.costs[index:][self.owner[index:] == self.run.rank]
         return rate * mine.sum() + phases * (float(np.mean(self.seconds["phase"])) if self.seconds["phase"] else 0.0)
     def score_batch(self, index: int, projected: float):
         """A fresh adapter (B = 0; A warm-started or redrawn, optimizer state cleared), then chunk after chunk."""
@@ -2481,6 +2511,14 @@ def raise_recompile_limit():
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
+EXPORT_WAIT_SECONDS = 3600  # how long ranks 1.. wait for rank 0's export (SIZE_FIT: up to 8 encodes of ~44 s)
+
+def allow_long_collectives(run, seconds: float):
+    """Raise the default group's timeout (the NCCL watchdog's) for evaluation: a LoRA phase's sync may wait on the
+    slowest rank for most of EVAL_BUDGET_SECONDS (the CUDA review, defect 6)."""
+    if run.world_size > 1 and hasattr(dist.distributed_c10d, "_set_pg_timeout"):  # torch >= 2.3
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=max(seconds, run.h.collective_timeout_seconds)))
+
 class RunContext:
     """Device, ranks, precision and logging for one process of a run."""
     def __init__(self, h: Hyperparameters):
@@ -2498,6 +2536,9 @@ class RunContext:
         if h.distributed:  # NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default) aborts at the timeout
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None,
                                     timeout=datetime.timedelta(seconds=h.collective_timeout_seconds))
+        # Waits that are long by design (rank 0's export: MIXED_PRECISION, SIZE_FIT, lrzip) use this gloo group
+        self.long_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=EXPORT_WAIT_SECONDS)) \
+            if h.distributed else None
         bf16 = h.compute_dtype == "bf16" or (h.compute_dtype == "auto" and use_cuda)
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
@@ -2539,9 +2580,11 @@ class RunContext:
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-    def barrier(self):
+    def barrier(self, long: bool = False):
+        """long: on the gloo group whose timeout covers rank 0's export (the default group's NCCL watchdog would
+        kill the waiting ranks after COLLECTIVE_TIMEOUT_SECONDS: the CUDA review, defect 6)."""
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self.long_group if long else None)
 
 NOT_SETTINGS = ("env_names", "ignored_record_variables", "preset_values", "record_spellings")
 
@@ -2783,14 +2826,16 @@ class Trainer:
         if run.device.type == "cuda":
             run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        loop_ended = time.perf_counter()  # the training clock goes on through averaging and calibration
         model.qat_active = False
         model.looping = model.num_loops > 0  # evaluation and TTT always loop (#1855)
-        verify_replicas(run, model)
         self.apply_average(ema, swa)
         if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):  # watch saw losses
             raise RunFault("the averaged weights are not finite although every training loss was; no artifact written, "
                            "ARTIFACT_PATH untouched", EXIT_NONFINITE)
-        return self.calibrate(loader, agreed_ms) if h.quant == "gptq" else None
+        hessians = self.calibrate(loader, agreed_ms / 1000.0 - loop_ended) if h.quant == "gptq" else None
+        verify_replicas(run, model)  # after calibration: its collectives and batches are the last thing ranks share
+        return hessians
     def loop(self, loader, ema, swa) -> float:
         """Steps until ITERATIONS, the wallclock cap or an agreed signal; returns the agreed training ms."""
         h, run = self.h, self.run
@@ -2831,16 +2876,20 @@ class Trainer:
             cause = signal.Signals(self.interrupted).name if self.interrupted else "wallclock_cap"
             run.log(f"stopping_early: {cause} train_time:{agreed_ms:.0f}ms step:{step}/{h.iterations}")
         return agreed_ms
-    def calibrate(self, loader, train_ms: float) -> dict[str, torch.Tensor]:
-        """GPTQ Hessians of the averaged weights on the next training batches, inside the cap (GPTQ_RESERVE_SECONDS)."""
+    def calibrate(self, loader, clock_offset: float) -> dict[str, torch.Tensor]:
+        """GPTQ Hessians of the averaged weights on the next training batches, inside the cap (GPTQ_RESERVE_SECONDS):
+        batches stop at the cap, counted alike on every rank. clock_offset + perf_counter() = the training clock."""
         h, run = self.h, self.run
         run.sync()
-        started, hessians = time.perf_counter(), collect_hessians(self.model, run, loader, self.local_tokens)
+        started = time.perf_counter()
+        deadline = h.max_wallclock_seconds - clock_offset if h.max_wallclock_seconds > 0 else math.inf
+        with exact_fp32_matmuls():
+            hessians, batches = collect_hessians(self.model, run, loader, self.local_tokens, deadline)
         run.sync()
-        seconds = time.perf_counter() - started
-        ended = train_ms / 1000.0 + seconds
-        run.log(f"gptq:hessians batches:{h.gptq_calib_batches} tokens:{h.gptq_calib_batches * self.local_tokens * run.world_size} "
-                f"seconds:{seconds:.1f} ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s")
+        seconds, ended = time.perf_counter() - started, clock_offset + time.perf_counter()
+        run.log(f"gptq:hessians batches:{batches}/{h.gptq_calib_batches} tokens:{batches * self.local_tokens * run.world_size} "
+                f"seconds:{seconds:.1f} ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s"
+                + (" (stopped at the cap)" if batches < h.gptq_calib_batches else ""))
         if 0 < h.max_wallclock_seconds < ended:
             run.log(f"WARNING: GPTQ CALIBRATION ENDED {ended - h.max_wallclock_seconds:.1f}s AFTER THE TRAINING CAP; "
                     f"raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_BATCHES")
@@ -2858,9 +2907,21 @@ class Trainer:
         else:
             self.run.log("averaging:none; exporting the final weights")
 
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """TF32 off (RunContext turns it on for training on CUDA): Hessians, GPTQ's error updates and LQER in full fp32,
+    as on the CPU (the CUDA review, defect 10)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 @torch.inference_mode()
-def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int) -> dict[str, torch.Tensor]:
-    """X^T X (fp32) of every matrix's inputs over GPTQ_CALIB_BATCHES micro-batches, summed over ranks."""
+def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, deadline: float = math.inf) -> tuple:
+    """X^T X (fp32) of every matrix's inputs over up to GPTQ_CALIB_BATCHES micro-batches, summed over ranks, and the
+    batch count: another batch only while every rank projects it to end before `deadline` (perf_counter seconds)."""
     h, sums = run.h, {}
     def record(name: str, inputs: torch.Tensor):
         with torch.autocast(inputs.device.type, enabled=False):
@@ -2869,18 +2930,31 @@ def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int) -> 
         sums[name] = sums[name] + gram if name in sums else gram
     model.eval()
     model.hessian_recorder = record
+    batches, started = 0, time.perf_counter()
     try:
-        for _ in range(h.gptq_calib_batches):
+        while batches < h.gptq_calib_batches and (batches == 0 or agreed_to_go_on(run, started, batches, deadline)):
             inputs, _ = loader.next_batch(local_tokens, h.train_seq_len)
             with run.autocast():
                 model.hidden_states(inputs, run.compute_dtype)
+            batches += 1
     finally:
         model.hessian_recorder = None
         model.train()
     if run.world_size > 1:
         for gram in sums.values():
             dist.all_reduce(gram)
-    return sums
+    return sums, batches
+
+def agreed_to_go_on(run: RunContext, started: float, done: int, deadline: float) -> bool:
+    """Whether one more batch at the mean pace so far ends before the deadline on every rank (a MAX-reduced stop)."""
+    if math.isinf(deadline):
+        return True
+    run.sync()
+    now = time.perf_counter()
+    stop = torch.tensor(float(now + (now - started) / done > deadline), device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return not stop.item()
 
 def verify_replicas(run: RunContext, model: GPT):
     """Ranks stay in sync only by identical init and updates (#549 pitfall 29): compare parameter SHA-256s."""
@@ -2915,25 +2989,36 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
                 + ("" if h.size_fit else " (SIZE_FIT=1 would prune to fit)"))
     return predicted
 
-def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predicted=None) -> int:
-    """Rank 0 quantizes and writes the artifact; every rank reads its size back from disk. The code counted
-    is the text this process started from (not the file now on disk). Returns the total bytes."""
+def export_blob(run: RunContext, model: GPT, code_bytes: int, hessians, fast: bool) -> bytes:
+    """The artifact's bytes: quantized (MIXED_PRECISION's widths unless fast), LQER, encoded (SIZE_FIT unless fast).
+    fast, after a signal: torchrun SIGKILLs 30 s after its SIGTERM, so the base widths and lzma at preset 1."""
+    h, state = run.h, export_state(model)
+    budget = SIZE_CAP_BYTES - code_bytes
+    mixed = h.mixed_precision and hessians and not fast
+    bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if mixed else None
+    tensors, schemes = quantize_state(state, h, hessians, bits)
+    if h.lqer_top_k:
+        corrected = add_lqer_corrections(state, tensors, schemes, h)
+        run.log(f"lqer: rank {h.lqer_rank} corrections on {' '.join(corrected)}")
+    if h.size_fit and not fast:
+        return fit_to_budget(tensors, schemes, h, budget, run.log)
+    return encode_artifact(tensors, schemes, h, fast)
+
+def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predicted=None, fast: bool = False) -> int:
+    """Rank 0 quantizes and writes the artifact (in full fp32 matmuls), the others wait on a group whose timeout
+    covers the export; every rank reads its size back from disk. The code counted is the text this process
+    started from (not the file now on disk). Returns the total bytes."""
     h, code_bytes = run.h, len(code.encode("utf-8"))
     if run.is_main:
-        started, state = time.perf_counter(), export_state(model)
-        budget = SIZE_CAP_BYTES - code_bytes
-        bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if h.mixed_precision and hessians else None
-        tensors, schemes = quantize_state(state, h, hessians, bits)
-        if h.lqer_top_k:
-            corrected = add_lqer_corrections(state, tensors, schemes, h)
-            run.log(f"lqer: rank {h.lqer_rank} corrections on {' '.join(corrected)}")
-        blob = fit_to_budget(tensors, schemes, h, budget, run.log) if h.size_fit \
-            else encode_artifact(tensors, schemes, h)
+        started = time.perf_counter()
+        with exact_fp32_matmuls():
+            blob = export_blob(run, model, code_bytes, hessians, fast)
         partial = Path(h.artifact_path + ".partial")  # renamed into place: never a half-written artifact
         partial.write_bytes(blob)
         os.replace(partial, h.artifact_path)
-        run.log(f"artifact:written quant:{h.quant} compressor:{h.compressor} seconds:{time.perf_counter() - started:.1f}")
-    run.barrier()
+        run.log(f"artifact:written quant:{h.quant} compressor:{'lzma (fast: after a signal)' if fast else h.compressor} "
+                f"seconds:{time.perf_counter() - started:.1f}")
+    run.barrier(long=True)
     model_bytes = Path(h.artifact_path).stat().st_size
     total = code_bytes + model_bytes
     run.log(f"artifact path:{h.artifact_path} code_bytes:{code_bytes} model_bytes:{model_bytes} "
@@ -2972,14 +3057,13 @@ def evaluate_artifact(run: RunContext, val: ValidationSet):
         run.sync()
         run.log(f"eval:primed graphs:{variants} seconds:{time.perf_counter() - phase_started:.1f} on random tokens, "
                 f"before the artifact is loaded and the eval clock starts")
+    allow_long_collectives(run, h.eval_budget_seconds + 60)
     eval_started = time.perf_counter()
     load_exported_state(model, read_artifact(h.artifact_path))
     run.log(f"eval:artifact loaded path:{h.artifact_path} seconds:{time.perf_counter() - eval_started:.1f}")
     evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val, h.eval_seq_len))
-    sliding = h.eval_sliding or not h.ttt_enabled  # TTT scores every target anyway: EVAL_SLIDING=0 leaves it the time
-    # The tilt follows each pass's scoring order: the stream's here (sliding, SGD TTT); document LoRA builds its own
-    stream_order = sliding or (h.ttt_enabled and h.ttt_mode == "sgd")
-    tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run) if h.ngram_tilt and stream_order else None  # eval clock
+    sliding, _, stream_tilt = stream_passes(h)
+    tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run) if stream_tilt else None  # on the eval clock
     if sliding:
         evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val, h.eval_stride, tilt),
                       suffix=f" stride:{h.eval_stride}")
@@ -3077,7 +3161,8 @@ def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int
         trainer = Trainer(h, run, model, val)
         with trainer.watch:  # a signal stops training; the artifact is still written
             hessians = trainer.train()
-            total_bytes = write_artifact(run, model, code, hessians, predicted)  # before any evaluation
+            # before any evaluation; after a signal the fast way (torchrun's SIGKILL follows its SIGTERM in 30 s)
+            total_bytes = write_artifact(run, model, code, hessians, predicted, fast=bool(trainer.interrupted))
         if trainer.interrupted:
             run.log(f"interrupted: {signal.Signals(trainer.interrupted).name}; the artifact of the averaged weights "
                     f"is written, evaluation skipped: EVAL_ONLY=1 ARTIFACT_PATH={h.artifact_path} and a new RUN_ID "

@@ -73,7 +73,7 @@ def main() -> int:
     turbo = muon_step_seconds(model, h, run, "turbo", 4, "row_col")
     print(f"muon step over all banks ({run.compute_dtype}): quintic x5 {1000 * quintic:.2f} ms, "
           f"turbo x4 + row_col {1000 * turbo:.2f} ms")
-    hessians = tg.collect_hessians(model, run, loader, trainer.local_tokens)
+    hessians, _ = tg.collect_hessians(model, run, loader, trainer.local_tokens)
     state = tg.export_state(model)
     started = time.perf_counter()
     bits = tg.allocate_mixed_bits(state, h, hessians, tg.SIZE_CAP_BYTES - 30_000, print)

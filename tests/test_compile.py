@@ -80,20 +80,45 @@ def test_warmup_primes_the_looped_graph_before_the_clock(tmp_path, monkeypatch, 
 
 
 
-def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch):
-    """Scoring (roundtrip, sliding) and TTT (its scoring and training) run on graphs primed on random tokens."""
+@pytest.mark.parametrize("tilt", [0, 1])
+def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch, tilt):
+    """Scoring (roundtrip, sliding) and TTT (its scoring and training) run on graphs primed on random tokens, with
+    the stream tilt too (the roundtrip scores without hints, the sliding and TTT passes with them)."""
     torch._dynamo.reset()
     run = make_run(tmp_path, monkeypatch, DATA_PATH="unused", EVAL_STRIDE=16, TTT_CHUNK_TOKENS=128,
-                   TTT_BATCH_SEQS=2, TTT_FREEZE_BLOCKS=1)
+                   TTT_BATCH_SEQS=2, TTT_FREEZE_BLOCKS=1, NGRAM_TILT=tilt)
     model = train_gpt.build_model(run.h, run)
     train_gpt.prime_eval_graphs(model, run)
     primed = compiled_graphs()
     tokens = np.random.default_rng(0).integers(0, 1024, 64 * 8 + 1).astype(np.uint16)
     val = SimpleNamespace(tokens=tokens, target_bytes=np.full(len(tokens) - 1, 3))  # a stand-in ValidationSet
+    stream_tilt = train_gpt.NgramTilt(tokens, 2.0, run) if tilt else None
     train_gpt.evaluate(model, run, val, stride=64)
-    train_gpt.evaluate(model, run, val, stride=16)
-    ttt = train_gpt.TestTimeTrainer(model, run, val, eval_started=0.0)
+    train_gpt.evaluate(model, run, val, stride=16, tilt=stream_tilt)
+    ttt = train_gpt.TestTimeTrainer(model, run, val, eval_started=0.0, tilt=stream_tilt)
     ttt.h.eval_budget_seconds = float("inf")
-    _, _, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
+    summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))[2]
     assert summary == "chunks=4 tokens_scored=512 tokens_trained=384"
+    assert compiled_graphs() == primed
+
+
+def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch):
+    """PRESET=frontier's evaluation (EVAL_SLIDING=0, the tilt, document LoRA TTT): the roundtrip's unhinted graph is
+    the only scoring graph and is primed (before, the tilt primed only a hinted one: a recompile on the eval clock);
+    the LoRA pass runs eager and compiles nothing."""
+    torch._dynamo.reset()
+    run = make_run(tmp_path, monkeypatch, DATA_PATH="unused", TTT_MODE="lora", NGRAM_TILT=1, EVAL_SLIDING=0,
+                   TTT_LORA_CHUNK=16, TTT_LORA_CONTEXT=64, TTT_LORA_BATCH=2, TTT_LORA_RANK=4, TTT_PHASES=1,
+                   TTT_PHASE_FRACTION=0.5, TTT_BATCH_SEQS=2)
+    assert train_gpt.scoring_graphs(run.h) == [(64, False)]
+    model = train_gpt.build_model(run.h, run)
+    train_gpt.prime_eval_graphs(model, run)
+    primed = compiled_graphs()
+    tokens = np.random.default_rng(0).integers(2, 1024, 64 * 4 + 1).astype(np.uint16)
+    tokens[::50] = train_gpt.BOS_ID
+    val = SimpleNamespace(tokens=tokens, target_bytes=np.full(len(tokens) - 1, 3))
+    train_gpt.evaluate(model, run, val, stride=64)
+    lora = train_gpt.DocumentLoRATrainer(model, run, val, eval_started=0.0)
+    lora.h.eval_budget_seconds = float("inf")
+    assert lora.run_schedule()[2].startswith("chunks=")
     assert compiled_graphs() == primed

@@ -447,3 +447,12 @@ def test_stream_order_lora_ignores_future_documents_and_their_lengths(tmp_path, 
     length_before = scores_of(lora_pass(), stream, tmp_path / "c", monkeypatch, per_target_scores, **TILTED_LORA_ENV)
     length_after = scores_of(lora_pass(), future, tmp_path / "d", monkeypatch, per_target_scores, **TILTED_LORA_ENV)
     assert any(length_before[t] != length_after[t] for t in range(first_of_batch))
+
+
+def test_lora_batches_go_to_ranks_balanced_by_cost_within_each_phase():
+    """Costliest first to the least loaded rank, phase by phase (round robin gave rank 0 each phase's longest batch,
+    so the other ranks waited at the phase's sync); a rank then scores its own batches in index order."""
+    costs = np.array([100, 90, 80, 10, 50, 40, 5, 5])
+    owner = train_gpt.balanced_owners(costs, [4], world_size=2)
+    assert owner.tolist() == [0, 1, 1, 0, 0, 1, 1, 1]  # phase 0: 100+10 vs 90+80; phase 1: 50 vs 40+5+5
+    assert train_gpt.balanced_owners(costs, [4], world_size=1).tolist() == [0] * 8

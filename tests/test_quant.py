@@ -206,3 +206,69 @@ def test_size_plan_tracks_the_configured_scheme():
     assert plan() == plan()
     assert plan(QUANT_BITS_MLP=8, QUANT_BITS_ATTN=8) > plan() > plan(QUANT_BITS_MLP=5, QUANT_BITS_ATTN=5)
     assert plan(QUANT="gptq", QUANT_CLIP_SIGMAS_MLP=4) > plan(QUANT="gptq", QUANT_CLIP_SIGMAS_MLP=16)
+
+
+# ---- Calibration inside the training cap, in full fp32 (the CUDA review, defects 7 and 10) ---------------------
+
+class SlowCalibrationModel:
+    """collect_hessians' view of a model: each batch takes `seconds`; it records the TF32 flag it ran under."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.hessian_recorder, self.tf32 = seconds, None, []
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+    def hidden_states(self, inputs, dtype):
+        import time
+
+        self.tf32.append(torch.backends.cuda.matmul.allow_tf32)
+        time.sleep(self.seconds)
+        self.hessian_recorder("x", torch.ones(2, 3))
+
+
+def calibration_run():
+    from types import SimpleNamespace
+
+    h = tiny_hyperparameters(QUANT="gptq", GPTQ_CALIB_BATCHES=16)
+    loader = SimpleNamespace(next_batch=lambda tokens, seq: (torch.zeros(1, seq, dtype=torch.int64), None))
+    run = SimpleNamespace(h=h, world_size=1, device=torch.device("cpu"), sync=lambda: None, compute_dtype=torch.float32,
+                          autocast=lambda: torch.autocast("cpu", enabled=False))
+    return run, loader
+
+
+def test_hessian_batches_stop_at_the_deadline():
+    """Another batch only while it is projected to end before the cap: 16 requested, about 4 fit here."""
+    import time
+
+    run, loader = calibration_run()
+    sums, batches = train_gpt.collect_hessians(SlowCalibrationModel(0.05), run, loader, 64)
+    assert batches == 16 and torch.equal(sums["x"], 16 * torch.full((3, 3), 2.0))
+    started = time.perf_counter()
+    sums, batches = train_gpt.collect_hessians(SlowCalibrationModel(0.05), run, loader, 64, started + 0.22)
+    assert 2 <= batches <= 5 and time.perf_counter() < started + 0.22 + 0.05
+    assert torch.equal(sums["x"], batches * torch.full((3, 3), 2.0))
+    _, batches = train_gpt.collect_hessians(SlowCalibrationModel(0.05), run, loader, 64, started - 1.0)
+    assert batches == 1  # past the cap already: one batch (GPTQ needs a Hessian), and the log says where it ended
+
+
+def test_calibration_and_export_run_without_tf32():
+    """TF32 is on for training on CUDA; Hessians and the export (GPTQ's error updates, LQER) run with it off, as on
+    the CPU, and it is back on afterwards."""
+    run, loader = calibration_run()
+    model = SlowCalibrationModel(0.0)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with train_gpt.exact_fp32_matmuls():
+            train_gpt.collect_hessians(model, run, loader, 64)
+        assert set(model.tf32) == {False} and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    import inspect
+
+    calibrate, write = inspect.getsource(train_gpt.Trainer.calibrate), inspect.getsource(train_gpt.write_artifact)
+    assert "with exact_fp32_matmuls():" in calibrate and "with exact_fp32_matmuls():" in write
