@@ -463,24 +463,31 @@ class TokenStream:
             count -= len(piece)
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
+def no_documents(inputs: np.ndarray) -> None:
+    """RunContext.documents without varlen document isolation: the model needs no boundaries from the host."""
+    return None
+
 class DistributedTokenLoader:
-    """Every rank reads the same stream; rank r keeps span r of each block (spans overlap by nothing)."""
-    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
+    """Every rank reads the same stream; rank r keeps span r of each block (spans overlap by nothing). Batches are
+    (inputs, targets, documents): documents(host inputs) is RunContext.documents (varlen boundaries, or None)."""
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
+                 documents=no_documents):
         self.stream = TokenStream(files, vocab_size)
-        self.rank, self.world_size, self.device = rank, world_size, device
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.rank, self.world_size, self.device, self.documents = rank, world_size, device, documents
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
         span = local_tokens + 1  # the extra token is only ever a target
         block = self.stream.take(span * self.world_size)
         local = torch.from_numpy(block[self.rank * span:(self.rank + 1) * span].astype(np.int64))
         inputs, targets = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        documents = self.documents(inputs.numpy())
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
 
 class ShuffledSequenceLoader:
     """LOADER=shuffled (#1394): rank r reads shards r, r+W, ...; TRAIN_SEQ_LEN+1-token sequences at a random phase, in
     random order, each from a shard drawn by its unvisited count (PCG64 seeded by SEED, rank); ids checked per batch."""
     def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
-                 seed: int):
-        self.files = files[rank::world_size] if len(files) >= world_size else files
+                 seed: int, documents=no_documents):
+        self.files, self.documents = files[rank::world_size] if len(files) >= world_size else files, documents
         self.vocab_size, self.device, self.starts = vocab_size, device, []
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
         self.shards = [np.memmap(f, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(f),))
@@ -488,7 +495,7 @@ class ShuffledSequenceLoader:
     def sequence_starts(self, shard: np.ndarray, span: int) -> list[int]:
         phase = int(self.rng.integers(span)) if len(shard) >= 2 * span else 0
         return list(phase + span * self.rng.permutation((len(shard) - phase) // span))
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
         rows = []
         for _ in range(local_tokens // seq_len):
             remaining = np.array([len(s) for s in self.starts], dtype=np.float64)
@@ -504,7 +511,8 @@ class ShuffledSequenceLoader:
         if int(batch.max()) >= self.vocab_size:
             raise InputError(f"training shards {self.files}: id {int(batch.max())} >= VOCAB_SIZE={self.vocab_size}")
         inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        documents = self.documents(inputs.numpy())
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
 
 def load_byte_sidecar(token_files: list[str]) -> np.ndarray | None:
     """CaseOps' original bytes per token (#1729: fineweb_val_bytes_NNNNNN.bin beside each token shard), or None."""
@@ -791,15 +799,30 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
     flash_attention.varlen = doc_isolation
     return name + ("_varlen" if doc_isolation else ""), flash_attention
 
-def document_boundaries(ids: torch.Tensor, varlen: bool) -> torch.Tensor:
-    """DOC_ISOLATION: FA varlen's int32 cu_seqlens of the flattened (B, T) batch (a segment starts at each BOS and
-    row start; a static B*T + 1 entries, unused ones B*T, so compiled shapes never change), or SDPA's mask."""
+def document_mask(ids: torch.Tensor) -> torch.Tensor:
+    """DOC_ISOLATION through SDPA: the (B, 1, T, T) causal mask of same-document pairs (a document starts at a BOS)."""
     doc = torch.cumsum(ids == BOS_ID, dim=1)
-    if not varlen:
-        return (doc[:, None, :, None] == doc[:, None, None, :]).tril()
-    starts = (ids == BOS_ID) | (torch.arange(ids.size(1), device=ids.device) == 0)
-    flat = torch.nonzero_static(starts.flatten(), size=ids.numel(), fill_value=ids.numel())[:, 0]
-    return torch.cat((flat, flat.new_full((1,), ids.numel()))).to(torch.int32)
+    return (doc[:, None, :, None] == doc[:, None, None, :]).tril()
+
+# DOC_ISOLATION through FA's varlen kernel: cu_seqlens get B + one of these many segments, padded with empty ones at
+# the tail (#1530 pads to B + 64k). A segment per token (B*T + 1 entries, as before) made FA3's backward launch a
+# grid over 98,304 sequences, past CUDA's 65,535, and allocate ~52 GB of accumulators (the CUDA review, defect 1).
+SEGMENT_BUCKETS = (64, 512, 4096)
+VARLEN_MAX_SEGMENTS = 65_535  # FA's grids put the batch (the segments) on an axis of at most 65,535 blocks
+
+def document_segments(inputs: np.ndarray) -> np.ndarray:
+    """FA varlen's int32 cu_seqlens of a host (B, T) batch flattened: a segment starts at each row start and each
+    BOS; padded with the total to B + the smallest SEGMENT_BUCKETS entry that holds them (empty tail segments)."""
+    rows, seq = inputs.shape
+    starts = np.flatnonzero((inputs == BOS_ID) | (np.arange(seq) == 0))
+    spare = next((extra for extra in SEGMENT_BUCKETS if len(starts) <= rows + extra), None)
+    if spare is None or rows + spare > VARLEN_MAX_SEGMENTS:
+        raise RunFault(f"DOC_ISOLATION: a batch of {rows} x {seq} tokens holds {len(starts)} document segments, more "
+                       f"than the largest varlen bucket ({rows} + {SEGMENT_BUCKETS[-1]}, at most "
+                       f"{VARLEN_MAX_SEGMENTS}); such data needs DOC_ISOLATION=0 or a larger bucket", 2)
+    segments = np.full(rows + spare + 1, inputs.size, np.int32)
+    segments[:len(starts)] = starts
+    return segments
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
     """F.linear, or a LoRA-adapted weight (a callable: GPT.adapted) applied to x."""
@@ -1167,7 +1190,7 @@ class GPT(nn.Module):
     @property
     def num_encoder(self) -> int:
         return len(self.layer_order()) // 2
-    def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype, documents=None) -> torch.Tensor:
         qat = self.qat_active and self.training  # fake quantization in training forwards only, never in scoring
         quantize_projections, x = qat and self.qat_scope == "projections", self.token_embedding(ids)
         if self.bigram_hash is not None:
@@ -1186,7 +1209,9 @@ class GPT(nn.Module):
         rotary = [t[:, :ids.size(1)] for t in rotary_tables(max(ids.size(1), self.rope_length), self.rope_dims,
                                                             self.rope_base, ids.device)]
         if self.doc_isolation:  # attention never crosses a BOS (#1530); RoPE is relative: positions stay per row
-            rotary.append(document_boundaries(ids, self.varlen))
+            if self.varlen and documents is None:
+                raise RuntimeError("DOC_ISOLATION through the varlen kernel needs the batch's host-built segments")
+            rotary.append(documents if self.varlen else document_mask(ids))
         x = self.run_blocks(x, banks, rotary, ve_base)
         x = rms_norm(x)
         if self.hessian_recorder is not None:
@@ -1223,26 +1248,28 @@ class GPT(nn.Module):
             return x + weighted
         gate = torch.sigmoid(self.skip_gates[index]).to(x.dtype)
         return gate * x + (1 - gate) * weighted
-    def raw_logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    def raw_logits(self, ids: torch.Tensor, last: int | None = None, documents=None) -> torch.Tensor:
         """fp32 logits (B, T, V) of the tied LM head before the soft cap; with last=n only the last n positions."""
         compute_dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) \
             else self.token_embedding.weight.dtype
-        hidden = self.hidden_states(ids, compute_dtype)
+        hidden = self.hidden_states(ids, compute_dtype, documents)
         if last is not None:
             hidden = hidden[:, -last:]  # sliding-window scoring needs only the newest positions' logits
         return linear(hidden, self.adapted("head", self.token_embedding.weight)).float()
-    def logits(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
-        raw, cap = self.raw_logits(ids, last), self.logit_softcap
+    def logits(self, ids: torch.Tensor, last: int | None = None, documents=None) -> torch.Tensor:
+        raw, cap = self.raw_logits(ids, last, documents), self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", hints=None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", hints=None,
+                documents=None) -> torch.Tensor:
         """Cross-entropy of targets (B, n), the next tokens of the last n of ids (B, T); reduction "mean", "sum" or
-        "none" (B, n); with hints (B, n) (NGRAM_TILT) the NLLs of targets and hints (2, B, n).
+        "none" (B, n); with hints (B, n) (NGRAM_TILT) the NLLs of targets and hints (2, B, n); documents: the
+        varlen kernel's segments of ids (RunContext.documents).
         FUSED_KERNELS: the fused soft-capped CE in training; scoring keeps eager numerics (#1787)."""
         if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
-            raw = self.raw_logits(ids, last=targets.size(1))
+            raw = self.raw_logits(ids, targets.size(1), documents)
             return SoftcappedCrossEntropy.apply(raw.reshape(-1, raw.size(-1)), targets.reshape(-1),
                                                 self.logit_softcap).mean()
-        logits = self.logits(ids, last=targets.size(1))
+        logits = self.logits(ids, targets.size(1), documents)
         if hints is not None:  # one log-softmax for both
             log_probs = F.log_softmax(logits, dim=-1)
             return -torch.stack((log_probs.gather(-1, targets[..., None]), log_probs.gather(-1, hints[..., None])))[..., 0]
@@ -2126,17 +2153,20 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host array -> device without a stream sync (a blocking copy waits for every queued kernel)."""
     return torch.from_numpy(array).to(device, non_blocking=True)
 
-def window_nll(model, run, window: torch.Tensor, width: int, hints: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-target NLL (B, width) of the last `width` targets of (B, L + 1) token windows, stacked with the hints'
-    (2, B, width) when given. The one scoring call, shared with the priming: compiled graphs guard on the inputs'
-    strides, so both must slice alike."""
+def window_nll(model, run, windows: np.ndarray, width: int, hints: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-target NLL (B, width) of the last `width` targets of (B, L + 1) host token windows, stacked with the
+    hints' (2, B, width) when given. The one scoring call, shared with the priming: compiled graphs guard on the
+    inputs' strides, so both must slice alike."""
+    window = to_device(windows, run.device)
     with run.autocast():
-        return run.forward(model, window[:, :-1], window[:, -width:], "none", hints)
+        return run.forward(model, window[:, :-1], window[:, -width:], "none", hints, run.documents(windows[:, :-1]))
 
-def sequences_loss(model, run, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Summed NLL of n * seq_len + 1 tokens read as n sequences: TTT's training call, shared with priming."""
+def sequences_loss(model, run, tokens: np.ndarray, seq_len: int) -> torch.Tensor:
+    """Summed NLL of n * seq_len + 1 host tokens read as n sequences: TTT's training call, shared with priming."""
+    device_tokens, documents = to_device(tokens, run.device), run.documents(tokens[:-1].reshape(-1, seq_len))
     with run.autocast():
-        return run.forward(model, tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len), reduction="sum")
+        return run.forward(model, device_tokens[:-1].view(-1, seq_len), device_tokens[1:].view(-1, seq_len),
+                           reduction="sum", documents=documents)
 
 @torch.inference_mode()
 def score_windows(model, run, val: ValidationSet, plan: SlidingWindows, indices, scores, ledger):
@@ -2145,10 +2175,10 @@ def score_windows(model, run, val: ValidationSet, plan: SlidingWindows, indices,
     model.eval()
     offsets = np.arange(plan.seq_len + 1)
     for width, chosen, real in window_batches(plan, indices, run.window_batch, pad=run.compile):
-        window = to_device(val.tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64), run.device)
+        windows = val.tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64)
         # Position p of the last `width` predicts target score_hi - width + p; keep those >= score_lo.
         targets = (plan.score_hi[chosen] - width)[:, None] + np.arange(width)
-        scored, keep = window_nll(model, run, window, width, scores.hints(targets)), targets >= plan.score_lo[chosen][:, None]
+        scored, keep = window_nll(model, run, windows, width, scores.hints(targets)), targets >= plan.score_lo[chosen][:, None]
         keep[real:] = False
         scores.add(scored, targets, keep)
         for k in chosen[:real]:
@@ -2196,15 +2226,15 @@ def scoring_graphs(h: Hyperparameters) -> list[tuple[int, bool]]:
 def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     """Compile every eval graph on random tokens before the artifact loads and the eval clock starts (#1855; never val
     tokens): scoring at both widths and TTT's training shapes (gradients dropped, no step). Returns the count."""
-    h, generator = run.h, torch.Generator().manual_seed(0)
-    def random_tokens(*shape: int) -> torch.Tensor:
-        return torch.randint(0, h.vocab_size, shape, generator=generator).to(run.device)
+    h, generator = run.h, np.random.default_rng(0)
+    def random_tokens(*shape: int) -> np.ndarray:
+        return generator.integers(0, h.vocab_size, shape)
     # The scoring windows are made under inference_mode, as score_windows makes its own: graphs guard on that too.
     variants = 0
     with torch.inference_mode():
         model.eval()
         for width, hinted in scoring_graphs(h):  # exactly the pairs the passes use: any other recompiles on the clock
-            hints = random_tokens(run.window_batch, width) if hinted else None
+            hints = to_device(random_tokens(run.window_batch, width), run.device) if hinted else None
             window_nll(model, run, random_tokens(run.window_batch, h.eval_seq_len + 1), width, hints)
             variants += 1
     if h.ttt_enabled and h.ttt_mode == "sgd" and h.ttt_epochs > 0:  # LoRA TTT runs eager
@@ -2265,7 +2295,7 @@ class TestTimeTrainer:
             for first, count, a, b in ttt_steps(h, num_seqs, run.rank, run.world_size):
                 self.ledger.check_training(chunk, lo + first * seq_len, lo + (first + count) * seq_len)
                 if b > a:
-                    window = to_device(self.tokens[lo + a * seq_len:lo + b * seq_len + 1].astype(np.int64), run.device)
+                    window = self.tokens[lo + a * seq_len:lo + b * seq_len + 1].astype(np.int64)
                     loss = sequences_loss(model, run, window, seq_len)  # compiled; primed before the eval clock
                     (loss / (count * seq_len)).backward()  # summed over ranks below: the global batch mean
                 self.update()
@@ -2431,10 +2461,11 @@ class DocumentLoRATrainer:
         first = np.maximum(docs[:, 0], hi - h.ttt_lora_context)
         targets = first[:, None] + np.arange(int((hi - first).max()))  # target t: tokens[t + 1] after tokens[..t]
         valid = targets < hi[:, None]
-        targets, keep = np.where(valid, targets, first[:, None]), valid & (targets >= lo[:, None])  # right padding
+        # right padding repeats the last target's input: never a BOS (each would be a varlen segment of its own)
+        targets, keep = np.where(valid, targets, (hi - 1)[:, None]), valid & (targets >= lo[:, None])
         inputs, labels = (to_device(tokens[t].astype(np.int64), run.device) for t in (targets, targets + 1))
         with torch.set_grad_enabled(bool(train_rows.any())), run.autocast():
-            scored = self.model(inputs, labels, "none", self.scores.hints(targets))
+            scored = self.model(inputs, labels, "none", self.scores.hints(targets), run.documents(tokens[targets]))
         self.scores.add(scored, targets, keep)
         nll = scored[0] if self.scores.tilt is not None else scored  # the step's loss keeps its graph
         for a, b in zip(lo, hi):
@@ -2467,11 +2498,11 @@ class DocumentLoRATrainer:
             if len(mine):
                 targets = mine[:, :1] + np.arange(h.train_seq_len)
                 valid = targets < mine[:, 1:]
-                targets = np.where(valid, targets, mine[:, :1])  # padding, masked by label -100
+                targets = np.where(valid, targets, mine[:, 1:] - 1)  # padding (no BOS), masked by label -100
                 labels = np.where(valid, tokens[targets + 1].astype(np.int64), -100)
                 with run.autocast():
                     loss = model(to_device(tokens[targets].astype(np.int64), run.device), to_device(labels, run.device),
-                                 "sum")
+                                 "sum", documents=run.documents(tokens[targets]))
                 (loss / int((batch[:, 1] - batch[:, 0]).sum())).backward()
             sgd_step(run, params, optimizer)
         model.eval()
@@ -2544,6 +2575,7 @@ class RunContext:
         self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
         self.attention_name, self.attention = select_attention_backend(h.attention_backend, self.device.type,
                                                                        self.compute_dtype, h.doc_isolation)
+        self.varlen = getattr(self.attention, "varlen", False)
         self.compiled = {}
         if self.compile:
             raise_recompile_limit()
@@ -2557,13 +2589,23 @@ class RunContext:
                 raise InputError(f"{self.log_path.parent}: not writable, so the run could not be logged")
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
-    def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None):
-        """model(inputs, targets, reduction, hints), through torch.compile(fullgraph=True) when COMPILE is on."""
+    def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None, documents=None):
+        """model(inputs, targets, reduction, hints, documents), through torch.compile(fullgraph=True) when COMPILE
+        is on."""
         if not self.compile:
-            return model(inputs, targets, reduction, hints)
+            return model(inputs, targets, reduction, hints, documents)
         if id(model) not in self.compiled:
             self.compiled[id(model)] = torch.compile(model, dynamic=False, fullgraph=True)
-        return self.compiled[id(model)](inputs, targets, reduction, hints)
+        return self.compiled[id(model)](inputs, targets, reduction, hints, documents)
+
+    def documents(self, inputs: np.ndarray) -> torch.Tensor | None:
+        """The varlen kernel's cu_seqlens of a host batch of inputs (B, T) on the device (None unless DOC_ISOLATION
+        runs through FlashAttention's varlen kernel). Its length is marked dynamic: one graph for every bucket."""
+        if not self.varlen:
+            return None
+        segments = to_device(document_segments(inputs), self.device)
+        torch._dynamo.maybe_mark_dynamic(segments, 0)
+        return segments
     def log(self, message: str, console: bool = True):
         if not self.is_main:
             return
@@ -2689,16 +2731,17 @@ class Trainer:
         h, run = self.h, self.run
         files = shard_files(h.data_path, "train")
         if h.loader == "shuffled":
-            return ShuffledSequenceLoader(files, h.vocab_size, run.rank, run.world_size, run.device, h.seed)
-        return DistributedTokenLoader(files, h.vocab_size, run.rank, run.world_size, run.device)
+            return ShuffledSequenceLoader(files, h.vocab_size, run.rank, run.world_size, run.device, h.seed,
+                                          run.documents)
+        return DistributedTokenLoader(files, h.vocab_size, run.rank, run.world_size, run.device, run.documents)
     def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
         h, run, model = self.h, self.run, self.model
         total = torch.zeros((), device=run.device)
         for _ in range(h.grad_accum_steps):
-            inputs, targets = loader.next_batch(self.local_tokens, h.train_seq_len)
+            inputs, targets, documents = loader.next_batch(self.local_tokens, h.train_seq_len)
             with run.autocast():
-                loss = run.forward(model, inputs, targets)
+                loss = run.forward(model, inputs, targets, documents=documents)
             (loss / h.grad_accum_steps).backward()
             total += loss.detach()
         if h.grad_clip_scope == "local":
@@ -2933,9 +2976,9 @@ def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, dea
     batches, started = 0, time.perf_counter()
     try:
         while batches < h.gptq_calib_batches and (batches == 0 or agreed_to_go_on(run, started, batches, deadline)):
-            inputs, _ = loader.next_batch(local_tokens, h.train_seq_len)
+            inputs, _, documents = loader.next_batch(local_tokens, h.train_seq_len)
             with run.autocast():
-                model.hidden_states(inputs, run.compute_dtype)
+                model.hidden_states(inputs, run.compute_dtype, documents)
             batches += 1
     finally:
         model.hessian_recorder = None

@@ -99,7 +99,7 @@ def test_ranks_take_disjoint_spans_of_the_same_block(tmp_path):
     files = train_gpt.shard_files(str(tmp_path), "train")
     batches = [train_gpt.DistributedTokenLoader(files, 1024, r, 2, torch.device("cpu")).next_batch(8, 4)
                for r in range(2)]
-    (x0, y0), (x1, y1) = batches
+    (x0, y0, _), (x1, y1, _) = batches
     assert x0.flatten().tolist() == list(range(0, 8)) and y0.flatten().tolist() == list(range(1, 9))
     assert x1.flatten().tolist() == list(range(9, 17)) and y1.flatten().tolist() == list(range(10, 18))
 

@@ -168,9 +168,9 @@ def test_eval_graphs_are_primed_on_random_tokens_without_touching_the_weights(tm
     shapes = []
     real_forward = run.forward
 
-    def recording_forward(model, inputs, targets, reduction="mean", hints=None):
+    def recording_forward(model, inputs, targets, reduction="mean", hints=None, documents=None):
         shapes.append((model.training, torch.is_inference_mode_enabled(), tuple(inputs.shape), targets.size(1)))
-        return real_forward(model, inputs, targets, reduction, hints)
+        return real_forward(model, inputs, targets, reduction, hints, documents)
 
     run.forward = recording_forward
     before = [p.detach().clone() for p in model.parameters()]

@@ -4,6 +4,7 @@ order, the lane algebra, the optimizer formulas against direct computations, LQE
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,7 +322,7 @@ def test_shuffled_loader_draws_whole_sequences_without_repeats(tmp_path):
     assert loaders[0].files == files[0::2] and loaders[1].files == files[1::2]  # ranks own disjoint shards
     seen = set()
     for _ in range(4):
-        inputs, targets = loaders[0].next_batch(4 * 32, 32)
+        inputs, targets, _ = loaders[0].next_batch(4 * 32, 32)
         assert inputs.shape == targets.shape == (4, 32) and torch.equal(inputs[:, 1:], targets[:, :-1])
         assert torch.all(targets - inputs == 1)  # a contiguous slice of one shard
         assert {int(v) // 1000 for v in inputs[:, 0]} <= {0, 2}
@@ -372,13 +373,19 @@ FRONTIER_TINY = dict(PRESET="frontier", XSA_LAST_N=4, LOOP_START=1, LOOP_END=2, 
 def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample_data):
     """Every frontier part on at once (looping switched on mid-run, two lanes, gates, Polar Express + MuonEq-R,
     WD taper, shuffled loader, document isolation, GPTQ + SDClip + LQER, brotli, phased document LoRA TTT with its
-    SGD phases and the n-gram tilt) under torchrun with 2 gloo ranks."""
+    SGD phases and the n-gram tilt) under torchrun with 2 gloo ranks; document isolation through the varlen
+    stand-in, which enforces FA3's limits on every call (training, calibration, scoring, LoRA rows, phases)."""
+    from conftest import REPO
+
     dataset, tokenizer = sample_data
     env = dict(TINY_ENV, **FRONTIER_TINY, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="frontier",
                ITERATIONS=8, OMP_NUM_THREADS=1, TTT_CHUNK_TOKENS=16384)
-    result = run_script(tmp_path, env, nproc=2, timeout=400)
+    result = run_script(tmp_path, env, nproc=2, timeout=400, script=REPO / "tests" / "varlen_worker.py")
     assert result.returncode == 0, result.stderr[-3000:]
+    stats = re.search(r"varlen_calls:(\d+) max_sequences:(\d+) max_real:(\d+)", result.stdout)
+    assert stats and int(stats[1]) > 100 and int(stats[2]) <= 32 + train_gpt.SEGMENT_BUCKETS[-1]
     log = read_log(tmp_path, "frontier")
+    assert "attention:varlen_standin " in log
     assert "preset:frontier" in log and "world_size:2" in log
     assert re.search(r"^looping:enabled step:3 ", log, re.M)
     assert re.search(r"^replicas:identical ranks:2 sha256:[0-9a-f]{16}$", log, re.M)
@@ -536,3 +543,51 @@ def test_fused_kernels_train_the_same_model_and_leave_scoring_eager():
     fused.eval()
     with torch.no_grad():
         assert torch.equal(fused(*batch, reduction="none"), plain.eval()(*batch, reduction="none"))
+
+
+# ---------------------------------------------------------------------------------------- varlen document isolation
+
+
+def test_document_segments_of_real_batches_fit_the_first_buckets(sample_data):
+    """Training-shaped batches of the sample (8 rows of 256): one segment per row start and BOS, padded to rows + a
+    bucket with empty tail segments; the varlen contract (tests/varlen_standin.py) holds."""
+    import varlen_standin
+
+    tokens = train_gpt.load_data_shard(Path(sample_data[0]) / "fineweb_train_000000.bin", 1024).astype(np.int64)
+    for start in range(0, 20 * 2048, 2048):
+        batch = tokens[start:start + 2048].reshape(8, 256)
+        segments = train_gpt.document_segments(batch)
+        real = 8 + int(np.count_nonzero(batch[:, 1:] == train_gpt.BOS_ID))
+        assert len(segments) - 1 == 8 + 64 and varlen_standin.check_contract(torch.from_numpy(segments), 2048)
+        assert len(varlen_standin.check_contract(torch.from_numpy(segments), 2048)) - 1 == real
+    challenge = tokens[:48 * 2048].reshape(48, 2048)  # a rank's batch at the challenge's shape (98,304 tokens)
+    segments = train_gpt.document_segments(challenge)
+    assert len(segments) - 1 <= 48 + 512 and varlen_standin.check_contract(torch.from_numpy(segments), 48 * 2048)
+    assert challenge.size > varlen_standin.MAX_SEQUENCES  # a segment per token (before) broke the kernel's grid
+    crowded = np.full((2, 256), 5)
+    crowded[:, ::2] = train_gpt.BOS_ID  # 256 documents: the second bucket
+    assert len(train_gpt.document_segments(crowded)) - 1 == 2 + 512
+    with pytest.raises(train_gpt.RunFault, match=r"holds 4608 document segments, more than the largest varlen bucket"):
+        train_gpt.document_segments(np.ones((2, 2304), np.int64))
+
+
+def test_varlen_model_equals_the_masked_model():
+    """The same weights through the varlen stand-in (host-built segments) and through SDPA's document mask."""
+    import varlen_standin
+
+    ids = torch.randint(4, 1024, (3, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, 10] = ids[1, 0] = ids[1, 33] = ids[2, 63] = train_gpt.BOS_ID
+    h = tiny_hyperparameters(DOC_ISOLATION=1)
+    torch.manual_seed(0)
+    masked = train_gpt.GPT(h).eval()
+    torch.manual_seed(0)
+    varlen = train_gpt.GPT(h, attention=varlen_standin.varlen_attention).eval()
+    with torch.no_grad():
+        for model in (masked, varlen):
+            for bank in model.banks():
+                bank.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+        documents = torch.from_numpy(train_gpt.document_segments(ids.numpy()))
+        expected, got = masked.logits(ids), varlen.logits(ids, documents=documents)
+    assert torch.allclose(expected, got, atol=1e-5)
+    with pytest.raises(RuntimeError, match="needs the batch's host-built segments"):
+        varlen.logits(ids)

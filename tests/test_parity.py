@@ -35,7 +35,7 @@ def step1_loss(h: train_gpt.Hyperparameters) -> float:
                                               torch.device("cpu"))
     local_tokens = h.train_batch_tokens // h.grad_accum_steps
     with torch.no_grad():
-        losses = [model(*loader.next_batch(local_tokens, h.train_seq_len)) for _ in range(h.grad_accum_steps)]
+        losses = [model(*loader.next_batch(local_tokens, h.train_seq_len)[:2]) for _ in range(h.grad_accum_steps)]
     return torch.stack(losses).mean().item()
 
 

@@ -222,7 +222,7 @@ class SlowCalibrationModel:
     def train(self):
         pass
 
-    def hidden_states(self, inputs, dtype):
+    def hidden_states(self, inputs, dtype, documents=None):
         import time
 
         self.tf32.append(torch.backends.cuda.matmul.allow_tf32)
@@ -234,7 +234,7 @@ def calibration_run():
     from types import SimpleNamespace
 
     h = tiny_hyperparameters(QUANT="gptq", GPTQ_CALIB_BATCHES=16)
-    loader = SimpleNamespace(next_batch=lambda tokens, seq: (torch.zeros(1, seq, dtype=torch.int64), None))
+    loader = SimpleNamespace(next_batch=lambda tokens, seq: (torch.zeros(1, seq, dtype=torch.int64), None, None))
     run = SimpleNamespace(h=h, world_size=1, device=torch.device("cpu"), sync=lambda: None, compute_dtype=torch.float32,
                           autocast=lambda: torch.autocast("cpu", enabled=False))
     return run, loader

@@ -57,13 +57,15 @@ class RankOfRun(tg.Hyperparameters):
 class RandomBatches:
     """Stands in for the training loader: uniform random token ids, the shapes of real batches."""
 
-    def __init__(self, vocab_size: int, device: torch.device):
-        self.vocab_size, self.device = vocab_size, device
+    def __init__(self, vocab_size: int, device: torch.device, documents=tg.no_documents):
+        self.vocab_size, self.device, self.documents = vocab_size, device, documents
         self.generator = torch.Generator().manual_seed(0)
 
     def next_batch(self, local_tokens: int, seq_len: int):
-        flat = torch.randint(0, self.vocab_size, (local_tokens + 1,), generator=self.generator).to(self.device)
-        return flat[:-1].view(-1, seq_len), flat[1:].view(-1, seq_len)
+        flat = torch.randint(0, self.vocab_size, (local_tokens + 1,), generator=self.generator)
+        documents = self.documents(flat[:-1].view(-1, seq_len).numpy())
+        flat = flat.to(self.device)
+        return flat[:-1].view(-1, seq_len), flat[1:].view(-1, seq_len), documents
 
 
 def compiled_graphs() -> int:
@@ -112,7 +114,7 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     report("model", f"params {sum(p.numel() for p in model.parameters())}")
     trainer = tg.Trainer(h, run, model, val=None)
     trainer.local_tokens = h.train_batch_tokens // (h.ranks * h.grad_accum_steps)
-    trainer.new_loader = lambda: RandomBatches(h.vocab_size, run.device)
+    trainer.new_loader = lambda: RandomBatches(h.vocab_size, run.device, run.documents)
     prime_seconds = timed(run, trainer.prime)
     report("graphs", f"training primed in {prime_seconds:.1f}s ({h.warmup_steps} warmup steps"
                      + (", looped graph included" if run.compile and h.num_loops else "")
@@ -171,14 +173,14 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
     prime_seconds = timed(run, lambda: variants.append(tg.prime_eval_graphs(model, run, rows)))
     report("graphs", f"evaluation primed: {variants[0]} graphs in {prime_seconds:.1f}s (outside the eval clock)")
     timing, primed = {}, compiled_graphs()
-    random_tokens = lambda *shape: torch.randint(0, h.vocab_size, shape).to(run.device)  # noqa: E731
-    for width in sorted({h.eval_seq_len, h.eval_stride}):
-        with torch.inference_mode():  # an inference tensor, as score_windows makes: graphs guard on that
-            window = random_tokens(run.window_batch, h.eval_seq_len + 1)
+    random_tokens = lambda *shape: np.random.default_rng(0).integers(0, h.vocab_size, shape)  # noqa: E731
+    for width, hinted in tg.scoring_graphs(h):  # the primed (width, hints) pairs, as the passes use them
+        window = random_tokens(run.window_batch, h.eval_seq_len + 1)
 
         def score():
-            with torch.inference_mode():
-                tg.window_nll(model, run, window, width)
+            with torch.inference_mode():  # inference tensors, as score_windows makes: graphs guard on that
+                hints = tg.to_device(random_tokens(run.window_batch, width), run.device) if hinted else None
+                tg.window_nll(model, run, window, width, hints)
 
         timing[width] = float(np.median([timed(run, score) for _ in range(batches)]))
     if h.ttt_enabled and h.ttt_epochs > 0:
@@ -229,10 +231,12 @@ def report_evaluation_projection(run: tg.RunContext, timing: dict):
         batches = math.ceil(math.ceil((len(plan) - 1) / ranks) / run.window_batch)
         return timing[h.eval_seq_len] + batches * timing[stride]  # window 0 scores a full window
 
-    roundtrip, sliding = pass_seconds(h.eval_seq_len), pass_seconds(h.eval_stride)
+    stride_timed = h.eval_stride in timing  # no stride graph when no stream pass runs (tg.scoring_graphs)
+    roundtrip, sliding = pass_seconds(h.eval_seq_len), pass_seconds(h.eval_stride) if stride_timed else 0.0
     total = roundtrip + sliding
     report("eval", f"scoring batch of {run.window_batch} windows: {1000 * timing[h.eval_seq_len]:.1f} ms at width "
-                   f"{h.eval_seq_len}, {1000 * timing[h.eval_stride]:.1f} ms at width {h.eval_stride}")
+                   f"{h.eval_seq_len}" + (f", {1000 * timing[h.eval_stride]:.1f} ms at width {h.eval_stride}"
+                                          if stride_timed else " (no sliding or SGD TTT pass)"))
     report("eval", f"projected on {CHALLENGE_VAL_TARGETS:,} targets over {ranks} ranks: roundtrip {roundtrip:.0f}s, "
                    f"sliding {sliding:.0f}s")
     if "ttt_chunk" in timing and "lora_per_token" not in timing:
