@@ -309,7 +309,7 @@ class Hyperparameters:
         phased document LoRA TTT with #1855's values (frontier.md); NGRAM_TILT: #1514's causal token-only tilt."""
         env.fill(self, "int", EVAL_STRIDE=(64, 1), TTT_EPOCHS=(3, 0), TTT_CHUNK_TOKENS=(32768, 1), TTT_BATCH_SEQS=(32, 1),
                  TTT_FREEZE_BLOCKS=(0, 0), TTT_LORA_RANK=(96, 1), TTT_LORA_CHUNK=(48, 1), TTT_LORA_CONTEXT=(2048, 1),
-                 TTT_LORA_BATCH=(64, 1), TTT_PHASES=(3, 0))
+                 TTT_LORA_BATCH=(64, 1), TTT_LORA_BATCH_TOKENS=(65536, 1), TTT_PHASES=(3, 0))
         env.fill(self, "float", TTT_LR=(0.002, 0.0), TTT_MOMENTUM=(0.9, 0.0), TTT_GRAD_CLIP=(1.0, 0.0),
                  TTT_LORA_ALPHA=(144.0, 0.0), TTT_LORA_LR=(1e-4, 0.0), TTT_LORA_WD=(0.5, 0.0),
                  TTT_LORA_BETA1=(0.0, 0.0, 0.999), TTT_LORA_BETA2=(0.99, 0.0, 0.9999), TTT_PHASE_FRACTION=(0.05, 0.0, 1.0),
@@ -1248,28 +1248,32 @@ class GPT(nn.Module):
             return x + weighted
         gate = torch.sigmoid(self.skip_gates[index]).to(x.dtype)
         return gate * x + (1 - gate) * weighted
-    def raw_logits(self, ids: torch.Tensor, last: int | None = None, documents=None) -> torch.Tensor:
-        """fp32 logits (B, T, V) of the tied LM head before the soft cap; with last=n only the last n positions."""
+    def raw_logits(self, ids: torch.Tensor, positions=None, documents=None) -> torch.Tensor:
+        """fp32 logits (B, n, V) of the tied LM head before the soft cap at `positions`: None (all T), n (the last n:
+        sliding windows score only the newest) or per-row columns (B, n) (document LoRA scores one chunk a row)."""
         compute_dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) \
             else self.token_embedding.weight.dtype
         hidden = self.hidden_states(ids, compute_dtype, documents)
-        if last is not None:
-            hidden = hidden[:, -last:]  # sliding-window scoring needs only the newest positions' logits
+        if isinstance(positions, torch.Tensor):
+            hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
+        elif positions is not None:
+            hidden = hidden[:, -positions:]
         return linear(hidden, self.adapted("head", self.token_embedding.weight)).float()
-    def logits(self, ids: torch.Tensor, last: int | None = None, documents=None) -> torch.Tensor:
-        raw, cap = self.raw_logits(ids, last, documents), self.logit_softcap
+    def logits(self, ids: torch.Tensor, positions=None, documents=None) -> torch.Tensor:
+        raw, cap = self.raw_logits(ids, positions, documents), self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", hints=None,
-                documents=None) -> torch.Tensor:
-        """Cross-entropy of targets (B, n), the next tokens of the last n of ids (B, T); reduction "mean", "sum" or
-        "none" (B, n); with hints (B, n) (NGRAM_TILT) the NLLs of targets and hints (2, B, n); documents: the
-        varlen kernel's segments of ids (RunContext.documents).
+                documents=None, positions=None) -> torch.Tensor:
+        """Cross-entropy of targets (B, n), the next tokens of the last n of ids (B, T) or of ids at positions (B, n);
+        reduction "mean", "sum" or "none" (B, n); with hints (B, n) (NGRAM_TILT) the NLLs of targets and hints
+        (2, B, n); documents: the varlen kernel's segments of ids (RunContext.documents).
         FUSED_KERNELS: the fused soft-capped CE in training; scoring keeps eager numerics (#1787)."""
+        positions = targets.size(1) if positions is None else positions
         if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
-            raw = self.raw_logits(ids, targets.size(1), documents)
+            raw = self.raw_logits(ids, positions, documents)
             return SoftcappedCrossEntropy.apply(raw.reshape(-1, raw.size(-1)), targets.reshape(-1),
                                                 self.logit_softcap).mean()
-        logits = self.logits(ids, targets.size(1), documents)
+        logits = self.logits(ids, positions, documents)
         if hints is not None:  # one log-softmax for both
             log_probs = F.log_softmax(logits, dim=-1)
             return -torch.stack((log_probs.gather(-1, targets[..., None]), log_probs.gather(-1, hints[..., None])))[..., 0]
@@ -2370,9 +2374,12 @@ class BudgetGuard:
         return not self.stopped
 
 def lora_batch_tokens(docs: np.ndarray, chunk: int, context: int) -> int:
-    """Tokens a LoRA batch runs through the model: each chunk of each document with its context (the time model)."""
-    return sum(int(np.minimum(np.minimum(np.arange(1, -(-n // chunk) + 1) * chunk, n), context).sum())
-               for n in docs[:, 1] - docs[:, 0])
+    """Tokens a LoRA batch runs through the model (the time model): each chunk step runs the documents not yet done,
+    each row padded to the longest (its chunk and up to `context` tokens before it)."""
+    lengths = docs[:, 1] - docs[:, 0]
+    ends = np.minimum(np.arange(1, -(-int(lengths.max()) // chunk) + 1)[:, None] * chunk, lengths)  # (steps, docs)
+    active = np.arange(ends.shape[0])[:, None] * chunk < lengths
+    return int((active.sum(1) * np.where(active, np.minimum(ends, context), 0).max(1)).sum())
 
 def lora_document_order(spans: np.ndarray, order: str) -> np.ndarray:
     """TTT_LORA_ORDER: "length", longest first (#1855; the order depends on every document's length, future BOS
@@ -2384,6 +2391,28 @@ def scoring_ranks(docs: np.ndarray, num_targets: int) -> np.ndarray:
     rank = np.empty(num_targets, np.int64)
     rank[np.concatenate([np.arange(start, end) for start, end in docs])] = np.arange(num_targets)
     return rank
+
+def lora_batches(docs: np.ndarray, max_documents: int, max_tokens: int, context: int) -> list[np.ndarray]:
+    """Consecutive documents into batches of at most TTT_LORA_BATCH documents whose padded rows (documents x the
+    longest row, at most TTT_LORA_CONTEXT) hold at most TTT_LORA_BATCH_TOKENS tokens: activations grow with those.
+    The frontier holds 657 KiB per row token for backward (logs/bench_lora_memory.txt): #1855's 64 x 2,048 rows
+    project to 88 GiB, over an 80 GB H100; 65,536 to ~47 GiB. Rows adapt independently: the cut costs time only."""
+    widths, batches, first = np.minimum(docs[:, 1] - docs[:, 0], context), [], 0
+    while first < len(docs):
+        end, longest = first + 1, widths[first]
+        while end < min(first + max_documents, len(docs)) and \
+                (end - first + 1) * max(longest, widths[end]) <= max_tokens:
+            end, longest = end + 1, max(longest, widths[end])
+        batches.append(docs[first:end])
+        first = end
+    return batches
+
+def phase_ends(batches: list[np.ndarray], fraction: float, phases: int) -> list[int]:
+    """The batch after which each of TTT_PHASES phases runs: at k/phases of the first TTT_PHASE_FRACTION of the
+    documents (#1855: after 833 / 1666 / 2500 documents), never after the last batch."""
+    scored = np.cumsum([len(batch) for batch in batches])
+    ends = {int(np.searchsorted(scored, fraction * scored[-1] * k / phases)) + 1 for k in range(1, phases + 1)}
+    return sorted(end for end in ends if 0 < end < len(batches) and fraction > 0)
 
 def balanced_owners(costs: np.ndarray, phase_ends: list[int], world_size: int) -> np.ndarray:
     """The rank of each batch: within each phase the costliest batch first to the least loaded rank (ties: the lower
@@ -2406,12 +2435,10 @@ class DocumentLoRATrainer:
         h = self.h = run.h
         self.model, self.run, self.val, self.num_targets = model, run, val, len(val.tokens) - 1
         docs = lora_document_order(document_spans(val.tokens), h.ttt_lora_order)
-        self.batches = [docs[i:i + h.ttt_lora_batch] for i in range(0, len(docs), h.ttt_lora_batch)]
+        self.batches = lora_batches(docs, h.ttt_lora_batch, h.ttt_lora_batch_tokens, h.ttt_lora_context)
         tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run, scoring_ranks(docs, self.num_targets)) if h.ngram_tilt else None
         self.costs = np.array([lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in self.batches])
-        prefix = h.ttt_phase_fraction * len(docs) / h.ttt_lora_batch  # in batches, as the boundaries
-        ends = {math.ceil(prefix * k / h.ttt_phases) for k in range(1, h.ttt_phases + 1)}
-        self.phase_ends = sorted(end for end in ends if 0 < end < len(self.batches))
+        self.phase_ends = phase_ends(self.batches, h.ttt_phase_fraction, h.ttt_phases)
         self.owner = balanced_owners(self.costs, self.phase_ends, run.world_size)
         self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, val, tilt)
         self.lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed + run.rank)
@@ -2459,13 +2486,18 @@ class DocumentLoRATrainer:
         lo = docs[:, 0] + chunk * h.ttt_lora_chunk
         hi = np.minimum(lo + h.ttt_lora_chunk, docs[:, 1])
         first = np.maximum(docs[:, 0], hi - h.ttt_lora_context)
-        targets = first[:, None] + np.arange(int((hi - first).max()))  # target t: tokens[t + 1] after tokens[..t]
-        valid = targets < hi[:, None]
+        context = first[:, None] + np.arange(int((hi - first).max()))  # target t: tokens[t + 1] after tokens[..t]
         # right padding repeats the last target's input: never a BOS (each would be a varlen segment of its own)
-        targets, keep = np.where(valid, targets, (hi - 1)[:, None]), valid & (targets >= lo[:, None])
-        inputs, labels = (to_device(tokens[t].astype(np.int64), run.device) for t in (targets, targets + 1))
+        context = np.where(context < hi[:, None], context, (hi - 1)[:, None])
+        # the head runs on the chunk's columns only (defect 5: fp32 logits of every context position were ~13 GB)
+        chunk_columns = (lo - first)[:, None] + np.arange(int((hi - lo).max()))
+        keep = chunk_columns < (hi - first)[:, None]
+        columns = np.minimum(chunk_columns, (hi - first - 1)[:, None])
+        targets = np.take_along_axis(context, columns, 1)
+        inputs, labels = (to_device(tokens[t].astype(np.int64), run.device) for t in (context, targets + 1))
         with torch.set_grad_enabled(bool(train_rows.any())), run.autocast():
-            scored = self.model(inputs, labels, "none", self.scores.hints(targets), run.documents(tokens[targets]))
+            scored = self.model(inputs, labels, "none", self.scores.hints(targets), run.documents(tokens[context]),
+                                to_device(columns, run.device))
         self.scores.add(scored, targets, keep)
         nll = scored[0] if self.scores.tilt is not None else scored  # the step's loss keeps its graph
         for a, b in zip(lo, hi):

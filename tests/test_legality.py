@@ -456,3 +456,54 @@ def test_lora_batches_go_to_ranks_balanced_by_cost_within_each_phase():
     owner = train_gpt.balanced_owners(costs, [4], world_size=2)
     assert owner.tolist() == [0, 1, 1, 0, 0, 1, 1, 1]  # phase 0: 100+10 vs 90+80; phase 1: 50 vs 40+5+5
     assert train_gpt.balanced_owners(costs, [4], world_size=1).tolist() == [0] * 8
+
+
+def test_lora_head_runs_on_the_scored_chunk_only(tmp_path, monkeypatch, per_target_scores):
+    """Defect 5: the tied head (fp32 logits) runs on each row's scored chunk (at most TTT_LORA_CHUNK columns), not
+    on every context position; the scores equal those of the full-width head gathered at the chunk."""
+    stream, widths = varied_documents_stream(), []
+    env = dict(LORA_ENV, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5)
+    real_raw_logits = train_gpt.GPT.raw_logits
+
+    def recording(self, ids, positions=None, documents=None):
+        logits = real_raw_logits(self, ids, positions, documents)
+        if self.lora is not None:
+            widths.append(logits.size(1))
+        return logits
+
+    monkeypatch.setattr(train_gpt.GPT, "raw_logits", recording)
+    chunked = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **env)
+    assert widths and max(widths) <= 16 < env["TTT_LORA_CONTEXT"]
+
+    def full_width(self, ids, positions=None, documents=None):
+        logits = real_raw_logits(self, ids, None, documents)  # every position, then the chunk's columns
+        if isinstance(positions, torch.Tensor):
+            return logits.gather(1, positions[..., None].expand(-1, -1, logits.size(-1)))
+        return logits if positions is None else logits[:, -positions:]
+
+    monkeypatch.setattr(train_gpt.GPT, "raw_logits", full_width)
+    reference = scores_of(lora_pass(), stream, tmp_path / "b", monkeypatch, per_target_scores, **env)
+    assert sorted(chunked) == sorted(reference) == list(range(len(stream) - 1))
+    assert max(abs(chunked[t] - reference[t]) for t in reference) < 1e-4
+
+
+def test_lora_batches_bound_their_padded_tokens_and_phases_count_documents():
+    """Defect 5: a batch holds at most TTT_LORA_BATCH documents and TTT_LORA_BATCH_TOKENS padded row tokens (one
+    longer document alone); the phases fall after the same share of documents however the batches are cut."""
+    rng = np.random.default_rng(0)
+    starts = np.cumsum(np.concatenate(([0], rng.integers(5, 3000, 299))))
+    docs = np.stack([starts, starts + rng.integers(5, 3000, 300)], 1)
+    docs = docs[np.argsort(docs[:, 0] - docs[:, 1], kind="stable")]
+    batches = train_gpt.lora_batches(docs, 64, 16384, 2048)
+    assert np.array_equal(np.concatenate(batches), docs)
+    for batch in batches:
+        rows = np.minimum(batch[:, 1] - batch[:, 0], 2048)
+        assert len(batch) <= 64 and (len(batch) == 1 or len(batch) * rows.max() <= 16384)
+    assert len(batches[0]) == 8 < len(batches[-1])  # 8 rows of 2,048 tokens; short documents fill up to 64
+    unbounded = train_gpt.lora_batches(docs, 64, 10**9, 2048)
+    assert [len(b) for b in unbounded] == [64, 64, 64, 64, 44]
+    assert train_gpt.phase_ends(unbounded, 0.5, 3) == [1, 2, 3]  # ceil(150 k / 3 / 64): #1855's boundaries
+    ends = train_gpt.phase_ends(batches, 0.5, 3)
+    scored = np.cumsum([len(b) for b in batches])
+    assert [int(scored[end - 1]) >= 50 * k > int(scored[end - 2]) for k, end in zip((1, 2, 3), ends)] == [True] * 3
+    assert train_gpt.phase_ends(unbounded, 0.0, 3) == []

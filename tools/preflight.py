@@ -47,7 +47,7 @@ class RankOfRun(tg.Hyperparameters):
     """The configuration as one rank of a `ranks`-GPU run sees it: 8 / ranks micro-steps of the same
     per-rank micro-batch (Hyperparameters itself is for the process count it runs with)."""
 
-    ranks = 8
+    ranks, lora_memory_limit_gib = 8, 75.0
 
     @property
     def grad_accum_steps(self) -> int:
@@ -183,7 +183,7 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
                 tg.window_nll(model, run, window, width, hints)
 
         timing[width] = float(np.median([timed(run, score) for _ in range(batches)]))
-    if h.ttt_enabled and h.ttt_epochs > 0:
+    if h.ttt_enabled and h.ttt_mode == "sgd" and h.ttt_epochs > 0:
         zeros = np.zeros(h.ttt_chunk_tokens + 1, dtype=np.uint16)
         trainer = tg.TestTimeTrainer(model, run, SimpleNamespace(tokens=zeros, target_bytes=zeros[1:]), 0.0)
         shapes = [b - a for _, _, a, b in tg.ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, h.ranks - 1,
@@ -198,7 +198,7 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
 
         timing["ttt_chunk"] = float(np.median([timed(run, ttt_chunk) for _ in range(batches)])) * h.ttt_epochs
     if h.ttt_enabled and h.ttt_mode == "lora":
-        timing["lora_per_token"] = time_lora_batch(run, model, batches)
+        timing.update(time_lora_batch(run, model, batches))
     expect_no_new_graphs(primed, "evaluation")
     if h.ngram_tilt:  # one order on a tenth of the stream, scaled (n log n) to the full stream and a rank's orders
         tokens = np.random.default_rng(0).integers(0, h.vocab_size, CHALLENGE_VAL_TARGETS // 10 + 1).astype(np.uint16)
@@ -208,9 +208,10 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
     return timing
 
 
-def time_lora_batch(run: tg.RunContext, model, batches: int) -> float:
-    """Seconds per processed token (the trainer's time model) of one batch of TTT_LORA_BATCH documents long enough
-    to fill TTT_LORA_CONTEXT, LoRA steps included, on random tokens (eager, as in the run)."""
+def time_lora_batch(run: tg.RunContext, model, batches: int) -> dict:
+    """The document LoRA pass as the run runs it (eager): seconds per processed token of its first batch
+    (TTT_LORA_BATCH documents long enough to fill TTT_LORA_CONTEXT, cut by TTT_LORA_BATCH_TOKENS: the pass's
+    largest rows) with LoRA steps, its peak memory, and seconds per token of a phase's SGD; random tokens."""
     h = run.h
     length = h.ttt_lora_context + 2 * h.ttt_lora_chunk
     tokens = np.random.default_rng(0).integers(2, h.vocab_size, h.ttt_lora_batch * length + 1).astype(np.uint16)
@@ -218,9 +219,49 @@ def time_lora_batch(run: tg.RunContext, model, batches: int) -> float:
     val = SimpleNamespace(tokens=tokens, target_bytes=np.ones(len(tokens) - 1, np.int64))
     trainer = tg.DocumentLoRATrainer(model, run, val, eval_started=time.perf_counter())
     trainer.guard.eval_started = math.inf  # never stops: the timing must include the steps
-    seconds = float(np.median([timed(run, lambda: trainer.score_batch(0, 0.0)) for _ in range(batches)]))
+    resident = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        4 * sum(p.numel() * p.element_size() for p in trainer.lora.parameters())  # weights, grads, AdamW's state
+    real_chunk_step = trainer.chunk_step
+    with PeakMemory(run, resident) as memory:
+        trainer.chunk_step = lambda *args: (memory.saved.clear(), real_chunk_step(*args))  # freed by each backward
+        seconds = float(np.median([timed(run, lambda: trainer.score_batch(0, 0.0)) for _ in range(batches)]))
+    trainer.ledger.sync(0, len(tokens) - 1)
+    docs = trainer.batches[0]
+    phase_seconds = timed(run, lambda: trainer.train_base(docs, 0))
     model.eval()
-    return seconds / trainer.costs[0]
+    return dict(lora_per_token=seconds / trainer.costs[0], lora_rows=len(docs), lora_peak=memory.peak,
+                lora_peak_how=memory.how, phase_per_token=phase_seconds / int((docs[:, 1] - docs[:, 0]).sum()))
+
+
+class PeakMemory:
+    """Peak memory of what runs inside: the CUDA allocator's peak on a GPU; on the CPU an estimate, the resident
+    bytes given plus the most bytes held for backward at once (the caller clears `saved` when a backward frees
+    them). The CPU computes in fp32: bf16 activations on the GPU take about half."""
+
+    def __init__(self, run: tg.RunContext, resident: int):
+        self.cuda, self.saved, self.peak, self.resident = run.device.type == "cuda", {}, 0, resident
+        self.how = "CUDA allocator peak" if self.cuda else "CPU estimate: weights + tensors saved for backward, fp32"
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda packed: packed[0])
+
+    def pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        self.saved[storage.data_ptr()] = storage.nbytes()
+        self.peak = max(self.peak, sum(self.saved.values()))
+        return tensor, storage.data_ptr()
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.hooks.__exit__(*exc_info)
+            self.peak += self.resident
 
 
 def report_evaluation_projection(run: tg.RunContext, timing: dict):
@@ -249,14 +290,7 @@ def report_evaluation_projection(run: tg.RunContext, timing: dict):
         total -= sliding
         report("eval", "the sliding pass is skipped (EVAL_SLIDING=0): TTT scores every target")
     if "lora_per_token" in timing:
-        per_document = tg.lora_batch_tokens(np.array([[0, CHALLENGE_MEAN_DOCUMENT]]), h.ttt_lora_chunk, h.ttt_lora_context)
-        lora = timing["lora_per_token"] * per_document * CHALLENGE_DOCUMENTS / ranks
-        phase_chunks = h.ttt_phase_fraction * CHALLENGE_VAL_TARGETS / h.ttt_chunk_tokens  # one SGD epoch, all phases
-        phases = phase_chunks * timing.get("ttt_chunk", 0.0) / max(h.ttt_epochs, 1) if h.ttt_phases else 0.0
-        total += lora + phases
-        report("eval", f"projected document LoRA TTT {lora + phases:.0f}s: scoring with LoRA steps {lora:.0f}s "
-                       f"({1e6 * timing['lora_per_token']:.2f} us per processed token; {CHALLENGE_DOCUMENTS:,} documents "
-                       f"taken at the mean {CHALLENGE_MEAN_DOCUMENT} tokens), {h.ttt_phases} phases' SGD {phases:.0f}s")
+        total += report_lora_projection(h, timing)
     if "tilt" in timing:
         total += timing["tilt"]
         report("eval", f"projected n-gram tilt precompute {timing['tilt']:.0f}s per rank (this CPU, two orders at a "
@@ -264,6 +298,47 @@ def report_evaluation_projection(run: tg.RunContext, timing: dict):
     verdict = "within" if total <= h.eval_budget_seconds else "OVER (the TTT budget guard will stop training early)"
     report("eval", f"projected total {total:.0f}s, {verdict} EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f} "
                    f"(artifact read and decompression not included)")
+
+
+def document_lengths(h: tg.Hyperparameters) -> tuple[np.ndarray, str]:
+    """Token lengths of the documents of the first training shard at DATA_PATH: the validation set's distribution
+    and tokenizer, never its tokens. Without a shard, the mean document (LoRA's cost grows faster than length)."""
+    try:
+        path = tg.shard_files(h.data_path, "train")[0]
+        tokens = tg.load_data_shard(path, h.vocab_size)
+        spans = tg.document_spans(tokens)[int(tokens[0] != tg.BOS_ID):]  # from its first BOS on
+    except tg.InputError as error:
+        return np.array([CHALLENGE_MEAN_DOCUMENT]), f"the mean document ({error}: an underestimate)"
+    lengths = spans[:, 1] - spans[:, 0]
+    return lengths, f"the length distribution of {len(lengths):,} documents in {path} (mean {lengths.mean():.0f})"
+
+
+def report_lora_projection(h: tg.Hyperparameters, timing: dict) -> float:
+    """Seconds of document LoRA TTT per rank on CHALLENGE_DOCUMENTS documents drawn from the real length
+    distribution, batched and padded as the trainer does, plus the phases' SGD; its peak memory against the limit."""
+    lengths, source = document_lengths(h)
+    drawn = np.random.default_rng(0).choice(lengths, CHALLENGE_DOCUMENTS)
+    ends = np.cumsum(drawn)
+    docs = tg.lora_document_order(np.stack((ends - drawn, ends), 1), h.ttt_lora_order)
+    batches = tg.lora_batches(docs, h.ttt_lora_batch, h.ttt_lora_batch_tokens, h.ttt_lora_context)
+    processed = sum(tg.lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in batches)
+    lora = timing["lora_per_token"] * processed / h.ranks  # batches balanced over ranks by this cost
+    phased = drawn[:sum(map(len, batches[:max(tg.phase_ends(batches, h.ttt_phase_fraction, h.ttt_phases),
+                                                  default=0)]))].sum()
+    phases = timing["phase_per_token"] * phased / h.ranks
+    report("eval", f"projected document LoRA TTT {lora + phases:.0f}s per rank: scoring with LoRA steps {lora:.0f}s "
+                   f"({1e6 * timing['lora_per_token']:.2f} us per processed token, eager; {processed:,} tokens "
+                   f"processed in {len(batches)} batches for {CHALLENGE_DOCUMENTS:,} documents drawn from {source}), "
+                   f"{h.ttt_phases} phases' SGD {phases:.0f}s ({phased:,} tokens, "
+                   f"{1e6 * timing['phase_per_token']:.2f} us per token, eager)")
+    limit = h.lora_memory_limit_gib * 2**30
+    report("eval", f"document LoRA peak memory {timing['lora_peak'] / 2**20:,.0f} MiB ({timing['lora_peak_how']}; a "
+                   f"batch of {timing['lora_rows']} rows of {h.ttt_lora_context} tokens), limit "
+                   f"{h.lora_memory_limit_gib:g} GiB")
+    if timing["lora_peak"] > limit:
+        raise RuntimeError(f"document LoRA peak memory {timing['lora_peak'] / 2**30:.1f} GiB is over the "
+                           f"{h.lora_memory_limit_gib:g} GiB limit: lower TTT_LORA_BATCH_TOKENS or TTT_LORA_BATCH")
+    return lora + phases
 
 
 def check_size(h: tg.Hyperparameters, code_path: Path) -> bool:
@@ -282,11 +357,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps (after priming)")
     parser.add_argument("--batches", type=int, default=3, help="timed scoring batches and TTT chunks")
     parser.add_argument("--ranks", type=int, default=8, choices=(1, 2, 4, 8), help="GPUs of the real run")
+    parser.add_argument("--lora-memory-gib", type=float, default=75.0,
+                        help="fail when document LoRA TTT's peak memory is above this (an 80 GB H100 less headroom)")
     parser.add_argument("--code", type=Path, default=Path(tg.__file__), help="the script whose bytes count")
     args = parser.parse_args()
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     environ.setdefault("RUN_ID", f"preflight_{os.getpid()}")
-    RankOfRun.ranks = args.ranks
+    RankOfRun.ranks, RankOfRun.lora_memory_limit_gib = args.ranks, args.lora_memory_gib
     check = "settings"
     try:
         check_environment()
