@@ -8,6 +8,7 @@ shards -> model -> Muon (banks) + AdamW training under a wallclock cap -> EMA/SW
 compressed artifact written to disk -> artifact read back and evaluated. Comments cite the record a choice
 comes from ("#549" = the merged 1.1194 record this reproduces) and its measured delta where one exists.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import uuid
 from pathlib import Path
 
@@ -42,29 +44,37 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # Hyperparameters ====================================================================================================
 class InputError(ValueError):
     """Bad configuration or input data; the message names the variable or file and what is wrong."""
 
-EXIT_NONFINITE, EXIT_COLLECTIVE = 4, 5  # README "When a run goes wrong"; 2 = bad input, 3 = over the cap
+
+EXIT_NONFINITE, EXIT_COLLECTIVE = 4, 5  # docs/RUNNING.md; 2 = bad input, 3 = over the cap
+
 
 class RunFault(RuntimeError):
     """A fault during the run, not a bad input: the message says what happened, `status` is the exit status."""
+
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
 
+
 class EnvReader:
     """Typed reads of environment variables; remembers every name it was asked for. A value missing from the
     environment comes from the preset, then from the default (an explicitly set variable always wins)."""
+
     def __init__(self, environ):
         self.environ, self.preset, self.names, self.from_preset = environ, {}, [], {}
+
     def _get(self, name, default):
         self.names.append(name)
         value = self.environ.get(name)
         if (value is None or value.strip() == "") and name in self.preset:
             value = self.from_preset[name] = self.preset[name]
         return default if value is None or value.strip() == "" else value.strip()
+
     def _parse(self, name, default, kind, convert):
         raw = self._get(name, default)
         if not isinstance(raw, str):
@@ -73,10 +83,13 @@ class EnvReader:
             return convert(raw)
         except ValueError:
             raise InputError(f"env {name}={raw!r}: expected {kind}") from None
+
     def int(self, name, default, minimum=None):
         return self._number(name, default, minimum, "an integer", int)
+
     def float(self, name, default, minimum=None, maximum=None):
         return self._number(name, default, minimum, "a number", float, maximum)
+
     def _number(self, name, default, minimum, kind, convert, maximum=None):
         value = self._parse(name, default, kind, convert)
         if minimum is not None and value is not None and value < minimum:
@@ -84,6 +97,7 @@ class EnvReader:
         if maximum is not None and value is not None and value > maximum:
             raise InputError(f"env {name}={value}: must be <= {maximum}")
         return value
+
     def flag(self, name, default):
         value = self._get(name, default)
         if isinstance(value, bool):
@@ -91,21 +105,27 @@ class EnvReader:
         if value not in ("0", "1"):
             raise InputError(f"env {name}={value!r}: expected 0 or 1")
         return value == "1"
+
     def choice(self, name, default, choices):
         value = self._get(name, default)
         if value not in choices:
             raise InputError(f"env {name}={value!r}: expected one of {', '.join(choices)}")
         return value
+
     def text(self, name, default):
         return self._get(name, default)
+
     def fill(self, target, kind: str, **specs):
         """target.<name in lower case> = self.<kind>(NAME, *spec) for each NAME=spec (a bare default or a tuple)."""
         for name, spec in specs.items():
             setattr(target, name.lower(), getattr(self, kind)(name, *(spec if isinstance(spec, tuple) else (spec,))))
+
     def int_list(self, name, default):
         return self._list(name, default, int, "integers")
+
     def float_list(self, name, default):
         return self._list(name, default, float, "numbers")
+
     def _list(self, name, default, convert, kind):
         raw = self._get(name, default)
         try:
@@ -113,93 +133,217 @@ class EnvReader:
         except ValueError:
             raise InputError(f"env {name}={raw!r}: expected comma-separated {kind}") from None
 
+
 # The seeds' variables (#549, #1089, #181, #518) deliberately not read (dead, replaced, not built): a warning when set.
 _NOT_BUILT_1089 = "#1089 head code, never in a scored run; not built here"
 DROPPED_RECORD_VARIABLES = {
-    **{name: _NOT_BUILT_1089 for name in (
-        "TTT_POLYAK", "TTT_POLYAK_DECAY", "TTT_TEMP", "TTT_TEMP_MODE", "TTT_ADAPTIVE_LR", "TTT_ADAPTIVE_LR_MAX",
-        "TTT_ENTROPY_ADAPT", "TTT_ENTROPY_HIGH", "TTT_ENTROPY_LOW", "TTT_BYTE_WEIGHTED", "TTT_COMPILE",
-        "SNAPSHOT_POST_HESSIAN", "LOAD_SNAPSHOT", "SNAPSHOT_PATH")},
-    "GPTQ_BLOCK_SIZE": "fixed at #1089's 128", "GPTQ_DAMP": "fixed at #1089's 0.01",
-    "GPTQ_COL_ORDER": "always descending diag(H), as #1089", "GPTQ_SINGLE_PASS": "always single pass, as #1089",
-    "TARGET_BYTES": "the cap is the challenge's 16,000,000 bytes", "QAT_CLIP_PCT": "QAT's grid is the exporter's",
-    "HEAD_BETA1": "the head is tied (unused in #1089 too)", "TIE_EMBEDDINGS": "embeddings are always tied",
-    **dict.fromkeys(("CONTROL_TENSOR_NAME_PATTERNS", "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS"),
-                    "tensors <= 65,536 entries are fp16 by rule"),
-    "EMA_ENABLED": "EMA is on whenever EMA_DECAY > 0", "LATE_QAT": "late QAT is on whenever LATE_QAT_THRESHOLD > 0",
-    **dict.fromkeys(("EMBED_LR", "HEAD_LR"), "only used untied in #549"), "MUON_BETA2": "dead in #549",
-    **dict.fromkeys(("LAWA_K", "LAWA_FREQ", "LAWA_ENABLED", "MTP_NUM_HEADS", "MTP_LOSS_WEIGHT", "DTG_ENABLED",
-                     "GATED_ATTENTION", "VALUE_RESIDUAL"), "a feature #549 disabled in its run"),
+    **{
+        name: _NOT_BUILT_1089
+        for name in (
+            "TTT_POLYAK",
+            "TTT_POLYAK_DECAY",
+            "TTT_TEMP",
+            "TTT_TEMP_MODE",
+            "TTT_ADAPTIVE_LR",
+            "TTT_ADAPTIVE_LR_MAX",
+            "TTT_ENTROPY_ADAPT",
+            "TTT_ENTROPY_HIGH",
+            "TTT_ENTROPY_LOW",
+            "TTT_BYTE_WEIGHTED",
+            "TTT_COMPILE",
+            "SNAPSHOT_POST_HESSIAN",
+            "LOAD_SNAPSHOT",
+            "SNAPSHOT_PATH",
+        )
+    },
+    "GPTQ_BLOCK_SIZE": "fixed at #1089's 128",
+    "GPTQ_DAMP": "fixed at #1089's 0.01",
+    "GPTQ_COL_ORDER": "always descending diag(H), as #1089",
+    "GPTQ_SINGLE_PASS": "always single pass, as #1089",
+    "TARGET_BYTES": "the cap is the challenge's 16,000,000 bytes",
+    "QAT_CLIP_PCT": "QAT's grid is the exporter's",
+    "HEAD_BETA1": "the head is tied (unused in #1089 too)",
+    "TIE_EMBEDDINGS": "embeddings are always tied",
+    **dict.fromkeys(
+        ("CONTROL_TENSOR_NAME_PATTERNS", "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS"),
+        "tensors <= 65,536 entries are fp16 by rule",
+    ),
+    "EMA_ENABLED": "EMA is on whenever EMA_DECAY > 0",
+    "LATE_QAT": "late QAT is on whenever LATE_QAT_THRESHOLD > 0",
+    **dict.fromkeys(("EMBED_LR", "HEAD_LR"), "only used untied in #549"),
+    "MUON_BETA2": "dead in #549",
+    **dict.fromkeys(
+        (
+            "LAWA_K",
+            "LAWA_FREQ",
+            "LAWA_ENABLED",
+            "MTP_NUM_HEADS",
+            "MTP_LOSS_WEIGHT",
+            "DTG_ENABLED",
+            "GATED_ATTENTION",
+            "VALUE_RESIDUAL",
+        ),
+        "a feature #549 disabled in its run",
+    ),
     "PHASED_TTT_PREFIX_DOCS": "TTT_PHASE_FRACTION (a fraction of the documents: #1855's 2,500 are 0.05)",
     "CASEOPS_ENABLED": "the byte sidecar is used whenever DATA_PATH holds one (#2071 scored CaseOps without it)",
 }
 # Record variables whose feature breaks the challenge's rules: setting them on is an error, not a warning.
 REFUSED_RECORD_VARIABLES = {
     "NGRAM_ENABLED": "#181's two-pass n-gram re-score builds its tables from the whole validation stream (future "
-                     "tokens, the target's own count) and blends only the target's probability: illegal (#402, #677)",
+    "tokens, the target's own count) and blends only the target's probability: illegal (#402, #677)",
 }
 # Records' spellings of these variables (name -> (names, conversion)): a pasted command line means the same run.
 RECORD_SPELLINGS = {
     "GPTQ_RESERVE_MS": (("GPTQ_RESERVE_SECONDS",), lambda v: str(float(v) / 1000.0)),  # #1089
-    **{name: (canonical, str) for name, canonical in {
-        "QAT_THRESHOLD": ("LATE_QAT_THRESHOLD",), "MIN_LR": ("LR_FLOOR",),  # #1089, #1855
-        "GPTQ_CALIBRATION_BATCHES": ("GPTQ_CALIB_BATCHES",), "VAL_BATCH_TOKENS": ("VAL_BATCH_SIZE",),  # #1855
-        "MATRIX_BITS": ("QUANT_BITS_MLP", "QUANT_BITS_ATTN"), "EMBED_BITS": ("QUANT_BITS_EMBED",),  # #1855
-        "MLP_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_MLP",), "ATTN_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_ATTN",),  # #1855
-        "EMBED_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_EMBED",),  # #1855 (its embed group is tok_emb only)
-        "NGRAM_BUCKETS": ("ENGRAM_BUCKETS",), "NGRAM_HEADS": ("ENGRAM_HEADS",),  # #1089 (not #181's NGRAM_ENABLED)
-        "NGRAM_ORDERS": ("ENGRAM_ORDERS",), "NGRAM_DIM_PER_HEAD": ("ENGRAM_DIM_PER_HEAD",)}.items()},
+    **{
+        name: (canonical, str)
+        for name, canonical in {
+            "QAT_THRESHOLD": ("LATE_QAT_THRESHOLD",),
+            "MIN_LR": ("LR_FLOOR",),  # #1089, #1855
+            "GPTQ_CALIBRATION_BATCHES": ("GPTQ_CALIB_BATCHES",),
+            "VAL_BATCH_TOKENS": ("VAL_BATCH_SIZE",),  # #1855
+            "MATRIX_BITS": ("QUANT_BITS_MLP", "QUANT_BITS_ATTN"),
+            "EMBED_BITS": ("QUANT_BITS_EMBED",),  # #1855
+            "MLP_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_MLP",),
+            "ATTN_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_ATTN",),  # #1855
+            "EMBED_CLIP_SIGMAS": ("QUANT_CLIP_SIGMAS_EMBED",),  # #1855 (its embed group is tok_emb only)
+            "NGRAM_BUCKETS": ("ENGRAM_BUCKETS",),
+            "NGRAM_HEADS": ("ENGRAM_HEADS",),  # #1089 (not #181's NGRAM_ENABLED)
+            "NGRAM_ORDERS": ("ENGRAM_ORDERS",),
+            "NGRAM_DIM_PER_HEAD": ("ENGRAM_DIM_PER_HEAD",),
+        }.items()
+    },
 }
-# PRESET=name: defaults from each record's scored run, below explicit variables (README "Presets": what differs).
+# PRESET=name: defaults from each record's scored run, below explicit variables (docs/CONFIG.md: what differs).
 PRESETS = {
     "record549": {},
     # #181 (1.1190, non-record): #549 re-run with its code defaults: 2048 bigram buckets, TTT freezing 2 blocks.
     "pr181": {"BIGRAM_VOCAB_SIZE": "2048", "TTT_FREEZE_BLOCKS": "2"},
-    # #1089 (1.1091, 3 seeds) as scored at commit 8c44a2e (beyond_549.md sections 0 and 1.18), not its PR head.
+    # #1089 (1.1091, 3 seeds) as scored at commit 8c44a2e (its scored run's log), not its PR head.
     "pr1089": {
-        "MLP_MULT": "3.5", "MLP_NEGATIVE_SLOPE": "0.3", "XSA_LAST_N": "11", "QK_GAIN_INIT": "1.5",
-        "BIGRAM_VOCAB_SIZE": "0", "ENGRAM_BUCKETS": "8192", "ENGRAM_HEADS": "2", "ENGRAM_ORDERS": "2",
-        "ENGRAM_DIM_PER_HEAD": "32", "SKIP_GATES_ENABLED": "1", "MIMETIC_VO_INIT": "0.05",
-        "MUON_NS": "turbo", "MUON_BACKEND_STEPS": "4", "MUON_POST_NORM": "row_col", "MUON_DECAY_AFTER_UPDATE": "1",
-        "SMALL_MATRIX_OPTIMIZER": "muon", "EMBED_BETA1": "0.7", "GRAD_CLIP_SCOPE": "local",
-        "WARMDOWN_ITERS": "3500", "LR_FLOOR": "0.05",
-        "SWA_ENABLED": "1", "SWA_EVERY": "50", "SWA_THRESHOLD": "0.2", "SWA_MIN_SNAPSHOTS": "2",
-        "LATE_QAT_THRESHOLD": "0.15", "SOFT_ROUND_QAT": "1", "SOFT_ROUND_ALPHA_MAX": "16",
-        "QUANT": "gptq", "QUANT_BITS_MLP": "5", "QUANT_BITS_ATTN": "5", "QUANT_BITS_EMBED": "8",
-        "GPTQ_CALIB_BATCHES": "64", "GPTQ_RESERVE_SECONDS": "14",
-        "MIXED_PRECISION": "1", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1", "SIZE_FIT": "1", "SIZE_FIT_LEVELS": "2",
+        "MLP_MULT": "3.5",
+        "MLP_NEGATIVE_SLOPE": "0.3",
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "1.5",
+        "BIGRAM_VOCAB_SIZE": "0",
+        "ENGRAM_BUCKETS": "8192",
+        "ENGRAM_HEADS": "2",
+        "ENGRAM_ORDERS": "2",
+        "ENGRAM_DIM_PER_HEAD": "32",
+        "SKIP_GATES_ENABLED": "1",
+        "MIMETIC_VO_INIT": "0.05",
+        "MUON_NS": "turbo",
+        "MUON_BACKEND_STEPS": "4",
+        "MUON_POST_NORM": "row_col",
+        "MUON_DECAY_AFTER_UPDATE": "1",
+        "SMALL_MATRIX_OPTIMIZER": "muon",
+        "EMBED_BETA1": "0.7",
+        "GRAD_CLIP_SCOPE": "local",
+        "WARMDOWN_ITERS": "3500",
+        "LR_FLOOR": "0.05",
+        "SWA_ENABLED": "1",
+        "SWA_EVERY": "50",
+        "SWA_THRESHOLD": "0.2",
+        "SWA_MIN_SNAPSHOTS": "2",
+        "LATE_QAT_THRESHOLD": "0.15",
+        "SOFT_ROUND_QAT": "1",
+        "SOFT_ROUND_ALPHA_MAX": "16",
+        "QUANT": "gptq",
+        "QUANT_BITS_MLP": "5",
+        "QUANT_BITS_ATTN": "5",
+        "QUANT_BITS_EMBED": "8",
+        "GPTQ_CALIB_BATCHES": "64",
+        "GPTQ_RESERVE_SECONDS": "14",
+        "MIXED_PRECISION": "1",
+        "COMPRESSOR": "brotli",
+        "BYTE_SHUFFLE": "1",
+        "SIZE_FIT": "1",
+        "SIZE_FIT_LEVELS": "2",
         "TTT_ENABLED": "0",
     },
     # #518's model and TTT optimizer (AdamW 5e-4, mlp_up x0.5, mlp_down x3, clip 1), run score-first per chunk: its
     # own 30-50 epochs over the validation set before scoring trained on unscored tokens (illegal, not offered).
     "pr518_legal": {
-        "BIGRAM_VOCAB_SIZE": "2048", "COMPRESSOR": "zstd", "TTT_ENABLED": "1", "TTT_OPTIMIZER": "adamw",
-        "TTT_LR": "0.0005", "TTT_LR_MULTS": "1,1,0.5,3", "TTT_GRAD_CLIP": "1.0", "TTT_FREEZE_BLOCKS": "0",
+        "BIGRAM_VOCAB_SIZE": "2048",
+        "COMPRESSOR": "zstd",
+        "TTT_ENABLED": "1",
+        "TTT_OPTIMIZER": "adamw",
+        "TTT_LR": "0.0005",
+        "TTT_LR_MULTS": "1,1,0.5,3",
+        "TTT_GRAD_CLIP": "1.0",
+        "TTT_FREEZE_BLOCKS": "0",
     },
-    # The 1.0611 stack (#1855; README "Presets": the PRs) on this vocabulary, BigramHash and VE kept (#1218 dropped
+    # The 1.0611 stack (#1855; docs/CONFIG.md: the PRs) on this vocabulary, BigramHash and VE kept (#1218 dropped
     # them with SP4096); its eval plus #1514's tilt: document isolation, phased doc-LoRA TTT (rank 80), the tilt.
     "frontier": {
-        "MLP_MULT": "4", "XSA_LAST_N": "11", "QK_GAIN_INIT": "5.25", "SKIP_GATES_ENABLED": "1", "SMEAR_GATE": "input",
-        "SMEAR_BOS_MASK": "1", "ATTN_OUT_GATE": "sparse", "SPARSE_ATTN_GATE_SCALE": "0.5", "PARALLEL_RESIDUAL":
-        "two_lane", "PARALLEL_START_LAYER": "8", "NUM_LOOPS": "2", "LOOP_START": "3", "LOOP_END": "5",
-        "ENABLE_LOOPING_AT": "0.35", "MUON_NS": "polar_express", "MUON_BACKEND_STEPS": "5", "MUON_EQ_R": "1",
-        "MATRIX_LR": "0.026", "MUON_WD": "0.095", "MUON_MOMENTUM": "0.97", "TIED_EMBED_LR": "0.03", "EMBED_WD":
-        "0.085", "SCALAR_LR": "0.02", "ADAM_WD": "0.02", "BETA2": "0.99", "WARMDOWN_FRAC": "0.85", "LR_FLOOR": "0.1",
-        "WD_TAPER_START": "0.7", "WD_TAPER_FINAL": "0.5", "EMA_DECAY": "0.9965", "LATE_QAT_THRESHOLD": "0",
-        "LOADER": "shuffled", "QUANT": "gptq", "QUANT_BITS_MLP": "6", "QUANT_BITS_ATTN": "6", "QUANT_BITS_EMBED": "7",
-        "QUANT_BITS_TABLES": "7", "QUANT_CLIP_SIGMAS_MLP": "11.5", "QUANT_CLIP_SIGMAS_ATTN": "13",
-        "QUANT_CLIP_SIGMAS_EMBED": "20", "LQER_TOP_K": "3", "LQER_RANK": "4", "COMPRESSOR": "brotli", "BYTE_SHUFFLE": "1",
-        "DOC_ISOLATION": "1", "TTT_MODE": "lora", "TTT_LORA_RANK": "80", "NGRAM_TILT": "1", "EVAL_SLIDING": "0",
+        "MLP_MULT": "4",
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "5.25",
+        "SKIP_GATES_ENABLED": "1",
+        "SMEAR_GATE": "input",
+        "SMEAR_BOS_MASK": "1",
+        "ATTN_OUT_GATE": "sparse",
+        "SPARSE_ATTN_GATE_SCALE": "0.5",
+        "PARALLEL_RESIDUAL": "two_lane",
+        "PARALLEL_START_LAYER": "8",
+        "NUM_LOOPS": "2",
+        "LOOP_START": "3",
+        "LOOP_END": "5",
+        "ENABLE_LOOPING_AT": "0.35",
+        "MUON_NS": "polar_express",
+        "MUON_BACKEND_STEPS": "5",
+        "MUON_EQ_R": "1",
+        "MATRIX_LR": "0.026",
+        "MUON_WD": "0.095",
+        "MUON_MOMENTUM": "0.97",
+        "TIED_EMBED_LR": "0.03",
+        "EMBED_WD": "0.085",
+        "SCALAR_LR": "0.02",
+        "ADAM_WD": "0.02",
+        "BETA2": "0.99",
+        "WARMDOWN_FRAC": "0.85",
+        "LR_FLOOR": "0.1",
+        "WD_TAPER_START": "0.7",
+        "WD_TAPER_FINAL": "0.5",
+        "EMA_DECAY": "0.9965",
+        "LATE_QAT_THRESHOLD": "0",
+        "LOADER": "shuffled",
+        "QUANT": "gptq",
+        "QUANT_BITS_MLP": "6",
+        "QUANT_BITS_ATTN": "6",
+        "QUANT_BITS_EMBED": "7",
+        "QUANT_BITS_TABLES": "7",
+        "QUANT_CLIP_SIGMAS_MLP": "11.5",
+        "QUANT_CLIP_SIGMAS_ATTN": "13",
+        "QUANT_CLIP_SIGMAS_EMBED": "20",
+        "LQER_TOP_K": "3",
+        "LQER_RANK": "4",
+        "COMPRESSOR": "brotli",
+        "BYTE_SHUFFLE": "1",
+        "DOC_ISOLATION": "1",
+        "TTT_MODE": "lora",
+        "TTT_LORA_RANK": "80",
+        "NGRAM_TILT": "1",
+        "EVAL_SLIDING": "0",
     },
 }
 # The same on #1394's SP8192 export and on #1729's CaseOps export (data/cached_challenge_fineweb.py --variant
 # sp8192 | caseops_sp8192), without BigramHash and VE as from #1218/#1394 on: the stack of #1855 but its eval.
-PRESETS["frontier_sp8192"] = dict(PRESETS["frontier"], VOCAB_SIZE="8192", BIGRAM_VOCAB_SIZE="0", VE_ENABLED="0",
-                                  DATA_PATH="./data/datasets/fineweb10B_sp8192",
-                                  TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model")
-PRESETS["frontier_caseops"] = dict(PRESETS["frontier_sp8192"], DATA_PATH="./data/datasets/fineweb10B_sp8192_"
-                                   "lossless_caps_caseops_v1_reserved", TOKENIZER_PATH="./data/tokenizers/"
-                                   "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+PRESETS["frontier_sp8192"] = dict(
+    PRESETS["frontier"],
+    VOCAB_SIZE="8192",
+    BIGRAM_VOCAB_SIZE="0",
+    VE_ENABLED="0",
+    DATA_PATH="./data/datasets/fineweb10B_sp8192",
+    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model",
+)
+PRESETS["frontier_caseops"] = dict(
+    PRESETS["frontier_sp8192"],
+    DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+)
+
 
 def resolve_record_spellings(environ) -> dict:
     environ = dict(environ)
@@ -214,13 +358,24 @@ def resolve_record_spellings(environ) -> dict:
         for name in names:
             current = environ.get(name, "").strip()
             if current and float(current) != float(value):
-                raise InputError(f"env {alias}={raw} and {name}={current} disagree ({alias} is the record's "
-                                 f"spelling of {name}); set one")
+                raise InputError(
+                    f"env {alias}={raw} and {name}={current} disagree ({alias} is the record's "
+                    f"spelling of {name}); set one"
+                )
             environ[name] = value
     return environ
 
+
+def raise_first_failed(checks):
+    """Settings checks are (failed, message) pairs: the first failed one is the error, naming its variables."""
+    for failed, message in checks:
+        if failed:
+            raise InputError(message)
+
+
 class Hyperparameters:
-    """Every setting of a run. Names and defaults follow #549 (record_549.md section 2) where shared."""
+    """Every setting of a run. Names and defaults follow #549's train_gpt.py where shared."""
+
     def __init__(self, environ=None):
         environ = resolve_record_spellings(os.environ if environ is None else environ)
         env = EnvReader(environ)
@@ -238,179 +393,406 @@ class Hyperparameters:
             if environ.get(name, "0").strip() not in ("", "0"):
                 raise InputError(f"env {name}={environ[name]}: {reason}")
         self.validate()
+
     def _read_run(self, env: EnvReader):
         """Data, bookkeeping, training length, batch, logging, devices and ranks. In each table below the attribute
         is the variable's lower-case name; a spec is a default or (default, minimum[, maximum]) / (default, choices)."""
-        env.fill(self, "text", DATA_PATH="./data/datasets/fineweb10B_sp1024", RUN_ID=str(uuid.uuid4()),
-                 TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model", ARTIFACT_PATH="final_model.int6.ptz")
-        env.fill(self, "int", SEED=1337, ITERATIONS=(20000, 0), WARMUP_STEPS=(20, 0), WARMDOWN_ITERS=(3500, 0),
-                 TRAIN_BATCH_TOKENS=(786_432, 1), TRAIN_SEQ_LEN=(2048, 2), EVAL_SEQ_LEN=(2048, 2),
-                 VAL_BATCH_SIZE=(524_288, 1), VAL_LOSS_EVERY=(4000, 0), TRAIN_LOG_EVERY=(500, 0))
-        env.fill(self, "float", WARMDOWN_FRAC=(0.0, 0.0, 1.0), LR_FLOOR=(0.0, 0.0, 0.99), MAX_WALLCLOCK_SECONDS=(600.0, 0.0))
+        env.fill(
+            self,
+            "text",
+            DATA_PATH="./data/datasets/fineweb10B_sp1024",
+            RUN_ID=str(uuid.uuid4()),
+            TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
+            ARTIFACT_PATH="final_model.int6.ptz",
+        )
+        env.fill(
+            self,
+            "int",
+            SEED=1337,
+            ITERATIONS=(20000, 0),
+            WARMUP_STEPS=(20, 0),
+            WARMDOWN_ITERS=(3500, 0),
+            TRAIN_BATCH_TOKENS=(786_432, 1),
+            TRAIN_SEQ_LEN=(2048, 2),
+            EVAL_SEQ_LEN=(2048, 2),
+            VAL_BATCH_SIZE=(524_288, 1),
+            VAL_LOSS_EVERY=(4000, 0),
+            TRAIN_LOG_EVERY=(500, 0),
+        )
+        env.fill(
+            self, "float", WARMDOWN_FRAC=(0.0, 0.0, 1.0), LR_FLOOR=(0.0, 0.0, 0.99), MAX_WALLCLOCK_SECONDS=(600.0, 0.0)
+        )
         # auto: bf16 + compile + FlashAttention 3 (a missing wheel fails at start) on CUDA, fp32 + eager + SDPA on CPU
-        env.fill(self, "choice", LOADER=("stream", ("stream", "shuffled")), COMPILE=("auto", ("auto", "0", "1")),
-                 COMPUTE_DTYPE=("auto", ("auto", "bf16", "fp32")),
-                 ATTENTION_BACKEND=("auto", ("auto", "fa3", "fa2", "sdpa")))
+        env.fill(
+            self,
+            "choice",
+            LOADER=("stream", ("stream", "shuffled")),
+            COMPILE=("auto", ("auto", "0", "1")),
+            COMPUTE_DTYPE=("auto", ("auto", "bf16", "fp32")),
+            ATTENTION_BACKEND=("auto", ("auto", "fa3", "fa2", "sdpa")),
+        )
         self.fused_kernels = env.flag("FUSED_KERNELS", False)
         env.fill(self, "int", RANK=(0, 0), WORLD_SIZE=(1, 1), LOCAL_RANK=(0, 0))  # set by torchrun
         self.collective_timeout_seconds = env.float("COLLECTIVE_TIMEOUT_SECONDS", 300.0, 1.0)
         self.distributed = "RANK" in env.environ and "WORLD_SIZE" in env.environ
+
     def _read_model(self, env: EnvReader):
         """Model shape and initialization. BIGRAM_VOCAB_SIZE 1536 is what #549 ran (its code default was 2048);
         ENGRAM_*: #1089's hashed bigram + trigram tables (0 buckets = off); LOOP_*: depth recurrence (#1204 -> #1855)."""
-        env.fill(self, "int", VOCAB_SIZE=(1024, 2), NUM_LAYERS=(11, 1), MODEL_DIM=(512, 8), NUM_HEADS=(8, 1),
-                 NUM_KV_HEADS=(4, 1), ROPE_DIMS=(16, 0), XSA_LAST_N=(4, 0), BIGRAM_VOCAB_SIZE=(1536, 0),
-                 BIGRAM_DIM=(128, 1), ENGRAM_BUCKETS=(0, 0), ENGRAM_HEADS=(2, 1), ENGRAM_ORDERS=(2, 1),
-                 ENGRAM_DIM_PER_HEAD=(32, 1), VE_DIM=(128, 1), PARALLEL_START_LAYER=(8, 0), NUM_LOOPS=(0, 0),
-                 LOOP_START=(3, 0), LOOP_END=(5, 0))
+        env.fill(
+            self,
+            "int",
+            VOCAB_SIZE=(1024, 2),
+            NUM_LAYERS=(11, 1),
+            MODEL_DIM=(512, 8),
+            NUM_HEADS=(8, 1),
+            NUM_KV_HEADS=(4, 1),
+            ROPE_DIMS=(16, 0),
+            XSA_LAST_N=(4, 0),
+            BIGRAM_VOCAB_SIZE=(1536, 0),
+            BIGRAM_DIM=(128, 1),
+            ENGRAM_BUCKETS=(0, 0),
+            ENGRAM_HEADS=(2, 1),
+            ENGRAM_ORDERS=(2, 1),
+            ENGRAM_DIM_PER_HEAD=(32, 1),
+            VE_DIM=(128, 1),
+            PARALLEL_START_LAYER=(8, 0),
+            NUM_LOOPS=(0, 0),
+            LOOP_START=(3, 0),
+            LOOP_END=(5, 0),
+        )
         # MIMETIC_VO_INIT (#1089): Out = -0.05 * GQA-expand(V). LeakyReLU(slope)^2: #549 0.5 (-0.0021 BPB vs ReLU^2),
         # #1089 0.3; MLP_NEGATIVE_SLOPES overrides it per layer (#1089 head "ASQU v3"). SPARSE_ATTN_GATE_SCALE: #1855.
-        env.fill(self, "float", MLP_MULT=(3.0, 0.0), ROPE_BASE=(10000.0, 1.0), QK_GAIN_INIT=1.5, LOGIT_SOFTCAP=(30.0, 0.0),
-                 TIED_EMBED_INIT_STD=(0.005, 0.0), MIMETIC_VO_INIT=(0.0, 0.0), MLP_NEGATIVE_SLOPE=0.5,
-                 SPARSE_ATTN_GATE_SCALE=0.5, ENABLE_LOOPING_AT=(0.35, 0.0, 1.0))
-        self.ve_layers, self.mlp_negative_slopes = env.int_list("VE_LAYERS", "9,10"), env.float_list("MLP_NEGATIVE_SLOPES", "")
-        env.fill(self, "flag", LN_SCALE=True, VE_ENABLED=True, SKIP_GATES_ENABLED=False, SMEAR_BOS_MASK=False,
-                 DOC_ISOLATION=False)
-        env.fill(self, "choice", SMEAR_GATE=("channel", ("channel", "input")),
-                 ATTN_OUT_GATE=("none", ("none", "attn_out", "dense", "sparse")),
-                 PARALLEL_RESIDUAL=("none", ("none", "two_lane", "gptj")))
+        env.fill(
+            self,
+            "float",
+            MLP_MULT=(3.0, 0.0),
+            ROPE_BASE=(10000.0, 1.0),
+            QK_GAIN_INIT=1.5,
+            LOGIT_SOFTCAP=(30.0, 0.0),
+            TIED_EMBED_INIT_STD=(0.005, 0.0),
+            MIMETIC_VO_INIT=(0.0, 0.0),
+            MLP_NEGATIVE_SLOPE=0.5,
+            SPARSE_ATTN_GATE_SCALE=0.5,
+            ENABLE_LOOPING_AT=(0.35, 0.0, 1.0),
+        )
+        self.ve_layers, self.mlp_negative_slopes = (
+            env.int_list("VE_LAYERS", "9,10"),
+            env.float_list("MLP_NEGATIVE_SLOPES", ""),
+        )
+        env.fill(
+            self,
+            "flag",
+            LN_SCALE=True,
+            VE_ENABLED=True,
+            SKIP_GATES_ENABLED=False,
+            SMEAR_BOS_MASK=False,
+            DOC_ISOLATION=False,
+        )
+        env.fill(
+            self,
+            "choice",
+            SMEAR_GATE=("channel", ("channel", "input")),
+            ATTN_OUT_GATE=("none", ("none", "attn_out", "dense", "sparse")),
+            PARALLEL_RESIDUAL=("none", ("none", "two_lane", "gptj")),
+        )
+
     def _read_optimizer(self, env: EnvReader):
         """Optimizers, weight averaging and quantization-aware training. MUON_NS quintic: #549's Newton-Schulz; turbo:
         #1089's AOL + Polar Express table; polar_express: #1787/#1855's per-step tuples. MUON_EQ_R: unit rows first
         (#1855). SMALL_MATRIX_OPTIMIZER muon: #1089's Muon for the bigram/VE projections (#549: AdamW)."""
-        env.fill(self, "float", MATRIX_LR=(0.025, 0.0), SCALAR_LR=(0.025, 0.0), TIED_EMBED_LR=(0.035, 0.0),
-                 MUON_MOMENTUM=(0.99, 0.0), MUON_MOMENTUM_WARMUP_START=(0.92, 0.0), MUON_WD=(0.04, 0.0),
-                 ADAM_WD=(0.04, 0.0), EMBED_WD=(None, 0.0), WD_TAPER_START=(1.0, 0.0, 1.0), WD_TAPER_FINAL=(0.5, 0.0),
-                 BETA1=(0.9, 0.0), EMBED_BETA1=(None, 0.0), BETA2=(0.95, 0.0), ADAM_EPS=(1e-8, 0.0),
-                 GRAD_CLIP_NORM=(0.3, 0.0), EMA_DECAY=(0.997, 0.0), SWA_THRESHOLD=(0.2, 0.0),
-                 LATE_QAT_THRESHOLD=(0.15, 0.0), SOFT_ROUND_ALPHA_MAX=(16.0, 1.0))
-        env.fill(self, "int", MUON_MOMENTUM_WARMUP_STEPS=(1500, 0), MUON_BACKEND_STEPS=(5, 1), SWA_EVERY=(50, 1),
-                 SWA_MIN_SNAPSHOTS=(1, 1))
-        env.fill(self, "flag", MUON_EQ_R=False, MUON_DECAY_AFTER_UPDATE=False, SWA_ENABLED=False, QAT_ENABLED=False,
-                 SOFT_ROUND_QAT=False)
+        env.fill(
+            self,
+            "float",
+            MATRIX_LR=(0.025, 0.0),
+            SCALAR_LR=(0.025, 0.0),
+            TIED_EMBED_LR=(0.035, 0.0),
+            MUON_MOMENTUM=(0.99, 0.0),
+            MUON_MOMENTUM_WARMUP_START=(0.92, 0.0),
+            MUON_WD=(0.04, 0.0),
+            ADAM_WD=(0.04, 0.0),
+            EMBED_WD=(None, 0.0),
+            WD_TAPER_START=(1.0, 0.0, 1.0),
+            WD_TAPER_FINAL=(0.5, 0.0),
+            BETA1=(0.9, 0.0),
+            EMBED_BETA1=(None, 0.0),
+            BETA2=(0.95, 0.0),
+            ADAM_EPS=(1e-8, 0.0),
+            GRAD_CLIP_NORM=(0.3, 0.0),
+            EMA_DECAY=(0.997, 0.0),
+            SWA_THRESHOLD=(0.2, 0.0),
+            LATE_QAT_THRESHOLD=(0.15, 0.0),
+            SOFT_ROUND_ALPHA_MAX=(16.0, 1.0),
+        )
+        env.fill(
+            self,
+            "int",
+            MUON_MOMENTUM_WARMUP_STEPS=(1500, 0),
+            MUON_BACKEND_STEPS=(5, 1),
+            SWA_EVERY=(50, 1),
+            SWA_MIN_SNAPSHOTS=(1, 1),
+        )
+        env.fill(
+            self,
+            "flag",
+            MUON_EQ_R=False,
+            MUON_DECAY_AFTER_UPDATE=False,
+            SWA_ENABLED=False,
+            QAT_ENABLED=False,
+            SOFT_ROUND_QAT=False,
+        )
         # GRAD_CLIP_SCOPE local and LATE_QAT_SCOPE projections are #549's (README: the global clip, QAT on every bank)
-        env.fill(self, "choice", MUON_NS=("quintic", ("quintic", "turbo", "polar_express")),
-                 MUON_POST_NORM=("none", ("none", "row", "col", "row_col")), LATE_QAT_SCOPE=("banks", ("banks", "projections")),
-                 SMALL_MATRIX_OPTIMIZER=("adamw", ("adamw", "muon")), GRAD_CLIP_SCOPE=("global", ("global", "local")))
+        env.fill(
+            self,
+            "choice",
+            MUON_NS=("quintic", ("quintic", "turbo", "polar_express")),
+            MUON_POST_NORM=("none", ("none", "row", "col", "row_col")),
+            LATE_QAT_SCOPE=("banks", ("banks", "projections")),
+            SMALL_MATRIX_OPTIMIZER=("adamw", ("adamw", "muon")),
+            GRAD_CLIP_SCOPE=("global", ("global", "local")),
+        )
+
     def _read_export(self, env: EnvReader):
         """Quantization (per tensor group), GPTQ calibration, compression and the size planner. QUANT_CLIP_SIGMAS 0:
         GPTQ on GPTQ-lite's searched clip (best on P1), k > 0: SDClip k*std(row). COMPRESSOR lrzip: #1855's per-group
         compression. MIXED_PRECISION: #1089's Hessian-ranked +1/+2 bits while it fits. LQER_TOP_K: #1797."""
-        env.fill(self, "int", QUANT_BITS_MLP=6, QUANT_BITS_ATTN=6, QUANT_BITS_EMBED=8, QUANT_BITS_TABLES=8,
-                 GPTQ_CALIB_BATCHES=(16, 1), SIZE_FIT_LEVELS=(1, 1), LQER_TOP_K=(0, 0), LQER_RANK=(4, 1))
-        env.fill(self, "float", QUANT_CLIP_SIGMAS_MLP=(0.0, 0.0), QUANT_CLIP_SIGMAS_ATTN=(0.0, 0.0),
-                 QUANT_CLIP_SIGMAS_EMBED=(0.0, 0.0), GPTQ_RESERVE_SECONDS=(8.0, 0.0))
-        env.fill(self, "choice", QUANT=("gptq_lite", ("gptq_lite", "gptq")),
-                 COMPRESSOR=("lzma", ("lzma", "zstd", "brotli", "lrzip")))
+        env.fill(
+            self,
+            "int",
+            QUANT_BITS_MLP=6,
+            QUANT_BITS_ATTN=6,
+            QUANT_BITS_EMBED=8,
+            QUANT_BITS_TABLES=8,
+            GPTQ_CALIB_BATCHES=(16, 1),
+            SIZE_FIT_LEVELS=(1, 1),
+            LQER_TOP_K=(0, 0),
+            LQER_RANK=(4, 1),
+        )
+        env.fill(
+            self,
+            "float",
+            QUANT_CLIP_SIGMAS_MLP=(0.0, 0.0),
+            QUANT_CLIP_SIGMAS_ATTN=(0.0, 0.0),
+            QUANT_CLIP_SIGMAS_EMBED=(0.0, 0.0),
+            GPTQ_RESERVE_SECONDS=(8.0, 0.0),
+        )
+        env.fill(
+            self,
+            "choice",
+            QUANT=("gptq_lite", ("gptq_lite", "gptq")),
+            COMPRESSOR=("lzma", ("lzma", "zstd", "brotli", "lrzip")),
+        )
         env.fill(self, "flag", BYTE_SHUFFLE=False, SIZE_FIT=False, MIXED_PRECISION=False, DRY_RUN=False)
+
     def _read_evaluation(self, env: EnvReader):
         """Evaluation: sliding window, legal TTT (#549's run used it), its budget, eval-only. TTT_OPTIMIZER adamw:
         #518's (betas 0.9/0.999). TTT_LR_MULTS: the qo, kv, mlp_up, mlp_down banks (#518: 1,1,0.5,3). TTT_MODE lora:
-        phased document LoRA TTT with #1855's values (frontier.md); NGRAM_TILT: #1514's causal token-only tilt."""
-        env.fill(self, "int", EVAL_STRIDE=(64, 1), TTT_EPOCHS=(3, 0), TTT_CHUNK_TOKENS=(32768, 1), TTT_BATCH_SEQS=(32, 1),
-                 TTT_FREEZE_BLOCKS=(0, 0), TTT_LORA_RANK=(96, 1), TTT_LORA_CHUNK=(48, 1), TTT_LORA_CONTEXT=(2048, 1),
-                 TTT_LORA_BATCH=(64, 1), TTT_LORA_BATCH_TOKENS=(65536, 1), TTT_PHASES=(3, 0))
-        env.fill(self, "float", TTT_LR=(0.002, 0.0), TTT_MOMENTUM=(0.9, 0.0), TTT_GRAD_CLIP=(1.0, 0.0),
-                 TTT_LORA_ALPHA=(144.0, 0.0), TTT_LORA_LR=(1e-4, 0.0), TTT_LORA_WD=(0.5, 0.0),
-                 TTT_LORA_BETA1=(0.0, 0.0, 0.999), TTT_LORA_BETA2=(0.99, 0.0, 0.9999), TTT_PHASE_FRACTION=(0.05, 0.0, 1.0),
-                 TTT_PHASE_LR=(0.001, 0.0), NGRAM_TILT_BETA=(2.0, 0.0), EVAL_BUDGET_SECONDS=(600.0, 0.0))
-        env.fill(self, "choice", TTT_OPTIMIZER=("sgd", ("sgd", "adamw")), TTT_MODE=("sgd", ("sgd", "lora")),
-                 TTT_LORA_ORDER=("length", ("length", "stream")))
-        env.fill(self, "flag", TTT_ENABLED=True, TTT_LORA_WARM_START_A=True, NGRAM_TILT=False, EVAL_ONLY=False,
-                 EVAL_SLIDING=True)
+        phased document LoRA TTT with #1855's values; NGRAM_TILT: #1514's causal token-only tilt."""
+        env.fill(
+            self,
+            "int",
+            EVAL_STRIDE=(64, 1),
+            TTT_EPOCHS=(3, 0),
+            TTT_CHUNK_TOKENS=(32768, 1),
+            TTT_BATCH_SEQS=(32, 1),
+            TTT_FREEZE_BLOCKS=(0, 0),
+            TTT_LORA_RANK=(96, 1),
+            TTT_LORA_CHUNK=(48, 1),
+            TTT_LORA_CONTEXT=(2048, 1),
+            TTT_LORA_BATCH=(64, 1),
+            TTT_LORA_BATCH_TOKENS=(65536, 1),
+            TTT_PHASES=(3, 0),
+        )
+        env.fill(
+            self,
+            "float",
+            TTT_LR=(0.002, 0.0),
+            TTT_MOMENTUM=(0.9, 0.0),
+            TTT_GRAD_CLIP=(1.0, 0.0),
+            TTT_LORA_ALPHA=(144.0, 0.0),
+            TTT_LORA_LR=(1e-4, 0.0),
+            TTT_LORA_WD=(0.5, 0.0),
+            TTT_LORA_BETA1=(0.0, 0.0, 0.999),
+            TTT_LORA_BETA2=(0.99, 0.0, 0.9999),
+            TTT_PHASE_FRACTION=(0.05, 0.0, 1.0),
+            TTT_PHASE_LR=(0.001, 0.0),
+            NGRAM_TILT_BETA=(2.0, 0.0),
+            EVAL_BUDGET_SECONDS=(600.0, 0.0),
+        )
+        env.fill(
+            self,
+            "choice",
+            TTT_OPTIMIZER=("sgd", ("sgd", "adamw")),
+            TTT_MODE=("sgd", ("sgd", "lora")),
+            TTT_LORA_ORDER=("length", ("length", "stream")),
+        )
+        env.fill(
+            self,
+            "flag",
+            TTT_ENABLED=True,
+            TTT_LORA_WARM_START_A=True,
+            NGRAM_TILT=False,
+            EVAL_ONLY=False,
+            EVAL_SLIDING=True,
+        )
         self.ttt_lr_mults = env.float_list("TTT_LR_MULTS", "1,1,1,1")
+
     def validate(self):
         """Refuse settings that cannot work together: the first failing check, naming its variables."""
         head_dim, chunk, layers = self.model_dim // self.num_heads, self.ttt_chunk_tokens, self.num_layers
-        micro = max(self.world_size * self.grad_accum_steps * self.train_seq_len, 1)
         bad_ve = [i for i in self.ve_layers if not 0 <= i < layers] if self.ve_enabled else []
         checks = (
-            (self.model_dim % self.num_heads, f"env MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}"),
-            (self.num_heads % self.num_kv_heads, f"env NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS="
-                                                 f"{self.num_kv_heads}"),
-            (self.rope_dims % 2 or self.rope_dims > head_dim, f"env ROPE_DIMS={self.rope_dims}: must be even and <= "
-                                                              f"head_dim={head_dim} (0 = all)"),
+            (
+                self.model_dim % self.num_heads,
+                f"env MODEL_DIM={self.model_dim} is not divisible by NUM_HEADS={self.num_heads}",
+            ),
+            (
+                self.num_heads % self.num_kv_heads,
+                f"env NUM_HEADS={self.num_heads} is not divisible by NUM_KV_HEADS={self.num_kv_heads}",
+            ),
+            (
+                self.rope_dims % 2 or self.rope_dims > head_dim,
+                f"env ROPE_DIMS={self.rope_dims}: must be even and <= head_dim={head_dim} (0 = all)",
+            ),
             (self.xsa_last_n > layers, f"env XSA_LAST_N={self.xsa_last_n} exceeds NUM_LAYERS={layers}"),
             (bad_ve, f"env VE_LAYERS has layers {bad_ve} outside 0..{layers - 1}"),
             (not 0.0 <= self.ema_decay < 1.0, f"env EMA_DECAY={self.ema_decay}: must be in [0, 1); 0 disables EMA"),
-            (self.eval_stride > self.eval_seq_len or self.eval_seq_len % self.eval_stride,
-             f"env EVAL_STRIDE={self.eval_stride}: must divide EVAL_SEQ_LEN={self.eval_seq_len}"),
-            (self.ttt_enabled and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)),
-             f"env TTT_CHUNK_TOKENS={chunk}: must be a multiple of EVAL_STRIDE={self.eval_stride} and >= EVAL_SEQ_LEN "
-             f"and TRAIN_SEQ_LEN, so no scoring window straddles two chunks"),
-            (self.engram_heads > len(ENGRAM_HASHES[0]) or self.engram_orders > len(ENGRAM_HASHES),
-             f"env ENGRAM_HEADS={self.engram_heads} / ENGRAM_ORDERS={self.engram_orders}: at most "
-             f"{len(ENGRAM_HASHES[0])} heads of orders 2..{len(ENGRAM_HASHES) + 1}"),
-            (len(self.mlp_negative_slopes) > layers,
-             f"env MLP_NEGATIVE_SLOPES has {len(self.mlp_negative_slopes)} values for NUM_LAYERS={layers}"),
-            (self.num_loops and not 0 <= self.loop_start <= self.loop_end < layers, f"env LOOP_START={self.loop_start}"
-             f"..LOOP_END={self.loop_end}: must satisfy 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={layers}"),
-            (self.parallel_residual != "none" and self.parallel_start_layer >= layers,
-             f"env PARALLEL_START_LAYER={self.parallel_start_layer}: no layer of NUM_LAYERS={layers} would be parallel"),
-            (len(self.ttt_lr_mults) != 4, f"env TTT_LR_MULTS={self.ttt_lr_mults}: expected 4 numbers (qo, kv, mlp_up, "
-                                          f"mlp_down banks)"),
-            (self.ttt_lora_context < self.ttt_lora_chunk,
-             f"env TTT_LORA_CONTEXT={self.ttt_lora_context} < TTT_LORA_CHUNK={self.ttt_lora_chunk}"),
-            (self.ttt_freeze_blocks > layers, f"env TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds NUM_LAYERS={layers}"),
-            (8 % self.world_size, f"WORLD_SIZE={self.world_size}: must divide 8 (1, 2, 4 or 8 ranks), as in #549"),
-            (self.train_batch_tokens % micro, f"env TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by "
-                                              f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={micro}"),
+            (
+                self.eval_stride > self.eval_seq_len or self.eval_seq_len % self.eval_stride,
+                f"env EVAL_STRIDE={self.eval_stride}: must divide EVAL_SEQ_LEN={self.eval_seq_len}",
+            ),
+            (
+                self.ttt_enabled and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)),
+                f"env TTT_CHUNK_TOKENS={chunk}: must be a multiple of EVAL_STRIDE={self.eval_stride} and >= EVAL_SEQ_LEN "
+                f"and TRAIN_SEQ_LEN, so no scoring window straddles two chunks",
+            ),
         )
-        for failed, message in checks:
-            if failed:
-                raise InputError(message)
+        raise_first_failed(checks)
+        self.validate_layers_and_ranks()
         self.validate_export()
+
+    def validate_layers_and_ranks(self):
+        layers = self.num_layers
+        micro = max(self.world_size * self.grad_accum_steps * self.train_seq_len, 1)
+        checks = (
+            (
+                self.engram_heads > len(ENGRAM_HASHES[0]) or self.engram_orders > len(ENGRAM_HASHES),
+                f"env ENGRAM_HEADS={self.engram_heads} / ENGRAM_ORDERS={self.engram_orders}: at most "
+                f"{len(ENGRAM_HASHES[0])} heads of orders 2..{len(ENGRAM_HASHES) + 1}",
+            ),
+            (
+                len(self.mlp_negative_slopes) > layers,
+                f"env MLP_NEGATIVE_SLOPES has {len(self.mlp_negative_slopes)} values for NUM_LAYERS={layers}",
+            ),
+            (
+                self.num_loops and not 0 <= self.loop_start <= self.loop_end < layers,
+                f"env LOOP_START={self.loop_start}"
+                f"..LOOP_END={self.loop_end}: must satisfy 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={layers}",
+            ),
+            (
+                self.parallel_residual != "none" and self.parallel_start_layer >= layers,
+                f"env PARALLEL_START_LAYER={self.parallel_start_layer}: no layer of NUM_LAYERS={layers} would be parallel",
+            ),
+            (
+                len(self.ttt_lr_mults) != 4,
+                f"env TTT_LR_MULTS={self.ttt_lr_mults}: expected 4 numbers (qo, kv, mlp_up, mlp_down banks)",
+            ),
+            (
+                self.ttt_lora_context < self.ttt_lora_chunk,
+                f"env TTT_LORA_CONTEXT={self.ttt_lora_context} < TTT_LORA_CHUNK={self.ttt_lora_chunk}",
+            ),
+            (
+                self.ttt_freeze_blocks > layers,
+                f"env TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds NUM_LAYERS={layers}",
+            ),
+            (8 % self.world_size, f"WORLD_SIZE={self.world_size}: must divide 8 (1, 2, 4 or 8 ranks), as in #549"),
+            (
+                self.train_batch_tokens % micro,
+                f"env TRAIN_BATCH_TOKENS={self.train_batch_tokens} is not divisible by "
+                f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={micro}",
+            ),
+        )
+        raise_first_failed(checks)
+
     def validate_export(self):
         for group in ("mlp", "attn", "embed", "tables"):
             bits = self.group_bits(group)
             if not 5 <= bits <= 8:
                 raise InputError(f"env QUANT_BITS_{group.upper()}={bits}: must be 5, 6, 7 or 8")
         if self.compressor == "lrzip" and shutil.which("lrzip") is None:
-            raise InputError("env COMPRESSOR=lrzip: the lrzip program is not on PATH (apt-get install lrzip; Debian "
-                             "package lrzip), or choose COMPRESSOR=brotli, which needs no system program")
+            raise InputError(
+                "env COMPRESSOR=lrzip: the lrzip program is not on PATH (apt-get install lrzip; Debian "
+                "package lrzip), or choose COMPRESSOR=brotli, which needs no system program"
+            )
         module = {"zstd": "zstandard", "brotli": "brotli", "lrzip": "brotli"}.get(self.compressor)
         if module and importlib.util.find_spec(module) is None:  # found at start, not after 600 s of training
-            raise InputError(f"env COMPRESSOR={self.compressor}: the {module} module is not installed "
-                             f"(pip install {module}; it is in requirements.txt), or choose COMPRESSOR=lzma")
+            raise InputError(
+                f"env COMPRESSOR={self.compressor}: the {module} module is not installed "
+                f"(pip install {module}; it is in requirements.txt), or choose COMPRESSOR=lzma"
+            )
         if self.mixed_precision and (self.quant != "gptq" or max(self.quant_bits_mlp, self.quant_bits_attn) > 6):
-            raise InputError("env MIXED_PRECISION=1 needs QUANT=gptq (its Hessians rank the groups) and base widths "
-                             f"QUANT_BITS_MLP/ATTN <= 6 (they are promoted by up to 2 bits); got QUANT={self.quant}, "
-                             f"{self.quant_bits_mlp}/{self.quant_bits_attn}")
+            raise InputError(
+                "env MIXED_PRECISION=1 needs QUANT=gptq (its Hessians rank the groups) and base widths "
+                f"QUANT_BITS_MLP/ATTN <= 6 (they are promoted by up to 2 bits); got QUANT={self.quant}, "
+                f"{self.quant_bits_mlp}/{self.quant_bits_attn}"
+            )
         if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
-            raise InputError(f"env GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
-                             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+            raise InputError(
+                f"env GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
+                f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}"
+            )
+
     def group_bits(self, group: str) -> int:
-        return {"mlp": self.quant_bits_mlp, "attn": self.quant_bits_attn, "embed": self.quant_bits_embed,
-                "tables": self.quant_bits_tables}[group]
+        return {
+            "mlp": self.quant_bits_mlp,
+            "attn": self.quant_bits_attn,
+            "embed": self.quant_bits_embed,
+            "tables": self.quant_bits_tables,
+        }[group]
+
     def group_clip_sigmas(self, group: str) -> float:
-        return {"mlp": self.quant_clip_sigmas_mlp, "attn": self.quant_clip_sigmas_attn,
-                "embed": self.quant_clip_sigmas_embed, "tables": self.quant_clip_sigmas_embed}[group]
+        return {
+            "mlp": self.quant_clip_sigmas_mlp,
+            "attn": self.quant_clip_sigmas_attn,
+            "embed": self.quant_clip_sigmas_embed,
+            "tables": self.quant_clip_sigmas_embed,
+        }[group]
+
     @property
     def training_seconds(self) -> float:
         """The training loop's share of the cap: GPTQ's Hessian collection runs inside the cap too."""
         reserve = self.gptq_reserve_seconds if self.quant == "gptq" else 0.0
         return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds > 0 else 0.0
+
     @property
     def token_beta1(self) -> float:
         return self.beta1 if self.embed_beta1 is None else self.embed_beta1
+
     @property
     def grad_accum_steps(self) -> int:
         return 8 // self.world_size  # #549: the global batch is always split into 8 micro-batches
+
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
 
 # Data: challenge shards, the training stream, validation tokens and bytes-per-token accounting ======================
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE ALLCAPS CAPNEXT ESC: the record's pieces 4-7 (data/caseops.py)
 
+
 def caseops_decode(text: str, operators: str = CASEOPS_OPERATORS) -> str:
     """The inverse of CaseOps (#1729, data/caseops.py): ESC c -> c, TITLE x -> X, ALLCAPS word -> WORD, CAPNEXT x
     -> X; `operators` in that order, as a tokenizer lists them."""
     title, allcaps, capnext, escape = (re.escape(c) for c in operators)
-    return re.sub(f"{escape}(.)|{title}([a-z])|{allcaps}([a-z]+)|{capnext}([a-z])",
-                  lambda m: m.group(1) if m.group(1) is not None else (m.group(2) or m.group(3) or m.group(4)).upper(),
-                  text, flags=re.S)
+    return re.sub(
+        f"{escape}(.)|{title}([a-z])|{allcaps}([a-z]+)|{capnext}([a-z])",
+        lambda m: m.group(1) if m.group(1) is not None else (m.group(2) or m.group(3) or m.group(4)).upper(),
+        text,
+        flags=re.S,
+    )
+
 
 def shard_token_count(path) -> int:
     """Check one shard's header (256 x int32, then uint16 tokens) against its file size; its token count."""
@@ -429,14 +811,18 @@ def shard_token_count(path) -> int:
         raise InputError(f"{path}: header says {num_tokens} tokens ({expected} bytes) but the file has {size} bytes")
     return num_tokens
 
+
 def load_data_shard(path, vocab_size: int) -> np.ndarray:
     """Read one shard and check it completely."""
     num_tokens = shard_token_count(path)
     tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
     if num_tokens and int(tokens.max()) >= vocab_size:
         position = int(np.argmax(tokens >= vocab_size))
-        raise InputError(f"{path}: token id {int(tokens[position])} at position {position} is >= VOCAB_SIZE={vocab_size}")
+        raise InputError(
+            f"{path}: token id {int(tokens[position])} at position {position} is >= VOCAB_SIZE={vocab_size}"
+        )
     return tokens
+
 
 def shard_files(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")  # not CaseOps' fineweb_val_bytes_*.bin
@@ -445,56 +831,84 @@ def shard_files(data_path: str, split: str) -> list[str]:
         raise InputError(f"no files match {pattern} (set DATA_PATH to the dataset directory)")
     return files
 
+
 class TokenStream:
     """The training shards read strictly in order, wrapping after the last one (#549: no shuffling)."""
+
     def __init__(self, files: list[str], vocab_size: int):
         self.files, self.vocab_size = files, vocab_size
         self.file_index, self.position = 0, 0
         self.tokens = load_data_shard(files[0], vocab_size)
+
     def take(self, count: int) -> np.ndarray:
         pieces = []
         while count > 0:
             if self.position == len(self.tokens):
                 self.file_index = (self.file_index + 1) % len(self.files)
                 self.tokens, self.position = load_data_shard(self.files[self.file_index], self.vocab_size), 0
-            piece = self.tokens[self.position:self.position + count]
+            piece = self.tokens[self.position : self.position + count]
             pieces.append(piece)
             self.position += len(piece)
             count -= len(piece)
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
+
 def no_documents(inputs: np.ndarray) -> None:
     """RunContext.documents without varlen document isolation: the model needs no boundaries from the host."""
     return None
 
+
 class DistributedTokenLoader:
     """Every rank reads the same stream; rank r keeps span r of each block (spans overlap by nothing). Batches are
     (inputs, targets, documents): documents(host inputs) is RunContext.documents (varlen boundaries, or None)."""
-    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
-                 documents=no_documents):
+
+    def __init__(
+        self,
+        files: list[str],
+        vocab_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        documents=no_documents,
+    ):
         self.stream = TokenStream(files, vocab_size)
         self.rank, self.world_size, self.device, self.documents = rank, world_size, device, documents
+
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
         span = local_tokens + 1  # the extra token is only ever a target
         block = self.stream.take(span * self.world_size)
-        local = torch.from_numpy(block[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        local = torch.from_numpy(block[self.rank * span : (self.rank + 1) * span].astype(np.int64))
         inputs, targets = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
         documents = self.documents(inputs.numpy())
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
 
+
 class ShuffledSequenceLoader:
     """LOADER=shuffled (#1394): rank r reads shards r, r+W, ...; TRAIN_SEQ_LEN+1-token sequences at a random phase, in
     random order, each from a shard drawn by its unvisited count (PCG64 seeded by SEED, rank); ids checked per batch."""
-    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
-                 seed: int, documents=no_documents):
+
+    def __init__(
+        self,
+        files: list[str],
+        vocab_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+        documents=no_documents,
+    ):
         self.files, self.documents = files[rank::world_size] if len(files) >= world_size else files, documents
         self.vocab_size, self.device, self.starts = vocab_size, device, []
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
-        self.shards = [np.memmap(f, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(f),))
-                       for f in self.files]
+        self.shards = [
+            np.memmap(f, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(f),))
+            for f in self.files
+        ]
+
     def sequence_starts(self, shard: np.ndarray, span: int) -> list[int]:
         phase = int(self.rng.integers(span)) if len(shard) >= 2 * span else 0
         return list(phase + span * self.rng.permutation((len(shard) - phase) // span))
+
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
         rows = []
         for _ in range(local_tokens // seq_len):
@@ -506,13 +920,14 @@ class ShuffledSequenceLoader:
                     raise InputError(f"training shards {self.files} hold no sequence of TRAIN_SEQ_LEN+1 tokens")
             shard = int(self.rng.choice(len(remaining), p=remaining / remaining.sum()))
             start = self.starts[shard].pop()
-            rows.append(self.shards[shard][start:start + seq_len + 1])
+            rows.append(self.shards[shard][start : start + seq_len + 1])
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         if int(batch.max()) >= self.vocab_size:
             raise InputError(f"training shards {self.files}: id {int(batch.max())} >= VOCAB_SIZE={self.vocab_size}")
         inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         documents = self.documents(inputs.numpy())
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
+
 
 def load_byte_sidecar(token_files: list[str]) -> np.ndarray | None:
     """CaseOps' original bytes per token (#1729: fineweb_val_bytes_NNNNNN.bin beside each token shard), or None."""
@@ -522,12 +937,16 @@ def load_byte_sidecar(token_files: list[str]) -> np.ndarray | None:
         return None
     for tokens, sidecar, here in zip(token_files, sidecars, present):
         if not here or shard_token_count(sidecar) != shard_token_count(tokens):
-            raise InputError(f"{sidecar}: {'missing' if not here else f'{shard_token_count(sidecar)} entries'}; the "
-                             f"byte sidecar must have one entry per token of {tokens} ({shard_token_count(tokens)})")
+            raise InputError(
+                f"{sidecar}: {'missing' if not here else f'{shard_token_count(sidecar)} entries'}; the "
+                f"byte sidecar must have one entry per token of {tokens} ({shard_token_count(tokens)})"
+            )
     return np.concatenate([load_data_shard(s, 1 << 16) for s in sidecars]).astype(np.int64)
+
 
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
+
     if not Path(path).is_file():
         raise InputError(f"{path}: tokenizer file not found (set TOKENIZER_PATH)")
     try:
@@ -538,6 +957,7 @@ def load_tokenizer(path: str, vocab_size: int):
         raise InputError(f"{path}: tokenizer has {processor.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     return processor
 
+
 def piece_tables(processor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per id: bytes without a leading '▁', whether it has one, whether it is a boundary (control/unknown/unused)."""
     size = processor.vocab_size()
@@ -547,36 +967,47 @@ def piece_tables(processor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             continue
         boundary[token], piece = False, processor.id_to_piece(token)
         leading_space[token] = piece.startswith("\u2581") and not processor.is_byte(token)
-        base[token] = 1 if processor.is_byte(token) else len(piece[int(leading_space[token]):].encode("utf-8"))
+        base[token] = 1 if processor.is_byte(token) else len(piece[int(leading_space[token]) :].encode("utf-8"))
     return base, leading_space, boundary
 
+
 def lookup_target_bytes(processor, tokens: np.ndarray) -> np.ndarray:
-    """Bytes per target exactly as #549 counts them (record_549.md section 4): bytes(y | prev) = base[y] + [y
+    """Bytes per target exactly as #549's eval code counts them: bytes(y | prev) = base[y] + [y
     starts with '▁' and prev is not a boundary]; byte-fallback pieces 1, boundaries 0 (a BOS target: loss, no bytes)."""
     base, leading_space, boundary = piece_tables(processor)
     return base[tokens[1:]] + (leading_space[tokens[1:]] & ~boundary[tokens[:-1]])
+
 
 def caseops_operators(processor) -> str:
     """A CaseOps tokenizer's operators: its single private-use-character pieces, in id order (data/caseops.py)."""
     pieces = (processor.id_to_piece(token) for token in range(processor.vocab_size()))
     return "".join(p for p in pieces if len(p) == 1 and "\ue000" <= p <= "\uf8ff")
 
+
 def check_tokenizer(processor, path: str, operators: str, sidecar: bool):
-    """Refuse tokenizers #549's lookup table would count wrongly (frontier.md B.6); a sidecar replaces the table."""
+    """Refuse tokenizers #549's lookup table would count wrongly (Scylla #1143, issue #897); a sidecar replaces the
+    table."""
     if sidecar:
         return
     if operators:
-        raise InputError(f"{path}: CaseOps operator pieces {[f'U+{ord(c):04X}' for c in operators]} but no byte sidecar "
-                         f"fineweb_val_bytes_*.bin beside the validation shards: the lookup table would charge each "
-                         f"operator 3 bytes (#2071); use the CaseOps dataset with its sidecar")
+        raise InputError(
+            f"{path}: CaseOps operator pieces {[f'U+{ord(c):04X}' for c in operators]} but no byte sidecar "
+            f"fineweb_val_bytes_*.bin beside the validation shards: the lookup table would charge each "
+            f"operator 3 bytes (#2071); use the CaseOps dataset with its sidecar"
+        )
     space = processor.piece_to_id("\u2581")
     if processor.id_to_piece(space) != "\u2581" or processor.is_byte(space) or processor.is_unknown(space):
-        raise InputError(f"{path}: no standalone '\u2581' piece: a lone space would be counted as the bytes of its "
-                         f"fallback, not 1 (#897: BPB about 20% too low)")
+        raise InputError(
+            f"{path}: no standalone '\u2581' piece: a lone space would be counted as the bytes of its "
+            f"fallback, not 1 (#897: BPB about 20% too low)"
+        )
     inner = [p for p in map(processor.id_to_piece, range(processor.vocab_size())) if "\u2581" in p[1:]]
     if inner:
-        raise InputError(f"{path}: {len(inner)} pieces hold '\u2581' after their first character (e.g. {inner[0]!r}): "
-                         f"the lookup table would count each such space as 3 bytes, not 1")
+        raise InputError(
+            f"{path}: {len(inner)} pieces hold '\u2581' after their first character (e.g. {inner[0]!r}): "
+            f"the lookup table would count each such space as 3 bytes, not 1"
+        )
+
 
 def audit_bytes(processor, tokens: np.ndarray, target_bytes: np.ndarray, operators: str) -> dict:
     """Every document's counted bytes against SentencePiece's decoding of it (runs between boundary tokens decoded
@@ -592,28 +1023,40 @@ def audit_bytes(processor, tokens: np.ndarray, target_bytes: np.ndarray, operato
         texts = [caseops_decode(t, operators) + " " * bool(r and leading_space[r[0]]) for t, r in zip(texts, runs)]
     starts = np.nonzero(tokens[:-1] == BOS_ID)[0]
     counted = np.add.reduceat(target_bytes, starts)
-    decoded = np.bincount(np.cumsum(tokens[cuts] == BOS_ID) - 1, [len(t.encode("utf-8")) for t in texts],
-                          len(starts))[:len(starts)]  # [:] drops the empty document of a final BOS
+    decoded = np.bincount(np.cumsum(tokens[cuts] == BOS_ID) - 1, [len(t.encode("utf-8")) for t in texts], len(starts))[
+        : len(starts)
+    ]  # [:] drops the empty document of a final BOS
     normalized = {}
     if operators and tokenizer_normalizes(processor):
         normalized = check_sidecar(processor, tokens, target_bytes, operators, starts)
     wrong = np.nonzero(counted != decoded)[0]
     if len(wrong) and not normalized:
         first = int(wrong[0])
-        raise InputError(f"validation bytes: document {first} (tokens from {starts[first]}) counts {counted[first]} "
-                         f"bytes but decodes to {int(decoded[first])}; {len(wrong)} of {len(starts)} documents disagree")
-    return dict(counted=int(counted.sum()), decoded=int(decoded.sum()), documents=len(starts), tokens=len(tokens),
-                unknown_targets=int(np.count_nonzero(tokens[1:] == processor.unk_id())), **normalized)
+        raise InputError(
+            f"validation bytes: document {first} (tokens from {starts[first]}) counts {counted[first]} "
+            f"bytes but decodes to {int(decoded[first])}; {len(wrong)} of {len(starts)} documents disagree"
+        )
+    return dict(
+        counted=int(counted.sum()),
+        decoded=int(decoded.sum()),
+        documents=len(starts),
+        tokens=len(tokens),
+        unknown_targets=int(np.count_nonzero(tokens[1:] == processor.unk_id())),
+        **normalized,
+    )
+
 
 NORMALIZATION_PROBE = "a\u00a0\u2033  b\uff01 c"  # NBSP, double prime, two spaces, fullwidth '!': NFKC changes each
 # A document's pieces whose sidecar count differs from their decoded bytes: at most this many plus this fraction.
 # The record's export of the sample: 15 pieces in 7 of 120 documents (whitespace runs, NFKC's ½ -> 1⁄2, ″ -> ′′).
 SIDECAR_SLACK_PIECES, SIDECAR_SLACK_FRACTION = 8, 0.01
 
+
 def tokenizer_normalizes(processor) -> bool:
     """Whether decoding gives back other text than was encoded (NFKC, extra whitespace removed: the record's CaseOps
     tokenizer): its sidecar then counts original text that the decoder never returns."""
     return processor.decode(processor.encode(NORMALIZATION_PROBE)) != NORMALIZATION_PROBE
+
 
 def check_sidecar(processor, tokens, target_bytes, operators: str, starts) -> dict:
     """What the record's sidecar guarantees whatever the normalization: 0 for BOS and the operators; a byte-fallback
@@ -621,30 +1064,40 @@ def check_sidecar(processor, tokens, target_bytes, operators: str, starts) -> di
     from their decoded bytes no more than normalization explains (SIDECAR_SLACK_*). Returns the diagnostics."""
     targets, base = tokens[1:], lookup_target_bytes(processor, tokens)
     operator_ids = [processor.piece_to_id(c) for c in operators]
-    zero = np.isin(targets, operator_ids) | np.array([processor.is_control(int(t)) for t in range(processor.vocab_size())])[targets]
+    zero = (
+        np.isin(targets, operator_ids)
+        | np.array([processor.is_control(int(t)) for t in range(processor.vocab_size())])[targets]
+    )
     if (target_bytes[zero] != 0).any():
         where = int(np.flatnonzero(target_bytes[zero] != 0)[0])
         target = int(np.flatnonzero(zero)[where])
-        raise InputError(f"validation bytes: target {target} (id {int(targets[target])}, a BOS or CaseOps operator) is "
-                         f"charged {int(target_bytes[target])} bytes in the sidecar; it stands for no original text")
+        raise InputError(
+            f"validation bytes: target {target} (id {int(targets[target])}, a BOS or CaseOps operator) is "
+            f"charged {int(target_bytes[target])} bytes in the sidecar; it stands for no original text"
+        )
     base[zero] = 0
     difference = target_bytes - base
     for first, last in byte_fallback_characters(processor, targets):
-        charged = target_bytes[first:last + 1]
+        charged = target_bytes[first : last + 1]
         if last > first and (charged[:-1] != 0).any() and not (charged == 1).all():
-            raise InputError(f"validation bytes: the byte-fallback character at targets {first}-{last} is charged "
-                             f"{charged.tolist()}: a character counts once (on its last byte piece) or 1 per byte")
-        difference[last], difference[first:last] = difference[first:last + 1].sum(), 0
+            raise InputError(
+                f"validation bytes: the byte-fallback character at targets {first}-{last} is charged "
+                f"{charged.tolist()}: a character counts once (on its last byte piece) or 1 per byte"
+            )
+        difference[last], difference[first:last] = difference[first : last + 1].sum(), 0
     document = np.searchsorted(starts, np.arange(len(targets)), side="right") - 1
     differing = np.bincount(document, difference != 0, len(starts)).astype(np.int64)
     pieces = np.bincount(document, minlength=len(starts))
     over = np.flatnonzero(differing > SIDECAR_SLACK_PIECES + SIDECAR_SLACK_FRACTION * pieces)
     if len(over):
         first = int(over[0])
-        raise InputError(f"validation bytes: document {first} (tokens from {starts[first]}): {differing[first]} of "
-                         f"{pieces[first]} pieces are charged other bytes than they decode to, more than normalization "
-                         f"explains; {len(over)} of {len(starts)} documents")
+        raise InputError(
+            f"validation bytes: document {first} (tokens from {starts[first]}): {differing[first]} of "
+            f"{pieces[first]} pieces are charged other bytes than they decode to, more than normalization "
+            f"explains; {len(over)} of {len(starts)} documents"
+        )
     return dict(normalized_documents=int(np.count_nonzero(differing)), normalized_pieces=int(differing.sum()))
+
 
 def byte_fallback_characters(processor, targets: np.ndarray):
     """(first, last) targets of each multi-byte character spelled by byte-fallback pieces (its UTF-8 lead byte
@@ -657,12 +1110,14 @@ def byte_fallback_characters(processor, targets: np.ndarray):
     for first in index:
         length = 2 + int(values[first] >= 0xE0) + int(values[first] >= 0xF0)
         last = first + length - 1
-        if last < len(targets) and ((values[first + 1:last + 1] & 0xC0) == 0x80).all():
+        if last < len(targets) and ((values[first + 1 : last + 1] & 0xC0) == 0x80).all():
             yield int(first), int(last)
+
 
 class ValidationSet:
     """The validation stream (whole EVAL_SEQ_LEN sequences plus one token) and each target's bytes: the sidecar's
     original bytes when the shards have one (CaseOps), else #549's lookup table; audited at load."""
+
     def __init__(self, h: Hyperparameters, processor):
         files = shard_files(h.data_path, "val")
         tokens = np.concatenate([load_data_shard(f, h.vocab_size) for f in files])
@@ -673,9 +1128,12 @@ class ValidationSet:
         self.source = "sidecar" if sidecar is not None else "lookup"
         usable = (len(tokens) - 1) // h.eval_seq_len * h.eval_seq_len
         if usable <= 0:
-            raise InputError(f"validation set {os.path.join(h.data_path, 'fineweb_val_*.bin')} has {len(tokens)} "
-                             f"tokens: fewer than one sequence of EVAL_SEQ_LEN={h.eval_seq_len} plus one")
-        self.tokens, self.target_bytes = tokens[:usable + 1], target_bytes[:usable]
+            raise InputError(
+                f"validation set {os.path.join(h.data_path, 'fineweb_val_*.bin')} has {len(tokens)} "
+                f"tokens: fewer than one sequence of EVAL_SEQ_LEN={h.eval_seq_len} plus one"
+            )
+        self.tokens, self.target_bytes = tokens[: usable + 1], target_bytes[:usable]
+
 
 # Model ==============================================================================================================
 # ---- FUSED_KERNELS=1: autograd Functions with written-out backwards (the CPU tests the math); on CUDA the rows run as
@@ -690,8 +1148,9 @@ if triton is not None:
     # One row: z^ = cap*tanh(z/cap); forward stores loss = lse - z^_target and lse; backward stores
     # dz = (softmax(z^) - onehot) * (1 - tanh^2) * grad. tanh as 2*sigmoid(2x) - 1 (tl has no tanh in every version).
     @triton.jit
-    def softcap_ce_rows(z_ptr, target_ptr, loss_ptr, lse_ptr, grad_ptr, dz_ptr, cols, cap, backward: tl.constexpr,
-                        block: tl.constexpr):
+    def softcap_ce_rows(
+        z_ptr, target_ptr, loss_ptr, lse_ptr, grad_ptr, dz_ptr, cols, cap, backward: tl.constexpr, block: tl.constexpr
+    ):
         row, offsets = tl.program_id(0), tl.arange(0, block)
         mask = offsets < cols
         z = tl.load(z_ptr + row * cols + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -707,16 +1166,19 @@ if triton is not None:
             tl.store(lse_ptr + row, lse)
             tl.store(loss_ptr + row, lse - tl.sum(tl.where(offsets == target, capped, 0.0), 0))
 
+
 class SoftcappedCrossEntropy(torch.autograd.Function):
     """Per-row NLL of cap*tanh(z/cap) from the raw fp32 logits z (#1787): only z and the row LSE are kept for the
     backward, (softmax(z^) - onehot) * (1 - tanh^2(z/cap)), instead of autograd's capped logits and softmax."""
+
     @staticmethod
     def forward(ctx, z, targets, cap):
         z = z.contiguous()
         if triton is not None and z.is_cuda:
             loss, lse = torch.empty(len(z), device=z.device), torch.empty(len(z), device=z.device)
-            softcap_ce_rows[(len(z),)](z, targets, loss, lse, loss, z, z.size(1), cap, backward=False,
-                                       block=triton.next_power_of_2(z.size(1)))
+            softcap_ce_rows[(len(z),)](
+                z, targets, loss, lse, loss, z, z.size(1), cap, backward=False, block=triton.next_power_of_2(z.size(1))
+            )
         else:
             capped = cap * torch.tanh(z / cap)
             lse = torch.logsumexp(capped, dim=-1)
@@ -724,51 +1186,78 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(z, targets, lse)
         ctx.cap = cap
         return loss
+
     @staticmethod
     def backward(ctx, grad):
         z, targets, lse = ctx.saved_tensors
         if triton is not None and z.is_cuda:
             dz = torch.empty_like(z)
-            softcap_ce_rows[(len(z),)](z, targets, lse, lse, grad.contiguous(), dz, z.size(1), ctx.cap, backward=True,
-                                       block=triton.next_power_of_2(z.size(1)))
+            softcap_ce_rows[(len(z),)](
+                z,
+                targets,
+                lse,
+                lse,
+                grad.contiguous(),
+                dz,
+                z.size(1),
+                ctx.cap,
+                backward=True,
+                block=triton.next_power_of_2(z.size(1)),
+            )
             return dz, None, None
         t = torch.tanh(z / ctx.cap)
         probability = torch.exp(ctx.cap * t - lse[:, None])
         probability[torch.arange(len(z), device=z.device), targets] -= 1.0
         return probability * (1.0 - t * t) * grad[:, None], None, None
 
+
 class LeakyReluSquare(torch.autograd.Function):
     """leaky_relu(u, s)^2 keeping only u for the backward (2u, or 2s^2 u for u <= 0); Inductor makes it one kernel,
     so no Triton twin; #1530's fusion into the up-projection GEMM is not built."""
+
     @staticmethod
     def forward(ctx, u, slope):
         ctx.save_for_backward(u)
         ctx.slope = slope
         return torch.where(u > 0, u, slope * u).square()
+
     @staticmethod
     def backward(ctx, grad):
         (u,) = ctx.saved_tensors
         return grad * 2.0 * torch.where(u > 0, u, ctx.slope * ctx.slope * u), None
 
+
 ROPE_NTK_REFERENCE_LEN = 1024  # #549 builds every Rotary with this "train length"; base is NTK-rescaled above it
 BIGRAM_HASH_MULTIPLIERS = (36313, 27191)
 BIGRAM_INIT_SCALE, VE_INIT_SCALE, VE_EMBED_INIT_STD = 0.05, 0.1, 0.01
+
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Weightless RMSNorm that keeps x's dtype. From torch 2.12, CUDA autocast runs aten::rms_norm in fp32
     (an AutocastCUDA kernel; none on the CPU): uncast, the residual stream turned fp32 and FA3 refused it."""
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
+
 def sdpa_attention(q, k, v, mask=None):
     """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D): SDPA, native GQA, causal or DOC_ISOLATION's (B, 1, T, T)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                          is_causal=mask is None, enable_gqa=q.size(2) != k.size(2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        enable_gqa=q.size(2) != k.size(2),
+    ).transpose(1, 2)
+
 
 FLASH_MODULES = {"fa3": ("flash_attn_interface", "flash_attention_3"), "fa2": ("flash_attn", "flash_attention_2")}
-FLASH_INSTALL_HINT = {"fa3": "install a FlashAttention 3 wheel built for this torch and CUDA (the records used "
-                             "flash_attn_3 from windreamer's cu128_torch291 index or PyTorch's cu130 flash_attn_3 "
-                             "wheel), or set ATTENTION_BACKEND=fa2 or sdpa deliberately (slower steps)",
-                      "fa2": "pip install flash-attn --no-build-isolation, or set ATTENTION_BACKEND=sdpa"}
+FLASH_INSTALL_HINT = {
+    "fa3": "install a FlashAttention 3 wheel built for this torch and CUDA (the records used "
+    "flash_attn_3 from windreamer's cu128_torch291 index or PyTorch's cu130 flash_attn_3 "
+    "wheel), or set ATTENTION_BACKEND=fa2 or sdpa deliberately (slower steps)",
+    "fa2": "pip install flash-attn --no-build-isolation, or set ATTENTION_BACKEND=sdpa",
+}
+
 
 def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype, doc_isolation: bool = False):
     """ATTENTION_BACKEND -> (name, fn(q, k, v[, documents])) on (B, T, H, D): "auto" = FA3 on CUDA in 16 bits, else
@@ -780,14 +1269,22 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
     if requested == "sdpa":
         return "sdpa", sdpa_attention
     if device_type != "cuda" or not sixteen_bit:
-        raise InputError(f"{setting}: FlashAttention needs CUDA and COMPUTE_DTYPE=bf16 "
-                         f"(this run: {device_type}, {str(dtype).removeprefix('torch.')}); use sdpa")
-    (module_name, name), function = FLASH_MODULES[requested], "flash_attn_varlen_func" if doc_isolation else "flash_attn_func"
+        raise InputError(
+            f"{setting}: FlashAttention needs CUDA and COMPUTE_DTYPE=bf16 "
+            f"(this run: {device_type}, {str(dtype).removeprefix('torch.')}); use sdpa"
+        )
+    (module_name, name), function = (
+        FLASH_MODULES[requested],
+        "flash_attn_varlen_func" if doc_isolation else "flash_attn_func",
+    )
     try:  # a wheel built for another torch fails with ImportError too: at start, not after the clock started
         kernel = getattr(__import__(module_name), function)
     except (ImportError, AttributeError) as error:
-        raise InputError(f"{setting}: cannot load {module_name}.{function} "
-                         f"({type(error).__name__}: {error}); {FLASH_INSTALL_HINT[requested]}") from None
+        raise InputError(
+            f"{setting}: cannot load {module_name}.{function} "
+            f"({type(error).__name__}: {error}); {FLASH_INSTALL_HINT[requested]}"
+        ) from None
+
     def flash_attention(q, k, v, cu_seqlens=None):
         if cu_seqlens is None:
             out = kernel(q, k, v, causal=True)
@@ -796,19 +1293,23 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
             out = kernel(*(t.flatten(0, 1) for t in (q, k, v)), cu_seqlens, cu_seqlens, seq, seq, causal=True)
         out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
         return out.view(q.shape) if cu_seqlens is not None else out
+
     flash_attention.varlen = doc_isolation
     return name + ("_varlen" if doc_isolation else ""), flash_attention
+
 
 def document_mask(ids: torch.Tensor) -> torch.Tensor:
     """DOC_ISOLATION through SDPA: the (B, 1, T, T) causal mask of same-document pairs (a document starts at a BOS)."""
     doc = torch.cumsum(ids == BOS_ID, dim=1)
     return (doc[:, None, :, None] == doc[:, None, None, :]).tril()
 
+
 # DOC_ISOLATION through FA's varlen kernel: cu_seqlens get B + one of these many segments, padded with empty ones at
 # the tail (#1530 pads to B + 64k). A segment per token (B*T + 1 entries, as before) made FA3's backward launch a
 # grid over 98,304 sequences, past CUDA's 65,535, and allocate ~52 GB of accumulators (the CUDA review, defect 1).
 SEGMENT_BUCKETS = (64, 512, 4096)
 VARLEN_MAX_SEGMENTS = 65_535  # FA's grids put the batch (the segments) on an axis of at most 65,535 blocks
+
 
 def document_segments(inputs: np.ndarray) -> np.ndarray:
     """FA varlen's int32 cu_seqlens of a host (B, T) batch flattened: a segment starts at each row start and each
@@ -817,30 +1318,41 @@ def document_segments(inputs: np.ndarray) -> np.ndarray:
     starts = np.flatnonzero((inputs == BOS_ID) | (np.arange(seq) == 0))
     spare = next((extra for extra in SEGMENT_BUCKETS if len(starts) <= rows + extra), None)
     if spare is None or rows + spare > VARLEN_MAX_SEGMENTS:
-        raise RunFault(f"DOC_ISOLATION: a batch of {rows} x {seq} tokens holds {len(starts)} document segments, more "
-                       f"than the largest varlen bucket ({rows} + {SEGMENT_BUCKETS[-1]}, at most "
-                       f"{VARLEN_MAX_SEGMENTS}); such data needs DOC_ISOLATION=0 or a larger bucket", 2)
+        raise RunFault(
+            f"DOC_ISOLATION: a batch of {rows} x {seq} tokens holds {len(starts)} document segments, more "
+            f"than the largest varlen bucket ({rows} + {SEGMENT_BUCKETS[-1]}, at most "
+            f"{VARLEN_MAX_SEGMENTS}); such data needs DOC_ISOLATION=0 or a larger bucket",
+            2,
+        )
     segments = np.full(rows + spare + 1, inputs.size, np.int32)
-    segments[:len(starts)] = starts
+    segments[: len(starts)] = starts
     return segments
+
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
     """F.linear, or a LoRA-adapted weight (a callable: GPT.adapted) applied to x."""
     return F.linear(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
 
+
 class BatchedLoRA:
     """TTT_MODE=lora (#1530): one rank-r adapter per document of a batch on every layer's Q, K, V, Out, MLP down and
     the LM head: W x + (alpha/r) B_d A_d x for row d. A ~ U(+-1/sqrt(in)), B = 0: a fresh adapter is the base model."""
+
     def __init__(self, model, rows: int, rank: int, alpha: float, seed: int):
         self.scale, self.generator = alpha / rank, torch.Generator().manual_seed(seed)
-        shapes = {(layer, slot): weight.shape for layer in range(model.num_layers)
-                  for slot, weight in enumerate(model.layer_weights(layer, model.banks())) if slot != 4}
+        shapes = {
+            (layer, slot): weight.shape
+            for layer in range(model.num_layers)
+            for slot, weight in enumerate(model.layer_weights(layer, model.banks()))
+            if slot != 4
+        }
         shapes["head"], device = model.token_embedding.weight.shape, model.token_embedding.weight.device
         self.index = {key: i for i, key in enumerate(shapes)}  # plain tensors below: never the GPT's parameters
         self.rows = slice(None)  # the batch rows still scoring: a slice (longest first) or an index tensor
         self.a = [torch.empty(rows, rank, s[1], device=device, requires_grad=True) for s in shapes.values()]
         self.b = [torch.zeros(rows, s[0], rank, device=device, requires_grad=True) for s in shapes.values()]
         self.reset(warm_start_a=False)
+
     @torch.no_grad()
     def reset(self, warm_start_a: bool):
         """A fresh adapter for the next batch: B = 0; A drawn again unless warm-started (#1787: A kept)."""
@@ -849,6 +1361,7 @@ class BatchedLoRA:
             if not warm_start_a:
                 bound = a.size(-1) ** -0.5
                 a.copy_(torch.rand(a.shape, generator=self.generator).mul_(2 * bound).sub_(bound))
+
     def parameters(self) -> list[torch.Tensor]:
         return self.a + self.b
 
@@ -858,21 +1371,24 @@ class BatchedLoRA:
         a, b = self.a[i][self.rows].to(x.dtype), self.b[i][self.rows].to(x.dtype)
         return F.linear(x, weight) + self.scale * ((x @ a.mT) @ b.mT)
 
+
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin (1, T, 1, rope_dims/2) fp32, built on every call: a table cached under inference_mode (scoring) breaks
-    autograd in TTT (record_549.md pitfall 31). It costs 8 x T flops."""
+    autograd in TTT (#549's code clones its cache for that). It costs 8 x T flops."""
     if seq_len > ROPE_NTK_REFERENCE_LEN:
         base = base * (seq_len / ROPE_NTK_REFERENCE_LEN) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
+
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first rope_dims dims of each head, paired (i, i + rope_dims/2); the rest pass through."""
     half = cos.size(-1)
-    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    a, b, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
 
 def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: remove from each head's output its component along the token's own value vector (GQA-aware)."""
@@ -881,6 +1397,7 @@ def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     y, direction = y.view(batch, seq, kv_heads, heads // kv_heads, dim), F.normalize(v, dim=-1).unsqueeze(3)
     y = y - (y * direction).sum(-1, keepdim=True) * direction
     return y.view(batch, seq, heads, dim)
+
 
 def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row fake quantization on [-qmax, qmax] * max|row|/qmax (late QAT): rounding with a straight-through gradient,
@@ -893,29 +1410,35 @@ def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31, alpha: torch.Tensor
     low = units.detach().floor()
     return scale * (low + torch.sigmoid(alpha * (units - low - 0.5)))
 
+
 def fake_quantize_rows_record549(weight: torch.Tensor) -> torch.Tensor:
     """#549's late-QAT quantizer (LATE_QAT_SCOPE=projections): scale floored at 1/31, range [-32, 31]."""
     scale = (weight.detach().abs().amax(dim=-1, keepdim=True) / 31.0).clamp_min(1.0 / 31.0)
     quantized = (weight / scale).round().clamp(-32, 31) * scale
     return weight + (quantized - weight).detach()
 
+
 DENSE_ATTN_GATE_INIT_STD = 0.01
 GATE_INPUT_DIMS = 12  # #1667/#1855: the small gates read the first 12 channels of their input
-BOS_ID = 1  # every challenge document starts with BOS (id 1); there is no EOS (record_549.md section 4)
+BOS_ID = 1  # every challenge document starts with BOS (id 1); there is no EOS (the challenge's export)
+
 
 class AttentionOutputGate(nn.Module):
     """Per-head multiplier of the attention output from the normalized input x: attn_out 2*sigmoid(W x[:12]) (#1667),
     dense sigmoid(W x) (#1736; W ~ N(0, 0.01) drawn last), sparse sigmoid(s W x[:12]) (#1787/#1855); W = 0 at start."""
+
     def __init__(self, kind: str, dim: int, heads: int, sparse_scale: float):
         super().__init__()
         self.kind, self.sparse_scale = kind, sparse_scale
         self.width = dim if kind == "dense" else min(GATE_INPUT_DIMS, dim)
         self.weight = nn.Parameter(torch.zeros(heads, self.width))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, dim) -> (B, T, heads, 1)"""
-        logits = F.linear(x[..., :self.width], self.weight.to(x.dtype))
+        logits = F.linear(x[..., : self.width], self.weight.to(x.dtype))
         logits = self.sparse_scale * logits if self.kind == "sparse" else logits
         return (2.0 if self.kind == "attn_out" else 1.0) * torch.sigmoid(logits)[..., None]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, h: Hyperparameters, use_xsa: bool, attention):
@@ -923,8 +1446,12 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.use_xsa, self.attention = use_xsa, attention
-        self.output_gate = (AttentionOutputGate(h.attn_out_gate, h.model_dim, h.num_heads, h.sparse_attn_gate_scale)
-                            if h.attn_out_gate != "none" else None)
+        self.output_gate = (
+            AttentionOutputGate(h.attn_out_gate, h.model_dim, h.num_heads, h.sparse_attn_gate_scale)
+            if h.attn_out_gate != "none"
+            else None
+        )
+
     def forward(self, x, q_w, k_w, v_w, out_w, rotary, value_embed=None, record=None):
         batch, seq, _ = x.shape
         q = linear(x, q_w).view(batch, seq, self.num_heads, self.head_dim)
@@ -948,9 +1475,11 @@ class CausalSelfAttention(nn.Module):
             record("attn.out", y)
         return linear(y, out_w)
 
+
 class Block(nn.Module):
     """Pre-norm block: x <- mix(x, x0); x += a*Attn(norm(x)*s); x += m*MLP(norm(x)*s), s = 1/sqrt(layer+1). From
     PARALLEL_START_LAYER: gptj adds both branches of one x (#1412); two_lane keeps routed lanes (#1529)."""
+
     def __init__(self, h: Hyperparameters, layer: int, attention):
         super().__init__()
         dim, self.attn = h.model_dim, CausalSelfAttention(h, layer >= h.num_layers - h.xsa_last_n, attention)
@@ -964,22 +1493,28 @@ class Block(nn.Module):
         if self.residual_form == "two_lane":  # #1529: rho = 1.1, pi = 1 at init
             self.lane_decay = nn.Parameter(torch.full((2,), 1.1))  # rho of (attention lane, MLP lane)
             self.lane_routing = nn.Parameter(torch.ones(2, 2))  # pi[branch (attn, mlp), lane (attn, mlp)]
+
     def attention_branch(self, x, weights, rotary, value_embed, record):
         attn_in = rms_norm(x) * self.ln_scale
         if record is not None:
             record("attn.qkv", attn_in)
         attn_out = self.attn(attn_in, *weights[:4], rotary, value_embed, record)
         return self.attn_scale.to(x.dtype) * attn_out.to(x.dtype)  # the residual stream keeps its dtype
+
     def mlp_branch(self, x, weights, record):
         up_w, down_w = weights[4:]
         mlp_in = rms_norm(x) * self.ln_scale
         pre_activation, fused = F.linear(mlp_in, up_w), self.fused_kernels and torch.is_grad_enabled()
-        hidden = LeakyReluSquare.apply(pre_activation, self.negative_slope) if fused else \
-            F.leaky_relu(pre_activation, self.negative_slope).square()
+        hidden = (
+            LeakyReluSquare.apply(pre_activation, self.negative_slope)
+            if fused
+            else F.leaky_relu(pre_activation, self.negative_slope).square()
+        )
         if record is not None:
             record("mlp.up", mlp_in)
             record("mlp.down", hidden)
         return self.mlp_scale.to(x.dtype) * linear(hidden, down_w).to(x.dtype)
+
     def forward(self, x, x0, weights, rotary, value_embed=None, record=None):
         """x: the residual stream (the (attention, MLP) lanes for two_lane). record(role, inputs), when given,
         sees the input of every matrix (GPTQ calibration)."""
@@ -992,6 +1527,7 @@ class Block(nn.Module):
             return x + attn + self.mlp_branch(x, weights, record)
         x = x + attn
         return x + self.mlp_branch(x, weights, record)
+
     def forward_lanes(self, lanes, x0, weights, rotary, value_embed, record):
         """#1529: a = Attn(mix(L0, x0)), m = MLP(L1); L0 <- rho0 L0 + pi00 a + pi10 m; L1 <- rho1 L1 + pi01 a + pi11 m"""
         attn_lane, mlp_lane = lanes
@@ -999,15 +1535,20 @@ class Block(nn.Module):
         attn = self.attention_branch(mix[0] * attn_lane + mix[1] * x0, weights, rotary, value_embed, record)
         mlp = self.mlp_branch(mlp_lane, weights, record)
         rho, pi = self.lane_decay.to(attn.dtype), self.lane_routing.to(attn.dtype)
-        return (rho[0] * attn_lane + pi[0, 0] * attn + pi[1, 0] * mlp,
-                rho[1] * mlp_lane + pi[0, 1] * attn + pi[1, 1] * mlp)
+        return (
+            rho[0] * attn_lane + pi[0, 0] * attn + pi[1, 0] * mlp,
+            rho[1] * mlp_lane + pi[0, 1] * attn + pi[1, 1] * mlp,
+        )
+
 
 class SmearGate(nn.Module):
     """#549: out_t = (1 - g) x_t + g x_{t-1}, g = sigmoid(gate) per channel (init 0.5), after the embedding's RMSNorm;
     SMEAR_BOS_MASK: a BOS takes nothing from the previous document (#549 smears across)."""
+
     def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
         self.gate, self.bos_mask = nn.Parameter(torch.zeros(dim)), bos_mask
+
     def forward(self, x, ids):
         g = torch.sigmoid(self.gate).to(x.dtype)
         if self.bos_mask:
@@ -1015,23 +1556,28 @@ class SmearGate(nn.Module):
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
         return (1 - g) * x + g * previous
 
+
 class InputSmearGate(nn.Module):
     """#1667/#1855: e_t <- e_t + lambda * sigmoid(w . e_t[:12]) * e_{t-1} on the summed embeddings before the
     first RMSNorm; w and lambda start at zero, so it is the identity at init. BOS mask as SmearGate (#1851)."""
+
     def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(min(GATE_INPUT_DIMS, dim)))
         self.strength, self.bos_mask = nn.Parameter(torch.zeros(())), bos_mask
+
     def forward(self, x, ids):
-        gate = self.strength.to(x.dtype) * torch.sigmoid(x[..., :self.weight.numel()] @ self.weight.to(x.dtype))
+        gate = self.strength.to(x.dtype) * torch.sigmoid(x[..., : self.weight.numel()] @ self.weight.to(x.dtype))
         if self.bos_mask:
             gate = gate * (ids != BOS_ID).to(x.dtype)
         return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
+
 
 def optional_projection(in_dim: int, out_dim: int) -> nn.Linear | None:
     """#549's rule for the bigram/VE tables: a projection only when widths differ; an always-present VE projection was
     another model, 0.008 BPB worse at P1 (parity D1). Built in construction order so the seed draws as #549's."""
     return nn.Linear(in_dim, out_dim, bias=False) if in_dim != out_dim else None
+
 
 def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize: bool) -> torch.Tensor:
     if projection is None:
@@ -1039,14 +1585,17 @@ def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize: bool) 
     weight = fake_quantize_rows_record549(projection.weight) if fake_quantize else projection.weight
     return F.linear(x, weight)
 
+
 class BigramHash(nn.Module):
     """Hashed (previous, current) token embedding projected to the model width (#549 section 5.7). With
     DOC_ISOLATION (isolate) a BOS takes position 0's bucket: no hash reads across a document start."""
+
     def __init__(self, buckets: int, dim: int, model_dim: int, isolate: bool = False):
         super().__init__()
         self.buckets, self.isolate = buckets, isolate
         self.embed, self.proj = nn.Embedding(buckets, dim), optional_projection(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(BIGRAM_INIT_SCALE))
+
     def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
         ids32 = ids.to(torch.int32)
         a, b = BIGRAM_HASH_MULTIPLIERS
@@ -1055,22 +1604,30 @@ class BigramHash(nn.Module):
             hashed = torch.where(ids32[:, 1:] == BOS_ID, self.buckets - 1, hashed)
         first = torch.full_like(ids32[:, :1], self.buckets - 1)  # reserved bucket for position 0
         return torch.cat((first, hashed), dim=1).to(torch.int64)
+
     def forward(self, ids, fake_quantize=False):
         return self.scale * project(self.embed(self.bucket_ids(ids)), self.proj, fake_quantize)
 
+
 # EngramLite's hashes (#1089): a row per order (bigram, trigram), a function per head; missing tokens are 0 (int64).
 ENGRAM_HASHES = (
-    (lambda cur, prev, pp: prev * 1009 + cur,
-     lambda cur, prev, pp: torch.bitwise_xor(prev * 2719 + 314159, cur * 3137)),
-    (lambda cur, prev, pp: torch.bitwise_xor(torch.bitwise_xor(pp * 36313, prev * 27191), cur * 4903),
-     lambda cur, prev, pp: torch.bitwise_xor(torch.bitwise_xor(pp * 7919, prev * 4391), cur * 6151)),
+    (
+        lambda cur, prev, pp: prev * 1009 + cur,
+        lambda cur, prev, pp: torch.bitwise_xor(prev * 2719 + 314159, cur * 3137),
+    ),
+    (
+        lambda cur, prev, pp: torch.bitwise_xor(torch.bitwise_xor(pp * 36313, prev * 27191), cur * 4903),
+        lambda cur, prev, pp: torch.bitwise_xor(torch.bitwise_xor(pp * 7919, prev * 4391), cur * 6151),
+    ),
 )
 ENGRAM_EMBED_INIT_STD = 0.01
+
 
 class EngramLite(nn.Module):
     """#1089: orders x heads hashed n-gram embeddings (one table, a slice of `buckets` rows each), concatenated,
     projected to the model width (zero init) and gated per channel by sigmoid(gate) (0.5 at init). With DOC_ISOLATION
     (isolate) tokens before the current document's BOS are missing too."""
+
     def __init__(self, buckets: int, heads: int, orders: int, dim_per_head: int, model_dim: int, isolate: bool = False):
         super().__init__()
         self.buckets, self.heads, self.orders, self.isolate = buckets, heads, orders, isolate
@@ -1080,20 +1637,24 @@ class EngramLite(nn.Module):
         self.proj = nn.Linear(orders * heads * dim_per_head, model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.gate = nn.Parameter(torch.zeros(model_dim))
+
     def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, orders * heads) rows of the shared table."""
         cur = ids.to(torch.int64)
         prev, pp = F.pad(cur[:, :-1], (1, 0)), F.pad(cur[:, :-2], (2, 0))
         if self.isolate:
             prev, pp = torch.where(cur == BOS_ID, 0, prev), torch.where((cur == BOS_ID) | (prev == BOS_ID), 0, pp)
-        slots = [hashes[head](cur, prev, pp) for hashes in ENGRAM_HASHES[:self.orders] for head in range(self.heads)]
+        slots = [hashes[head](cur, prev, pp) for hashes in ENGRAM_HASHES[: self.orders] for head in range(self.heads)]
         return torch.stack([slot % self.buckets + i * self.buckets for i, slot in enumerate(slots)], dim=-1)
+
     def forward(self, ids, fake_quantize=False):
         rows = self.embed(self.bucket_ids(ids)).flatten(-2)
         return torch.sigmoid(self.gate) * project(rows, self.proj, fake_quantize)
 
+
 class ValueEmbedding(nn.Module):
     """One token table shared by the VE layers in the KV space (projected when narrower); per-layer gains."""
+
     def __init__(self, vocab_size: int, dim: int, kv_dim: int, num_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
@@ -1101,12 +1662,21 @@ class ValueEmbedding(nn.Module):
             self.embed.weight.normal_(std=VE_EMBED_INIT_STD)
         self.proj, self.scale = optional_projection(dim, kv_dim), nn.Parameter(torch.tensor(VE_INIT_SCALE))
         self.layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in range(num_layers)])
+
     def forward(self, ids, fake_quantize=False):
         return self.scale * project(self.embed(ids), self.proj, fake_quantize)
+
+
+def looping_at(h: Hyperparameters, fraction: float | None) -> bool:
+    """Whether the model runs its blocks looped (NUM_LOOPS) at this fraction of training: from ENABLE_LOOPING_AT on
+    (#1855: 0.35), and always for evaluation and TTT (fraction None). The one place the schedule is decided."""
+    return h.num_loops > 0 and (fraction is None or fraction >= h.enable_looping_at)
+
 
 class GPT(nn.Module):
     """The #549 model: a U-Net of pre-norm blocks whose matrices live in four 3-D banks [out, in] for Parallel Muon:
     qo [Q_0..Q_{L-1}, Out_0..], kv [K.., V..], mlp_up [L, hidden, d], mlp_down [L, d, hidden]."""
+
     def __init__(self, h: Hyperparameters, attention=sdpa_attention):
         super().__init__()
         dim, layers = h.model_dim, h.num_layers
@@ -1116,19 +1686,28 @@ class GPT(nn.Module):
         self.token_embedding = nn.Embedding(h.vocab_size, dim)
         isolate = h.doc_isolation
         self.bigram_hash = BigramHash(h.bigram_vocab_size, h.bigram_dim, dim, isolate) if h.bigram_vocab_size else None
-        self.engram = (EngramLite(h.engram_buckets, h.engram_heads, h.engram_orders, h.engram_dim_per_head, dim, isolate)
-                       if h.engram_buckets else None)
+        self.engram = (
+            EngramLite(h.engram_buckets, h.engram_heads, h.engram_orders, h.engram_dim_per_head, dim, isolate)
+            if h.engram_buckets
+            else None
+        )
         self.smear_gate = (InputSmearGate if h.smear_gate == "input" else SmearGate)(dim, h.smear_bos_mask)
         self.ve_layers = sorted(set(h.ve_layers)) if h.ve_enabled else []
-        self.value_embedding = (ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim, len(self.ve_layers))
-                                if self.ve_layers else None)
+        self.value_embedding = (
+            ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim, len(self.ve_layers)) if self.ve_layers else None
+        )
         self.qo_bank = nn.Parameter(torch.empty(2 * layers, dim, dim))
         self.kv_bank = nn.Parameter(torch.empty(2 * layers, kv_dim, dim))
         self.mlp_up_bank = nn.Parameter(torch.empty(layers, hidden, dim))
         self.mlp_down_bank = nn.Parameter(torch.empty(layers, dim, hidden))
         self.blocks = nn.ModuleList([Block(h, i, attention) for i in range(layers)])
-        self.num_loops, self.loop_start, self.loop_end = h.num_loops, h.loop_start, h.loop_end
-        self.looping = h.num_loops > 0  # a plain attribute like qat_active; the Trainer holds it off early on
+        layers, loop = list(range(self.num_layers)), list(range(h.loop_start, h.loop_end + 1))
+        # NUM_LOOPS: LOOP_START..LOOP_END run 1 + NUM_LOOPS times (#1855: 0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10)
+        self.num_loops, self.looped_order = (
+            h.num_loops,
+            (layers[: h.loop_start] + loop * (1 + h.num_loops) + layers[h.loop_end + 1 :] if h.num_loops else layers),
+        )
+        self.looping = looping_at(h, None)  # a plain attribute like qat_active: the Trainer sets it by looping_at
         num_skips = len(self.layer_order(True)) // 2  # the looped order is the longer: min(encoder, decoder)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if h.skip_gates_enabled else None
@@ -1144,6 +1723,7 @@ class GPT(nn.Module):
         self.fused_kernels, self.doc_isolation = h.fused_kernels, h.doc_isolation
         self.varlen = getattr(attention, "varlen", False)  # DOC_ISOLATION through FA's varlen kernel
         self._init_weights(h)
+
     @torch.no_grad()
     def _init_weights(self, h: Hyperparameters):
         """#549 section 6: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens. Every
@@ -1162,34 +1742,36 @@ class GPT(nn.Module):
         if self.bigram_hash is not None:
             nn.init.zeros_(self.bigram_hash.embed.weight)
         # Orthogonal like #549's generic Linear init, also under 64 wide, where #549 leaves them zero: a zero bigram
-        # projection with its zero table never trains (parity_diffs.md section 2).
+        # projection with its zero table never trains (found by the P1 parity work, docs/RESULTS.md).
         for projection in (getattr(self.bigram_hash, "proj", None), getattr(self.value_embedding, "proj", None)):
             if projection is not None:
                 nn.init.orthogonal_(projection.weight)
         for block in self.blocks:  # drawn last: the dense gate leaves every other weight's draw unchanged
             if block.attn.output_gate is not None and block.attn.output_gate.kind == "dense":
                 nn.init.normal_(block.attn.output_gate.weight, std=DENSE_ATTN_GATE_INIT_STD)
+
     def banks(self) -> list[nn.Parameter]:
         return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
+
     def layer_weights(self, layer: int, banks) -> tuple:
         """(Q, K, V, Out, up, down) of a layer; with a LoRA attached, all but up carry its per-document delta."""
         qo, kv, up, down = banks
         n = self.num_layers
         weights = qo[layer], kv[layer], kv[n + layer], qo[n + layer], up[layer], down[layer]
         return tuple(w if slot == 4 else self.adapted((layer, slot), w) for slot, w in enumerate(weights))
+
     def adapted(self, key, weight: torch.Tensor):
         return weight if self.lora is None else functools.partial(self.lora.apply, key, weight)
+
     def layer_order(self, looping: bool | None = None) -> list[int]:
-        """The block run at each virtual layer: with depth recurrence LOOP_START..LOOP_END run 1 + NUM_LOOPS
-        times (#1855: 0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10), sharing their bank slices and block scalars."""
-        layers = list(range(self.num_layers))
-        if not (self.looping if looping is None else looping) or not self.num_loops:
-            return layers
-        loop = layers[self.loop_start:self.loop_end + 1]
-        return layers[:self.loop_start] + loop * (1 + self.num_loops) + layers[self.loop_end + 1:]
+        """The block run at each virtual layer: while looping, the looped order (repeated blocks share their bank
+        slices and block scalars); else each block once."""
+        return self.looped_order if (self.looping if looping is None else looping) else list(range(self.num_layers))
+
     @property
     def num_encoder(self) -> int:
         return len(self.layer_order()) // 2
+
     def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype, documents=None) -> torch.Tensor:
         qat = self.qat_active and self.training  # fake quantization in training forwards only, never in scoring
         quantize_projections, x = qat and self.qat_scope == "projections", self.token_embedding(ids)
@@ -1204,10 +1786,15 @@ class GPT(nn.Module):
         banks = self.banks()
         if qat and self.qat_scope == "banks":
             banks = [fake_quantize_rows(bank, qmax, self.soft_round_alpha) for bank, qmax in zip(banks, self.bank_qmax)]
-        ve_base = (self.value_embedding(ids, quantize_projections).to(compute_dtype)
-                   if self.value_embedding is not None else None)
-        rotary = [t[:, :ids.size(1)] for t in rotary_tables(max(ids.size(1), self.rope_length), self.rope_dims,
-                                                            self.rope_base, ids.device)]
+        ve_base = (
+            self.value_embedding(ids, quantize_projections).to(compute_dtype)
+            if self.value_embedding is not None
+            else None
+        )
+        rotary = [
+            t[:, : ids.size(1)]
+            for t in rotary_tables(max(ids.size(1), self.rope_length), self.rope_dims, self.rope_base, ids.device)
+        ]
         if self.doc_isolation:  # attention never crosses a BOS (#1530); RoPE is relative: positions stay per row
             if self.varlen and documents is None:
                 raise RuntimeError("DOC_ISOLATION through the varlen kernel needs the batch's host-built segments")
@@ -1217,6 +1804,7 @@ class GPT(nn.Module):
         if self.hessian_recorder is not None:
             self.hessian_recorder("head", x)  # the tied embedding's input as the LM head
         return x
+
     def run_blocks(self, x, banks, rotary, ve_base) -> torch.Tensor:
         """U-Net over the virtual layers: decoder position num_encoder+i takes encoder output num_encoder-1-i (LIFO).
         Two-lane blocks carry (attention, MLP) lanes: skips join the attention lane, the lanes' mean leaves (#1529)."""
@@ -1228,8 +1816,11 @@ class GPT(nn.Module):
                 x = (x, x) if block.residual_form == "two_lane" else 0.5 * (x[0] + x[1])
             if position >= num_encoder and skips:
                 skip, index = skips.pop(), position - num_encoder
-                x = (self.join_skip(x[0], skip, index), x[1]) if isinstance(x, tuple) else \
-                    self.join_skip(x, skip, index)
+                x = (
+                    (self.join_skip(x[0], skip, index), x[1])
+                    if isinstance(x, tuple)
+                    else self.join_skip(x, skip, index)
+                )
             value_embed = None
             if layer in self.ve_layers:
                 scale = self.value_embedding.layer_scales[self.ve_layers.index(layer)]
@@ -1241,6 +1832,7 @@ class GPT(nn.Module):
             if position < num_encoder:
                 skips.append(0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x)
         return 0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x
+
     def join_skip(self, x: torch.Tensor, skip: torch.Tensor, index: int) -> torch.Tensor:
         """#549: x + w*skip. Gated (#1089): sigmoid(g)*x + (1 - sigmoid(g))*w*skip, g = 0 at init (half of each)."""
         weighted = self.skip_weights[index].to(x.dtype) * skip
@@ -1248,22 +1840,35 @@ class GPT(nn.Module):
             return x + weighted
         gate = torch.sigmoid(self.skip_gates[index]).to(x.dtype)
         return gate * x + (1 - gate) * weighted
+
     def raw_logits(self, ids: torch.Tensor, positions=None, documents=None) -> torch.Tensor:
         """fp32 logits (B, n, V) of the tied LM head before the soft cap at `positions`: None (all T), n (the last n:
         sliding windows score only the newest) or per-row columns (B, n) (document LoRA scores one chunk a row)."""
-        compute_dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) \
+        compute_dtype = (
+            torch.get_autocast_dtype(ids.device.type)
+            if torch.is_autocast_enabled(ids.device.type)
             else self.token_embedding.weight.dtype
+        )
         hidden = self.hidden_states(ids, compute_dtype, documents)
         if isinstance(positions, torch.Tensor):
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
         elif positions is not None:
             hidden = hidden[:, -positions:]
         return linear(hidden, self.adapted("head", self.token_embedding.weight)).float()
+
     def logits(self, ids: torch.Tensor, positions=None, documents=None) -> torch.Tensor:
         raw, cap = self.raw_logits(ids, positions, documents), self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", hints=None,
-                documents=None, positions=None) -> torch.Tensor:
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor,
+        reduction: str = "mean",
+        hints=None,
+        documents=None,
+        positions=None,
+    ) -> torch.Tensor:
         """Cross-entropy of targets (B, n), the next tokens of the last n of ids (B, T) or of ids at positions (B, n);
         reduction "mean", "sum" or "none" (B, n); with hints (B, n) (NGRAM_TILT) the NLLs of targets and hints
         (2, B, n); documents: the varlen kernel's segments of ids (RunContext.documents).
@@ -1271,14 +1876,18 @@ class GPT(nn.Module):
         positions = targets.size(1) if positions is None else positions
         if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
             raw = self.raw_logits(ids, positions, documents)
-            return SoftcappedCrossEntropy.apply(raw.reshape(-1, raw.size(-1)), targets.reshape(-1),
-                                                self.logit_softcap).mean()
+            return SoftcappedCrossEntropy.apply(
+                raw.reshape(-1, raw.size(-1)), targets.reshape(-1), self.logit_softcap
+            ).mean()
         logits = self.logits(ids, positions, documents)
         if hints is not None:  # one log-softmax for both
             log_probs = F.log_softmax(logits, dim=-1)
-            return -torch.stack((log_probs.gather(-1, targets[..., None]), log_probs.gather(-1, hints[..., None])))[..., 0]
+            return -torch.stack((log_probs.gather(-1, targets[..., None]), log_probs.gather(-1, hints[..., None])))[
+                ..., 0
+            ]
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
+
 
 # Optimizer: Muon on the banks, AdamW on embeddings and scalars, the LR schedule =====================================
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic iteration of modded-nanogpt, as #549
@@ -1302,8 +1911,10 @@ POLAR_EXPRESS_FRONTIER = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 
-def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7,
-                                coefficients=(NEWTON_SCHULZ_COEFFICIENTS,)) -> torch.Tensor:
+
+def newton_schulz_orthogonalize(
+    update: torch.Tensor, steps: int, eps: float = 1e-7, coefficients=(NEWTON_SCHULZ_COEFFICIENTS,)
+) -> torch.Tensor:
     """Batched approximate polar factor U V^T of each matrix in update [..., rows, cols]: Frobenius-normalize,
     then step k applies coefficients[min(k, last)] (#549: one fixed tuple; MUON_NS=polar_express: #1855's five)."""
     x = update
@@ -1317,7 +1928,9 @@ def newton_schulz_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
 
+
 polar_express_orthogonalize = functools.partial(newton_schulz_orthogonalize, coefficients=POLAR_EXPRESS_FRONTIER)
+
 
 def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
     """#1089's Turbo-Muon: AOL (Gershgorin) row scaling s_i = 1/sqrt(sum_j |A_ij|), A = X X^T, which bounds the
@@ -1336,6 +1949,7 @@ def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> 
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
 
+
 def post_normalize(update: torch.Tensor, mode: str, eps: float = 1e-7) -> torch.Tensor:
     """MUON_POST_NORM (#1089 row_col): rows then columns to unit L2 norm (fp32) in the weight's orientation; it raises
     wide matrices' effective LR (K/V x1.41, MLP-down x1.87 at #549's shapes): retune MATRIX_LR."""
@@ -1345,38 +1959,62 @@ def post_normalize(update: torch.Tensor, mode: str, eps: float = 1e-7) -> torch.
         update = update / (update.float().norm(dim=-2, keepdim=True) + eps).to(update.dtype)
     return update
 
-ORTHOGONALIZERS = {"quintic": newton_schulz_orthogonalize, "turbo": turbo_orthogonalize,
-                   "polar_express": polar_express_orthogonalize}
+
+ORTHOGONALIZERS = {
+    "quintic": newton_schulz_orthogonalize,
+    "turbo": turbo_orthogonalize,
+    "polar_express": polar_express_orthogonalize,
+}
+
 
 def equalize_rows(update: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """MuonEq-R (#1855): each row of the momentum update divided by its L2 norm (fp32) before Newton-Schulz."""
     return update / update.float().norm(dim=-1, keepdim=True).clamp_min(eps).to(update.dtype)
 
+
 # torch 2.13 renamed the tensor collectives (the old names warn); #549's torch 2.9 only has the old ones.
 reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+
 class BankMuon(torch.optim.Optimizer):
     """Muon on 3-D banks, W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(g + mu buf), Parallel (#549 9.2-9.3): banks
     padded to W shards; async reduce-scatter per bank, NS on this rank's shard, async all-gather overlapping."""
-    def __init__(self, banks, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 comm_dtype: torch.dtype, rank: int = 0, world_size: int = 1, ns: str = "quintic",
-                 post_norm: str = "none", decay_after_update: bool = False, eq_r: bool = False):
-        super().__init__(banks, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                     base_weight_decay=weight_decay))
+
+    def __init__(
+        self,
+        banks,
+        lr: float,
+        momentum: float,
+        backend_steps: int,
+        weight_decay: float,
+        comm_dtype: torch.dtype,
+        rank: int = 0,
+        world_size: int = 1,
+        ns: str = "quintic",
+        post_norm: str = "none",
+        decay_after_update: bool = False,
+        eq_r: bool = False,
+    ):
+        super().__init__(
+            banks, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay, base_weight_decay=weight_decay)
+        )
         self.eq_r = eq_r
         self.backend_steps, self.comm_dtype = backend_steps, comm_dtype
         self.orthogonalize, self.post_norm, self.decay_after_update = ORTHOGONALIZERS[ns], post_norm, decay_after_update
         self.rank, self.world_size = rank, world_size
         self.order = sorted(banks, key=lambda bank: bank.numel(), reverse=True)  # biggest transfers first
         self.reductions = {}
+
     def shard_rows(self, bank) -> int:
         return -(-bank.size(0) // self.world_size)
+
     def _buffer(self, bank, name, rows, dtype):
         state = self.state[bank]
         if name not in state:
             state[name] = torch.zeros(rows, *bank.shape[1:], dtype=dtype, device=bank.device)
         return state[name]
+
     @torch.no_grad()
     def reduce_gradients(self):
         """Phase 1: launch the averaging of every bank gradient; each rank will hold its shard of the mean."""
@@ -1385,9 +2023,10 @@ class BankMuon(torch.optim.Optimizer):
         for bank in self.order:
             rows = self.shard_rows(bank)
             padded = self._buffer(bank, "padded_grad", rows * self.world_size, self.comm_dtype)
-            padded[:bank.size(0)].copy_(bank.grad)  # padding matrices stay zero; NS maps them to zero
+            padded[: bank.size(0)].copy_(bank.grad)  # padding matrices stay zero; NS maps them to zero
             shard = self._buffer(bank, "grad_shard", rows, self.comm_dtype)
             self.reductions[bank] = reduce_scatter_into(shard, padded, op=dist.ReduceOp.AVG, async_op=True)
+
     @torch.no_grad()
     def gradient_shards(self) -> list[torch.Tensor]:
         """Wait for the reductions; this rank's averaged gradient shard of each bank (in self.order)."""
@@ -1398,6 +2037,7 @@ class BankMuon(torch.optim.Optimizer):
             self.reductions.pop(bank).wait()
             shards.append(self.state[bank]["grad_shard"])
         return shards
+
     @torch.no_grad()
     def step(self, shards: list[torch.Tensor] | None = None, grad_scale=1.0):
         """Phases 2-3 for the banks: momentum and NS on each shard, all-gather, apply (overlapped).
@@ -1431,19 +2071,26 @@ class BankMuon(torch.optim.Optimizer):
             pending = (bank, gathered, work)
         if pending is not None:
             self._apply(*pending, lr, weight_decay)
+
     def _apply(self, bank, update, work, lr, weight_decay):
         if work is not None:
             work.wait()
         aspect = math.sqrt(max(1.0, bank.size(-2) / bank.size(-1)))
         if not self.decay_after_update:
             bank.mul_(1 - lr * weight_decay)
-        bank.add_(update[:bank.size(0)].to(bank.dtype), alpha=-lr * aspect)
+        bank.add_(update[: bank.size(0)].to(bank.dtype), alpha=-lr * aspect)
         if self.decay_after_update:
             bank.mul_(1 - lr * weight_decay)
 
-TOKEN_TABLE_SUFFIXES = ("token_embedding.weight", "bigram_hash.embed.weight", "value_embedding.embed.weight",
-                        "engram.embed.weight")
+
+TOKEN_TABLE_SUFFIXES = (
+    "token_embedding.weight",
+    "bigram_hash.embed.weight",
+    "value_embedding.embed.weight",
+    "engram.embed.weight",
+)
 SMALL_MATRIX_SUFFIXES = ("bigram_hash.proj.weight", "value_embedding.proj.weight", "engram.proj.weight")
+
 
 def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fused: bool, rank=0, world_size=1):
     """#549 section 9.1: Muon (banks), AdamW (token tables), AdamW (the rest); SMALL_MATRIX_OPTIMIZER=muon adds #1089's
@@ -1454,21 +2101,36 @@ def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fu
     taken = bank_ids | {id(p) for p in tables + small}
     scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = dict(eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
-    muon_form = dict(ns=h.muon_ns, post_norm=h.muon_post_norm, decay_after_update=h.muon_decay_after_update,
-                     eq_r=h.muon_eq_r)
-    muon = BankMuon(model.banks(), h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, comm_dtype,
-                    rank, world_size, **muon_form)
+    muon_form = dict(
+        ns=h.muon_ns, post_norm=h.muon_post_norm, decay_after_update=h.muon_decay_after_update, eq_r=h.muon_eq_r
+    )
+    muon = BankMuon(
+        model.banks(),
+        h.matrix_lr,
+        h.muon_momentum,
+        h.muon_backend_steps,
+        h.muon_wd,
+        comm_dtype,
+        rank,
+        world_size,
+        **muon_form,
+    )
     token_wd = h.adam_wd if h.embed_wd is None else h.embed_wd
-    token_adam = torch.optim.AdamW([dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr,
-                                         weight_decay=token_wd)],
-                                   betas=(h.token_beta1, h.beta2), **adam)
-    scalar_adam = torch.optim.AdamW([dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)],
-                                    betas=(h.beta1, h.beta2), **adam)
+    token_adam = torch.optim.AdamW(
+        [dict(params=tables, lr=h.tied_embed_lr, base_lr=h.tied_embed_lr, weight_decay=token_wd)],
+        betas=(h.token_beta1, h.beta2),
+        **adam,
+    )
+    scalar_adam = torch.optim.AdamW(
+        [dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr)], betas=(h.beta1, h.beta2), **adam
+    )
     optimizers = [token_adam, muon, scalar_adam]
     if small:
-        optimizers.append(BankMuon(small, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd,
-                                   comm_dtype, **muon_form))
+        optimizers.append(
+            BankMuon(small, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, comm_dtype, **muon_form)
+        )
     return optimizers
+
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """1, then linear down to LR_FLOOR over the warmdown: WARMDOWN_ITERS steps' worth of measured step time before the
@@ -1482,9 +2144,11 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
         return 1.0
     return max(max(remaining, 0.0) / warmdown, h.lr_floor)
 
+
 def training_fraction(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """How far training is: elapsed / (cap - GPTQ reserve) under a wallclock cap (#1855), else step / ITERATIONS."""
     return elapsed_ms / (1000.0 * h.training_seconds) if h.training_seconds > 0 else step / max(h.iterations, 1)
+
 
 def weight_decay_multiplier(h: Hyperparameters, fraction: float) -> float:
     """WD taper (#1729): 1 until WD_TAPER_START, then linear to WD_TAPER_FINAL at the end of training."""
@@ -1493,28 +2157,46 @@ def weight_decay_multiplier(h: Hyperparameters, fraction: float) -> float:
     progress = min((fraction - h.wd_taper_start) / (1.0 - h.wd_taper_start), 1.0)
     return 1.0 - (1.0 - h.wd_taper_final) * progress
 
+
 def muon_momentum_at(h: Hyperparameters, step: int) -> float:
     fraction = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
     return (1 - fraction) * h.muon_momentum_warmup_start + fraction * h.muon_momentum
 
+
+def all_reduce_flat(tensors: list[torch.Tensor], op) -> None:
+    """All-reduce tensors in place through one flat buffer: one collective, not one per tensor (#549's was per
+    tensor). Training averages the replicated gradients with it; TTT sums its gradients."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=op)
+    torch._foreach_copy_(
+        tensors, [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    )
+
+
 # Weight averaging: EMA (exported by default, as #549) and SWA (exported when SWA_ENABLED=1) =========================
 class ExponentialMovingAverage:
     """fp32 shadow of every parameter: shadow <- decay * shadow + (1 - decay) * param, every step."""
+
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.params = decay, list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
+
     @torch.no_grad()
     def update(self):
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
     @torch.no_grad()
     def copy_to(self, model: nn.Module):
         for param, value in zip(model.parameters(), self.shadow):
             param.copy_(value)
 
+
 class SnapshotAverage:
     """Uniform mean of snapshots taken every SWA_EVERY steps once the LR multiplier is below SWA_THRESHOLD."""
+
     def __init__(self, model: nn.Module):
         self.params, self.sum, self.count = list(model.parameters()), None, 0
+
     @torch.no_grad()
     def add(self):
         values = [p.detach().float() for p in self.params]
@@ -1523,10 +2205,12 @@ class SnapshotAverage:
         else:
             torch._foreach_add_(self.sum, values)
         self.count += 1
+
     @torch.no_grad()
     def copy_to(self, model: nn.Module):
         for param, total in zip(model.parameters(), self.sum):
             param.copy_(total / self.count)
+
 
 # Quantize and pack: int6 banks, int8 tables, fp16 small tensors; a pickle-free compressed artifact ==================
 SMALL_TENSOR_NUMEL = 65_536  # other tensors with at most this many elements are stored fp16 as-is (#549)
@@ -1539,6 +2223,7 @@ SIZE_CAP_BYTES = 16_000_000
 # 15.87 MB against its logged 15.79-15.90 MB (Gaussian: 18.8 MB; trained weights are heavy-tailed).
 PLANNER_TAIL_DOF = 4.4
 
+
 def export_state(model: GPT) -> dict[str, torch.Tensor]:
     """Named fp32 tensors (on the model's device) with the banks split into one matrix per layer and role."""
     bank_ids = {id(p) for p in model.banks()}
@@ -1547,6 +2232,7 @@ def export_state(model: GPT) -> dict[str, torch.Tensor]:
         for role, weight in zip(BANK_ROLES, model.layer_weights(layer, model.banks())):
             state[f"blocks.{layer}.{role}"] = weight.detach().float()
     return state
+
 
 @torch.no_grad()
 def load_exported_state(model: GPT, state: dict[str, torch.Tensor]):
@@ -1558,11 +2244,13 @@ def load_exported_state(model: GPT, state: dict[str, torch.Tensor]):
         if name in state:
             param.copy_(state[name])
 
+
 def is_bank_matrix(name: str) -> bool:
     return name.startswith("blocks.") and name.split(".", 2)[2] in BANK_ROLES
 
+
 def quantization_group(name: str, value: torch.Tensor) -> str | None:
-    """"attn"/"mlp" for bank matrices at any size (#549's "<= 65,536 elements stays fp16" quantized nothing at P1),
+    """ "attn"/"mlp" for bank matrices at any size (#549's "<= 65,536 elements stays fp16" quantized nothing at P1),
     "embed" for the token embedding, "tables" for the other large 2-D tensors, None for fp16 tensors."""
     if is_bank_matrix(name):
         return name.split(".")[2]
@@ -1570,11 +2258,13 @@ def quantization_group(name: str, value: torch.Tensor) -> str | None:
         return None
     return "embed" if name == "token_embedding.weight" else "tables"
 
+
 def hessian_name(name: str) -> str:
     """A weight's input Gram matrix: q/k/v share one; the tied embedding's is the LM head's input (#1394)."""
     if name == "token_embedding.weight":
         return "head"
     return name[:-2] + ".qkv" if name.endswith((".attn.q", ".attn.k", ".attn.v")) else name
+
 
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-lite: symmetric per-row round-to-nearest to +-(2^(bits-1) - 1); each row picks the clip quantile of
@@ -1594,9 +2284,11 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
             best_scale, best_error = torch.where(better, scale, best_scale), torch.minimum(error, best_error)
     return best_q.to(torch.int8), best_scale.half()
 
+
 def sd_clip_scale(weight: torch.Tensor, sigmas: float, qmax: int) -> torch.Tensor:
     """SDClip (#1394): row scale k*std(row)/qmax, fp16-rounded; a larger k, a smaller artifact."""
     return (sigmas * weight.float().std(dim=1, unbiased=False) / qmax).clamp_min(1e-8).half().float()
+
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -1609,7 +2301,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     order = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, order], h[order][:, order]
     for attempt in range(4):  # a non-positive-definite H gets 10x more damping
-        damped = h + GPTQ_DAMP * 10 ** attempt * torch.diag(h).mean() * torch.eye(len(h), device=h.device)
+        damped = h + GPTQ_DAMP * 10**attempt * torch.diag(h).mean() * torch.eye(len(h), device=h.device)
         factor, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             break
@@ -1620,10 +2312,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         for j in range(last - first):
             q[:, first + j] = (block[:, j] / scale).round().clamp(-qmax, qmax)
             error = (block[:, j] - q[:, first + j] * scale) / upper[first + j, first + j]
-            block[:, j:] -= error[:, None] * upper[first + j, first + j:last][None, :]
+            block[:, j:] -= error[:, None] * upper[first + j, first + j : last][None, :]
             errors[:, j] = error
         w[:, last:] -= errors @ upper[first:last, last:]
     return q[:, torch.argsort(order)].to(torch.int8)
+
 
 def quantize_tensor(name: str, value: torch.Tensor, group: str, bits: int, h: Hyperparameters, hessians=None):
     """One tensor at `bits`: GPTQ-lite, or with QUANT=gptq full GPTQ where a Hessian exists (round-to-nearest
@@ -1634,9 +2327,13 @@ def quantize_tensor(name: str, value: torch.Tensor, group: str, bits: int, h: Hy
     sigmas = h.group_clip_sigmas(group)
     scale = sd_clip_scale(value, sigmas, qmax) if sigmas > 0 else quantize_rows(value, bits)[1].float()
     hessian = (hessians or {}).get(hessian_name(name))
-    q = gptq_quantize(value, hessian, scale, qmax) if hessian is not None else \
-        (value / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
+    q = (
+        gptq_quantize(value, hessian, scale, qmax)
+        if hessian is not None
+        else (value / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
+    )
     return q, scale.half()
+
 
 def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=None, bits=None):
     """Each tensor at its group's width (QUANT_BITS_*, or `bits` by name); returns (tensors, schemes)."""
@@ -1650,6 +2347,7 @@ def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=
         tensors[name + ".q"], tensors[name + ".scale"] = quantize_tensor(name, value, group, width, h, hessians)
         schemes[name] = f"int{width}"
     return tensors, schemes
+
 
 def sensitivity_groups(state, hessians) -> list[tuple[float, list[str]]]:
     """#1089's (layer, attn|mlp) groups, most sensitive first: mean over the group's matrices of trace(H)/cols,
@@ -1665,23 +2363,29 @@ def sensitivity_groups(state, hessians) -> list[tuple[float, list[str]]]:
         ranked.append((sum(traces) / len(traces), names))
     return sorted(ranked, key=lambda item: -item[0])
 
+
 def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -> dict[str, int]:
     """MIXED_PRECISION (#1089): in sensitivity order a group gains one bit (the first tries two) if its measured extra
     compressed bytes fit what the base artifact leaves under `budget`; misfits are skipped. SIZE_FIT prunes if over."""
     tensors, schemes = quantize_state(state, h, hessians)
     spare = budget - len(encode_artifact(tensors, schemes, h))
+
     def group_bytes(names: list[str], width: int, base: int) -> int:
         stored = {}
         for n in names:  # the base width was quantized above: reuse it rather than run GPTQ again
-            q, scale = (tensors[n + ".q"], tensors[n + ".scale"]) if width == base else \
-                quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
+            q, scale = (
+                (tensors[n + ".q"], tensors[n + ".scale"])
+                if width == base
+                else quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
+            )
             stored[n + ".q"], stored[n + ".scale"] = q, scale
         return len(compress(pack_tensors(stored, {}), h.compressor))
+
     bits, promoted = {}, []
-    for rank, (sensitivity, names) in enumerate(sensitivity_groups(state, hessians)):
+    for rank, (_sensitivity, names) in enumerate(sensitivity_groups(state, hessians)):
         base = h.group_bits(quantization_group(names[0], state[names[0]]))
         base_bytes = group_bytes(names, base, base)
-        for extra in ((2, 1) if rank == 0 else (1,)):
+        for extra in (2, 1) if rank == 0 else (1,):
             cost = group_bytes(names, base + extra, base) - base_bytes
             if cost <= spare:
                 spare -= cost
@@ -1691,7 +2395,9 @@ def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -
     log(f"mixed_precision: promoted {len(promoted)} groups {' '.join(promoted) or '-'}; estimated spare {spare} bytes")
     return bits
 
+
 LQER_GROUP = 64  # B's int4 values share one fp16 scale per 64 (flattened), as #1797
+
 
 def lqer_factors(error: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
     """LQER asymmetric (#1797): E ~ A B from a rank-r SVD of the quantization error; A = U_r S_r stored int2 in
@@ -1701,26 +2407,32 @@ def lqer_factors(error: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
     a_scale = (a.abs().max() / 1.5).clamp_min(1e-12).half().reshape(1)
     groups = F.pad(b.reshape(-1), (0, -b.numel() % LQER_GROUP)).view(-1, LQER_GROUP)
     b_scale = (groups.abs().amax(dim=1) / 7.5).clamp_min(1e-12).half()
-    return {".lqer_a": (a / a_scale.float()).round().clamp(-2, 1).to(torch.int8), ".lqer_a_scale": a_scale,
-            ".lqer_b": (groups / b_scale.float()[:, None]).round().clamp(-8, 7).to(torch.int8),
-            ".lqer_b_scale": b_scale}
+    return {
+        ".lqer_a": (a / a_scale.float()).round().clamp(-2, 1).to(torch.int8),
+        ".lqer_a_scale": a_scale,
+        ".lqer_b": (groups / b_scale.float()[:, None]).round().clamp(-8, 7).to(torch.int8),
+        ".lqer_b_scale": b_scale,
+    }
+
 
 def lqer_product(tensors: dict[str, torch.Tensor], name: str, cols: int) -> torch.Tensor:
     a = tensors[name + ".lqer_a"].float() * tensors[name + ".lqer_a_scale"].float()
     b = tensors[name + ".lqer_b"].float() * tensors[name + ".lqer_b_scale"].float()[:, None]
-    return a @ b.reshape(-1)[:a.size(1) * cols].view(a.size(1), cols)
+    return a @ b.reshape(-1)[: a.size(1) * cols].view(a.size(1), cols)
+
 
 def add_lqer_corrections(state, tensors, schemes, h: Hyperparameters) -> list[str]:
     """LQER_TOP_K: the quantized matrices with the largest ||W - W_hat||_F get a low-rank correction (#1855's
     log: it fired on tok_emb and MLP up). Their scheme gains "+lqer". Returns their names."""
     restored = dequantize_state(tensors, schemes)
     errors = {n: state[n].float() - restored[n] for n, scheme in schemes.items() if scheme != "fp16"}
-    worst = sorted(errors, key=lambda n: -errors[n].norm().item())[:h.lqer_top_k]
+    worst = sorted(errors, key=lambda n: -errors[n].norm().item())[: h.lqer_top_k]
     for name in worst:
         rank = min(h.lqer_rank, *errors[name].shape)
         tensors.update({name + key: value for key, value in lqer_factors(errors[name], rank).items()})
         schemes[name] += "+lqer"
     return worst
+
 
 def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> dict[str, torch.Tensor]:
     state = {}
@@ -1734,46 +2446,59 @@ def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) 
             state[name] += lqer_product(tensors, name, q.size(1))
     return state
 
+
 def pack_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
     """A plain container (never pickle): u64 header length, JSON index, then raw little-endian tensor bytes."""
     index, blobs, offset = [], [], 0
     for name, tensor in tensors.items():
         blob = tensor.detach().contiguous().cpu().numpy().tobytes()
-        index.append(dict(name=name, dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape),
-                          offset=offset, nbytes=len(blob)))
+        index.append(
+            dict(
+                name=name,
+                dtype=str(tensor.dtype).removeprefix("torch."),
+                shape=list(tensor.shape),
+                offset=offset,
+                nbytes=len(blob),
+            )
+        )
         blobs.append(blob)
         offset += len(blob)
     header = json.dumps(dict(tensors=index, meta=meta), separators=(",", ":")).encode()
     return struct.pack("<Q", len(header)) + header + b"".join(blobs)
 
+
 def unpack_tensors(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     """Parse a container; anything else (a pickle, a torch.save zip) is refused without being executed."""
     try:
         (header_len,) = struct.unpack_from("<Q", raw)
-        header, body = json.loads(raw[8:8 + header_len]), memoryview(raw)[8 + header_len:]
+        header, body = json.loads(raw[8 : 8 + header_len]), memoryview(raw)[8 + header_len :]
         tensors = {}
         for entry in header["tensors"]:
-            dtype = {"int8": torch.int8, "int16": torch.int16, "float16": torch.float16,
-                     "float32": torch.float32}[entry["dtype"]]
-            chunk = body[entry["offset"]:entry["offset"] + entry["nbytes"]]
+            dtype = {"int8": torch.int8, "int16": torch.int16, "float16": torch.float16, "float32": torch.float32}[
+                entry["dtype"]
+            ]
+            chunk = body[entry["offset"] : entry["offset"] + entry["nbytes"]]
             tensors[entry["name"]] = torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(entry["shape"])
         return tensors, header["meta"]
     except (struct.error, ValueError, KeyError, TypeError, RuntimeError):
         raise InputError("artifact payload is not a tensor container (pickles are never loaded)") from None
+
 
 def byte_shuffle(raw: bytes, stride: int) -> bytes:
     """All bytes at offset 0 mod stride, then 1 mod stride, ... (#1089: stride 2 groups fp16 high/low bytes)."""
     array = np.frombuffer(raw, dtype=np.uint8)
     return b"".join(array[i::stride].tobytes() for i in range(stride))
 
+
 def byte_unshuffle(data: bytes, stride: int) -> bytes:
     array, out = np.frombuffer(data, dtype=np.uint8), np.empty(len(data), dtype=np.uint8)
     start = 0
     for i in range(stride):
         count = len(range(i, len(data), stride))
-        out[i::stride] = array[start:start + count]
+        out[i::stride] = array[start : start + count]
         start += count
     return out.tobytes()
+
 
 def run_lrzip(data: bytes, unpack: bool) -> bytes:
     """The lrzip program (ZPAQ at level 9, as #1855) through temporary files."""
@@ -1786,6 +2511,7 @@ def run_lrzip(data: bytes, unpack: bool) -> bytes:
             raise RuntimeError(f"lrzip failed ({result.returncode}): {result.stderr.decode(errors='replace')[-500:]}")
         return target.read_bytes()
 
+
 def compress(raw: bytes, compressor: str, fast: bool = False) -> bytes:
     """fast: lzma at preset 1 (the export after a signal; decoding does not depend on the preset)."""
     if compressor == "lrzip":
@@ -1794,9 +2520,12 @@ def compress(raw: bytes, compressor: str, fast: bool = False) -> bytes:
         return lzma.compress(raw, preset=1 if fast else 9)
     if compressor == "zstd":
         import zstandard
+
         return zstandard.ZstdCompressor(level=22).compress(raw)
     import brotli
+
     return brotli.compress(raw, quality=11)
+
 
 def decompress(blob: bytes, compressor: str) -> bytes:
     if compressor == "lrzip":
@@ -1805,11 +2534,15 @@ def decompress(blob: bytes, compressor: str) -> bytes:
         return lzma.decompress(blob)
     if compressor == "zstd":
         import zstandard
+
         return zstandard.ZstdDecompressor().decompress(blob)
     import brotli
+
     return brotli.decompress(blob)
 
+
 SIMILARITY_SORTED_ROLES = ("token_embedding.weight", "attn.q", "mlp.up")  # #1855's reordered groups
+
 
 def similarity_order(rows: torch.Tensor) -> torch.Tensor:
     """A greedy L1 nearest-neighbour chain through the rows from row 0 (#1855): similar rows side by side. The
@@ -1822,6 +2555,7 @@ def similarity_order(rows: torch.Tensor) -> torch.Tensor:
         distance[:, order[-1]] = np.inf  # visited: never chosen again
     return torch.tensor(order)
 
+
 def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> bytes:
     """COMPRESSOR=lrzip (#1855): quantized matrices grouped by role across layers, column-major, the rows of
     SIMILARITY_SORTED_ROLES in similarity order (int16 permutation), each group lrzip'd; the rest one brotli blob."""
@@ -1832,7 +2566,7 @@ def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) ->
             rest[name] = tensor
             continue
         role = base.split(".", 2)[2] if is_bank_matrix(base) else base
-        if role in SIMILARITY_SORTED_ROLES and len(tensor) < 2 ** 15:
+        if role in SIMILARITY_SORTED_ROLES and len(tensor) < 2**15:
             order = similarity_order(tensor)
             rest[base + ".row_order"], tensor = order.to(torch.int16), tensor[order]
         groups.setdefault(role, {})[name] = tensor.T.contiguous()
@@ -1841,11 +2575,12 @@ def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) ->
     index = json.dumps([[role, len(blob)] for role, blob in parts]).encode()
     return struct.pack("<I", len(index)) + index + b"".join(blob for _, blob in parts)
 
+
 def decode_grouped(body: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     (index_len,) = struct.unpack_from("<I", body)
     offset, tensors, meta = 4 + index_len, {}, {}
     for role, length in json.loads(body[4:offset]):
-        blob, offset = body[offset:offset + length], offset + length
+        blob, offset = body[offset : offset + length], offset + length
         if role == "rest":
             part, meta = unpack_tensors(decompress(blob, "brotli"))
             tensors.update(part)
@@ -1856,8 +2591,10 @@ def decode_grouped(body: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         tensors[base + ".q"] = tensors[base + ".q"][torch.argsort(tensors.pop(name).long())]
     return tensors, meta
 
-def encode_artifact(tensors: dict[str, torch.Tensor], schemes: dict[str, str], h: Hyperparameters,
-                    fast: bool = False) -> bytes:
+
+def encode_artifact(
+    tensors: dict[str, torch.Tensor], schemes: dict[str, str], h: Hyperparameters, fast: bool = False
+) -> bytes:
     """Container -> optional byte shuffle -> compressor, behind a self-describing, checksummed header. fast: lzma at
     preset 1, whatever COMPRESSOR says (seconds, not the tens lzma 9, brotli 11 or lrzip take)."""
     raw = pack_tensors(tensors, dict(schemes=schemes))
@@ -1866,9 +2603,18 @@ def encode_artifact(tensors: dict[str, torch.Tensor], schemes: dict[str, str], h
         transform, body = "grouped", encode_grouped(tensors, schemes)
     else:
         body = compress(byte_shuffle(raw, 2) if h.byte_shuffle else raw, compressor, fast)
-    header = json.dumps(dict(version=ARTIFACT_VERSION, compressor=compressor, transform=transform,
-                             raw_bytes=len(raw), body_bytes=len(body), sha256=hashlib.sha256(body).hexdigest()))
+    header = json.dumps(
+        dict(
+            version=ARTIFACT_VERSION,
+            compressor=compressor,
+            transform=transform,
+            raw_bytes=len(raw),
+            body_bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+        )
+    )
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header.encode() + body
+
 
 def read_artifact(path: str) -> dict[str, torch.Tensor]:
     """Read an artifact from disk, verify it completely and return the dequantized named state."""
@@ -1877,10 +2623,10 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a train_gpt.py artifact (bad magic)")
     (header_len,) = struct.unpack_from("<I", blob, 4)
     try:
-        header = json.loads(blob[8:8 + header_len])
+        header = json.loads(blob[8 : 8 + header_len])
     except ValueError:
         raise InputError(f"{path}: artifact header is corrupt") from None
-    body = blob[8 + header_len:]
+    body = blob[8 + header_len :]
     if header.get("version") != ARTIFACT_VERSION:
         raise InputError(f"{path}: artifact version {header.get('version')} is not {ARTIFACT_VERSION}")
     if len(body) != header["body_bytes"]:
@@ -1897,6 +2643,7 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: {error}") from None
     return dequantize_state(tensors, meta["schemes"])
 
+
 def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> bytes:
     """SIZE_FIT: zero quantized values with |q| <= SIZE_FIT_LEVELS (#609: 1; #1089: 2), cheapest s^2 q^2 first, until
     the artifact fits: bisection on the count to 1/64 of the candidates (7 encodes); still over, the run says so."""
@@ -1911,14 +2658,17 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
         positions.append(candidates)
     order = torch.argsort(torch.cat(costs))
     owners, positions = torch.cat(owners)[order], torch.cat(positions)[order]
+
     def pruned(count: int) -> bytes:
         trial = dict(tensors)
         for index, name in enumerate(names):
             chosen = positions[:count][owners[:count] == index]
             if len(chosen):
-                trial[name + ".q"] = tensors[name + ".q"].clone().reshape(-1).index_fill_(0, chosen, 0).view_as(
-                    tensors[name + ".q"])
+                trial[name + ".q"] = (
+                    tensors[name + ".q"].clone().reshape(-1).index_fill_(0, chosen, 0).view_as(tensors[name + ".q"])
+                )
         return encode_artifact(trial, schemes, h)
+
     count = 0
     if len(blob) > budget:
         low, high = 0, len(order)  # invariant: pruning `low` is too big, pruning `high` fits (if anything does)
@@ -1931,16 +2681,20 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
             else:
                 high, blob = middle, trial
         count = high
-    log(f"size_fit: pruned {count} of {len(order)} values with |q|<={h.size_fit_levels} "
+    log(
+        f"size_fit: pruned {count} of {len(order)} values with |q|<={h.size_fit_levels} "
         f"({100 * count / max(len(order), 1):.2f}%), "
-        f"model_bytes:{len(blob)} budget:{budget}")
+        f"model_bytes:{len(blob)} budget:{budget}"
+    )
     return blob
+
 
 def stand_in_state(h: Hyperparameters, distribution) -> dict[str, torch.Tensor]:
     """The configured model's exported tensors, every quantized one replaced by samples of `distribution`."""
     torch.manual_seed(h.seed)
     state = export_state(GPT(h))
     return {n: distribution.sample(v.shape) if quantization_group(n, v) else v for n, v in state.items()}
+
 
 def plan_artifact(h: Hyperparameters) -> int:
     """DRY_RUN size planner: every quantized tensor replaced by a trained-weight stand-in (Student-t, PLANNER_TAIL_DOF),
@@ -1956,36 +2710,48 @@ def plan_artifact(h: Hyperparameters) -> int:
     full_raw = len(pack_tensors(tensors, dict(schemes=schemes)))
     return overhead + int(full_raw * (len(sample_blob) - overhead) / len(sample_raw))
 
+
 # Evaluate ===========================================================================================================
 NGRAM_TILT_HASH = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the context hash (golden ratio)
 NGRAM_TILT_ORDERS = range(16, 7, -1)  # #1514: contexts of 8..16 tokens, the longest confident one wins
 # (lowest order of a group, minimum confidence, minimum count of the hint): #1514's ngram_tilt.py (gap_specs 3.20)
 NGRAM_TILT_GROUPS = ((14, 0.50, 2), (11, 0.60, 2), (8, 0.70, 3))
 
+
 def segment_offsets(is_start: np.ndarray) -> np.ndarray:
     """Each element's position within its segment of a sorted array (segments begin where is_start)."""
     index = np.arange(len(is_start))
     return index - np.maximum.accumulate(np.where(is_start, index, 0))
+
 
 def ngram_hint_counts(tokens: np.ndarray, order: int, scoring_rank: np.ndarray | None = None) -> tuple:
     """Target i's (context tokens[i-order+1..i]) most frequent earlier follower, its count and the context's, read
     before i joins the counts (ties: first to reach a count). "Earlier" is stream order, or with scoring_rank (each
     target's place in a pass's scoring order) that order, contexts then cut at the target's document start."""
     num_targets, count = len(tokens) - 1, len(tokens) - order
-    hint, hint_count, context_count = np.full(num_targets, -1), np.zeros(num_targets, np.int64), np.zeros(num_targets, np.int64)
+    hint, hint_count, context_count = (
+        np.full(num_targets, -1),
+        np.zeros(num_targets, np.int64),
+        np.zeros(num_targets, np.int64),
+    )
     if count <= 0:
         return hint, hint_count, context_count
-    values, keys, targets = tokens.astype(np.uint64) + np.uint64(1), np.zeros(count, np.uint64), np.arange(count) + order - 1
+    values, keys, targets = (
+        tokens.astype(np.uint64) + np.uint64(1),
+        np.zeros(count, np.uint64),
+        np.arange(count) + order - 1,
+    )
     # A context must not reach into another document when documents are scored out of stream order: 0 pads it
     document_start = np.maximum.accumulate(np.where(tokens[:num_targets] == BOS_ID, np.arange(num_targets), 0))
     for j in range(order):
         keep = np.arange(j, j + count) >= document_start[targets] if scoring_rank is not None else True
-        keys = keys * NGRAM_TILT_HASH + np.where(keep, values[j:j + count], np.uint64(0))
+        keys = keys * NGRAM_TILT_HASH + np.where(keep, values[j : j + count], np.uint64(0))
     nexts = tokens[order:].astype(np.int64)
     by_rank = np.argsort(scoring_rank[targets], kind="stable") if scoring_rank is not None else np.arange(count)
     leader, leader_count, seen = leading_followers(keys[by_rank], nexts[by_rank])
     hint[targets[by_rank]], hint_count[targets[by_rank]], context_count[targets[by_rank]] = leader, leader_count, seen
     return hint, hint_count, context_count
+
 
 def leading_followers(keys: np.ndarray, nexts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each occurrence of (context key, next token) in order: the context's most frequent next token among its
@@ -2009,12 +2775,14 @@ def leading_followers(keys: np.ndarray, nexts: np.ndarray) -> tuple[np.ndarray, 
     context_count[by_context] = segment_offsets(new_context)
     return hint, hint_count, context_count
 
+
 class NgramTilt:
     """NGRAM_TILT (#1514, causal, token-only): a hint per target from the contexts scored before it; p'(t) = p(t)
     e^(b 1[t = hint]) / Z, Z = 1 + p(hint)(e^b - 1), b = NGRAM_TILT_BETA x confidence; ranks split the orders (MAX).
     Built for one pass's scoring order (scoring_rank; None: the stream's), which its hints never look past."""
+
     def __init__(self, tokens: np.ndarray, beta: float, run, scoring_rank: np.ndarray | None = None):
-        started, orders = time.perf_counter(), NGRAM_TILT_ORDERS[run.rank::run.world_size]
+        started, orders = time.perf_counter(), NGRAM_TILT_ORDERS[run.rank :: run.world_size]
         # numpy's sorts release the GIL: two orders at a time (62M tokens: 47 s each here, both in 51 s, 19.5 GiB)
         with concurrent.futures.ThreadPoolExecutor(min(max(len(orders), 1), 2)) as pool:
             codes = pool.map(lambda order: self.confident_hints(tokens, order, scoring_rank), orders)
@@ -2026,9 +2794,12 @@ class NgramTilt:
         self.hint = np.where(packed > 0, (packed >> 16) & 0xFFFFFFFF, -1)
         self.beta = (beta * (packed & 0xFFFF) / 65535).astype(np.float32)  # 0 where there is no hint
         self.hit, self.seconds = self.hint == tokens[1:], time.perf_counter() - started
-        run.log(f"ngram_tilt: order:{'stream' if scoring_rank is None else 'scoring'} seconds:{self.seconds:.1f} "
-                f"hinted:{(self.hint >= 0).mean():.4f} hint_correct:"
-                f"{self.hit.sum() / max((self.hint >= 0).sum(), 1):.4f} beta:{beta}")
+        run.log(
+            f"ngram_tilt: order:{'stream' if scoring_rank is None else 'scoring'} seconds:{self.seconds:.1f} "
+            f"hinted:{(self.hint >= 0).mean():.4f} hint_correct:"
+            f"{self.hit.sum() / max((self.hint >= 0).sum(), 1):.4f} beta:{beta}"
+        )
+
     @staticmethod
     def confident_hints(tokens: np.ndarray, order: int, scoring_rank: np.ndarray | None = None) -> np.ndarray:
         """(order, hint, confidence) packed in an int64 where the order's hint passes its thresholds, else 0."""
@@ -2038,24 +2809,30 @@ class NgramTilt:
         confident = (hint_count >= min_count) & (confidence >= min_confidence)
         code = (order << 48) | (np.maximum(hint, 0) << 16) | np.round(confidence * 65535).astype(np.int64)
         return np.where(confident, code, 0)
+
     def hint_ids(self, targets: np.ndarray) -> np.ndarray:
         return np.maximum(self.hint[targets], 0)  # a valid id where there is none (its beta is 0)
+
     def apply(self, nll: torch.Tensor, hint_nll: torch.Tensor, targets: np.ndarray, device) -> torch.Tensor:
         """The tilted NLL: NLL + log Z - b 1[target = hint] (exactly the NLL where there is no hint)."""
         beta = to_device(self.beta[targets], device)
         log_z = torch.log1p(torch.expm1(beta) * torch.exp(-hint_nll.float()))
         return nll.float() + log_z - beta * to_device(self.hit[targets], device)
 
+
 class ScoreAccumulator:
     """float64 sums of NLL (nats), scored tokens, bytes and, with NGRAM_TILT, the tilted NLL; all-reduced as sums,
     never ratios. Also the first target whose NLL is not finite: an error naming it, never a val_bpb:nan line."""
+
     def __init__(self, device, val, tilt=None):
         self.device, self.val, self.tilt = device, val, tilt
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=device)
+
     def hints(self, targets: np.ndarray) -> torch.Tensor | None:
         """The tilt's hint ids of targets for the forward (None without a tilt): it then returns (2, B, w)."""
         return to_device(self.tilt.hint_ids(targets), self.device) if self.tilt is not None else None
+
     def add(self, scored: torch.Tensor, targets: np.ndarray, keep: np.ndarray):
         """NLL (B, w) of targets (B, w) (indices), with the tilt (2, B, w) of targets and hints; masked sums, no sync."""
         keep, index = to_device(keep, self.device), to_device(targets.astype(np.float64), self.device)
@@ -2066,6 +2843,7 @@ class ScoreAccumulator:
         self.sums += torch.stack((masked(nll), keep.sum(dtype=torch.float64), masked(byte_counts), masked(tilted)))
         bad = keep & ~(torch.isfinite(nll) & torch.isfinite(tilted))
         self.first_bad = torch.minimum(self.first_bad, torch.where(bad, index, math.inf).min())
+
     def result(self, distributed: bool, tilted: bool = False) -> tuple[float, float, int, int]:
         """(val_loss, val_bpb, tokens, bytes) of the model's scores, or of the tilted ones."""
         sums, first_bad = self.sums.clone(), self.first_bad.clone()
@@ -2079,34 +2857,43 @@ class ScoreAccumulator:
             raise RunFault(f"the NLL is not finite at {where}: the weights are not finite or overflow", EXIT_NONFINITE)
         return nll / tokens, nll / math.log(2) / byte_total, int(tokens), int(byte_total)
 
+
 class SlidingWindows:
     """Every pass's plan: window 0 scores targets [0, L); window k >= 1 scores [L + (k-1)s, L + ks) from the L inputs
     ending at its last target: each target once (#549 re-scored its last 64 tokens 32 times); s = L: plain pass."""
+
     def __init__(self, num_targets: int, seq_len: int, stride: int):
         count = 1 + max(-(-(num_targets - seq_len) // stride), 0)
         self.score_hi = np.minimum(seq_len + stride * np.arange(count), num_targets)
         self.score_lo, self.starts = np.concatenate(([0], self.score_hi[:-1])), self.score_hi - seq_len
         self.seq_len, self.stride, self.num_targets = seq_len, stride, num_targets
+
     def __len__(self) -> int:
         return len(self.starts)
+
     def within(self, lo: int, hi: int) -> np.ndarray:
         """Indices of the windows whose scored targets lie in [lo, hi)."""
         return np.nonzero((self.score_lo >= lo) & (self.score_hi <= hi))[0]
 
+
 class IllegalTestTimeTraining(RuntimeError):
     """Raised before an update that would train on a validation target that has not been scored yet."""
+
 
 class ScoreLedger:
     """The TTT audit: scorings per target (summed over ranks by sync(lo, hi), also a barrier) and what training used;
     check_training() raises before an update on an unscored target, audit() demands exactly one scoring each."""
+
     def __init__(self, num_targets: int, run):
         self.run, self.num_targets = run, num_targets
         self.local = np.zeros(num_targets, dtype=np.uint8)
         self.scored = np.zeros(num_targets, dtype=np.uint8)  # global counts of synced ranges
         self.chunks = {}  # chunk -> [highest scored target, highest trained target or -1]
         self.trained, self.highest_scored = np.zeros(num_targets, dtype=np.bool_), -1
+
     def mark(self, lo: int, hi: int):
         self.local[lo:hi] += 1
+
     def sync(self, lo: int, hi: int, chunk: int = 0):
         counts = self.local[lo:hi]
         if self.run.world_size > 1:  # uint8 sums: a count past 255 would need 255 scorings of one target
@@ -2120,17 +2907,20 @@ class ScoreLedger:
         if tail[last]:
             self.highest_scored = max(self.highest_scored, hi - 1 - last)
         self.chunks.setdefault(chunk, [-1, -1])[0] = self.highest_scored
+
     def check_training(self, chunk: int, lo: int, hi: int, local: bool = False):
         """local: against this rank's own scorings (a document only this rank scores and trains on)."""
         scored = (self.local if local else self.scored)[lo:hi]
         if not scored.all():
             first = lo + int(np.argmin(scored > 0))
-            raise IllegalTestTimeTraining(f"chunk {chunk}: an update would train on targets [{lo}, {hi}) but target "
-                                          f"{first} has not been scored")
+            raise IllegalTestTimeTraining(
+                f"chunk {chunk}: an update would train on targets [{lo}, {hi}) but target {first} has not been scored"
+            )
         self.trained[lo:hi] = True
         if not local:  # a local check is per document, checked here already: no chunk order to audit
             record = self.chunks.setdefault(chunk, [-1, -1])
             record[1] = max(record[1], hi - 1)
+
     def audit(self) -> str:
         if not (self.scored == 1).all():
             bad = int(np.argmax(self.scored != 1))
@@ -2140,6 +2930,7 @@ class ScoreLedger:
                 raise AssertionError(f"chunk {chunk}: trained up to target {trained}, scored only up to {scored}")
         return f"chunks={len(self.chunks)} tokens_scored={self.num_targets} tokens_trained={int(self.trained.sum())}"
 
+
 def window_batches(plan: SlidingWindows, indices: np.ndarray, batch: int, pad: bool):
     """Batches of windows with the same scored width (window 0 scores all L targets). With pad, short
     batches repeat their last window (results dropped) so compiled graphs keep one static shape."""
@@ -2147,15 +2938,17 @@ def window_batches(plan: SlidingWindows, indices: np.ndarray, batch: int, pad: b
     for width in np.unique(widths):
         group = indices[widths == width]
         for first in range(0, len(group), batch):
-            chosen = group[first:first + batch]
+            chosen = group[first : first + batch]
             real = len(chosen)
             if pad and real < batch:
                 chosen = np.concatenate((chosen, np.repeat(chosen[-1:], batch - real)))
             yield int(width), chosen, real
 
+
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host array -> device without a stream sync (a blocking copy waits for every queued kernel)."""
     return torch.from_numpy(array).to(device, non_blocking=True)
+
 
 def window_nll(model, run, windows: np.ndarray, width: int, hints: torch.Tensor | None = None) -> torch.Tensor:
     """Per-target NLL (B, width) of the last `width` targets of (B, L + 1) host token windows, stacked with the
@@ -2165,12 +2958,19 @@ def window_nll(model, run, windows: np.ndarray, width: int, hints: torch.Tensor 
     with run.autocast():
         return run.forward(model, window[:, :-1], window[:, -width:], "none", hints, run.documents(windows[:, :-1]))
 
+
 def sequences_loss(model, run, tokens: np.ndarray, seq_len: int) -> torch.Tensor:
     """Summed NLL of n * seq_len + 1 host tokens read as n sequences: TTT's training call, shared with priming."""
     device_tokens, documents = to_device(tokens, run.device), run.documents(tokens[:-1].reshape(-1, seq_len))
     with run.autocast():
-        return run.forward(model, device_tokens[:-1].view(-1, seq_len), device_tokens[1:].view(-1, seq_len),
-                           reduction="sum", documents=documents)
+        return run.forward(
+            model,
+            device_tokens[:-1].view(-1, seq_len),
+            device_tokens[1:].view(-1, seq_len),
+            reduction="sum",
+            documents=documents,
+        )
+
 
 @torch.inference_mode()
 def score_windows(model, run, val: ValidationSet, plan: SlidingWindows, indices, scores, ledger):
@@ -2182,13 +2982,17 @@ def score_windows(model, run, val: ValidationSet, plan: SlidingWindows, indices,
         windows = val.tokens[plan.starts[chosen][:, None] + offsets].astype(np.int64)
         # Position p of the last `width` predicts target score_hi - width + p; keep those >= score_lo.
         targets = (plan.score_hi[chosen] - width)[:, None] + np.arange(width)
-        scored, keep = window_nll(model, run, windows, width, scores.hints(targets)), targets >= plan.score_lo[chosen][:, None]
+        scored, keep = (
+            window_nll(model, run, windows, width, scores.hints(targets)),
+            targets >= plan.score_lo[chosen][:, None],
+        )
         keep[real:] = False
         scores.add(scored, targets, keep)
         for k in chosen[:real]:
             ledger.mark(int(plan.score_lo[k]), int(plan.score_hi[k]))
 
-def evaluate(model: GPT, run, val: ValidationSet, stride: int, tilt=None):
+
+def evaluate(model: GPT, run, val: ValidationSet, stride: int, tilt=None) -> "PassScore":
     """Mean NLL and BPB of every target, scored once, ranks splitting the windows; with a tilt also the tilted."""
     num_targets = len(val.tokens) - 1
     plan = SlidingWindows(num_targets, run.h.eval_seq_len, stride)
@@ -2199,8 +3003,8 @@ def evaluate(model: GPT, run, val: ValidationSet, stride: int, tilt=None):
     model.train(was_training)
     ledger.sync(0, num_targets)
     ledger.audit()
-    val_loss, val_bpb, _, _ = scores.result(run.world_size > 1)
-    return (val_loss, val_bpb) + ((scores.result(run.world_size > 1, tilted=True)[:2],) if tilt is not None else ())
+    return pass_score(scores, run)
+
 
 def ttt_steps(h: Hyperparameters, num_seqs: int, rank: int, world_size: int):
     """One TTT epoch over num_seqs sequences: (first, count, a, b) per step, where TTT_BATCH_SEQS sequences are
@@ -2209,16 +3013,19 @@ def ttt_steps(h: Hyperparameters, num_seqs: int, rank: int, world_size: int):
         count = min(h.ttt_batch_seqs, num_seqs - first)
         yield first, count, first + count * rank // world_size, first + count * (rank + 1) // world_size
 
+
 def ttt_rows(h: Hyperparameters, rank: int, world_size: int) -> list[int]:
     """The distinct per-rank batch sizes (sequences) of TTT's training steps: every trained chunk is full."""
     steps = ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, rank, world_size)
     return sorted({b - a for _, _, a, b in steps} - {0})
+
 
 def stream_passes(h: Hyperparameters) -> tuple[bool, bool, bool]:
     """(the sliding pass runs, SGD TTT runs, the stream-order tilt is built): TTT scores every target anyway, so
     EVAL_SLIDING=0 leaves it the time; the tilt follows each pass's order (document LoRA builds its own)."""
     sliding, sgd_ttt = h.eval_sliding or not h.ttt_enabled, h.ttt_enabled and h.ttt_mode == "sgd"
     return sliding, sgd_ttt, h.ngram_tilt and (sliding or sgd_ttt)
+
 
 def scoring_graphs(h: Hyperparameters) -> list[tuple[int, bool]]:
     """The (scored width, hinted) pairs the compiled scorer sees: the roundtrip's full windows without hints; the
@@ -2227,12 +3034,15 @@ def scoring_graphs(h: Hyperparameters) -> list[tuple[int, bool]]:
     widths = {h.eval_seq_len, h.eval_stride} if sliding or sgd_ttt else set()
     return sorted({(h.eval_seq_len, False)} | {(width, tilted) for width in widths})
 
+
 def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     """Compile every eval graph on random tokens before the artifact loads and the eval clock starts (#1855; never val
     tokens): scoring at both widths and TTT's training shapes (gradients dropped, no step). Returns the count."""
     h, generator = run.h, np.random.default_rng(0)
+
     def random_tokens(*shape: int) -> np.ndarray:
         return generator.integers(0, h.vocab_size, shape)
+
     # The scoring windows are made under inference_mode, as score_windows makes its own: graphs guard on that too.
     variants = 0
     with torch.inference_mode():
@@ -2250,6 +3060,7 @@ def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     model.eval()
     return variants
 
+
 def score_first_schedule(num_chunks: int):
     """The legal TTT order: score chunk c, then train on it; the last chunk is scored, never trained on."""
     for chunk in range(num_chunks):
@@ -2257,9 +3068,11 @@ def score_first_schedule(num_chunks: int):
         if chunk < num_chunks - 1:
             yield "train", chunk
 
+
 class TestTimeTrainer:
     """Legal score-first TTT (#549 section 15.3): SGD on already-scored chunks, cosine LR over chunks, with
     the ledger checking every update and a budget guard that stops training, never scoring."""
+
     def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float, tilt=None):
         h = self.h = run.h
         self.model, self.run, self.val, self.tokens = model, run, val, val.tokens
@@ -2273,47 +3086,58 @@ class TestTimeTrainer:
         self.optimizer = ttt_optimizer(model, self.params, h)
         self.eval_started, self.guard = eval_started, BudgetGuard(run, eval_started)
         self.score_seconds, self.train_seconds = [], []
+
     def frozen_parameters(self) -> int:
         """Entries TTT never changes: frozen blocks' own parameters plus their masked bank slices."""
         frozen = sum(p.numel() for p in self.frozen)
         for bank in self.model.banks():
             frozen += int((1 - self.bank_masks[id(bank)]).sum()) * bank.shape[1] * bank.shape[2]
         return frozen
+
     def chunk_range(self, chunk: int) -> tuple[int, int]:
         lo = chunk * self.h.ttt_chunk_tokens
         return lo, min(lo + self.h.ttt_chunk_tokens, self.num_targets)
+
     def score(self, chunk: int):
         lo, hi = self.chunk_range(chunk)
         mine = np.array_split(self.plan.within(lo, hi), self.run.world_size)[self.run.rank]
         score_windows(self.model, self.run, self.val, self.plan, mine, self.scores, self.ledger)
         self.ledger.sync(lo, hi, chunk)
+
     def train(self, chunk: int):
         """TTT_EPOCHS passes over the chunk's sequences, each step's TTT_BATCH_SEQS split evenly over ranks."""
         h, run, model = self.h, self.run, self.model
         lo, hi = self.chunk_range(chunk)
         seq_len, num_seqs = h.train_seq_len, (hi - lo) // h.train_seq_len
         for group in self.optimizer.param_groups:
-            group["lr"] = group["lr_mult"] * h.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(self.num_chunks - 1, 1)))
+            group["lr"] = (
+                group["lr_mult"] * h.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(self.num_chunks - 1, 1)))
+            )
         model.train()
         for _ in range(h.ttt_epochs):
             for first, count, a, b in ttt_steps(h, num_seqs, run.rank, run.world_size):
                 self.ledger.check_training(chunk, lo + first * seq_len, lo + (first + count) * seq_len)
                 if b > a:
-                    window = self.tokens[lo + a * seq_len:lo + b * seq_len + 1].astype(np.int64)
+                    window = self.tokens[lo + a * seq_len : lo + b * seq_len + 1].astype(np.int64)
                     loss = sequences_loss(model, run, window, seq_len)  # compiled; primed before the eval clock
                     (loss / (count * seq_len)).backward()  # summed over ranks below: the global batch mean
                 self.update()
+
     def update(self):
         for param in self.frozen:
             param.grad = None
         sgd_step(self.run, self.params, self.optimizer, self.bank_masks)
+
     def keep_training(self, chunk: int) -> bool:
         """Train on this chunk only if it and the rest's scoring fit the budget (steady means skip chunk 0)."""
         steady = lambda values: sum(values[1:]) / (len(values) - 1) if len(values) > 1 else 0.0  # noqa: E731
         left = self.num_chunks - 1 - chunk
-        return self.guard.allows(steady(self.train_seconds) + left * steady(self.score_seconds), f"stopping training "
-                                 f"at chunk {chunk + 1}/{self.num_chunks}, scoring the remaining {left} chunks as is")
-    def run_schedule(self, schedule) -> tuple[float, float, str]:
+        return self.guard.allows(
+            steady(self.train_seconds) + left * steady(self.score_seconds),
+            f"stopping training at chunk {chunk + 1}/{self.num_chunks}, scoring the remaining {left} chunks as is",
+        )
+
+    def run_schedule(self, schedule) -> PassScore:
         for action, chunk in schedule:
             self.run.sync()
             started = time.perf_counter()
@@ -2322,27 +3146,38 @@ class TestTimeTrainer:
                 self.score_seconds.append(time.perf_counter() - started)
                 if (chunk + 1) % 10 == 0 or chunk + 1 == self.num_chunks:
                     _, bpb, _, _ = self.scores.result(self.run.world_size > 1)
-                    self.run.log(f"  ttt_chunk [{chunk + 1}/{self.num_chunks}] bpb={bpb:.6f} "
-                                 f"elapsed={time.perf_counter() - self.eval_started:.1f}s")
+                    self.run.log(
+                        f"  ttt_chunk [{chunk + 1}/{self.num_chunks}] bpb={bpb:.6f} "
+                        f"elapsed={time.perf_counter() - self.eval_started:.1f}s"
+                    )
             elif self.keep_training(chunk):
                 self.train(chunk)
                 self.run.sync()
                 self.train_seconds.append(time.perf_counter() - started)
-        return pass_result(self.scores, self.run, self.ledger.audit())
+        return pass_score(self.scores, self.run, self.ledger.audit())
 
-def pass_result(scores: ScoreAccumulator, run, summary: str) -> tuple:
-    """(val_loss, val_bpb, audit summary[, (tilted val_loss, tilted val_bpb)]) of a finished TTT pass."""
+
+class PassScore(typing.NamedTuple):
+    """A finished pass's score: mean NLL (nats per token) and BPB; under NGRAM_TILT the tilted pair, which is then
+    the pass's score; for TTT the ledger audit's summary."""
+
+    val_loss: float
+    val_bpb: float
+    tilted: tuple[float, float] | None = None
+    audit: str | None = None
+
+
+def pass_score(scores: ScoreAccumulator, run, audit: str | None = None) -> PassScore:
     distributed = run.world_size > 1
-    tilted = (scores.result(distributed, tilted=True)[:2],) if scores.tilt is not None else ()
-    return (*scores.result(distributed)[:2], summary, *tilted)
+    tilted = scores.result(distributed, tilted=True)[:2] if scores.tilt is not None else None
+    return PassScore(*scores.result(distributed)[:2], tilted, audit)
+
 
 def sgd_step(run, params: list, optimizer, masks: dict | None = None):
     """All-reduce the summed gradients (one flat tensor), mask frozen slices, clip to TTT_GRAD_CLIP, step."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     if run.world_size > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        grads = [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in params]), params)]
+        all_reduce_flat(grads, dist.ReduceOp.SUM)
     for param, grad in zip(params, grads):
         param.grad = grad * masks[id(param)] if masks and id(param) in masks else grad
     if run.h.ttt_grad_clip > 0:
@@ -2350,17 +3185,21 @@ def sgd_step(run, params: list, optimizer, masks: dict | None = None):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
+
 def document_spans(tokens: np.ndarray) -> np.ndarray:
     """(first, end) targets of each document: from a BOS (or target 0) to the next BOS's prediction included."""
     num_targets = len(tokens) - 1
     starts = np.union1d([0], np.flatnonzero(tokens[:num_targets] == BOS_ID))
     return np.stack((starts, np.r_[starts[1:], num_targets]), axis=1)
 
+
 class BudgetGuard:
     """TTT updates go on while elapsed + projected seconds fit EVAL_BUDGET_SECONDS, then stop for good. An agreed
     check is a collective on every rank, even one already stopped by a local check (it then stops them all)."""
+
     def __init__(self, run, eval_started: float):
         self.run, self.eval_started, self.stopped = run, eval_started, False
+
     def allows(self, projected: float, dropping: str, agreed: bool = True) -> bool:
         elapsed, budget = time.perf_counter() - self.eval_started, self.run.h.eval_budget_seconds
         mine = ">" if elapsed + projected > budget else ""  # this rank's own verdict
@@ -2369,9 +3208,12 @@ class BudgetGuard:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         if over.item() and not self.stopped:
             self.stopped = True
-            self.run.log(f"ttt_budget: {dropping}: elapsed {elapsed:.1f}s + projected {projected:.1f}s "
-                         f"{mine or '(another rank over)'} EVAL_BUDGET_SECONDS={budget:.0f}; every target is still scored")
+            self.run.log(
+                f"ttt_budget: {dropping}: elapsed {elapsed:.1f}s + projected {projected:.1f}s "
+                f"{mine or '(another rank over)'} EVAL_BUDGET_SECONDS={budget:.0f}; every target is still scored"
+            )
         return not self.stopped
+
 
 def lora_batch_tokens(docs: np.ndarray, chunk: int, context: int) -> int:
     """Tokens a LoRA batch runs through the model (the time model): each chunk step runs the documents not yet done,
@@ -2381,16 +3223,19 @@ def lora_batch_tokens(docs: np.ndarray, chunk: int, context: int) -> int:
     active = np.arange(ends.shape[0])[:, None] * chunk < lengths
     return int((active.sum(1) * np.where(active, np.minimum(ends, context), 0).max(1)).sum())
 
+
 def lora_document_order(spans: np.ndarray, order: str) -> np.ndarray:
     """TTT_LORA_ORDER: "length", longest first (#1855; the order depends on every document's length, future BOS
     positions included: accepted for #1855), or "stream" (nothing after a document decides where it goes)."""
     return spans[np.argsort(spans[:, 0] - spans[:, 1], kind="stable")] if order == "length" else spans
+
 
 def scoring_ranks(docs: np.ndarray, num_targets: int) -> np.ndarray:
     """Each target's place when the documents are scored in this order, each from its first target on."""
     rank = np.empty(num_targets, np.int64)
     rank[np.concatenate([np.arange(start, end) for start, end in docs])] = np.arange(num_targets)
     return rank
+
 
 def lora_batches(docs: np.ndarray, max_documents: int, max_tokens: int, context: int) -> list[np.ndarray]:
     """Consecutive documents into batches of at most TTT_LORA_BATCH documents whose padded rows (documents x the
@@ -2400,12 +3245,14 @@ def lora_batches(docs: np.ndarray, max_documents: int, max_tokens: int, context:
     widths, batches, first = np.minimum(docs[:, 1] - docs[:, 0], context), [], 0
     while first < len(docs):
         end, longest = first + 1, widths[first]
-        while end < min(first + max_documents, len(docs)) and \
-                (end - first + 1) * max(longest, widths[end]) <= max_tokens:
+        while (
+            end < min(first + max_documents, len(docs)) and (end - first + 1) * max(longest, widths[end]) <= max_tokens
+        ):
             end, longest = end + 1, max(longest, widths[end])
         batches.append(docs[first:end])
         first = end
     return batches
+
 
 def phase_ends(batches: list[np.ndarray], fraction: float, phases: int) -> list[int]:
     """The batch after which each of TTT_PHASES phases runs: at k/phases of the first TTT_PHASE_FRACTION of the
@@ -2413,6 +3260,7 @@ def phase_ends(batches: list[np.ndarray], fraction: float, phases: int) -> list[
     scored = np.cumsum([len(batch) for batch in batches])
     ends = {int(np.searchsorted(scored, fraction * scored[-1] * k / phases)) + 1 for k in range(1, phases + 1)}
     return sorted(end for end in ends if 0 < end < len(batches) and fraction > 0)
+
 
 def balanced_owners(costs: np.ndarray, phase_ends: list[int], world_size: int) -> np.ndarray:
     """The rank of each batch: within each phase the costliest batch first to the least loaded rank (ties: the lower
@@ -2426,42 +3274,59 @@ def balanced_owners(costs: np.ndarray, phase_ends: list[int], world_size: int) -
             load[owner[index]] += costs[index]
     return owner
 
+
 class DocumentLoRATrainer:
-    """TTT_MODE=lora (#1530 -> #1855), README "Evaluation": documents in TTT_LORA_ORDER into batches, one BatchedLoRA
+    """TTT_MODE=lora (#1530 -> #1855), docs/EVALUATION.md: documents in TTT_LORA_ORDER into batches, one BatchedLoRA
     per batch, each document's chunks scored then trained on in turn; TTT_PHASES global SGD passes on scored
     documents. Batch k's scores depend on batches < k only (warm-started A, phases), so the scoring order is the
     batches' then the rows': NGRAM_TILT's hints are counted in exactly that order (score-first in its own order)."""
+
     def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float):
         h = self.h = run.h
         self.model, self.run, self.val, self.num_targets = model, run, val, len(val.tokens) - 1
         docs = lora_document_order(document_spans(val.tokens), h.ttt_lora_order)
         self.batches = lora_batches(docs, h.ttt_lora_batch, h.ttt_lora_batch_tokens, h.ttt_lora_context)
-        tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run, scoring_ranks(docs, self.num_targets)) if h.ngram_tilt else None
-        self.costs = np.array([lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in self.batches])
+        tilt = (
+            NgramTilt(val.tokens, h.ngram_tilt_beta, run, scoring_ranks(docs, self.num_targets))
+            if h.ngram_tilt
+            else None
+        )
+        self.costs = np.array(
+            [lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in self.batches]
+        )
         self.phase_ends = phase_ends(self.batches, h.ttt_phase_fraction, h.ttt_phases)
         self.owner = balanced_owners(self.costs, self.phase_ends, run.world_size)
         self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, val, tilt)
         self.lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed + run.rank)
-        self.optimizer = torch.optim.AdamW(self.lora.parameters(), h.ttt_lora_lr, (h.ttt_lora_beta1, h.ttt_lora_beta2),
-                                           eps=1e-10, weight_decay=h.ttt_lora_wd)
+        self.optimizer = torch.optim.AdamW(
+            self.lora.parameters(),
+            h.ttt_lora_lr,
+            (h.ttt_lora_beta1, h.ttt_lora_beta2),
+            eps=1e-10,
+            weight_decay=h.ttt_lora_wd,
+        )
         self.guard, self.seconds, self.done = BudgetGuard(run, eval_started), {"batch": [], "phase": []}, []
-    def run_schedule(self) -> tuple:
+
+    def run_schedule(self) -> PassScore:
         """Phase by phase: this rank's batches (balanced by cost), a full ledger sync, then the phase's SGD."""
         first = 0
         for phase, end in enumerate(self.phase_ends + [len(self.batches)]):
             for index in np.flatnonzero(self.owner[first:end] == self.run.rank) + first:
                 self.score_batch(int(index), self.projected(int(index), 0))
             self.ledger.sync(0, self.num_targets, phase)
-            if end < len(self.batches) and self.guard.allows(self.projected(end, len(self.phase_ends) - phase),
-                                                             f"the phases from {phase + 1} on and the LoRA steps"):
+            if end < len(self.batches) and self.guard.allows(
+                self.projected(end, len(self.phase_ends) - phase), f"the phases from {phase + 1} on and the LoRA steps"
+            ):
                 self.train_base(np.concatenate(self.batches[first:end]), phase)
             first = end
-        return pass_result(self.scores, self.run, self.ledger.audit())
+        return pass_score(self.scores, self.run, self.ledger.audit())
+
     def projected(self, index: int, phases: int) -> float:
         """Seconds of this rank's batches from index on (measured s/token) plus `phases` phases at their mean."""
         rate = sum(self.seconds["batch"]) / max(self.costs[self.done].sum(), 1)
         mine = self.costs[index:][self.owner[index:] == self.run.rank]
         return rate * mine.sum() + phases * (float(np.mean(self.seconds["phase"])) if self.seconds["phase"] else 0.0)
+
     def score_batch(self, index: int, projected: float):
         """A fresh adapter (B = 0; A warm-started or redrawn, optimizer state cleared), then chunk after chunk."""
         started, h, docs = time.perf_counter(), self.h, self.batches[index]
@@ -2480,6 +3345,7 @@ class DocumentLoRATrainer:
             self.model.lora, self.model.rope_length, self.lora.rows = None, 0, slice(None)
         self.seconds["batch"].append(time.perf_counter() - started)
         self.done.append(index)
+
     def chunk_step(self, docs: np.ndarray, chunk: int, train_rows: np.ndarray):
         """Score each document's chunk, then one LoRA step on train_rows' chunks: one forward, scores read first."""
         h, run, tokens = self.h, self.run, self.val.tokens
@@ -2496,8 +3362,14 @@ class DocumentLoRATrainer:
         targets = np.take_along_axis(context, columns, 1)
         inputs, labels = (to_device(tokens[t].astype(np.int64), run.device) for t in (context, targets + 1))
         with torch.set_grad_enabled(bool(train_rows.any())), run.autocast():
-            scored = self.model(inputs, labels, "none", self.scores.hints(targets), run.documents(tokens[context]),
-                                to_device(columns, run.device))
+            scored = self.model(
+                inputs,
+                labels,
+                "none",
+                self.scores.hints(targets),
+                run.documents(tokens[context]),
+                to_device(columns, run.device),
+            )
         self.scores.add(scored, targets, keep)
         nll = scored[0] if self.scores.tilt is not None else scored  # the step's loss keeps its graph
         for a, b in zip(lo, hi):
@@ -2512,12 +3384,14 @@ class DocumentLoRATrainer:
             loss.backward(inputs=self.lora.parameters())
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
     def train_base(self, docs: np.ndarray, phase: int):
         """One SGD epoch (TTT_PHASE_LR, TTT_MOMENTUM, TTT_GRAD_CLIP) on the base weights over these scored documents
         in TRAIN_SEQ_LEN rows (padding masked: no row crosses a document), TTT_BATCH_SEQS rows a step over ranks."""
         started, h, run, model, tokens = time.perf_counter(), self.h, self.run, self.model, self.val.tokens
-        rows = np.array([(a, min(a + h.train_seq_len, end)) for start, end in docs
-                         for a in range(start, end, h.train_seq_len)])
+        rows = np.array(
+            [(a, min(a + h.train_seq_len, end)) for start, end in docs for a in range(start, end, h.train_seq_len)]
+        )
         for a, b in rows:
             self.ledger.check_training(phase, int(a), int(b))
         params = list(model.parameters())
@@ -2525,7 +3399,7 @@ class DocumentLoRATrainer:
         model.zero_grad(set_to_none=True)  # the step is this phase's documents' gradient, nothing left over
         model.train()
         for step in range(0, len(rows), h.ttt_batch_seqs):
-            batch = rows[step:step + h.ttt_batch_seqs]
+            batch = rows[step : step + h.ttt_batch_seqs]
             mine = np.array_split(batch, run.world_size)[run.rank]
             if len(mine):
                 targets = mine[:, :1] + np.arange(h.train_seq_len)
@@ -2533,16 +3407,24 @@ class DocumentLoRATrainer:
                 targets = np.where(valid, targets, mine[:, 1:] - 1)  # padding (no BOS), masked by label -100
                 labels = np.where(valid, tokens[targets + 1].astype(np.int64), -100)
                 with run.autocast():
-                    loss = model(to_device(tokens[targets].astype(np.int64), run.device), to_device(labels, run.device),
-                                 "sum", documents=run.documents(tokens[targets]))
+                    loss = model(
+                        to_device(tokens[targets].astype(np.int64), run.device),
+                        to_device(labels, run.device),
+                        "sum",
+                        documents=run.documents(tokens[targets]),
+                    )
                 (loss / int((batch[:, 1] - batch[:, 0]).sum())).backward()
             sgd_step(run, params, optimizer)
         model.eval()
         self.seconds["phase"].append(time.perf_counter() - started)
-        run.log(f"  ttt_phase [{phase + 1}/{len(self.phase_ends)}] docs={len(docs)} rows={len(rows)} "
-                f"seconds={self.seconds['phase'][-1]:.1f} elapsed={time.perf_counter() - self.guard.eval_started:.1f}s")
+        run.log(
+            f"  ttt_phase [{phase + 1}/{len(self.phase_ends)}] docs={len(docs)} rows={len(rows)} "
+            f"seconds={self.seconds['phase'][-1]:.1f} elapsed={time.perf_counter() - self.guard.eval_started:.1f}s"
+        )
+
 
 TTT_ADAMW_BETAS = (0.9, 0.999)  # #518's TTT AdamW (weight decay 0)
+
 
 def ttt_optimizer(model: GPT, params: list[nn.Parameter], h: Hyperparameters) -> torch.optim.Optimizer:
     """SGD with momentum (#549) or AdamW (#518), one parameter group per bank for TTT_LR_MULTS."""
@@ -2553,19 +3435,26 @@ def ttt_optimizer(model: GPT, params: list[nn.Parameter], h: Hyperparameters) ->
         return torch.optim.AdamW(groups, lr=h.ttt_lr, betas=TTT_ADAMW_BETAS, weight_decay=0.0)
     return torch.optim.SGD(groups, lr=h.ttt_lr, momentum=h.ttt_momentum)
 
+
 def freeze_blocks(model: GPT, count: int) -> tuple[dict[int, torch.Tensor], list[nn.Parameter]]:
     """Freeze the first `count` blocks for TTT, bank slices included (#549's never reached the banks), by gradient
     masks; requires_grad never changes (flipped after compiling, it recompiled in chunk 0; the guard stopped TTT)."""
     frozen = [p for block in model.blocks[:count] for p in block.parameters()]
     layers = torch.arange(model.num_layers, device=model.qo_bank.device) >= count
     layer_mask = layers.float()
-    masks = {id(model.qo_bank): torch.cat((layer_mask, layer_mask)), id(model.kv_bank): torch.cat((layer_mask, layer_mask)),
-             id(model.mlp_up_bank): layer_mask, id(model.mlp_down_bank): layer_mask}
+    masks = {
+        id(model.qo_bank): torch.cat((layer_mask, layer_mask)),
+        id(model.kv_bank): torch.cat((layer_mask, layer_mask)),
+        id(model.mlp_up_bank): layer_mask,
+        id(model.mlp_down_bank): layer_mask,
+    }
     return {key: mask[:, None, None] for key, mask in masks.items()}, frozen
+
 
 # Main: run context, logging, training loop, export, evaluation ======================================================
 # Graph variants of one compiled model (train, QAT, looped, two scored widths, TTT...): Dynamo's default 8 falls back.
 RECOMPILE_LIMIT = 64
+
 
 def raise_recompile_limit():
     config = torch._dynamo.config
@@ -2574,16 +3463,22 @@ def raise_recompile_limit():
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
+
 EXPORT_WAIT_SECONDS = 3600  # how long ranks 1.. wait for rank 0's export (SIZE_FIT: up to 8 encodes of ~44 s)
+
 
 def allow_long_collectives(run, seconds: float):
     """Raise the default group's timeout (the NCCL watchdog's) for evaluation: a LoRA phase's sync may wait on the
     slowest rank for most of EVAL_BUDGET_SECONDS (the CUDA review, defect 6)."""
     if run.world_size > 1 and hasattr(dist.distributed_c10d, "_set_pg_timeout"):  # torch >= 2.3
-        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=max(seconds, run.h.collective_timeout_seconds)))
+        dist.distributed_c10d._set_pg_timeout(
+            datetime.timedelta(seconds=max(seconds, run.h.collective_timeout_seconds))
+        )
+
 
 class RunContext:
     """Device, ranks, precision and logging for one process of a run."""
+
     def __init__(self, h: Hyperparameters):
         self.h = h
         self.rank, self.world_size = h.rank, h.world_size
@@ -2597,18 +3492,25 @@ class RunContext:
         if self.log_path.exists():
             raise InputError(f"{self.log_path}: already exists (a log holds one run); set another RUN_ID or move it")
         if h.distributed:  # NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default) aborts at the timeout
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None,
-                                    timeout=datetime.timedelta(seconds=h.collective_timeout_seconds))
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                device_id=self.device if use_cuda else None,
+                timeout=datetime.timedelta(seconds=h.collective_timeout_seconds),
+            )
         # Waits that are long by design (rank 0's export: MIXED_PRECISION, SIZE_FIT, lrzip) use this gloo group
-        self.long_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=EXPORT_WAIT_SECONDS)) \
-            if h.distributed else None
+        self.long_group = (
+            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=EXPORT_WAIT_SECONDS))
+            if h.distributed
+            else None
+        )
         bf16 = h.compute_dtype == "bf16" or (h.compute_dtype == "auto" and use_cuda)
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
-        self.attention_name, self.attention = select_attention_backend(h.attention_backend, self.device.type,
-                                                                       self.compute_dtype, h.doc_isolation)
+        self.attention_name, self.attention = select_attention_backend(
+            h.attention_backend, self.device.type, self.compute_dtype, h.doc_isolation
+        )
         self.varlen = getattr(self.attention, "varlen", False)
-        self.compiled = {}
+        self.compiled, self.final_score = {}, None  # final_score: (pass, (val_loss, val_bpb)) of the last pass
         if self.compile:
             raise_recompile_limit()
         self.window_batch = max(h.val_batch_size // (self.world_size * h.grad_accum_steps * h.eval_seq_len), 1)
@@ -2619,8 +3521,10 @@ class RunContext:
                 raise InputError(f"{self.log_path.parent}: cannot create the log directory ({error})") from None
             if not os.access(self.log_path.parent, os.W_OK):
                 raise InputError(f"{self.log_path.parent}: not writable, so the run could not be logged")
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
+
     def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None, documents=None):
         """model(inputs, targets, reduction, hints, documents), through torch.compile(fullgraph=True) when COMPILE
         is on."""
@@ -2638,6 +3542,7 @@ class RunContext:
         segments = to_device(document_segments(inputs), self.device)
         torch._dynamo.maybe_mark_dynamic(segments, 0)
         return segments
+
     def log(self, message: str, console: bool = True):
         if not self.is_main:
             return
@@ -2645,29 +3550,36 @@ class RunContext:
             print(message, flush=True)
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(message + "\n")
+
     def seal_log(self):
         """Last line: the SHA-256 of everything above it, so a later edit shows (tools/pack_record.py checks)."""
         if self.is_main:
             digest = hashlib.sha256(self.log_path.read_bytes()).hexdigest()
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(f"log_sha256:{digest}\n")
+
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
     def barrier(self, long: bool = False):
         """long: on the gloo group whose timeout covers rank 0's export (the default group's NCCL watchdog would
         kill the waiting ranks after COLLECTIVE_TIMEOUT_SECONDS: the CUDA review, defect 6)."""
         if self.world_size > 1:
             dist.barrier(group=self.long_group if long else None)
 
+
 NOT_SETTINGS = ("env_names", "ignored_record_variables", "preset_values", "record_spellings")
+
 
 def log_run_header(run: RunContext, code: str):
     """The log starts with the code and the environment, like #549's logs."""
     run.log(code, console=False)
     run.log("=" * 100, console=False)
-    run.log(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-            f"platform:{platform.platform()}")
+    run.log(
+        f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+        f"platform:{platform.platform()}"
+    )
     if run.device.type == "cuda":
         try:
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
@@ -2676,8 +3588,10 @@ def log_run_header(run: RunContext, code: str):
         run.log(f"device:cuda {torch.cuda.get_device_name(run.device)} x{run.world_size}")
         run.log(smi, console=False)
     else:
-        run.log(f"device:cpu {platform.processor() or platform.machine()} threads:{torch.get_num_threads()} "
-                f"x{run.world_size}")
+        run.log(
+            f"device:cpu {platform.processor() or platform.machine()} threads:{torch.get_num_threads()} "
+            f"x{run.world_size}"
+        )
     run.log("=" * 100, console=False)
     h = run.h
     run.log(f"logfile:{run.log_path} run_id:{h.run_id}")
@@ -2690,36 +3604,47 @@ def log_run_header(run: RunContext, code: str):
         run.log(f"note: env {name} read as {'/'.join(RECORD_SPELLINGS[name][0])} (a record's spelling)")
     for name in h.ignored_record_variables:
         run.log(f"warning: env {name} is set but ignored: {DROPPED_RECORD_VARIABLES[name]}")
-    run.log(f"compute_dtype:{str(run.compute_dtype).removeprefix('torch.')} attention:{run.attention_name} "
-            f"compile:{int(run.compile)} world_size:{run.world_size} grad_accum_steps:{h.grad_accum_steps}")
+    run.log(
+        f"compute_dtype:{str(run.compute_dtype).removeprefix('torch.')} attention:{run.attention_name} "
+        f"compile:{int(run.compile)} world_size:{run.world_size} grad_accum_steps:{h.grad_accum_steps}"
+    )
+
 
 def set_seeds(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+
 def build_model(h: Hyperparameters, run: RunContext) -> GPT:
     """Same weights on every rank: the model is built on the CPU under the seed, then moved."""
     set_seeds(h.seed)
     return GPT(h, attention=run.attention).to(run.device)
 
+
 WATCH_LAG = 2  # steps between a step's launch and the host reading its flags: long finished on the GPU by then
+
 
 class TrainingWatch:
     """Non-finite losses and SIGINT/SIGTERM, agreed by all ranks at one step with no host sync per step: flags are
     max-reduced asynchronously, copied to the host, read WATCH_LAG steps later; a repeated signal acts at once."""
+
     def __init__(self, run: RunContext):
         self.run, self.pending, self.handlers, self.last_finite = run, collections.deque(), {}, None
         self.signal_number = 0  # this process's; the stop follows the ranks' maximum
+
     def __enter__(self):
         self.handlers = {n: signal.signal(n, self.on_signal) for n in (signal.SIGINT, signal.SIGTERM)}
         return self
+
     def __exit__(self, *exc_info):
         for number, handler in self.handlers.items():
             signal.signal(number, handler)
+
     def on_signal(self, number, frame):  # torchrun follows a Ctrl-C with SIGTERM: only a repeat acts at once
         self.signal_number = self.signal_number or number
         signal.signal(number, self.handlers[number])
+
     def observe(self, step: int, loss: torch.Tensor):
         loss = loss.detach().float()
         flags = torch.stack((loss, (~torch.isfinite(loss)).float(), torch.full_like(loss, self.signal_number)))
@@ -2728,6 +3653,7 @@ class TrainingWatch:
         cuda = flags.device.type == "cuda"
         host = torch.empty(3, pin_memory=cuda).copy_(flags, non_blocking=cuda)
         self.pending.append((step, host, torch.cuda.current_stream().record_event() if cuda else None))
+
     def stop_signal(self, step: int, flush: bool = False) -> int:
         """The agreed signal number (0: none) from the steps up to step - WATCH_LAG (every step when flush);
         raises RunFault at the first step whose loss was not finite on any rank."""
@@ -2737,18 +3663,26 @@ class TrainingWatch:
                 event.synchronize()
             loss, nonfinite, number = host.tolist()
             if nonfinite:
-                last = (f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
-                        if self.last_finite else "no step before it had a finite loss")
-                raise RunFault(f"training diverged: the loss is not finite at step {observed} on some rank ({last}); "
-                               f"no artifact written, ARTIFACT_PATH untouched (lower the learning rates, e.g. "
-                               f"MATRIX_LR, or clip with GRAD_CLIP_NORM)", EXIT_NONFINITE)
+                last = (
+                    f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+                    if self.last_finite
+                    else "no step before it had a finite loss"
+                )
+                raise RunFault(
+                    f"training diverged: the loss is not finite at step {observed} on some rank ({last}); "
+                    f"no artifact written, ARTIFACT_PATH untouched (lower the learning rates, e.g. "
+                    f"MATRIX_LR, or clip with GRAD_CLIP_NORM)",
+                    EXIT_NONFINITE,
+                )
             self.last_finite = (observed, loss)
             if number:
                 return int(number)
         return 0
 
+
 class Trainer:
     """The timed training loop of #549 section 11, with priming steps that are undone before the clock starts."""
+
     def __init__(self, h: Hyperparameters, run: RunContext, model: GPT, val: ValidationSet | None):
         self.h, self.run, self.model, self.val = h, run, model, val
         fused = run.device.type == "cuda"
@@ -2758,14 +3692,17 @@ class Trainer:
         self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
         self.qat_start = None  # the step soft-round's alpha ramp started
         self.watch, self.interrupted = TrainingWatch(run), 0  # the signal that stopped training, if any
-        model.looping = h.num_loops > 0 and h.enable_looping_at <= 0  # the plain graph first (#1855)
+        model.looping = looping_at(h, 0.0)  # the plain graph first (#1855)
+
     def new_loader(self):
         h, run = self.h, self.run
         files = shard_files(h.data_path, "train")
         if h.loader == "shuffled":
-            return ShuffledSequenceLoader(files, h.vocab_size, run.rank, run.world_size, run.device, h.seed,
-                                          run.documents)
+            return ShuffledSequenceLoader(
+                files, h.vocab_size, run.rank, run.world_size, run.device, h.seed, run.documents
+            )
         return DistributedTokenLoader(files, h.vocab_size, run.rank, run.world_size, run.device, run.documents)
+
     def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
         h, run, model = self.h, self.run, self.model
@@ -2798,6 +3735,7 @@ class Trainer:
         muon.step(shards, scale)
         model.zero_grad(set_to_none=True)
         return total / h.grad_accum_steps
+
     def average_replicated_gradients(self) -> list[torch.Tensor]:
         """All-reduce (mean) every non-bank gradient as one flat buffer (#549: a call per tensor)."""
         grads = []
@@ -2806,15 +3744,16 @@ class Trainer:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
         if self.run.world_size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-            torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)])
+            all_reduce_flat(grads, dist.ReduceOp.AVG)
         return grads
+
     def clip_local_gradients(self):
         """GRAD_CLIP_SCOPE=local, #549's order: each rank clips its own gradient before any averaging."""
         if self.h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                           self.h.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], self.h.grad_clip_norm
+            )
+
     def clip_scale(self, shards, replicated) -> torch.Tensor:
         """Global-norm clip factor of the *averaged* gradient, so any world size trains one model (#549 clipped per rank
         before averaging). Bank shards are disjoint, so squared norms add up; a tensor, no host sync."""
@@ -2825,6 +3764,7 @@ class Trainer:
             dist.all_reduce(bank_square)
         total = (bank_square + torch.stack([g.square().sum() for g in replicated]).sum()).sqrt()
         return (self.h.grad_clip_norm / (total + 1e-6)).clamp(max=1.0)
+
     def prime(self):
         """WARMUP_STEPS real steps to compile and allocate, then weights, optimizer state and data position are restored
         (#549 pitfall 2); compiled, the looped and late-QAT graphs get a step each: none compiles in the timed loop."""
@@ -2833,7 +3773,7 @@ class Trainer:
             return
         saved_model = copy.deepcopy(model.state_dict())
         saved_optimizers, loader = [copy.deepcopy(o.state_dict()) for o in self.optimizers], self.new_loader()
-        final_looping, variants = model.num_loops > 0, [("", h.qat_enabled, model.looping)] * h.warmup_steps
+        final_looping, variants = looping_at(h, None), [("", h.qat_enabled, model.looping)] * h.warmup_steps
         if self.run.compile and model.looping != final_looping:
             variants.append((":loop_graph", h.qat_enabled, final_looping))
         if self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled:
@@ -2846,15 +3786,19 @@ class Trainer:
         for optimizer, state in zip(self.optimizers, saved_optimizers):
             optimizer.load_state_dict(state)
         model.qat_active, model.looping = h.qat_enabled, variants[0][2]
+
     def update_looping(self, step: int, fraction: float):
-        """Depth recurrence switches on at ENABLE_LOOPING_AT of training (#1855: 0.35) and stays on."""
-        if self.model.num_loops and not self.model.looping and fraction >= self.h.enable_looping_at:
+        if not self.model.looping and looping_at(self.h, fraction):
             self.model.looping = True
             self.run.log(f"looping:enabled step:{step} fraction:{fraction:.3f} layers:{self.model.layer_order()}")
+
     def validate(self, step: int, train_ms: float):
-        val_loss, val_bpb = evaluate(self.model, self.run, self.val, self.h.eval_seq_len)
-        self.run.log(f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+        val_loss, val_bpb = evaluate(self.model, self.run, self.val, self.h.eval_seq_len)[:2]
+        self.run.log(
+            f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
+        )
+
     def log_step(self, step: int, loss: torch.Tensor, train_ms: float):
         h = self.h
         if self.run.world_size > 1:
@@ -2863,8 +3807,11 @@ class Trainer:
         eta_s = (h.iterations - step) * step_avg / 1000.0
         if h.training_seconds > 0:
             eta_s = min(eta_s, max(h.training_seconds - train_ms / 1000.0, 0.0))
-        self.run.log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
-                     f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s")
+        self.run.log(
+            f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
+            f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s"
+        )
+
     def agreed_clock(self, local_ms: float) -> float:
         """The training time of every rank: the MAX of their clocks, in the per-step collective that decides stopping
         (clocks per rank fed different LR multipliers; the replicas drifted and verify_replicas failed after 600 s)."""
@@ -2873,6 +3820,7 @@ class Trainer:
         clock = torch.tensor([local_ms], dtype=torch.float64, device=self.run.device)
         dist.all_reduce(clock, op=dist.ReduceOp.MAX)
         return float(clock.item())
+
     def update_qat(self, step: int, multiplier: float, agreed_ms: float):
         """Late QAT switches on below LATE_QAT_THRESHOLD; soft-round's alpha then ramps linearly from 1 to
         SOFT_ROUND_ALPHA_MAX over the QAT steps, their count re-estimated every step from the remaining time."""
@@ -2890,6 +3838,7 @@ class Trainer:
         done = step - self.qat_start
         progress = min(done / max(done + remaining, 1.0), 1.0)
         model.soft_round_alpha.fill_(1.0 + (h.soft_round_alpha_max - 1.0) * progress)
+
     def train(self):
         """Train, average, and return GPTQ's Hessians (None unless QUANT=gptq)."""
         h, run, model = self.h, self.run, self.model
@@ -2899,18 +3848,24 @@ class Trainer:
         swa = SnapshotAverage(model) if h.swa_enabled else None
         agreed_ms = self.loop(loader, ema, swa)
         if run.device.type == "cuda":
-            run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                    f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+            run.log(
+                f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
+            )
         loop_ended = time.perf_counter()  # the training clock goes on through averaging and calibration
         model.qat_active = False
-        model.looping = model.num_loops > 0  # evaluation and TTT always loop (#1855)
+        model.looping = looping_at(h, None)
         self.apply_average(ema, swa)
         if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):  # watch saw losses
-            raise RunFault("the averaged weights are not finite although every training loss was; no artifact written, "
-                           "ARTIFACT_PATH untouched", EXIT_NONFINITE)
+            raise RunFault(
+                "the averaged weights are not finite although every training loss was; no artifact written, "
+                "ARTIFACT_PATH untouched",
+                EXIT_NONFINITE,
+            )
         hessians = self.calibrate(loader, agreed_ms / 1000.0 - loop_ended) if h.quant == "gptq" else None
         verify_replicas(run, model)  # after calibration: its collectives and batches are the last thing ranks share
         return hessians
+
     def loop(self, loader, ema, swa) -> float:
         """Steps until ITERATIONS, the wallclock cap or an agreed signal; returns the agreed training ms."""
         h, run = self.h, self.run
@@ -2951,6 +3906,7 @@ class Trainer:
             cause = signal.Signals(self.interrupted).name if self.interrupted else "wallclock_cap"
             run.log(f"stopping_early: {cause} train_time:{agreed_ms:.0f}ms step:{step}/{h.iterations}")
         return agreed_ms
+
     def calibrate(self, loader, clock_offset: float) -> dict[str, torch.Tensor]:
         """GPTQ Hessians of the averaged weights on the next training batches, inside the cap (GPTQ_RESERVE_SECONDS):
         batches stop at the cap, counted alike on every rank. clock_offset + perf_counter() = the training clock."""
@@ -2962,25 +3918,32 @@ class Trainer:
             hessians, batches = collect_hessians(self.model, run, loader, self.local_tokens, deadline)
         run.sync()
         seconds, ended = time.perf_counter() - started, clock_offset + time.perf_counter()
-        run.log(f"gptq:hessians batches:{batches}/{h.gptq_calib_batches} tokens:{batches * self.local_tokens * run.world_size} "
-                f"seconds:{seconds:.1f} ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s"
-                + (" (stopped at the cap)" if batches < h.gptq_calib_batches else ""))
+        run.log(
+            f"gptq:hessians batches:{batches}/{h.gptq_calib_batches} tokens:{batches * self.local_tokens * run.world_size} "
+            f"seconds:{seconds:.1f} ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s"
+            + (" (stopped at the cap)" if batches < h.gptq_calib_batches else "")
+        )
         if 0 < h.max_wallclock_seconds < ended:
-            run.log(f"WARNING: GPTQ CALIBRATION ENDED {ended - h.max_wallclock_seconds:.1f}s AFTER THE TRAINING CAP; "
-                    f"raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_BATCHES")
+            run.log(
+                f"WARNING: GPTQ CALIBRATION ENDED {ended - h.max_wallclock_seconds:.1f}s AFTER THE TRAINING CAP; "
+                f"raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_BATCHES"
+            )
         return hessians
+
     def apply_average(self, ema, swa):
         if swa is not None and swa.count >= max(self.h.swa_min_snapshots, 1):
             self.run.log(f"swa:applying mean of {swa.count} snapshots (exported instead of EMA)")
             swa.copy_to(self.model)
         elif ema is not None:
             if swa is not None:
-                self.run.log(f"swa:{swa.count} snapshots, fewer than SWA_MIN_SNAPSHOTS={self.h.swa_min_snapshots}; "
-                             f"exporting EMA")
+                self.run.log(
+                    f"swa:{swa.count} snapshots, fewer than SWA_MIN_SNAPSHOTS={self.h.swa_min_snapshots}; exporting EMA"
+                )
             self.run.log(f"ema:applying EMA weights decay:{self.h.ema_decay}")
             ema.copy_to(self.model)
         else:
             self.run.log("averaging:none; exporting the final weights")
+
 
 @contextlib.contextmanager
 def exact_fp32_matmuls():
@@ -2993,16 +3956,19 @@ def exact_fp32_matmuls():
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
+
 @torch.inference_mode()
 def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, deadline: float = math.inf) -> tuple:
     """X^T X (fp32) of every matrix's inputs over up to GPTQ_CALIB_BATCHES micro-batches, summed over ranks, and the
     batch count: another batch only while every rank projects it to end before `deadline` (perf_counter seconds)."""
     h, sums = run.h, {}
+
     def record(name: str, inputs: torch.Tensor):
         with torch.autocast(inputs.device.type, enabled=False):
             flat = inputs.reshape(-1, inputs.size(-1)).float()
             gram = flat.T @ flat
         sums[name] = sums[name] + gram if name in sums else gram
+
     model.eval()
     model.hessian_recorder = record
     batches, started = 0, time.perf_counter()
@@ -3020,6 +3986,7 @@ def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, dea
             dist.all_reduce(gram)
     return sums, batches
 
+
 def agreed_to_go_on(run: RunContext, started: float, done: int, deadline: float) -> bool:
     """Whether one more batch at the mean pace so far ends before the deadline on every rank (a MAX-reduced stop)."""
     if math.isinf(deadline):
@@ -3031,15 +3998,19 @@ def agreed_to_go_on(run: RunContext, started: float, done: int, deadline: float)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     return not stop.item()
 
+
 def verify_replicas(run: RunContext, model: GPT):
     """Ranks stay in sync only by identical init and updates (#549 pitfall 29): compare parameter SHA-256s."""
-    digest = hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    digest = hashlib.sha256(
+        b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())
+    ).hexdigest()
     digests = [digest] * run.world_size
     if run.world_size > 1:
         dist.all_gather_object(digests, digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"replicas diverged: parameter SHA-256 per rank {digests}")
     run.log(f"replicas:identical ranks:{run.world_size} sha256:{digests[0][:16]}")
+
 
 def log_size_plan(run: RunContext, code: str) -> int | None:
     """Predict the artifact (rank 0) before anything else, so an over-size configuration fails fast."""
@@ -3051,18 +4022,27 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
         params = sum(p.numel() for p in GPT(h).parameters())
     code_bytes = len(code.encode("utf-8"))
     total = code_bytes + predicted
-    run.log(f"size_plan params:{params} code_bytes:{code_bytes} predicted_model_bytes:{predicted} "
-            f"predicted_total_bytes:{total} cap:{SIZE_CAP_BYTES} headroom:{SIZE_CAP_BYTES - total}")
-    run.log(f"size_plan:scheme quant:{h.quant} bits_mlp/attn/embed/tables:{h.quant_bits_mlp}/{h.quant_bits_attn}/"
-            f"{h.quant_bits_embed}/{h.quant_bits_tables} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
-            f"seconds:{time.perf_counter() - started:.1f}")
+    run.log(
+        f"size_plan params:{params} code_bytes:{code_bytes} predicted_model_bytes:{predicted} "
+        f"predicted_total_bytes:{total} cap:{SIZE_CAP_BYTES} headroom:{SIZE_CAP_BYTES - total}"
+    )
+    run.log(
+        f"size_plan:scheme quant:{h.quant} bits_mlp/attn/embed/tables:{h.quant_bits_mlp}/{h.quant_bits_attn}/"
+        f"{h.quant_bits_embed}/{h.quant_bits_tables} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
+        f"seconds:{time.perf_counter() - started:.1f}"
+    )
     if h.mixed_precision:
-        run.log("size_plan:mixed_precision planned at the base widths; after training, groups are promoted into "
-                "the headroom the real artifact leaves (its size_plan:check error is that spending)")
+        run.log(
+            "size_plan:mixed_precision planned at the base widths; after training, groups are promoted into "
+            "the headroom the real artifact leaves (its size_plan:check error is that spending)"
+        )
     if total > SIZE_CAP_BYTES:
-        run.log(f"WARNING: PREDICTED ARTIFACT OVER THE CAP by {total - SIZE_CAP_BYTES} bytes"
-                + ("" if h.size_fit else " (SIZE_FIT=1 would prune to fit)"))
+        run.log(
+            f"WARNING: PREDICTED ARTIFACT OVER THE CAP by {total - SIZE_CAP_BYTES} bytes"
+            + ("" if h.size_fit else " (SIZE_FIT=1 would prune to fit)")
+        )
     return predicted
+
 
 def export_blob(run: RunContext, model: GPT, code_bytes: int, hessians, fast: bool) -> bytes:
     """The artifact's bytes: quantized (MIXED_PRECISION's widths unless fast), LQER, encoded (SIZE_FIT unless fast).
@@ -3079,6 +4059,7 @@ def export_blob(run: RunContext, model: GPT, code_bytes: int, hessians, fast: bo
         return fit_to_budget(tensors, schemes, h, budget, run.log)
     return encode_artifact(tensors, schemes, h, fast)
 
+
 def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predicted=None, fast: bool = False) -> int:
     """Rank 0 quantizes and writes the artifact (in full fp32 matmuls), the others wait on a group whose timeout
     covers the export; every rank reads its size back from disk. The code counted is the text this process
@@ -3091,22 +4072,31 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
         partial = Path(h.artifact_path + ".partial")  # renamed into place: never a half-written artifact
         partial.write_bytes(blob)
         os.replace(partial, h.artifact_path)
-        run.log(f"artifact:written quant:{h.quant} compressor:{'lzma (fast: after a signal)' if fast else h.compressor} "
-                f"seconds:{time.perf_counter() - started:.1f}")
+        run.log(
+            f"artifact:written quant:{h.quant} compressor:{'lzma (fast: after a signal)' if fast else h.compressor} "
+            f"seconds:{time.perf_counter() - started:.1f}"
+        )
     run.barrier(long=True)
     model_bytes = Path(h.artifact_path).stat().st_size
     total = code_bytes + model_bytes
-    run.log(f"artifact path:{h.artifact_path} code_bytes:{code_bytes} model_bytes:{model_bytes} "
-            f"total_bytes:{total} cap:{SIZE_CAP_BYTES}")
+    run.log(
+        f"artifact path:{h.artifact_path} code_bytes:{code_bytes} model_bytes:{model_bytes} "
+        f"total_bytes:{total} cap:{SIZE_CAP_BYTES}"
+    )
     if predicted is not None:
-        run.log(f"size_plan:check predicted_model_bytes:{predicted} actual_model_bytes:{model_bytes} "
-                f"error:{100 * (predicted - model_bytes) / model_bytes:+.1f}%")
+        run.log(
+            f"size_plan:check predicted_model_bytes:{predicted} actual_model_bytes:{model_bytes} "
+            f"error:{100 * (predicted - model_bytes) / model_bytes:+.1f}%"
+        )
     if total > SIZE_CAP_BYTES:
-        run.log(f"ERROR: ARTIFACT OVER THE CAP: {total} bytes > {SIZE_CAP_BYTES} by {total - SIZE_CAP_BYTES}; "
-                f"it is written and will be evaluated, then the run exits with status 3")
+        run.log(
+            f"ERROR: ARTIFACT OVER THE CAP: {total} bytes > {SIZE_CAP_BYTES} by {total - SIZE_CAP_BYTES}; "
+            f"it is written and will be evaluated, then the run exits with status 3"
+        )
     return total
 
-def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") -> tuple:
+
+def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") -> "PassScore":
     """Run one pass, log it (rounded with the time, then _exact lines); return evaluate_fn's result."""
     run.sync()
     started = time.perf_counter()
@@ -3116,11 +4106,13 @@ def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") ->
         raise RunFault(f"{label}: {fault}", fault.status) from None
     run.sync()
     elapsed_ms = 1000.0 * (time.perf_counter() - started)
-    scored = [(label, result[:2])] + ([(f"{label}_tilt", result[-1])] if isinstance(result[-1], tuple) else [])
+    scored = [(label, result[:2])] + ([(f"{label}_tilt", result.tilted)] if result.tilted is not None else [])
     for name, (val_loss, val_bpb) in scored:  # with NGRAM_TILT the tilted line is the pass's score
         run.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{suffix} eval_time:{elapsed_ms:.0f}ms")
         run.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    run.final_score = scored[-1]  # the last pass that runs is the run's score (TTT, else sliding, else roundtrip)
     return result
+
 
 def evaluate_artifact(run: RunContext, val: ValidationSet):
     """Every scored pass runs on the artifact read back from disk. The eval budget starts at that read."""
@@ -3130,8 +4122,10 @@ def evaluate_artifact(run: RunContext, val: ValidationSet):
     if run.compile:
         variants = prime_eval_graphs(model, run)
         run.sync()
-        run.log(f"eval:primed graphs:{variants} seconds:{time.perf_counter() - phase_started:.1f} on random tokens, "
-                f"before the artifact is loaded and the eval clock starts")
+        run.log(
+            f"eval:primed graphs:{variants} seconds:{time.perf_counter() - phase_started:.1f} on random tokens, "
+            f"before the artifact is loaded and the eval clock starts"
+        )
     allow_long_collectives(run, h.eval_budget_seconds + 60)
     eval_started = time.perf_counter()
     load_exported_state(model, read_artifact(h.artifact_path))
@@ -3140,33 +4134,47 @@ def evaluate_artifact(run: RunContext, val: ValidationSet):
     sliding, _, stream_tilt = stream_passes(h)
     tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run) if stream_tilt else None  # on the eval clock
     if sliding:
-        evaluate_pass(run, "final_int6_sliding_window", lambda: evaluate(model, run, val, h.eval_stride, tilt),
-                      suffix=f" stride:{h.eval_stride}")
+        evaluate_pass(
+            run,
+            "final_int6_sliding_window",
+            lambda: evaluate(model, run, val, h.eval_stride, tilt),
+            suffix=f" stride:{h.eval_stride}",
+        )
     if h.ttt_enabled:
-        audit = evaluate_pass(run, "legal_ttt", lambda: start_ttt(run, model, val, eval_started, tilt))[2]
+        audit = evaluate_pass(run, "legal_ttt", lambda: start_ttt(run, model, val, eval_started, tilt)).audit
         run.log(f"ttt_audit ok: {audit}")
+    name, (val_loss, val_bpb) = run.final_score
+    run.log(f"final_score pass:{name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")  # the one line tools read
     total_s = time.perf_counter() - eval_started
-    # Records leave compile warmup off the eval clock (frontier.md B.2: a convention); the phase's wall time is logged too
-    run.log(f"eval:total seconds:{total_s:.1f} budget:{h.eval_budget_seconds:.0f}"
-            + (" OVER BUDGET" if total_s > h.eval_budget_seconds else "")
-            + f" phase_seconds_with_priming:{time.perf_counter() - phase_started:.1f}")
+    # Records leave compile warmup off the eval clock (#1855: a convention); the phase's wall time is logged too
+    run.log(
+        f"eval:total seconds:{total_s:.1f} budget:{h.eval_budget_seconds:.0f}"
+        + (" OVER BUDGET" if total_s > h.eval_budget_seconds else "")
+        + f" phase_seconds_with_priming:{time.perf_counter() - phase_started:.1f}"
+    )
 
-def start_ttt(run: RunContext, model: GPT, val: ValidationSet, eval_started: float, tilt) -> tuple:
+
+def start_ttt(run: RunContext, model: GPT, val: ValidationSet, eval_started: float, tilt) -> PassScore:
     """Log the TTT pass's plan, then run it (score-first SGD chunks, or phased document LoRA)."""
     h = run.h
     if h.ttt_mode == "lora":
         ttt = DocumentLoRATrainer(model, run, val, eval_started)
-        run.log(f"ttt:start mode=lora order={h.ttt_lora_order} documents={sum(map(len, ttt.batches))} "
-                f"batches={len(ttt.batches)} "
-                f"phase_ends={ttt.phase_ends} rank={h.ttt_lora_rank} chunk={h.ttt_lora_chunk} "
-                f"context={h.ttt_lora_context} lr={h.ttt_lora_lr} phase_lr={h.ttt_phase_lr}")
+        run.log(
+            f"ttt:start mode=lora order={h.ttt_lora_order} documents={sum(map(len, ttt.batches))} "
+            f"batches={len(ttt.batches)} "
+            f"phase_ends={ttt.phase_ends} rank={h.ttt_lora_rank} chunk={h.ttt_lora_chunk} "
+            f"context={h.ttt_lora_context} lr={h.ttt_lora_lr} phase_lr={h.ttt_phase_lr}"
+        )
         return ttt.run_schedule()
     ttt = TestTimeTrainer(model, run, val, eval_started, tilt)
     frozen, total = ttt.frozen_parameters(), sum(p.numel() for p in model.parameters())
-    run.log(f"ttt:start chunks={ttt.num_chunks} chunk_tokens={h.ttt_chunk_tokens} windows={len(ttt.plan)} "
-            f"stride={h.eval_stride} lr={h.ttt_lr} epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} "
-            f"params_unfrozen={total - frozen} params_frozen={frozen}")
+    run.log(
+        f"ttt:start chunks={ttt.num_chunks} chunk_tokens={h.ttt_chunk_tokens} windows={len(ttt.plan)} "
+        f"stride={h.eval_stride} lr={h.ttt_lr} epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} "
+        f"params_unfrozen={total - frozen} params_frozen={frozen}"
+    )
     return ttt.run_schedule(score_first_schedule(ttt.num_chunks))
+
 
 def check_before_training(h: Hyperparameters) -> int:
     """What would otherwise stop a run after the clock started: every train shard's header and size (not only
@@ -3181,12 +4189,15 @@ def check_before_training(h: Hyperparameters) -> int:
     except OSError as error:
         raise InputError(f"env ARTIFACT_PATH={h.artifact_path}: cannot write in {folder} ({error})") from None
     if shutil.disk_usage(folder).free < 2 * SIZE_CAP_BYTES:
-        raise InputError(f"env ARTIFACT_PATH={h.artifact_path}: {shutil.disk_usage(folder).free:,} bytes free in "
-                         f"{folder}; writing the artifact needs {2 * SIZE_CAP_BYTES:,}")
+        raise InputError(
+            f"env ARTIFACT_PATH={h.artifact_path}: {shutil.disk_usage(folder).free:,} bytes free in "
+            f"{folder}; writing the artifact needs {2 * SIZE_CAP_BYTES:,}"
+        )
     return len(files)
 
+
 def main() -> int:
-    """Orchestrates one run; exit status (README "When a run goes wrong"): 0, 3 over the cap, 4 non-finite,
+    """Orchestrates one run; exit status (docs/RUNNING.md): 0, 3 over the cap, 4 non-finite,
     128 + signal after SIGINT/SIGTERM (artifact written), 5 at once on a failed collective (a rank died or hung)."""
     h = Hyperparameters()
     run = RunContext(h)
@@ -3198,8 +4209,10 @@ def main() -> int:
         return 0
     val = ValidationSet(h, load_tokenizer(h.tokenizer_path, h.vocab_size))
     run.log(f"val_bytes:{val.source} " + " ".join(f"{k}:{v}" for k, v in val.audit.items()) + " (every document)")
-    run.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_[0-9]*.bin')} "
-            f"tokens:{len(val.tokens) - 1} bytes:{int(val.target_bytes.sum())} byte_source:{val.source}")
+    run.log(
+        f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_[0-9]*.bin')} "
+        f"tokens:{len(val.tokens) - 1} bytes:{int(val.target_bytes.sum())} byte_source:{val.source}"
+    )
     try:
         status = run_phases(run, code, val, predicted)
     except RunFault as fault:
@@ -3209,15 +4222,20 @@ def main() -> int:
         status = fault.status
     except RuntimeError as error:  # a failed or timed-out collective: a rank died, hung or lost its connection
         words = ("gloo", "nccl", "timeout", "timed out")
-        if run.world_size == 1 or not (isinstance(error, dist.DistError) or any(w in str(error).lower() for w in words)):
+        if run.world_size == 1 or not (
+            isinstance(error, dist.DistError) or any(w in str(error).lower() for w in words)
+        ):
             raise
-        message = (f"error: rank {run.rank}: a collective failed: another rank died, hung past "
-                   f"COLLECTIVE_TIMEOUT_SECONDS={h.collective_timeout_seconds:.0f} or lost its connection ({error})")
+        message = (
+            f"error: rank {run.rank}: a collective failed: another rank died, hung past "
+            f"COLLECTIVE_TIMEOUT_SECONDS={h.collective_timeout_seconds:.0f} or lost its connection ({error})"
+        )
         print(message, file=sys.stderr, flush=True)
         run.log(message, console=False)
         os._exit(EXIT_COLLECTIVE)  # no barrier or teardown: they would wait on the missing rank
     run.seal_log()
     return status
+
 
 def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int:
     """Train and write the artifact (unless EVAL_ONLY), then score the artifact read back from disk."""
@@ -3231,17 +4249,21 @@ def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int
         model = build_model(h, run)
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         run.log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.use_xsa]}")
-        run.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
-                f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}")
+        run.log(
+            f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
+            f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}"
+        )
         trainer = Trainer(h, run, model, val)
         with trainer.watch:  # a signal stops training; the artifact is still written
             hessians = trainer.train()
             # before any evaluation; after a signal the fast way (torchrun's SIGKILL follows its SIGTERM in 30 s)
             total_bytes = write_artifact(run, model, code, hessians, predicted, fast=bool(trainer.interrupted))
         if trainer.interrupted:
-            run.log(f"interrupted: {signal.Signals(trainer.interrupted).name}; the artifact of the averaged weights "
-                    f"is written, evaluation skipped: EVAL_ONLY=1 ARTIFACT_PATH={h.artifact_path} and a new RUN_ID "
-                    f"score it")
+            run.log(
+                f"interrupted: {signal.Signals(trainer.interrupted).name}; the artifact of the averaged weights "
+                f"is written, evaluation skipped: EVAL_ONLY=1 ARTIFACT_PATH={h.artifact_path} and a new RUN_ID "
+                f"score it"
+            )
             return 128 + trainer.interrupted
         evaluate_pass(run, "DIAGNOSTIC post_average", lambda: evaluate(model, run, val, h.eval_seq_len))
         del model, hessians
@@ -3251,6 +4273,7 @@ def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int
         return 3
     return 0
 
+
 def end_distributed_run(status: int):
     """Barrier, tear down, leave without interpreter finalization: killing a gloo thread that holds the GIL during
     finalization aborts the process ("terminate called without an active exception", torch 2.13)."""
@@ -3259,6 +4282,7 @@ def end_distributed_run(status: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
 
 if __name__ == "__main__":
     try:

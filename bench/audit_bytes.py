@@ -4,6 +4,7 @@
 
     python3 bench/audit_bytes.py [--shard S] [--tokenizer T] > logs/bench_audit_bytes.txt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,22 +21,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 CHALLENGE_TOKENS = 62_021_633  # 62,021,632 scored targets plus the first input
-SAMPLE_SHARD = "../shared/data/datasets/fineweb_sample_sp1024/fineweb_val_000000.bin"
+SAMPLE_SHARD = "data/datasets/fineweb_sample_sp1024/fineweb_val_000000.bin"  # python3 data/fineweb_sample.py
 
 
 def challenge_sized_stream(shard: str) -> np.ndarray:
     """The sample's validation shard tiled to the challenge's token count (also bench/tilt_precompute.py's)."""
     sample = tg.load_data_shard(shard, 1024)
     tokens = np.tile(sample, -(-CHALLENGE_TOKENS // len(sample)))[:CHALLENGE_TOKENS]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}; "
-          f"tokens {len(tokens):,} ({len(sample):,}-token sample tiled)")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}; "
+        f"tokens {len(tokens):,} ({len(sample):,}-token sample tiled)"
+    )
     return tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shard", default=SAMPLE_SHARD)
-    parser.add_argument("--tokenizer", default="../shared/data/tokenizers/fineweb_1024_bpe.model")
+    parser.add_argument("--tokenizer", default="data/tokenizers/fineweb_1024_bpe.model")
     args = parser.parse_args()
     processor = tg.load_tokenizer(args.tokenizer, 1024)
     tokens = challenge_sized_stream(args.shard)

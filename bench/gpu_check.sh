@@ -9,8 +9,7 @@
 # Each stage has its own time limit so that a hang in one still returns the others' logs.
 # Data: the sample shards and tokenizer copied to data/ (git-ignored) and carried:
 #   mkdir -p data/datasets data/tokenizers
-#   cp -r ../shared/data/datasets/fineweb_sample_sp1024 data/datasets/
-#   cp ../shared/data/tokenizers/fineweb_1024_bpe.model data/tokenizers/
+#   python3 data/fineweb_sample.py   # the committed FineWeb sample into data/datasets and data/tokenizers
 # Logs land in $OUT (the device tool's folder) or ./gpu_out, to be committed as logs/gpu_*.txt.
 set -u
 source "$(dirname "$0")/gpu_stage.sh"

@@ -32,14 +32,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import train_gpt as tg  # noqa: E402
 from preflight import RandomBatches, compiled_graphs  # noqa: E402
 
-TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
-            TRAIN_BATCH_TOKENS="4096", XSA_LAST_N="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3",
-            VE_LAYERS="2,3", TTT_LORA_RANK="4", TTT_LORA_CONTEXT="64", TTT_LORA_CHUNK="16", BIGRAM_VOCAB_SIZE="256")
+TINY = dict(
+    NUM_LAYERS="4",
+    MODEL_DIM="64",
+    NUM_HEADS="4",
+    NUM_KV_HEADS="2",
+    TRAIN_SEQ_LEN="64",
+    EVAL_SEQ_LEN="64",
+    TRAIN_BATCH_TOKENS="4096",
+    XSA_LAST_N="4",
+    LOOP_START="1",
+    LOOP_END="2",
+    PARALLEL_START_LAYER="3",
+    VE_LAYERS="2,3",
+    TTT_LORA_RANK="4",
+    TTT_LORA_CONTEXT="64",
+    TTT_LORA_CHUNK="16",
+    BIGRAM_VOCAB_SIZE="256",
+)
 
 
 def new_run(dry: bool, name: str, **env) -> tg.RunContext:
-    settings = dict(PRESET="frontier", DATA_PATH="unused", TOKENIZER_PATH="unused", RUN_ID=f"gpu_check_{name}",
-                    ATTENTION_BACKEND="sdpa", **(TINY if dry else {}))
+    settings = dict(
+        PRESET="frontier",
+        DATA_PATH="unused",
+        TOKENIZER_PATH="unused",
+        RUN_ID=f"gpu_check_{name}",
+        ATTENTION_BACKEND="sdpa",
+        **(TINY if dry else {}),
+    )
     settings.update({k: str(v) for k, v in env.items()})
     return tg.RunContext(tg.Hyperparameters(settings))
 
@@ -70,8 +91,10 @@ def lora_batch(dry: bool) -> str:
     seconds = synced(run, lambda: trainer.score_batch(0, 0.0))
     limit = 75.0
     over = run.device.type == "cuda" and torch.cuda.max_memory_allocated() / 2**30 > limit
-    return (f"{'FAIL' if over else 'ok'} documents:{h.ttt_lora_batch} x {length} tokens rank:{h.ttt_lora_rank} "
-            f"us_per_processed_token:{1e6 * seconds / trainer.costs[0]:.2f} peak_GiB:{peak_gib(run)} limit_GiB:{limit}")
+    return (
+        f"{'FAIL' if over else 'ok'} documents:{h.ttt_lora_batch} x {length} tokens rank:{h.ttt_lora_rank} "
+        f"us_per_processed_token:{1e6 * seconds / trainer.costs[0]:.2f} peak_GiB:{peak_gib(run)} limit_GiB:{limit}"
+    )
 
 
 def similarity(dry: bool) -> str:
@@ -86,8 +109,18 @@ def similarity(dry: bool) -> str:
 def tilt_priming(dry: bool) -> str:
     results = []
     for sliding in (0, 1):  # the frontier's evaluation (roundtrip + LoRA), and with the sliding pass's hinted graphs
-        run = new_run(dry, f"tilt{sliding}", NUM_LAYERS=4, COMPILE=1, EVAL_SLIDING=sliding, VE_LAYERS="2,3",
-                      XSA_LAST_N=4, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3)
+        run = new_run(
+            dry,
+            f"tilt{sliding}",
+            NUM_LAYERS=4,
+            COMPILE=1,
+            EVAL_SLIDING=sliding,
+            VE_LAYERS="2,3",
+            XSA_LAST_N=4,
+            LOOP_START=1,
+            LOOP_END=2,
+            PARALLEL_START_LAYER=3,
+        )
         model = tg.build_model(run.h, run)
         tg.prime_eval_graphs(model, run)
         primed = compiled_graphs()
@@ -102,8 +135,19 @@ def tilt_priming(dry: bool) -> str:
 
 
 def fused_step(dry: bool) -> str:
-    run = new_run(dry, "fused", NUM_LAYERS=4, COMPILE=1, FUSED_KERNELS=1, VE_LAYERS="2,3", XSA_LAST_N=4,
-                  LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3, DOC_ISOLATION=0)
+    run = new_run(
+        dry,
+        "fused",
+        NUM_LAYERS=4,
+        COMPILE=1,
+        FUSED_KERNELS=1,
+        VE_LAYERS="2,3",
+        XSA_LAST_N=4,
+        LOOP_START=1,
+        LOOP_END=2,
+        PARALLEL_START_LAYER=3,
+        DOC_ISOLATION=0,
+    )
     model = tg.build_model(run.h, run)
     batch = RandomBatches(run.h.vocab_size, run.device).next_batch(8 * run.h.train_seq_len, run.h.train_seq_len)
     losses, grads = [], []
@@ -116,7 +160,9 @@ def fused_step(dry: bool) -> str:
         grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]))
     error = ((grads[0] - grads[1]).norm() / grads[0].norm()).item()
     ok = abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0]) and error < 5e-2
-    return f"{'ok' if ok else 'FAIL'} eager_loss:{losses[0]:.5f} compiled_loss:{losses[1]:.5f} grad_rel_error:{error:.2e}"
+    return (
+        f"{'ok' if ok else 'FAIL'} eager_loss:{losses[0]:.5f} compiled_loss:{losses[1]:.5f} grad_rel_error:{error:.2e}"
+    )
 
 
 def hessians(dry: bool) -> str:
@@ -132,8 +178,10 @@ def hessians(dry: bool) -> str:
     with tg.exact_fp32_matmuls():
         seconds = synced(run, lambda: tg.collect_hessians(model, run, loader, local_tokens))
     ok = seconds < h.gptq_reserve_seconds
-    return (f"{'ok' if ok else 'FAIL'} batches:16 of {local_tokens} tokens seconds:{seconds:.2f} "
-            f"reserve:{h.gptq_reserve_seconds} peak_GiB:{peak_gib(run)}")
+    return (
+        f"{'ok' if ok else 'FAIL'} batches:16 of {local_tokens} tokens seconds:{seconds:.2f} "
+        f"reserve:{h.gptq_reserve_seconds} peak_GiB:{peak_gib(run)}"
+    )
 
 
 def pr1089_export(dry: bool) -> str:
@@ -151,24 +199,39 @@ def pr1089_export(dry: bool) -> str:
         blob = tg.export_blob(run, model, code_bytes, hessian_sums, fast=False)
     fast_started = time.perf_counter()
     fast = tg.export_blob(run, model, code_bytes, hessian_sums, fast=True)
-    return (f"ok export_seconds:{fast_started - started:.1f} bytes:{len(blob)} fast_export_seconds:"
-            f"{time.perf_counter() - fast_started:.1f} fast_bytes:{len(fast)} (mixed precision {h.mixed_precision}, "
-            f"size fit {h.size_fit}, compressor {h.compressor})")
+    return (
+        f"ok export_seconds:{fast_started - started:.1f} bytes:{len(blob)} fast_export_seconds:"
+        f"{time.perf_counter() - fast_started:.1f} fast_bytes:{len(fast)} (mixed precision {h.mixed_precision}, "
+        f"size fit {h.size_fit}, compressor {h.compressor})"
+    )
 
 
-STAGES = (("lora_batch", lora_batch), ("similarity_order", similarity), ("tilt_priming", tilt_priming),
-          ("fused_step", fused_step), ("hessians", hessians), ("pr1089_export", pr1089_export))
+STAGES = (
+    ("lora_batch", lora_batch),
+    ("similarity_order", similarity),
+    ("tilt_priming", tilt_priming),
+    ("fused_step", fused_step),
+    ("hessians", hessians),
+    ("pr1089_export", pr1089_export),
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (the stages' code, not GPU facts)")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds; stages that would start later are skipped")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on the CPU (the stages' code, not GPU facts)"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=540.0, help="seconds; stages that would start later are skipped"
+    )
     args = parser.parse_args()
     started, failed = time.perf_counter(), 0
     tg.raise_recompile_limit()
-    print(f"device:{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} torch:{torch.__version__} "
-          f"dry_run:{args.dry_run}", flush=True)
+    print(
+        f"device:{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} torch:{torch.__version__} "
+        f"dry_run:{args.dry_run}",
+        flush=True,
+    )
     os.chdir(tempfile.mkdtemp())  # each stage's RunContext writes its own log there
     for name, stage in STAGES:
         if time.perf_counter() - started > args.budget:

@@ -12,6 +12,7 @@
 4. collects GPTQ Hessians on a few batches and times the mixed-precision allocation and one brotli encode.
 Prints one line per result; exits 1 if a graph compiled after priming.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,15 +41,21 @@ def muon_step_seconds(model, h, run, ns: str, steps: int, post_norm: str, reps: 
     banks = [torch.nn.Parameter(b.detach().clone()) for b in model.banks()]
     for bank in banks:
         bank.grad = torch.randn_like(bank) * 1e-3
-    muon = tg.BankMuon(banks, h.matrix_lr, h.muon_momentum, steps, h.muon_wd, run.compute_dtype, ns=ns,
-                       post_norm=post_norm)
+    muon = tg.BankMuon(
+        banks, h.matrix_lr, h.muon_momentum, steps, h.muon_wd, run.compute_dtype, ns=ns, post_norm=post_norm
+    )
     muon.step()  # allocation
     return min(timed(muon.step, run.device) for _ in range(reps))
 
 
 def main() -> int:
-    environ = dict(os.environ, PRESET="pr1089", RUN_ID=os.environ.get("RUN_ID", f"gpu_seeds_{int(time.time())}"),
-                   WARMUP_STEPS=os.environ.get("WARMUP_STEPS", "2"), GPTQ_CALIB_BATCHES="4")
+    environ = dict(
+        os.environ,
+        PRESET="pr1089",
+        RUN_ID=os.environ.get("RUN_ID", f"gpu_seeds_{int(time.time())}"),
+        WARMUP_STEPS=os.environ.get("WARMUP_STEPS", "2"),
+        GPTQ_CALIB_BATCHES="4",
+    )
     h = tg.Hyperparameters(environ)
     run = tg.RunContext(h)
     print(f"device {run.device} dtype {run.compute_dtype} compile {run.compile} attention {run.attention_name}")
@@ -66,13 +73,17 @@ def main() -> int:
         qat.append(timed(lambda: trainer.step(loader, step, 0.1), run.device))
     model.qat_active = False
     new_graphs = counters["stats"]["unique_graphs"] - primed
-    print(f"train step: {1000 * sorted(plain)[3]:.1f} ms plain, {1000 * sorted(qat)[3]:.1f} ms soft-round QAT "
-          f"(median of 6; {h.grad_accum_steps} micro-batches of {trainer.local_tokens} tokens); "
-          f"graphs compiled after priming: {new_graphs}")
+    print(
+        f"train step: {1000 * sorted(plain)[3]:.1f} ms plain, {1000 * sorted(qat)[3]:.1f} ms soft-round QAT "
+        f"(median of 6; {h.grad_accum_steps} micro-batches of {trainer.local_tokens} tokens); "
+        f"graphs compiled after priming: {new_graphs}"
+    )
     quintic = muon_step_seconds(model, h, run, "quintic", 5, "none")
     turbo = muon_step_seconds(model, h, run, "turbo", 4, "row_col")
-    print(f"muon step over all banks ({run.compute_dtype}): quintic x5 {1000 * quintic:.2f} ms, "
-          f"turbo x4 + row_col {1000 * turbo:.2f} ms")
+    print(
+        f"muon step over all banks ({run.compute_dtype}): quintic x5 {1000 * quintic:.2f} ms, "
+        f"turbo x4 + row_col {1000 * turbo:.2f} ms"
+    )
     hessians, _ = tg.collect_hessians(model, run, loader, trainer.local_tokens)
     state = tg.export_state(model)
     started = time.perf_counter()
@@ -81,8 +92,10 @@ def main() -> int:
     tensors, schemes = tg.quantize_state(state, h, hessians, bits)
     started = time.perf_counter()
     blob = tg.encode_artifact(tensors, schemes, h)
-    print(f"mixed precision allocation {allocation:.1f}s; one {h.compressor} encode {time.perf_counter() - started:.1f}s "
-          f"-> {len(blob)} bytes (after 12 steps: not a trained model's size)")
+    print(
+        f"mixed precision allocation {allocation:.1f}s; one {h.compressor} encode {time.perf_counter() - started:.1f}s "
+        f"-> {len(blob)} bytes (after 12 steps: not a trained model's size)"
+    )
     return 1 if new_graphs else 0
 
 

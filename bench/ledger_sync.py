@@ -7,6 +7,7 @@ bookkeeping of one plain or sliding pass (one sync of the whole range and the au
     python3 bench/ledger_sync.py                       # this checkout's train_gpt.py
     python3 bench/ledger_sync.py --script old/train_gpt.py   # another version, to compare
 """
+
 from __future__ import annotations
 
 import argparse

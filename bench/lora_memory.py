@@ -6,6 +6,7 @@ FlashAttention never stores: those are counted apart. Projects a batch of TTT_LO
 
     PRESET=frontier python3 bench/lora_memory.py [--rows 2] > logs/bench_lora_memory.txt   # 12 min on 2 cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2, help="documents in the measured batch")
     args = parser.parse_args()
-    environ = dict(os.environ, COMPUTE_DTYPE="bf16", TTT_MODE="lora", TTT_LORA_BATCH=str(args.rows),
-                   RUN_ID=f"bench_lora_memory_{os.getpid()}", DATA_PATH="unused", TOKENIZER_PATH="unused")
+    environ = dict(
+        os.environ,
+        COMPUTE_DTYPE="bf16",
+        TTT_MODE="lora",
+        TTT_LORA_BATCH=str(args.rows),
+        RUN_ID=f"bench_lora_memory_{os.getpid()}",
+        DATA_PATH="unused",
+        TOKENIZER_PATH="unused",
+    )
     h = tg.Hyperparameters(environ)
     run = tg.RunContext(h)
     run.log = lambda message, console=True: None
@@ -58,17 +66,27 @@ def main() -> None:
     row_tokens = len(docs) * context
     per_token = sum(saved.values()) / row_tokens
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    lora = 4 * sum(p.numel() * p.element_size() for p in trainer.lora.parameters()) * h.ttt_lora_batch_tokens / row_tokens
+    lora = (
+        4 * sum(p.numel() * p.element_size() for p in trainer.lora.parameters()) * h.ttt_lora_batch_tokens / row_tokens
+    )
     projected = per_token * h.ttt_lora_batch_tokens + weights + lora
-    print(f"preset {os.environ.get('PRESET', '(none)')} model_dim {h.model_dim} layers {h.num_layers} virtual "
-          f"{len(model.layer_order())} vocab {h.vocab_size} lora rank {h.ttt_lora_rank} context {context} chunk "
-          f"{chunk}; one chunk step of {len(docs)} rows in {time.perf_counter() - started:.1f}s (CPU, bf16 autocast)")
-    print(f"saved for backward: {sum(saved.values()) / 2**20:,.1f} MiB = {per_token / 1024:.1f} KiB per row token "
-          f"(T x T attention weights of SDPA's math path, not counted: {sum(attention.values()) / 2**20:,.1f} MiB)")
-    print(f"weights {weights / 2**30:.2f} GiB; LoRA weights, grads and AdamW state at TTT_LORA_BATCH_TOKENS: "
-          f"{lora / 2**30:.2f} GiB")
-    print(f"projected peak for a batch of TTT_LORA_BATCH_TOKENS={h.ttt_lora_batch_tokens:,} row tokens: "
-          f"{projected / 2**30:.1f} GiB (+ the allocator's fragmentation and FlashAttention's workspace)")
+    print(
+        f"preset {os.environ.get('PRESET', '(none)')} model_dim {h.model_dim} layers {h.num_layers} virtual "
+        f"{len(model.layer_order())} vocab {h.vocab_size} lora rank {h.ttt_lora_rank} context {context} chunk "
+        f"{chunk}; one chunk step of {len(docs)} rows in {time.perf_counter() - started:.1f}s (CPU, bf16 autocast)"
+    )
+    print(
+        f"saved for backward: {sum(saved.values()) / 2**20:,.1f} MiB = {per_token / 1024:.1f} KiB per row token "
+        f"(T x T attention weights of SDPA's math path, not counted: {sum(attention.values()) / 2**20:,.1f} MiB)"
+    )
+    print(
+        f"weights {weights / 2**30:.2f} GiB; LoRA weights, grads and AdamW state at TTT_LORA_BATCH_TOKENS: "
+        f"{lora / 2**30:.2f} GiB"
+    )
+    print(
+        f"projected peak for a batch of TTT_LORA_BATCH_TOKENS={h.ttt_lora_batch_tokens:,} row tokens: "
+        f"{projected / 2**30:.1f} GiB (+ the allocator's fragmentation and FlashAttention's workspace)"
+    )
 
 
 if __name__ == "__main__":

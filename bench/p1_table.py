@@ -3,16 +3,19 @@
 
 Columns: post-average (pre-quant), int6 roundtrip, sliding, legal TTT val_bpb (exact lines), the artifact's
 model bytes, the final step_avg, and each value's difference from the first log given (the reference)."""
+
 from __future__ import annotations
 
 import re
 import sys
 from pathlib import Path
 
-METRICS = {"pre-quant": r"DIAGNOSTIC post_average_exact .*val_bpb:([\d.]+)",
-           "roundtrip": r"final_int6_roundtrip_exact .*val_bpb:([\d.]+)",
-           "sliding": r"final_int6_sliding_window_exact .*val_bpb:([\d.]+)",
-           "TTT": r"legal_ttt_exact .*val_bpb:([\d.]+)"}
+METRICS = {
+    "pre-quant": r"DIAGNOSTIC post_average_exact .*val_bpb:([\d.]+)",
+    "roundtrip": r"final_int6_roundtrip_exact .*val_bpb:([\d.]+)",
+    "sliding": r"final_int6_sliding_window_exact .*val_bpb:([\d.]+)",
+    "TTT": r"legal_ttt_exact .*val_bpb:([\d.]+)",
+}
 
 
 def read(path: Path) -> dict:
@@ -37,7 +40,11 @@ def main(paths: list[str]) -> None:
         cells = []
         for key in METRICS:
             value, ref = row[key], reference[key]
-            cells.append("—" if value is None else f"{value:.4f}" + (f" ({value - ref:+.4f})" if ref and row is not reference else ""))
+            cells.append(
+                "—"
+                if value is None
+                else f"{value:.4f}" + (f" ({value - ref:+.4f})" if ref and row is not reference else "")
+            )
         cells.append("—" if row["model bytes"] is None else f"{row['model bytes']:,}")
         cells.append("—" if row["step ms"] is None else f"{row['step ms']:.0f}")
         print(f"| `{name}` | " + " | ".join(cells) + " |")

@@ -5,6 +5,7 @@ shard tiled: its repeats make hints common, the sorts cost the same).
 
     python3 bench/tilt_precompute.py [--shard S] [--ranks R] > logs/bench_tilt_precompute.txt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,15 @@ def main() -> None:
     tg.ngram_hint_counts(tokens, 8)
     print(f"one order (8): {time.perf_counter() - started:.1f} s")
     rank0 = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), log=lambda message: None)
-    orders = list(tg.NGRAM_TILT_ORDERS[0::args.ranks])
+    orders = list(tg.NGRAM_TILT_ORDERS[0 :: args.ranks])
     original, tg.NGRAM_TILT_ORDERS = tg.NGRAM_TILT_ORDERS, orders  # rank 0's share, without a process group
     tilt = tg.NgramTilt(tokens, 2.0, rank0)
     tg.NGRAM_TILT_ORDERS = original
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"rank 0 of {args.ranks} (orders {orders}, in threads): {tilt.seconds:.1f} s; peak memory {peak:.1f} GiB; "
-          f"hinted {(tilt.hint >= 0).mean():.4f} of the targets by these orders")
+    print(
+        f"rank 0 of {args.ranks} (orders {orders}, in threads): {tilt.seconds:.1f} s; peak memory {peak:.1f} GiB; "
+        f"hinted {(tilt.hint >= 0).mean():.4f} of the targets by these orders"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ document per chapter; see data/README.md). Output, in the layout train_gpt.py ex
   data/datasets/kjv_sp1024/fineweb_train_000000.bin, fineweb_val_000000.bin
 
 --variant sp1024|sp4096|sp8192|caseops_sp8192 --docs DOCS.jsonl builds the vocabularies of the leaderboard from
-a JSONL of {"text": ...} documents (e.g. ../shared/data/fineweb_sample/docs.jsonl): the first --val-docs (120)
+a JSONL of {"text": ...} documents (e.g. the FineWeb sample's docs.jsonl): the first --val-docs (120)
 are validation, the rest train the tokenizer and fill the train shard; outputs
 data/tokenizers/sample_<variant>.model and data/datasets/sample_<variant>/. caseops_sp8192
 applies data/caseops.py's transform, trains with the operators as user-defined pieces, identity normalization
@@ -20,6 +20,7 @@ no dummy prefix, pad/bos/eos/unk = 0/1/2/3). Shards follow the challenge format:
 header (magic 20240520, version 1, token count), then uint16 tokens; every document is BOS + its ids.
 Runs offline in a few seconds and is deterministic.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,13 +58,29 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, **opt
     import sentencepiece as spm
 
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
-    settings = dict(character_coverage=0.999, split_digits=True, byte_fallback=False,
-                    normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, hard_vocab_limit=False)
+    settings = dict(
+        character_coverage=0.999,
+        split_digits=True,
+        byte_fallback=False,
+        normalization_rule_name="nmt_nfkc",
+        add_dummy_prefix=False,
+        hard_vocab_limit=False,
+    )
     settings.update(options)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(model_prefix), model_type="bpe", vocab_size=vocab_size,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1, max_sentence_length=1 << 20, minloglevel=2,
-        **settings)
+        sentence_iterator=iter(texts),
+        model_prefix=str(model_prefix),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        num_threads=1,
+        max_sentence_length=1 << 20,
+        minloglevel=2,
+        **settings,
+    )
 
 
 def tokenize(texts: list[str], model_path: Path) -> np.ndarray:
@@ -90,9 +107,15 @@ def build(source: Path, out_root: Path, vocab_size: int = 1024, force: bool = Fa
     train_tokens, val_tokens = tokenize(train_docs, tokenizer_path), tokenize(val_docs, tokenizer_path)
     write_shard(train_path, train_tokens)
     write_shard(val_path, val_tokens)
-    return {"tokenizer": tokenizer_path, "dataset": dataset_dir, "built": True,
-            "train_docs": len(train_docs), "val_docs": len(val_docs),
-            "train_tokens": len(train_tokens), "val_tokens": len(val_tokens)}
+    return {
+        "tokenizer": tokenizer_path,
+        "dataset": dataset_dir,
+        "built": True,
+        "train_docs": len(train_docs),
+        "val_docs": len(val_docs),
+        "train_tokens": len(train_tokens),
+        "val_tokens": len(val_tokens),
+    }
 
 
 FINEWEB_VARIANTS = {"sp1024": 1024, "sp4096": 4096, "sp8192": 8192, "caseops_sp8192": 8192}
@@ -110,8 +133,9 @@ def caseops_shards(docs: list[str], model_path: Path) -> tuple[np.ndarray, np.nd
     for index, text in enumerate(docs):
         ids, doc_costs = encode_document(sp, text)
         if sum(doc_costs) != len(text.encode("utf-8")):
-            raise ValueError(f"document {index}: byte costs sum to {sum(doc_costs)}, its text has "
-                             f"{len(text.encode('utf-8'))} bytes")
+            raise ValueError(
+                f"document {index}: byte costs sum to {sum(doc_costs)}, its text has {len(text.encode('utf-8'))} bytes"
+            )
         tokens += ids
         costs += doc_costs
     return np.asarray(tokens, dtype=np.uint16), np.asarray(costs, dtype=np.uint16)
@@ -133,17 +157,32 @@ def build_fineweb(docs_path: Path, out_root: Path, variant: str, val_docs: int =
         docs = [json.loads(line)["text"] for line in f]
     val, train = docs[:val_docs], docs[val_docs:]
     if caseops:
-        train_tokenizer([caseops_encode(d) for d in train], tokenizer_path.with_suffix(""), FINEWEB_VARIANTS[variant],
-                        user_defined_symbols=list(CASEOPS_OPERATORS), **CASEOPS_OPTIONS)
-        (train_tokens, _), (val_tokens, val_costs) = caseops_shards(train, tokenizer_path), caseops_shards(val, tokenizer_path)
+        train_tokenizer(
+            [caseops_encode(d) for d in train],
+            tokenizer_path.with_suffix(""),
+            FINEWEB_VARIANTS[variant],
+            user_defined_symbols=list(CASEOPS_OPERATORS),
+            **CASEOPS_OPTIONS,
+        )
+        (train_tokens, _), (val_tokens, val_costs) = (
+            caseops_shards(train, tokenizer_path),
+            caseops_shards(val, tokenizer_path),
+        )
         write_shard(outputs[3], val_costs)
     else:
         train_tokenizer(train, tokenizer_path.with_suffix(""), FINEWEB_VARIANTS[variant])
         train_tokens, val_tokens = tokenize(train, tokenizer_path), tokenize(val, tokenizer_path)
     write_shard(outputs[1], train_tokens)
     write_shard(outputs[2], val_tokens)
-    return {"tokenizer": tokenizer_path, "dataset": dataset_dir, "built": True, "train_docs": len(train),
-            "val_docs": len(val), "train_tokens": len(train_tokens), "val_tokens": len(val_tokens)}
+    return {
+        "tokenizer": tokenizer_path,
+        "dataset": dataset_dir,
+        "built": True,
+        "train_docs": len(train),
+        "val_docs": len(val),
+        "train_tokens": len(train_tokens),
+        "val_tokens": len(val_tokens),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,12 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT, help="root holding tokenizers/ and datasets/")
     parser.add_argument("--force", action="store_true", help="rebuild even if the outputs exist")
     parser.add_argument("--variant", choices=sorted(FINEWEB_VARIANTS), help="a leaderboard vocabulary (needs --docs)")
-    parser.add_argument("--docs", type=Path, help="JSONL of {\"text\": ...} documents for --variant")
+    parser.add_argument("--docs", type=Path, help='JSONL of {"text": ...} documents for --variant')
     parser.add_argument("--val-docs", type=int, default=120, help="leading documents kept for validation")
     args = parser.parse_args(argv)
     source = args.docs if args.variant else args.source
     if args.variant and args.docs is None:
-        parser.error("--variant needs --docs (e.g. ../shared/data/fineweb_sample/docs.jsonl)")
+        parser.error("--variant needs --docs (e.g. the FineWeb sample's docs.jsonl)")
     if not source.exists():
         print(f"error: {source} not found", file=sys.stderr)
         return 2
@@ -166,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         info = build(args.source, args.out, force=args.force)
     if info["built"]:
-        print(f"built {info['tokenizer']} and {info['dataset']}: train {info['train_docs']} docs / "
-              f"{info['train_tokens']:,} tokens, val {info['val_docs']} docs / {info['val_tokens']:,} tokens")
+        print(
+            f"built {info['tokenizer']} and {info['dataset']}: train {info['train_docs']} docs / "
+            f"{info['train_tokens']:,} tokens, val {info['val_docs']} docs / {info['val_tokens']:,} tokens"
+        )
     else:
         print(f"up to date: {info['tokenizer']} and {info['dataset']} (use --force to rebuild)")
     return 0

@@ -28,6 +28,7 @@ CaseOps: every validation shard's byte sidecar fineweb_val_bytes_NNNNNN.bin is f
 one entry per token; train_gpt.py charges BPB against it.
 --local-hub DIR reads the repo from a local copy instead of the network (mirrors, tests).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,18 +59,22 @@ class DownloadError(RuntimeError):
 def hub_fetcher(repo_id: str, local_hub: Path | None):
     """A function remote_path -> local file path: a local mirror, or huggingface_hub's cached download."""
     if local_hub is not None:
+
         def fetch_local(remote: str) -> Path:
             path = local_hub / remote
             if not path.is_file():
                 raise DownloadError(f"{remote} is not in the local hub {local_hub}")
             return path
+
         return fetch_local
     from huggingface_hub import hf_hub_download  # resumes partial downloads in its own cache
 
     def fetch_hub(remote: str) -> Path:
         parent, _, name = remote.rpartition("/")
-        return Path(hf_hub_download(repo_id=repo_id, filename=name, subfolder=parent or None,
-                                    repo_type="dataset")).resolve(strict=True)
+        return Path(
+            hf_hub_download(repo_id=repo_id, filename=name, subfolder=parent or None, repo_type="dataset")
+        ).resolve(strict=True)
+
     return fetch_hub
 
 
@@ -129,9 +134,11 @@ def load_manifest(fetch, remote_root: str, local_path: Path, refresh: bool, log)
     if local_path.exists():
         local = json.loads(local_path.read_text(encoding="utf-8"))
         if local != remote and not refresh:
-            raise DownloadError(f"{local_path} is stale: it differs from {remote_root}/manifest.json on the hub, so the "
-                                f"shards on disk may come from another export. Rerun with --refresh-manifest to "
-                                f"replace it and re-verify every file (or move data/ away)")
+            raise DownloadError(
+                f"{local_path} is stale: it differs from {remote_root}/manifest.json on the hub, so the "
+                f"shards on disk may come from another export. Rerun with --refresh-manifest to "
+                f"replace it and re-verify every file (or move data/ away)"
+            )
         if local != remote:
             log(f"replacing stale {local_path}")
     local_path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,18 +146,30 @@ def load_manifest(fetch, remote_root: str, local_path: Path, refresh: bool, log)
     return remote
 
 
-def download(variant: str, train_shards: int, data_dir: Path, fetch, remote_root: str = "datasets",
-             refresh_manifest: bool = False, log=print, repo_id: str | None = None) -> dict:
+def download(
+    variant: str,
+    train_shards: int,
+    data_dir: Path,
+    fetch,
+    remote_root: str = "datasets",
+    refresh_manifest: bool = False,
+    log=print,
+    repo_id: str | None = None,
+) -> dict:
     repo_id, name = repo_id or VARIANTS[variant][0], VARIANTS[variant][1]
     manifest = load_manifest(fetch, remote_root, manifest_path(data_dir, repo_id), refresh_manifest, log)
     dataset = next((d for d in manifest.get("datasets", []) if d.get("name") == name), None)
     if dataset is None:
-        raise DownloadError(f"{name} is not in {remote_root}/manifest.json (variants there: "
-                            f"{[d.get('name') for d in manifest.get('datasets', [])]})")
+        raise DownloadError(
+            f"{name} is not in {remote_root}/manifest.json (variants there: "
+            f"{[d.get('name') for d in manifest.get('datasets', [])]})"
+        )
     stats, vocab_size, bos = dataset["stats"], int(dataset["vocab_size"]), int(dataset.get("bos_id", 1))
     if stats.get("docs_val") != CHALLENGE_VAL_DOCS:
-        raise DownloadError(f"{name}: the manifest's validation split has {stats.get('docs_val')} documents, "
-                            f"not the challenge's {CHALLENGE_VAL_DOCS:,}")
+        raise DownloadError(
+            f"{name}: the manifest's validation split has {stats.get('docs_val')} documents, "
+            f"not the challenge's {CHALLENGE_VAL_DOCS:,}"
+        )
     if train_shards > int(stats["files_train"]):
         raise DownloadError(f"{name} has {stats['files_train']} train shards; {train_shards} were requested")
     shard_size = int(manifest.get("shard_size", 100_000_000))
@@ -160,26 +179,45 @@ def download(variant: str, train_shards: int, data_dir: Path, fetch, remote_root
         for index in range(count):
             file = f"fineweb_{split}_{index:06d}.bin"
             expected = expected_shard_tokens(int(stats[f"tokens_{split}"]), shard_size, index)
-            fetched += install(f"{remote_root}/datasets/{name}/{file}", target / file, fetch,
-                               lambda path, e=expected: verify_shard(path, e, vocab_size), log)
+            fetched += install(
+                f"{remote_root}/datasets/{name}/{file}",
+                target / file,
+                fetch,
+                lambda path, e=expected: verify_shard(path, e, vocab_size),
+                log,
+            )
             if split == "val":
                 tokens = verify_shard(target / file, expected, vocab_size)
                 val_tokens, val_docs = val_tokens + len(tokens), val_docs + int(np.count_nonzero(tokens == bos))
             if split == "val" and variant.startswith("caseops"):  # one original-byte count per token, uint16
                 sidecar = file.replace("fineweb_val_", "fineweb_val_bytes_")
-                fetched += install(f"{remote_root}/datasets/{name}/{sidecar}", target / sidecar, fetch,
-                                   lambda path, e=expected: verify_shard(path, e, 1 << 16), log)
+                fetched += install(
+                    f"{remote_root}/datasets/{name}/{sidecar}",
+                    target / sidecar,
+                    fetch,
+                    lambda path, e=expected: verify_shard(path, e, 1 << 16),
+                    log,
+                )
     if (val_tokens, val_docs) != (int(stats["tokens_val"]), CHALLENGE_VAL_DOCS):
-        raise DownloadError(f"{target}: validation has {val_tokens} tokens and {val_docs} documents; the manifest says "
-                            f"{stats['tokens_val']} and {CHALLENGE_VAL_DOCS}")
+        raise DownloadError(
+            f"{target}: validation has {val_tokens} tokens and {val_docs} documents; the manifest says "
+            f"{stats['tokens_val']} and {CHALLENGE_VAL_DOCS}"
+        )
     tokenizer = next(t for t in manifest["tokenizers"] if t.get("name") == dataset["tokenizer_name"])
     for key in ("model_path", "vocab_path"):
         if tokenizer.get(key):
             remote = tokenizer[key]
-            fetched += install(f"{remote_root}/{remote}", data_dir / "tokenizers" / Path(remote).name, fetch,
-                               lambda path: verify_tokenizer(path, vocab_size), log)
-    log(f"{name}: {stats['files_val']} val shard(s) ({val_tokens:,} tokens, {val_docs:,} documents) and {train_shards} "
-        f"train shard(s) verified in {target}; {fetched} file(s) fetched, the rest were already valid")
+            fetched += install(
+                f"{remote_root}/{remote}",
+                data_dir / "tokenizers" / Path(remote).name,
+                fetch,
+                lambda path: verify_tokenizer(path, vocab_size),
+                log,
+            )
+    log(
+        f"{name}: {stats['files_val']} val shard(s) ({val_tokens:,} tokens, {val_docs:,} documents) and {train_shards} "
+        f"train shard(s) verified in {target}; {fetched} file(s) fetched, the rest were already valid"
+    )
     model = data_dir / "tokenizers" / Path(tokenizer["model_path"]).name
     log(f"train with: DATA_PATH={target} TOKENIZER_PATH={model} VOCAB_SIZE={vocab_size}")
     return {"dataset": target, "fetched": fetched, "val_tokens": val_tokens, "val_docs": val_docs, "tokenizer": model}
@@ -188,20 +226,36 @@ def download(variant: str, train_shards: int, data_dir: Path, fetch, remote_root
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="sp1024")
-    parser.add_argument("--train-shards", type=int, default=80, help="train shards to fetch (a prefix; default 80 = 8B tokens)")
-    parser.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID"),
-                        help="the Hugging Face dataset repo (default: the variant's, see above)")
+    parser.add_argument(
+        "--train-shards", type=int, default=80, help="train shards to fetch (a prefix; default 80 = 8B tokens)"
+    )
+    parser.add_argument(
+        "--repo-id",
+        default=os.environ.get("MATCHED_FINEWEB_REPO_ID"),
+        help="the Hugging Face dataset repo (default: the variant's, see above)",
+    )
     parser.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets"))
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where manifest.json, datasets/, tokenizers/ go")
-    parser.add_argument("--local-hub", type=Path, help="read the dataset repo from this directory instead of the network")
+    parser.add_argument(
+        "--data-dir", type=Path, default=DATA_DIR, help="where manifest.json, datasets/, tokenizers/ go"
+    )
+    parser.add_argument(
+        "--local-hub", type=Path, help="read the dataset repo from this directory instead of the network"
+    )
     parser.add_argument("--refresh-manifest", action="store_true", help="replace a stale local manifest.json")
     args = parser.parse_args(argv)
     if args.train_shards < 0:
         parser.error("--train-shards must be >= 0")
     try:
         repo_id = args.repo_id or VARIANTS[args.variant][0]
-        download(args.variant, args.train_shards, args.data_dir, hub_fetcher(repo_id, args.local_hub),
-                 args.remote_root, args.refresh_manifest, repo_id=repo_id)
+        download(
+            args.variant,
+            args.train_shards,
+            args.data_dir,
+            hub_fetcher(repo_id, args.local_hub),
+            args.remote_root,
+            args.refresh_manifest,
+            repo_id=repo_id,
+        )
     except DownloadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

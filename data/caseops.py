@@ -74,4 +74,3 @@ def encode_document(processor, text: str) -> tuple[list[int], list[int]]:
     if any(piece.id == processor.unk_id() for piece in pieces):
         raise ValueError("an unknown piece in CaseOps text: its original bytes are lost (train with byte_fallback)")
     return [BOS_ID] + [piece.id for piece in pieces], [0] + surface_byte_counts(piece.surface for piece in pieces)
-

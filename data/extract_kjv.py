@@ -8,6 +8,7 @@ The sdist holds bible/data/kjv.jsonl: one JSON object per verse (citation, text,
 31,102 verses. We join each chapter's verses with single spaces into one document, in file order:
 1,189 documents of the form {"title": "Genesis 1", "text": "..."}.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,10 @@ def chapters_jsonl(verses_jsonl: str) -> str:
     for line in verses_jsonl.splitlines():
         verse = json.loads(line)
         chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
-    return "".join(json.dumps({"title": f"{book} {chapter}", "text": " ".join(texts)}, ensure_ascii=False) + "\n"
-                   for (book, chapter), texts in chapters.items())
+    return "".join(
+        json.dumps({"title": f"{book} {chapter}", "text": " ".join(texts)}, ensure_ascii=False) + "\n"
+        for (book, chapter), texts in chapters.items()
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -39,8 +42,10 @@ def main(argv: list[str]) -> int:
     text = chapters_jsonl(verses).encode("utf-8")
     OUTPUT.write_bytes(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME))
     documents = text.count(b"\n")
-    print(f"wrote {OUTPUT}: {documents} documents, {len(text):,} bytes of JSONL, "
-          f"sha256 of the JSONL {hashlib.sha256(text).hexdigest()}")
+    print(
+        f"wrote {OUTPUT}: {documents} documents, {len(text):,} bytes of JSONL, "
+        f"sha256 of the JSONL {hashlib.sha256(text).hexdigest()}"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository on sys.path, the embedded sample, optional ../shared data, run helpers."""
+"""Shared fixtures: the repository on sys.path, the KJV and FineWeb samples, run helpers."""
+
 from __future__ import annotations
 
 import os
@@ -11,27 +12,52 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_TOKENIZER = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model"
-SHARED_DATASET = SHARED / "data" / "datasets" / "fineweb_sample_sp1024"
-SHARED_DOCS = SHARED / "data" / "fineweb_sample" / "docs.jsonl"
+sys.path.insert(0, str(REPO / "data"))
+import fineweb_sample  # noqa: E402
+
+# The committed FineWeb sample (data/fineweb_sample/SOURCES.md), unpacked into data/ (ignored by git) once
+FINEWEB = fineweb_sample.unpack()
+SAMPLE_TOKENIZER = FINEWEB / fineweb_sample.SP1024_TOKENIZER
+SAMPLE_DATASET = FINEWEB / fineweb_sample.SP1024_DATASET
 # The 1.0611 record's CaseOps tokenizer and an export of the sample written by its own prepare_caseops_data.py
-RECORD_CASEOPS_TOKENIZER = SHARED / "data" / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
-RECORD_CASEOPS_DATASET = SHARED / "data" / "datasets" / "fineweb_sample_caseops_record"
-PLAIN_SP8192_TOKENIZER = SHARED / "data" / "tokenizers" / "fineweb_8192_bpe.model"  # a record's plain SP8192
+RECORD_CASEOPS_TOKENIZER = FINEWEB / fineweb_sample.CASEOPS_TOKENIZER
+RECORD_CASEOPS_DATASET = FINEWEB / fineweb_sample.CASEOPS_DATASET
+PLAIN_SP8192_TOKENIZER = FINEWEB / fineweb_sample.PLAIN_SP8192_TOKENIZER  # a record's plain SP8192
+P1_ENV = REPO / "bench" / "p1_env.sh"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 torch.set_num_threads(2)
 
 # The smallest config that still exercises every feature: XSA, VE, BigramHash, U-Net skips, late QAT.
 TINY_ENV = {
-    "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
-    "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "2048", "ITERATIONS": "12",
-    "WARMDOWN_ITERS": "4", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
-    "TRAIN_LOG_EVERY": "1", "VAL_BATCH_SIZE": "65536", "MUON_MOMENTUM_WARMUP_STEPS": "4",
-    "EMA_DECAY": "0.9", "VE_LAYERS": "2,3", "VE_DIM": "16", "XSA_LAST_N": "2", "BIGRAM_VOCAB_SIZE": "256",
-    "BIGRAM_DIM": "16", "ROPE_DIMS": "8", "SEED": "1337",
-    "EVAL_STRIDE": "32", "TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "65536", "TTT_BATCH_SEQS": "32",
+    "NUM_LAYERS": "4",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "MLP_MULT": "2",
+    "TRAIN_SEQ_LEN": "64",
+    "EVAL_SEQ_LEN": "64",
+    "TRAIN_BATCH_TOKENS": "2048",
+    "ITERATIONS": "12",
+    "WARMDOWN_ITERS": "4",
+    "WARMUP_STEPS": "1",
+    "MAX_WALLCLOCK_SECONDS": "0",
+    "VAL_LOSS_EVERY": "0",
+    "TRAIN_LOG_EVERY": "1",
+    "VAL_BATCH_SIZE": "65536",
+    "MUON_MOMENTUM_WARMUP_STEPS": "4",
+    "EMA_DECAY": "0.9",
+    "VE_LAYERS": "2,3",
+    "VE_DIM": "16",
+    "XSA_LAST_N": "2",
+    "BIGRAM_VOCAB_SIZE": "256",
+    "BIGRAM_DIM": "16",
+    "ROPE_DIMS": "8",
+    "SEED": "1337",
+    "EVAL_STRIDE": "32",
+    "TTT_EPOCHS": "1",
+    "TTT_CHUNK_TOKENS": "65536",
+    "TTT_BATCH_SEQS": "32",
 }
 
 
@@ -54,11 +80,9 @@ def sample_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def fineweb_or_sample(sample_data):
-    """Real FineWeb text from ../shared when present, else the embedded sample."""
-    if SHARED_DATASET.is_dir() and SHARED_TOKENIZER.is_file():
-        return str(SHARED_DATASET), str(SHARED_TOKENIZER)
-    return sample_data
+def fineweb_or_sample():
+    """Real FineWeb text: the committed sample's sp1024 export (dataset_dir, tokenizer_path)."""
+    return str(SAMPLE_DATASET), str(SAMPLE_TOKENIZER)
 
 
 def clean_environment() -> dict:
@@ -85,6 +109,18 @@ def run_script(cwd: Path, env_overrides: dict, args=(), timeout=600, nproc: int 
 
 def read_log(cwd: Path, run_id: str) -> str:
     return (Path(cwd) / "logs" / f"{run_id}.txt").read_text(encoding="utf-8")
+
+
+def assert_final_score(log: str, expected_pass: str):
+    """The run's one final_score line names expected_pass and repeats that pass's _exact numbers; tools read it
+    (significance, pack_record's submission.json, compare_logs)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import logparse
+
+    assert len(re.findall(r"^final_score ", log, re.M)) == 1
+    name, val_loss, val_bpb = logparse.final_score(log)
+    exact = parse_metric(log, f"{expected_pass}_exact")
+    assert (name, val_loss, val_bpb) == (expected_pass, exact["val_loss"], exact["val_bpb"])
 
 
 def parse_metric(log: str, label: str) -> dict:

@@ -4,6 +4,7 @@ Each rank gets a different gradient for the same banks; the 2-rank BankMuon (red
 momentum + Newton-Schulz -> all-gather) must match a 1-rank BankMuon fed the mean gradient. Banks have an
 odd leading dim, so the padding path runs. Rank 0 writes the max abs difference to argv[1] as JSON.
 """
+
 import json
 import sys
 

@@ -1,5 +1,6 @@
 """Run a train_gpt.py (argv[1]) as __main__ with rank 1's clock running fast: the clock skew between the
 ranks of a real multi-node or multi-GPU run, exaggerated so that any decision taken on a rank's own clock shows."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """train_gpt.py whose rank-0 export takes COLLECTIVE_TIMEOUT_SECONDS + 4 s (as MIXED_PRECISION, SIZE_FIT or lrzip can
 at full size): the other ranks must wait for it on the long gloo group, not die at the default group's timeout."""
+
 from __future__ import annotations
 
 import os

@@ -1,10 +1,12 @@
 """Bytes-per-token accounting: #549's lookup table and CaseOps' sidecar, each audited against SentencePiece's own
-decoding of every document; the refusals (frontier.md B.6) on crafted tokenizers; CaseOps round trips."""
+decoding of every document; the refusals on crafted tokenizers; CaseOps round trips."""
+
 from __future__ import annotations
 
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,17 +15,13 @@ import sentencepiece as spm
 import torch
 
 import train_gpt
-from conftest import REPO, SHARED_DATASET, SHARED_DOCS, SHARED_TOKENIZER
+import fineweb_sample
+from conftest import SAMPLE_DATASET, SAMPLE_TOKENIZER
 
 
 def sample_texts(limit: int | None = None) -> list[str]:
-    """Real FineWeb documents from ../shared when present, else the repository's KJV chapters."""
-    if SHARED_DOCS.is_file():
-        with SHARED_DOCS.open(encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f][:limit]
-    import build_sample
-
-    return build_sample.read_documents(REPO / "data" / "sample" / "kjv_chapters.jsonl.xz")[:limit]
+    """Real FineWeb documents: the committed sample's first ones (its 120 validation documents first)."""
+    return fineweb_sample.documents(limit)
 
 
 def stream(processor, documents) -> np.ndarray:
@@ -40,15 +38,16 @@ def train(texts, tmp_path, name, vocab_size, **options):
 
 def validation_set(dataset, tokenizer) -> train_gpt.ValidationSet:
     size = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-    h = train_gpt.Hyperparameters(dict(DATA_PATH=str(dataset), TOKENIZER_PATH=str(tokenizer), VOCAB_SIZE=str(size),
-                                       EVAL_SEQ_LEN="64"))
+    h = train_gpt.Hyperparameters(
+        dict(DATA_PATH=str(dataset), TOKENIZER_PATH=str(tokenizer), VOCAB_SIZE=str(size), EVAL_SEQ_LEN="64")
+    )
     return train_gpt.ValidationSet(h, train_gpt.load_tokenizer(str(tokenizer), size))
 
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):
     """SP4096, SP8192 and CaseOps SP8192 built by data/build_sample.py from real FineWeb text (the KJV sample
-    without ../shared): 60 validation documents, tokenizers trained on the next 900; and the validation texts."""
+    ): 60 validation documents, tokenizers trained on the next 900; and the validation texts."""
     import build_sample
 
     texts = sample_texts(960)
@@ -62,9 +61,7 @@ def variants(tmp_path_factory):
 def test_challenge_sp1024_audit_agrees_on_real_fineweb():
     """The challenge's tokenizer on the sample's 120 validation documents: the table and the decoder agree to
     the byte on every document (unknown pieces count 0 bytes, as #549's table counts them)."""
-    if not SHARED_DATASET.is_dir():
-        pytest.skip("../shared is not present")
-    val = validation_set(SHARED_DATASET, SHARED_TOKENIZER)
+    val = validation_set(SAMPLE_DATASET, SAMPLE_TOKENIZER)
     assert val.source == "lookup" and val.audit["documents"] == 120 and val.audit["tokens"] == 322_203
     assert val.audit["counted"] == val.audit["decoded"] == 804_434 and val.audit["unknown_targets"] == 1035
     assert int(val.target_bytes.sum()) < val.audit["counted"]  # the scored range is trimmed to whole sequences
@@ -91,8 +88,10 @@ def test_caseops_round_trips_every_sample_document(variants):
     assert len(texts) in (3100, 1189) and all(train_gpt.caseops_decode(caseops_encode(t)) == t for t in texts)
     processor = spm.SentencePieceProcessor(model_file=str(variants[1]["caseops_sp8192"][1]))
     validation = variants[0]
-    decoded = [train_gpt.caseops_decode(processor.decode(ids)) for ids in processor.encode(
-        [caseops_encode(t) for t in validation])]
+    decoded = [
+        train_gpt.caseops_decode(processor.decode(ids))
+        for ids in processor.encode([caseops_encode(t) for t in validation])
+    ]
     assert decoded == validation
     awkward = "McDonald's iPhone NASA A I \ue000\ue003 \u2581\u2581x ÉCOLE eBay X-Ray"
     assert not any(c.isupper() and c.isascii() for c in caseops_encode(awkward))  # only non-ASCII capitals stay
@@ -167,8 +166,9 @@ def test_boundary_rules(sample_data):
     """A BOS target adds 0 bytes; a '▁' piece after BOS or an unknown piece loses its space, after a word keeps it."""
     _, tokenizer = sample_data
     processor = train_gpt.load_tokenizer(tokenizer, 1024)
-    spaced = next(i for i in range(4, 1024) if processor.id_to_piece(i).startswith("\u2581")
-                  and len(processor.id_to_piece(i)) > 2)
+    spaced = next(
+        i for i in range(4, 1024) if processor.id_to_piece(i).startswith("\u2581") and len(processor.id_to_piece(i)) > 2
+    )
     word = len(processor.id_to_piece(spaced)[1:].encode())
     tokens = np.array([spaced, 1, spaced, spaced, processor.unk_id(), spaced])
     assert train_gpt.lookup_target_bytes(processor, tokens).tolist() == [0, word, word + 1, 0, word]
@@ -185,13 +185,12 @@ def test_bpb_formula():
     assert math.isclose(loss, 26 / 16) and math.isclose(bpb, 26 / math.log(2) / 52)
 
 
-# ---- The 1.0611 record's CaseOps export (../shared): its tokenizer normalizes, its sidecar counts the original ----
+# ---- The 1.0611 record's CaseOps export (data/fineweb_sample): its tokenizer normalizes, its sidecar counts the original ----
+
 
 def record_caseops():
     from conftest import RECORD_CASEOPS_DATASET, RECORD_CASEOPS_TOKENIZER
 
-    if not (RECORD_CASEOPS_DATASET.is_dir() and RECORD_CASEOPS_TOKENIZER.is_file()):
-        pytest.skip("../shared's record CaseOps export is not present")
     return RECORD_CASEOPS_DATASET, RECORD_CASEOPS_TOKENIZER
 
 
@@ -258,7 +257,7 @@ def test_crafted_byte_bugs_are_refused_on_the_normalizing_tokenizer(tmp_path):
         starts = np.flatnonzero(tokens == 1)
         led = [t for t in range(8192) if processor.id_to_piece(t).startswith("\u2581")]
         inside = np.zeros(len(tokens), bool)
-        inside[starts[5]:starts[6]] = True
+        inside[starts[5] : starts[6]] = True
         return np.where(inside & np.isin(tokens, led), entries + 1, entries)
 
     refused(space_twice, r"document 5 \(tokens from \d+\): \d+ of \d+ pieces are charged other bytes")
@@ -297,10 +296,10 @@ def test_plain_sp8192_record_tokenizer_lookup_table_agrees(tmp_path):
     import build_sample
     from conftest import PLAIN_SP8192_TOKENIZER
 
-    if not PLAIN_SP8192_TOKENIZER.is_file():
-        pytest.skip("../shared's plain SP8192 tokenizer is not present")
     processor = spm.SentencePieceProcessor(model_file=str(PLAIN_SP8192_TOKENIZER))
-    build_sample.write_shard(tmp_path / "fineweb_val_000000.bin", stream(processor, sample_texts(120)).astype(np.uint16))
+    build_sample.write_shard(
+        tmp_path / "fineweb_val_000000.bin", stream(processor, sample_texts(120)).astype(np.uint16)
+    )
     val = validation_set(tmp_path, PLAIN_SP8192_TOKENIZER)
     assert val.source == "lookup" and val.audit["documents"] == 120
     assert val.audit["counted"] == val.audit["decoded"] > 700_000

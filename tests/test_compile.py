@@ -1,5 +1,6 @@
 """The compiled (CUDA) path's graph variants, on the CPU: every variant a run uses is compiled while priming,
 never inside the timed training loop or the eval clock."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -32,8 +33,17 @@ def test_recompile_limit_is_raised(tmp_path, monkeypatch):
 
 
 # #1089's model and optimizer switches, soft-round QAT included (its alpha changes every QAT step)
-SEED_1089 = dict(SOFT_ROUND_QAT=1, ENGRAM_BUCKETS=1024, BIGRAM_VOCAB_SIZE=0, SKIP_GATES_ENABLED=1, MUON_NS="turbo",
-                 MUON_BACKEND_STEPS=4, MUON_POST_NORM="row_col", SMALL_MATRIX_OPTIMIZER="muon", QUANT_BITS_MLP=5)
+SEED_1089 = dict(
+    SOFT_ROUND_QAT=1,
+    ENGRAM_BUCKETS=1024,
+    BIGRAM_VOCAB_SIZE=0,
+    SKIP_GATES_ENABLED=1,
+    MUON_NS="turbo",
+    MUON_BACKEND_STEPS=4,
+    MUON_POST_NORM="row_col",
+    SMALL_MATRIX_OPTIMIZER="muon",
+    QUANT_BITS_MLP=5,
+)
 
 
 @pytest.mark.parametrize("features", [{}, SEED_1089], ids=["record549", "pr1089_switches"])
@@ -57,9 +67,21 @@ def test_one_warmup_step_primes_the_plain_and_the_qat_graph(tmp_path, monkeypatc
 
 # The frontier's switches on the compiled path: looping switches on mid-run (a second graph), lanes, gates, the
 # input smear with its BOS mask, the fused kernels' autograd functions, the shuffled loader.
-FRONTIER = dict(NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, PARALLEL_RESIDUAL="two_lane", PARALLEL_START_LAYER=1,
-                ATTN_OUT_GATE="sparse", SMEAR_GATE="input", SMEAR_BOS_MASK=1, MUON_NS="polar_express", MUON_EQ_R=1,
-                FUSED_KERNELS=1, LOADER="shuffled", WD_TAPER_START=0.5)
+FRONTIER = dict(
+    NUM_LOOPS=1,
+    LOOP_START=0,
+    LOOP_END=0,
+    PARALLEL_RESIDUAL="two_lane",
+    PARALLEL_START_LAYER=1,
+    ATTN_OUT_GATE="sparse",
+    SMEAR_GATE="input",
+    SMEAR_BOS_MASK=1,
+    MUON_NS="polar_express",
+    MUON_EQ_R=1,
+    FUSED_KERNELS=1,
+    LOADER="shuffled",
+    WD_TAPER_START=0.5,
+)
 
 
 def test_warmup_primes_the_looped_graph_before_the_clock(tmp_path, monkeypatch, sample_data):
@@ -78,15 +100,21 @@ def test_warmup_primes_the_looped_graph_before_the_clock(tmp_path, monkeypatch, 
     assert compiled_graphs() == primed
 
 
-
-
 @pytest.mark.parametrize("tilt", [0, 1])
 def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch, tilt):
     """Scoring (roundtrip, sliding) and TTT (its scoring and training) run on graphs primed on random tokens, with
     the stream tilt too (the roundtrip scores without hints, the sliding and TTT passes with them)."""
     torch._dynamo.reset()
-    run = make_run(tmp_path, monkeypatch, DATA_PATH="unused", EVAL_STRIDE=16, TTT_CHUNK_TOKENS=128,
-                   TTT_BATCH_SEQS=2, TTT_FREEZE_BLOCKS=1, NGRAM_TILT=tilt)
+    run = make_run(
+        tmp_path,
+        monkeypatch,
+        DATA_PATH="unused",
+        EVAL_STRIDE=16,
+        TTT_CHUNK_TOKENS=128,
+        TTT_BATCH_SEQS=2,
+        TTT_FREEZE_BLOCKS=1,
+        NGRAM_TILT=tilt,
+    )
     model = train_gpt.build_model(run.h, run)
     train_gpt.prime_eval_graphs(model, run)
     primed = compiled_graphs()
@@ -97,7 +125,7 @@ def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch, tilt):
     train_gpt.evaluate(model, run, val, stride=16, tilt=stream_tilt)
     ttt = train_gpt.TestTimeTrainer(model, run, val, eval_started=0.0, tilt=stream_tilt)
     ttt.h.eval_budget_seconds = float("inf")
-    summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))[2]
+    summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks)).audit
     assert summary == "chunks=4 tokens_scored=512 tokens_trained=384"
     assert compiled_graphs() == primed
 
@@ -107,9 +135,21 @@ def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatc
     the only scoring graph and is primed (before, the tilt primed only a hinted one: a recompile on the eval clock);
     the LoRA pass runs eager and compiles nothing."""
     torch._dynamo.reset()
-    run = make_run(tmp_path, monkeypatch, DATA_PATH="unused", TTT_MODE="lora", NGRAM_TILT=1, EVAL_SLIDING=0,
-                   TTT_LORA_CHUNK=16, TTT_LORA_CONTEXT=64, TTT_LORA_BATCH=2, TTT_LORA_RANK=4, TTT_PHASES=1,
-                   TTT_PHASE_FRACTION=0.5, TTT_BATCH_SEQS=2)
+    run = make_run(
+        tmp_path,
+        monkeypatch,
+        DATA_PATH="unused",
+        TTT_MODE="lora",
+        NGRAM_TILT=1,
+        EVAL_SLIDING=0,
+        TTT_LORA_CHUNK=16,
+        TTT_LORA_CONTEXT=64,
+        TTT_LORA_BATCH=2,
+        TTT_LORA_RANK=4,
+        TTT_PHASES=1,
+        TTT_PHASE_FRACTION=0.5,
+        TTT_BATCH_SEQS=2,
+    )
     assert train_gpt.scoring_graphs(run.h) == [(64, False)]
     model = train_gpt.build_model(run.h, run)
     train_gpt.prime_eval_graphs(model, run)
@@ -120,5 +160,5 @@ def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatc
     train_gpt.evaluate(model, run, val, stride=64)
     lora = train_gpt.DocumentLoRATrainer(model, run, val, eval_started=0.0)
     lora.h.eval_budget_seconds = float("inf")
-    assert lora.run_schedule()[2].startswith("chunks=")
+    assert lora.run_schedule().audit.startswith("chunks=")
     assert compiled_graphs() == primed

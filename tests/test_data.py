@@ -1,4 +1,5 @@
 """Shard reading, the training stream, validation loading and every bad-input message."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 
 import train_gpt
 from build_sample import write_shard
-from conftest import SHARED_TOKENIZER, TINY_ENV, run_script
+from conftest import SAMPLE_TOKENIZER, TINY_ENV, run_script
 
 
 def test_shard_roundtrip(tmp_path):
@@ -24,13 +25,16 @@ def _header(magic=20240520, version=1, count=3):
     return header.tobytes()
 
 
-@pytest.mark.parametrize("content, message", [
-    (_header(magic=1234) + b"\0" * 6, "magic 1234 is not 20240520"),
-    (_header(version=2) + b"\0" * 6, "shard version 2 is not 1"),
-    (_header(count=3) + b"\0" * 4, "header says 3 tokens (1030 bytes) but the file has 1028 bytes"),
-    (_header(count=3) + b"\0" * 8, "header says 3 tokens (1030 bytes) but the file has 1032 bytes"),
-    (b"\0" * 100, "100 bytes, shorter than the 1024-byte shard header"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (_header(magic=1234) + b"\0" * 6, "magic 1234 is not 20240520"),
+        (_header(version=2) + b"\0" * 6, "shard version 2 is not 1"),
+        (_header(count=3) + b"\0" * 4, "header says 3 tokens (1030 bytes) but the file has 1028 bytes"),
+        (_header(count=3) + b"\0" * 8, "header says 3 tokens (1030 bytes) but the file has 1032 bytes"),
+        (b"\0" * 100, "100 bytes, shorter than the 1024-byte shard header"),
+    ],
+)
 def test_bad_shard_messages(tmp_path, content, message):
     path = tmp_path / "fineweb_val_000000.bin"
     path.write_bytes(content)
@@ -52,14 +56,17 @@ def test_no_files_match(tmp_path):
 
 
 def validation_set(path, seq_len: int, sample_data) -> train_gpt.ValidationSet:
-    h = train_gpt.Hyperparameters(dict(DATA_PATH=str(path), TOKENIZER_PATH=sample_data[1], EVAL_SEQ_LEN=str(seq_len),
-                                       EVAL_STRIDE=str(seq_len)))
+    h = train_gpt.Hyperparameters(
+        dict(DATA_PATH=str(path), TOKENIZER_PATH=sample_data[1], EVAL_SEQ_LEN=str(seq_len), EVAL_STRIDE=str(seq_len))
+    )
     return train_gpt.ValidationSet(h, train_gpt.load_tokenizer(sample_data[1], 1024))
 
 
 def test_validation_shorter_than_one_sequence(tmp_path, sample_data):
     write_shard(tmp_path / "fineweb_val_000000.bin", [1] + list(range(5, 68)))
-    with pytest.raises(train_gpt.InputError, match=r"has 64 tokens: fewer than one sequence of EVAL_SEQ_LEN=64 plus one"):
+    with pytest.raises(
+        train_gpt.InputError, match=r"has 64 tokens: fewer than one sequence of EVAL_SEQ_LEN=64 plus one"
+    ):
         validation_set(tmp_path, 64, sample_data)
 
 
@@ -97,8 +104,9 @@ def test_stream_wraps_across_shards(tmp_path):
 def test_ranks_take_disjoint_spans_of_the_same_block(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", list(range(100)))
     files = train_gpt.shard_files(str(tmp_path), "train")
-    batches = [train_gpt.DistributedTokenLoader(files, 1024, r, 2, torch.device("cpu")).next_batch(8, 4)
-               for r in range(2)]
+    batches = [
+        train_gpt.DistributedTokenLoader(files, 1024, r, 2, torch.device("cpu")).next_batch(8, 4) for r in range(2)
+    ]
     (x0, y0, _), (x1, y1, _) = batches
     assert x0.flatten().tolist() == list(range(0, 8)) and y0.flatten().tolist() == list(range(1, 9))
     assert x1.flatten().tolist() == list(range(9, 17)) and y1.flatten().tolist() == list(range(10, 18))
@@ -113,7 +121,9 @@ def test_script_reports_bad_input_in_one_line(tmp_path, sample_data):
     (data / "fineweb_val_000000.bin").write_bytes(_header(magic=7) + b"\0" * 6)
     result = run_script(tmp_path, {"DATA_PATH": data, "TOKENIZER_PATH": tokenizer, "RUN_ID": "bad"}, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {data / 'fineweb_val_000000.bin'}: magic 7 is not 20240520; not a challenge shard"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data / 'fineweb_val_000000.bin'}: magic 7 is not 20240520; not a challenge shard"
+    ]
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -131,6 +141,4 @@ def test_an_existing_log_is_never_appended_to(tmp_path, ranks):
 
 
 def test_real_tokenizer_vocab_check():
-    if not SHARED_TOKENIZER.is_file():
-        pytest.skip("../shared is not present")
-    assert train_gpt.load_tokenizer(str(SHARED_TOKENIZER), 1024).vocab_size() == 1024
+    assert train_gpt.load_tokenizer(str(SAMPLE_TOKENIZER), 1024).vocab_size() == 1024

@@ -1,4 +1,5 @@
-"""Environment variables: each one read once, used by the code, documented in the README, validated."""
+"""Environment variables: each one read once, used by the code, documented in docs/CONFIG.md, validated."""
+
 from __future__ import annotations
 
 import re
@@ -9,7 +10,7 @@ import train_gpt
 from conftest import REPO
 
 SOURCE = (REPO / "train_gpt.py").read_text(encoding="utf-8")
-README = (REPO / "README.md").read_text(encoding="utf-8")
+CONFIG_DOC = (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8")
 
 
 def hyperparameter_fields() -> dict[str, str]:
@@ -21,7 +22,7 @@ def hyperparameter_fields() -> dict[str, str]:
 
 
 def readme_variables() -> set[str]:
-    section = README.split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    section = CONFIG_DOC.split("## Environment variables", 1)[1].split("\n## ", 1)[0]
     names = set()
     for line in section.splitlines():
         if line.startswith("| `"):
@@ -33,7 +34,7 @@ def test_every_variable_is_read_exactly_once():
     names = train_gpt.Hyperparameters({}).env_names
     assert len(names) == len(set(names))
     assert set(names) == set(hyperparameter_fields().values())
-    outside = SOURCE.replace(SOURCE[SOURCE.index("class Hyperparameters"):SOURCE.index("# Data:")], "")
+    outside = SOURCE.replace(SOURCE[SOURCE.index("class Hyperparameters") : SOURCE.index("# Data:")], "")
     assert "os.environ" not in outside and "getenv" not in outside
 
 
@@ -47,22 +48,28 @@ def test_every_setting_is_used_by_the_code():
     assert not unused, f"read but never used: {unused}"
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"NUM_LAYERS": "eleven"}, "env NUM_LAYERS='eleven': expected an integer"),
-    ({"MATRIX_LR": "fast"}, "env MATRIX_LR='fast': expected a number"),
-    ({"LN_SCALE": "yes"}, "env LN_SCALE='yes': expected 0 or 1"),
-    ({"COMPRESSOR": "zip"}, "env COMPRESSOR='zip': expected one of lzma, zstd, brotli"),
-    ({"VE_LAYERS": "9;10"}, "env VE_LAYERS='9;10': expected comma-separated integers"),
-    ({"VE_LAYERS": "3,11"}, "env VE_LAYERS has layers [11] outside 0..10"),
-    ({"MODEL_DIM": "500"}, "env MODEL_DIM=500 is not divisible by NUM_HEADS=8"),
-    ({"NUM_KV_HEADS": "3"}, "env NUM_HEADS=8 is not divisible by NUM_KV_HEADS=3"),
-    ({"ROPE_DIMS": "7"}, "env ROPE_DIMS=7: must be even and <= head_dim=64"),
-    ({"XSA_LAST_N": "12"}, "env XSA_LAST_N=12 exceeds NUM_LAYERS=11"),
-    ({"EMA_DECAY": "1"}, "env EMA_DECAY=1.0: must be in [0, 1)"),
-    ({"ITERATIONS": "-1"}, "env ITERATIONS=-1: must be >= 0"),
-    ({"WORLD_SIZE": "3", "RANK": "0"}, "WORLD_SIZE=3: must divide 8"),
-    ({"TRAIN_BATCH_TOKENS": "1000"}, "env TRAIN_BATCH_TOKENS=1000 is not divisible by WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN=16384"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"NUM_LAYERS": "eleven"}, "env NUM_LAYERS='eleven': expected an integer"),
+        ({"MATRIX_LR": "fast"}, "env MATRIX_LR='fast': expected a number"),
+        ({"LN_SCALE": "yes"}, "env LN_SCALE='yes': expected 0 or 1"),
+        ({"COMPRESSOR": "zip"}, "env COMPRESSOR='zip': expected one of lzma, zstd, brotli"),
+        ({"VE_LAYERS": "9;10"}, "env VE_LAYERS='9;10': expected comma-separated integers"),
+        ({"VE_LAYERS": "3,11"}, "env VE_LAYERS has layers [11] outside 0..10"),
+        ({"MODEL_DIM": "500"}, "env MODEL_DIM=500 is not divisible by NUM_HEADS=8"),
+        ({"NUM_KV_HEADS": "3"}, "env NUM_HEADS=8 is not divisible by NUM_KV_HEADS=3"),
+        ({"ROPE_DIMS": "7"}, "env ROPE_DIMS=7: must be even and <= head_dim=64"),
+        ({"XSA_LAST_N": "12"}, "env XSA_LAST_N=12 exceeds NUM_LAYERS=11"),
+        ({"EMA_DECAY": "1"}, "env EMA_DECAY=1.0: must be in [0, 1)"),
+        ({"ITERATIONS": "-1"}, "env ITERATIONS=-1: must be >= 0"),
+        ({"WORLD_SIZE": "3", "RANK": "0"}, "WORLD_SIZE=3: must divide 8"),
+        (
+            {"TRAIN_BATCH_TOKENS": "1000"},
+            "env TRAIN_BATCH_TOKENS=1000 is not divisible by WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN=16384",
+        ),
+    ],
+)
 def test_bad_values_are_named(env, message):
     with pytest.raises(train_gpt.InputError) as error:
         train_gpt.Hyperparameters(env)
@@ -72,8 +79,20 @@ def test_bad_values_are_named(env, message):
 def test_record_defaults():
     h = train_gpt.Hyperparameters({})
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (11, 512, 8, 4, 3.0)
-    assert (h.train_batch_tokens, h.train_seq_len, h.warmdown_iters, h.max_wallclock_seconds) == (786432, 2048, 3500, 600)
-    assert (h.matrix_lr, h.scalar_lr, h.tied_embed_lr, h.muon_wd, h.adam_wd, h.grad_clip_norm) == (0.025, 0.025, 0.035, 0.04, 0.04, 0.3)
+    assert (h.train_batch_tokens, h.train_seq_len, h.warmdown_iters, h.max_wallclock_seconds) == (
+        786432,
+        2048,
+        3500,
+        600,
+    )
+    assert (h.matrix_lr, h.scalar_lr, h.tied_embed_lr, h.muon_wd, h.adam_wd, h.grad_clip_norm) == (
+        0.025,
+        0.025,
+        0.035,
+        0.04,
+        0.04,
+        0.3,
+    )
     assert (h.bigram_vocab_size, h.ve_layers, h.xsa_last_n, h.rope_dims, h.ema_decay) == (1536, [9, 10], 4, 16, 0.997)
     assert h.grad_accum_steps == 8 and not h.distributed
 

@@ -1,5 +1,6 @@
 """Evaluation that cannot cheat: the window plan, sliding = plain at stride = L, the TTT ledger and audit,
 the budget guard, frozen blocks and eval-only reruns."""
+
 from __future__ import annotations
 
 import re
@@ -10,11 +11,12 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import TINY_ENV, parse_metric, read_log, run_script, tiny_hyperparameters
+from conftest import TINY_ENV, parse_metric, read_log, run_script
 
 
-@pytest.mark.parametrize("num_targets, seq_len, stride", [(640, 64, 16), (640, 64, 64), (700, 64, 16), (64, 64, 8),
-                                                          (1000, 128, 64)])
+@pytest.mark.parametrize(
+    "num_targets, seq_len, stride", [(640, 64, 16), (640, 64, 64), (700, 64, 16), (64, 64, 8), (1000, 128, 64)]
+)
 def test_every_target_scored_exactly_once(num_targets, seq_len, stride):
     plan = train_gpt.SlidingWindows(num_targets, seq_len, stride)
     counts = np.zeros(num_targets, dtype=int)
@@ -51,13 +53,13 @@ def tiny_setup(tmp_path, monkeypatch, num_tokens=64 * 12 + 1, **overrides):
 
 def test_sliding_equals_plain_evaluation_at_stride_equal_window(tmp_path, monkeypatch):
     run, model, tokens = tiny_setup(tmp_path, monkeypatch)
-    loss, bpb = train_gpt.evaluate(model, run, tokens, stride=64)
+    loss, bpb = train_gpt.evaluate(model, run, tokens, stride=64)[:2]
     ids = torch.from_numpy(tokens.tokens.astype(np.int64))
     with torch.no_grad():
         plain = model(ids[:-1].view(-1, 64), ids[1:].view(-1, 64), reduction="none")
     assert loss == pytest.approx(plain.mean().item(), abs=1e-6)
     assert bpb == pytest.approx(plain.mean().item() / np.log(2) / 3, abs=1e-6)
-    sliding_loss, _ = train_gpt.evaluate(model, run, tokens, stride=16)
+    sliding_loss = train_gpt.evaluate(model, run, tokens, stride=16).val_loss
     assert sliding_loss != loss  # more context per target changes the score
 
 
@@ -78,7 +80,7 @@ def time_now():
 def test_legal_ttt_scores_everything_once_and_trains_all_but_the_last_chunk(tmp_path, monkeypatch, optimizer):
     run, model, tokens, ttt = ttt_setup(tmp_path, monkeypatch, TTT_OPTIMIZER=optimizer, TTT_LR_MULTS="1,1,0.5,3")
     before = model.mlp_down_bank.detach().clone()
-    loss, bpb, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
+    loss, bpb, _, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
     assert ttt.num_chunks == 6 and summary == "chunks=6 tokens_scored=768 tokens_trained=640"
     assert not torch.equal(before, model.mlp_down_bank)
     for chunk in range(5):
@@ -92,8 +94,11 @@ def test_audit_stops_training_before_scoring(tmp_path, monkeypatch, optimizer):
     run, model, tokens, ttt = ttt_setup(tmp_path, monkeypatch, TTT_OPTIMIZER=optimizer)
     before = [p.detach().clone() for p in model.parameters()]
     illegal = [("score", 0), ("train", 0), ("train", 1), ("score", 1)]
-    with pytest.raises(train_gpt.IllegalTestTimeTraining, match=r"chunk 1: an update would train on targets \[128, 256\) "
-                                                                r"but target 128 has not been scored"):
+    with pytest.raises(
+        train_gpt.IllegalTestTimeTraining,
+        match=r"chunk 1: an update would train on targets \[128, 256\) "
+        r"but target 128 has not been scored",
+    ):
         ttt.run_schedule(illegal)
     # The illegal update was refused before it happened: only chunk 0's legal training changed the weights.
     replay_run, replay_model, replay_tokens, replay = ttt_setup(tmp_path, monkeypatch, TTT_OPTIMIZER=optimizer)
@@ -113,12 +118,15 @@ def test_audit_catches_double_scoring(tmp_path, monkeypatch):
 
 def test_budget_guard_stops_training_but_scores_every_token(tmp_path, monkeypatch):
     run, model, tokens, ttt = ttt_setup(tmp_path, monkeypatch, EVAL_BUDGET_SECONDS=0)
-    loss, bpb, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
+    loss, bpb, _, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
     assert summary == "chunks=6 tokens_scored=768 tokens_trained=0"
     log = (tmp_path / "logs" / "unit.txt").read_text()
-    assert re.search(r"ttt_budget: stopping training at chunk 1/6, scoring the remaining 5 chunks as is: .* > "
-                     r"EVAL_BUDGET_SECONDS=0; every target is still scored", log)
-    plain_loss, _ = train_gpt.evaluate(model, run, tokens, stride=16)
+    assert re.search(
+        r"ttt_budget: stopping training at chunk 1/6, scoring the remaining 5 chunks as is: .* > "
+        r"EVAL_BUDGET_SECONDS=0; every target is still scored",
+        log,
+    )
+    plain_loss = train_gpt.evaluate(model, run, tokens, stride=16).val_loss
     assert loss == pytest.approx(plain_loss, abs=1e-6)  # untrained TTT is exactly the sliding evaluation
 
 
@@ -127,8 +135,11 @@ def test_freeze_reaches_the_bank_slices(tmp_path, monkeypatch):
     n = model.num_layers
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
-    for bank_name, frozen_rows, free_rows in (("qo_bank", [0, 1, n, n + 1], [2, 3, n + 2]), ("mlp_up_bank", [0, 1], [2, 3]),
-                                              ("kv_bank", [0, 1, n, n + 1], [2, 3, n + 3])):
+    for bank_name, frozen_rows, free_rows in (
+        ("qo_bank", [0, 1, n, n + 1], [2, 3, n + 2]),
+        ("mlp_up_bank", [0, 1], [2, 3]),
+        ("kv_bank", [0, 1, n, n + 1], [2, 3, n + 3]),
+    ):
         bank = dict(model.named_parameters())[bank_name]
         assert torch.equal(bank[frozen_rows], before[bank_name][frozen_rows]), bank_name
         assert not torch.equal(bank[free_rows], before[bank_name][free_rows]), bank_name
@@ -150,7 +161,7 @@ def test_frozen_blocks_train_on_every_chunk_despite_a_slow_first_chunk(tmp_path,
         score(chunk)
 
     ttt.score = slow_first_score
-    _, _, summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks))
+    summary = ttt.run_schedule(train_gpt.score_first_schedule(ttt.num_chunks)).audit
     assert summary == "chunks=6 tokens_scored=768 tokens_trained=640"  # every chunk but the last
     assert all(p.requires_grad for p in model.parameters())
     log = tmp_path / "logs" / "unit.txt"
@@ -178,16 +189,26 @@ def test_eval_graphs_are_primed_on_random_tokens_without_touching_the_weights(tm
     batch = run.window_batch
     # Scoring at both scored widths (L for window 0 and the plain pass, the stride after), then TTT's shapes:
     # 4 sequences per chunk in steps of 3 global sequences -> 3 and 1 on one rank.
-    assert shapes == [(False, True, (batch, 64), 16), (False, True, (batch, 64), 64),
-                      (True, False, (1, 64), 64), (True, False, (3, 64), 64)]
+    assert shapes == [
+        (False, True, (batch, 64), 16),
+        (False, True, (batch, 64), 64),
+        (True, False, (1, 64), 64),
+        (True, False, (3, 64), 64),
+    ]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters()) and not model.training
 
 
 def test_end_to_end_with_ttt_and_eval_only_rerun(tmp_path, sample_data):
     dataset, tokenizer = sample_data
-    env = dict(TINY_ENV, EVAL_STRIDE=16, TTT_CHUNK_TOKENS=16384, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer,
-               ARTIFACT_PATH="model.ptz")
+    env = dict(
+        TINY_ENV,
+        EVAL_STRIDE=16,
+        TTT_CHUNK_TOKENS=16384,
+        DATA_PATH=dataset,
+        TOKENIZER_PATH=tokenizer,
+        ARTIFACT_PATH="model.ptz",
+    )
     trained = run_script(tmp_path, dict(env, RUN_ID="train"), timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     log = read_log(tmp_path, "train")
@@ -213,6 +234,11 @@ def test_end_to_end_with_ttt_and_eval_only_rerun(tmp_path, sample_data):
 
 def test_eval_only_needs_an_artifact(tmp_path, sample_data):
     dataset, tokenizer = sample_data
-    result = run_script(tmp_path, dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, EVAL_ONLY=1,
-                                       ARTIFACT_PATH="missing.ptz", RUN_ID="x"), timeout=120)
+    result = run_script(
+        tmp_path,
+        dict(
+            TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, EVAL_ONLY=1, ARTIFACT_PATH="missing.ptz", RUN_ID="x"
+        ),
+        timeout=120,
+    )
     assert result.returncode == 2 and "missing.ptz: EVAL_ONLY=1 needs an existing artifact" in result.stderr

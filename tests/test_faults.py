@@ -1,10 +1,10 @@
-"""Faults during a run (README "When a run goes wrong"): a diverged loss, a dead or hung rank, SIGINT/SIGTERM,
+"""Faults during a run (docs/RUNNING.md): a diverged loss, a dead or hung rank, SIGINT/SIGTERM,
 inputs checked before the clock, and a non-finite score. Each test provokes the fault and checks the message, the
 exit status, what is on disk afterwards and, for ranks, that nothing waits past its bound."""
+
 from __future__ import annotations
 
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -37,10 +37,23 @@ def launch(cwd: Path, env: dict, ranks: int = 1) -> list[subprocess.Popen]:
     for rank in range(ranks):
         full = dict(clean_environment(), **env, OMP_NUM_THREADS="1")
         if ranks > 1:
-            full.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port))
-        processes.append(subprocess.Popen([sys.executable, str(REPO / "train_gpt.py")], cwd=cwd, env=full,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            full.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(ranks),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "train_gpt.py")],
+                cwd=cwd,
+                env=full,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return processes
 
 
@@ -62,18 +75,23 @@ def wait_for_step(cwd: Path, run_id: str, step: int, timeout: float = 240):
 def test_a_diverged_loss_stops_the_run_without_an_artifact(tmp_path, sample_data):
     result = run_script(tmp_path, tiny_env(sample_data, MATRIX_LR=1e30, ITERATIONS=40, RUN_ID="nan"), timeout=300)
     assert result.returncode == train_gpt.EXIT_NONFINITE == 4
-    assert "error: training diverged: the loss is not finite at step 2 on some rank (the last finite loss was " \
-           in result.stderr
+    assert (
+        "error: training diverged: the loss is not finite at step 2 on some rank (the last finite loss was "
+        in result.stderr
+    )
     log = read_log(tmp_path, "nan")
     steps = [int(line.split("/")[0][5:]) for line in log.splitlines() if line.startswith("step:")]
     assert max(steps) <= 2 + train_gpt.WATCH_LAG  # stopped within the watch's lag, not after 40 steps
     assert not (tmp_path / "final_model.int6.ptz").exists() and "val_bpb:nan" not in run_part(log)
-    assert log.splitlines()[-2].startswith("error: training diverged") and log.splitlines()[-1].startswith("log_sha256:")
+    assert log.splitlines()[-2].startswith("error: training diverged") and log.splitlines()[-1].startswith(
+        "log_sha256:"
+    )
 
 
 def test_a_diverged_loss_stops_every_rank_at_the_same_step(tmp_path, sample_data):
-    result = run_script(tmp_path, tiny_env(sample_data, MATRIX_LR=1e30, ITERATIONS=40, RUN_ID="nan2"), nproc=2,
-                        timeout=300)
+    result = run_script(
+        tmp_path, tiny_env(sample_data, MATRIX_LR=1e30, ITERATIONS=40, RUN_ID="nan2"), nproc=2, timeout=300
+    )
     assert result.returncode != 0 and "training diverged: the loss is not finite at step 2" in result.stderr
     assert not (tmp_path / "final_model.int6.ptz").exists()
     assert "error: training diverged" in read_log(tmp_path, "nan2")
@@ -114,8 +132,9 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, sample_data):
 def test_a_dead_or_hung_rank_ends_the_run_within_the_timeout(tmp_path, sample_data, fault):
     """SIGKILL: the survivor's next collective fails at once; SIGSTOP (a hang): it fails after
     COLLECTIVE_TIMEOUT_SECONDS. Either way rank 0 leaves with status 5 and says why."""
-    processes = launch(tmp_path, tiny_env(sample_data, ITERATIONS=5000, RUN_ID="dead",
-                                          COLLECTIVE_TIMEOUT_SECONDS=6), ranks=2)
+    processes = launch(
+        tmp_path, tiny_env(sample_data, ITERATIONS=5000, RUN_ID="dead", COLLECTIVE_TIMEOUT_SECONDS=6), ranks=2
+    )
     wait_for_step(tmp_path, "dead", 3)
     started = time.time()
     processes[1].send_signal(fault)
@@ -134,8 +153,9 @@ def test_a_dead_or_hung_rank_ends_the_run_within_the_timeout(tmp_path, sample_da
 def test_a_long_export_does_not_time_out_the_waiting_ranks(tmp_path, sample_data):
     """Rank 0's export outlasts COLLECTIVE_TIMEOUT_SECONDS (5 s here; MIXED_PRECISION took 94 s on the H200): rank 1
     waits on the long gloo group and the run ends normally (on the default group it died with exit 5)."""
-    env = tiny_env(sample_data, ITERATIONS=3, RUN_ID="slow_export", COLLECTIVE_TIMEOUT_SECONDS=5, TTT_ENABLED=0,
-                   OMP_NUM_THREADS=1)
+    env = tiny_env(
+        sample_data, ITERATIONS=3, RUN_ID="slow_export", COLLECTIVE_TIMEOUT_SECONDS=5, TTT_ENABLED=0, OMP_NUM_THREADS=1
+    )
     result = run_script(tmp_path, env, nproc=2, timeout=300, script=REPO / "tests" / "slow_export_worker.py")
     assert result.returncode == 0, result.stderr[-3000:]
     log = read_log(tmp_path, "slow_export")
@@ -157,8 +177,11 @@ def test_inputs_are_checked_before_the_clock_starts(tmp_path, sample_data):
     assert result.returncode == 2 and "fineweb_train_000001.bin: header says 3 tokens" in result.stderr
     assert "step:" not in run_part(read_log(tmp_path, "shard"))
     (tmp_path / "occupied").write_text("a file where a directory should be")
-    result = run_script(tmp_path, tiny_env(sample_data, ARTIFACT_PATH=tmp_path / "occupied" / "model.ptz",
-                                           RUN_ID="unwritable"), timeout=300)
+    result = run_script(
+        tmp_path,
+        tiny_env(sample_data, ARTIFACT_PATH=tmp_path / "occupied" / "model.ptz", RUN_ID="unwritable"),
+        timeout=300,
+    )
     assert result.returncode == 2 and "env ARTIFACT_PATH=" in result.stderr and "cannot write in" in result.stderr
     assert "step:" not in run_part(read_log(tmp_path, "unwritable"))
 

@@ -1,6 +1,7 @@
 """The leaderboard's techniques past the seeds (#1204-#1855) and PRESET=frontier: identity at init, the recurrence
 order, the lane algebra, the optimizer formulas against direct computations, LQER's error, the shuffled loader
-(gap_specs.md sections 3.11-3.17 and 3.22; frontier.md A.3)."""
+(#1855's code and the PRs it builds on)."""
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import TINY_ENV, read_log, run_script, tiny_hyperparameters
+from conftest import TINY_ENV, assert_final_score, read_log, run_script, tiny_hyperparameters
 
 
 def tiny_model(seed=0, **overrides):
@@ -105,8 +106,11 @@ def test_gate_formulas_and_the_dense_gate_draws_last():
         with torch.no_grad():
             gate.weight.normal_()
         logits = x[..., :width] @ gate.weight.T
-        expected = {"attn_out": 2 * torch.sigmoid(logits), "sparse": torch.sigmoid(0.5 * logits),
-                    "dense": torch.sigmoid(logits)}[kind]
+        expected = {
+            "attn_out": 2 * torch.sigmoid(logits),
+            "sparse": torch.sigmoid(0.5 * logits),
+            "dense": torch.sigmoid(logits),
+        }[kind]
         assert torch.allclose(gate(x)[..., 0], expected, atol=1e-6)
     plain, dense = tiny_model(), tiny_model(ATTN_OUT_GATE="dense")
     for name, value in plain.state_dict().items():
@@ -203,8 +207,18 @@ def test_looped_forward_runs_the_shared_blocks_in_order_and_records_physical_lay
 
 def test_looping_switches_on_at_its_training_fraction_and_for_evaluation(tmp_path, sample_data):
     dataset, tokenizer = sample_data
-    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="loop", NUM_LOOPS=1, LOOP_START=1,
-               LOOP_END=2, ENABLE_LOOPING_AT=0.5, TTT_ENABLED=0, ITERATIONS=8)
+    env = dict(
+        TINY_ENV,
+        DATA_PATH=dataset,
+        TOKENIZER_PATH=tokenizer,
+        RUN_ID="loop",
+        NUM_LOOPS=1,
+        LOOP_START=1,
+        LOOP_END=2,
+        ENABLE_LOOPING_AT=0.5,
+        TTT_ENABLED=0,
+        ITERATIONS=8,
+    )
     result = run_script(tmp_path, env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = read_log(tmp_path, "loop")
@@ -213,12 +227,14 @@ def test_looping_switches_on_at_its_training_fraction_and_for_evaluation(tmp_pat
 
 # ---------------------------------------------------------------------------------------------------- optimizer
 
-# gap_specs.md section 3.2b, #1855 L1720-1748, written out again here
-FRONTIER_TUPLES = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
-                   (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-                   (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-                   (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-                   (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+# #1855's train_gpt.py L1720-1748, written out again here
+FRONTIER_TUPLES = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
 
 
 def test_polar_express_steps_equal_a_direct_float64_computation():
@@ -230,8 +246,9 @@ def test_polar_express_steps_equal_a_direct_float64_computation():
         x = a * x + (b * gram + c * gram @ gram) @ x
     assert torch.allclose(train_gpt.polar_express_orthogonalize(g, 5, eps=0.0), x, atol=1e-10)
     tall = torch.randn(40, 24, dtype=torch.float64)  # transposed internally: same as orthogonalizing tall^T
-    assert torch.allclose(train_gpt.polar_express_orthogonalize(tall, 5),
-                          train_gpt.polar_express_orthogonalize(tall.T, 5).T, atol=1e-10)
+    assert torch.allclose(
+        train_gpt.polar_express_orthogonalize(tall, 5), train_gpt.polar_express_orthogonalize(tall.T, 5).T, atol=1e-10
+    )
     sigma = torch.linalg.svdvals(train_gpt.polar_express_orthogonalize(torch.randn(64, 128), 5))
     assert sigma.min() > 0.6 and sigma.max() < 1.3  # close to orthogonal after 5 steps
 
@@ -241,8 +258,9 @@ def test_muon_eq_r_normalizes_rows_before_newton_schulz():
     bank = torch.nn.Parameter(torch.randn(2, 16, 32))
     bank.grad = torch.randn(2, 16, 32)
     start, grad = bank.detach().clone(), bank.grad.clone()
-    muon = train_gpt.BankMuon([bank], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0,
-                              comm_dtype=torch.float32, eq_r=True)
+    muon = train_gpt.BankMuon(
+        [bank], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0, comm_dtype=torch.float32, eq_r=True
+    )
     muon.step()
     nesterov = grad + 0.9 * grad  # buffer = grad after one step
     rows = nesterov / nesterov.norm(dim=-1, keepdim=True)
@@ -262,9 +280,16 @@ def test_wd_taper_schedule_and_its_use_in_the_step():
 
 
 def test_frontier_optimizer_groups_take_the_records_decays_and_rates():
-    h = train_gpt.Hyperparameters({"PRESET": "frontier", **{k: v for k, v in TINY_ENV.items()
-                                                           if k not in ("XSA_LAST_N",)},
-                                   "XSA_LAST_N": "4", "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_START_LAYER": "2"})
+    h = train_gpt.Hyperparameters(
+        {
+            "PRESET": "frontier",
+            **{k: v for k, v in TINY_ENV.items() if k not in ("XSA_LAST_N",)},
+            "XSA_LAST_N": "4",
+            "LOOP_START": "1",
+            "LOOP_END": "2",
+            "PARALLEL_START_LAYER": "2",
+        }
+    )
     model = train_gpt.GPT(h)
     token_adam, muon, scalar_adam = train_gpt.build_optimizers(model, h, torch.float32, fused=False)
     assert token_adam.param_groups[0]["weight_decay"] == 0.085 and token_adam.param_groups[0]["lr"] == 0.03
@@ -281,8 +306,11 @@ def test_lqer_factor_ranges_and_a_smaller_error_than_plain_quantization():
     torch.manual_seed(0)
     h = tiny_hyperparameters(LQER_TOP_K=2, LQER_RANK=4)
     weight = torch.randn(96, 128) + 3.0 * torch.randn(96, 4) @ torch.randn(4, 128) / 4  # low-rank structure
-    state = {"blocks.0.mlp.up": weight, "blocks.1.mlp.up": 0.01 * torch.randn(96, 128),
-             "blocks.0.attn.q": torch.randn(64, 64)}
+    state = {
+        "blocks.0.mlp.up": weight,
+        "blocks.1.mlp.up": 0.01 * torch.randn(96, 128),
+        "blocks.0.attn.q": torch.randn(64, 64),
+    }
     tensors, schemes = train_gpt.quantize_state(state, h)
     plain = train_gpt.dequantize_state(tensors, schemes)
     chosen = train_gpt.add_lqer_corrections(state, tensors, schemes, h)
@@ -329,8 +357,10 @@ def test_shuffled_loader_draws_whole_sequences_without_repeats(tmp_path):
         seen.update(int(v) for v in inputs[:, 0])
     assert len(seen) == 16  # no sequence twice within a pass
     again = train_gpt.ShuffledSequenceLoader(files, 4096, 0, 2, torch.device("cpu"), seed=7)
-    assert torch.equal(again.next_batch(128, 32)[0],
-                       train_gpt.ShuffledSequenceLoader(files, 4096, 0, 2, torch.device("cpu"), seed=7).next_batch(128, 32)[0])
+    assert torch.equal(
+        again.next_batch(128, 32)[0],
+        train_gpt.ShuffledSequenceLoader(files, 4096, 0, 2, torch.device("cpu"), seed=7).next_batch(128, 32)[0],
+    )
     write_shard(files[0], [5000] * 999)
     with pytest.raises(train_gpt.InputError, match="VOCAB_SIZE"):
         train_gpt.ShuffledSequenceLoader(files[:1], 4096, 0, 1, torch.device("cpu"), seed=7).next_batch(128, 32)
@@ -340,17 +370,56 @@ def test_shuffled_loader_draws_whole_sequences_without_repeats(tmp_path):
 
 
 FRONTIER_1855 = {
-    "mlp_mult": 4.0, "xsa_last_n": 11, "qk_gain_init": 5.25, "skip_gates_enabled": True, "smear_gate": "input",
-    "smear_bos_mask": True, "attn_out_gate": "sparse", "sparse_attn_gate_scale": 0.5,
-    "parallel_residual": "two_lane", "parallel_start_layer": 8, "num_loops": 2, "loop_start": 3, "loop_end": 5,
-    "enable_looping_at": 0.35, "muon_ns": "polar_express", "muon_backend_steps": 5, "muon_eq_r": True,
-    "matrix_lr": 0.026, "muon_wd": 0.095, "muon_momentum": 0.97, "muon_momentum_warmup_start": 0.92,
-    "muon_momentum_warmup_steps": 1500, "tied_embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02,
-    "adam_wd": 0.02, "beta1": 0.9, "beta2": 0.99, "grad_clip_norm": 0.3, "warmdown_frac": 0.85, "lr_floor": 0.1,
-    "wd_taper_start": 0.7, "wd_taper_final": 0.5, "ema_decay": 0.9965, "quant": "gptq", "quant_bits_mlp": 6,
-    "quant_bits_attn": 6, "quant_bits_embed": 7, "quant_bits_tables": 7, "quant_clip_sigmas_mlp": 11.5, "quant_clip_sigmas_attn": 13.0,
-    "lqer_top_k": 3, "lqer_rank": 4, "compressor": "brotli", "byte_shuffle": True, "gptq_calib_batches": 16,
-    "train_batch_tokens": 786_432, "train_seq_len": 2048, "rope_dims": 16, "logit_softcap": 30.0,
+    "mlp_mult": 4.0,
+    "xsa_last_n": 11,
+    "qk_gain_init": 5.25,
+    "skip_gates_enabled": True,
+    "smear_gate": "input",
+    "smear_bos_mask": True,
+    "attn_out_gate": "sparse",
+    "sparse_attn_gate_scale": 0.5,
+    "parallel_residual": "two_lane",
+    "parallel_start_layer": 8,
+    "num_loops": 2,
+    "loop_start": 3,
+    "loop_end": 5,
+    "enable_looping_at": 0.35,
+    "muon_ns": "polar_express",
+    "muon_backend_steps": 5,
+    "muon_eq_r": True,
+    "matrix_lr": 0.026,
+    "muon_wd": 0.095,
+    "muon_momentum": 0.97,
+    "muon_momentum_warmup_start": 0.92,
+    "muon_momentum_warmup_steps": 1500,
+    "tied_embed_lr": 0.03,
+    "embed_wd": 0.085,
+    "scalar_lr": 0.02,
+    "adam_wd": 0.02,
+    "beta1": 0.9,
+    "beta2": 0.99,
+    "grad_clip_norm": 0.3,
+    "warmdown_frac": 0.85,
+    "lr_floor": 0.1,
+    "wd_taper_start": 0.7,
+    "wd_taper_final": 0.5,
+    "ema_decay": 0.9965,
+    "quant": "gptq",
+    "quant_bits_mlp": 6,
+    "quant_bits_attn": 6,
+    "quant_bits_embed": 7,
+    "quant_bits_tables": 7,
+    "quant_clip_sigmas_mlp": 11.5,
+    "quant_clip_sigmas_attn": 13.0,
+    "lqer_top_k": 3,
+    "lqer_rank": 4,
+    "compressor": "brotli",
+    "byte_shuffle": True,
+    "gptq_calib_batches": 16,
+    "train_batch_tokens": 786_432,
+    "train_seq_len": 2048,
+    "rope_dims": 16,
+    "logit_softcap": 30.0,
 }
 
 
@@ -358,16 +427,30 @@ def test_frontier_preset_has_the_1855_stacks_values():
     h = train_gpt.Hyperparameters({"PRESET": "frontier"})
     assert {k: getattr(h, k) for k in FRONTIER_1855} == FRONTIER_1855
     assert h.late_qat_threshold == 0  # #1218 removed QAT; LR_FLOOR 0.1 < 0.15 would otherwise switch it on
-    for preset, dataset in (("frontier_sp8192", "fineweb10B_sp8192"),
-                            ("frontier_caseops", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")):
+    for preset, dataset in (
+        ("frontier_sp8192", "fineweb10B_sp8192"),
+        ("frontier_caseops", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"),
+    ):
         h = train_gpt.Hyperparameters({"PRESET": preset})
         assert {k: getattr(h, k) for k in FRONTIER_1855} == FRONTIER_1855 and h.vocab_size == 8192
         assert h.bigram_vocab_size == 0 and not h.ve_enabled and h.data_path == f"./data/datasets/{dataset}"
 
 
-FRONTIER_TINY = dict(PRESET="frontier", XSA_LAST_N=4, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3,
-                     QUANT_BITS_EMBED=7, GPTQ_CALIB_BATCHES=2, LQER_TOP_K=2,
-                     TTT_LORA_BATCH=8, TTT_LORA_CONTEXT=64, TTT_LORA_RANK=4, TTT_PHASE_FRACTION=0.5, TTT_BATCH_SEQS=4)
+FRONTIER_TINY = dict(
+    PRESET="frontier",
+    XSA_LAST_N=4,
+    LOOP_START=1,
+    LOOP_END=2,
+    PARALLEL_START_LAYER=3,
+    QUANT_BITS_EMBED=7,
+    GPTQ_CALIB_BATCHES=2,
+    LQER_TOP_K=2,
+    TTT_LORA_BATCH=8,
+    TTT_LORA_CONTEXT=64,
+    TTT_LORA_RANK=4,
+    TTT_PHASE_FRACTION=0.5,
+    TTT_BATCH_SEQS=4,
+)
 
 
 def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample_data):
@@ -378,8 +461,16 @@ def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample
     from conftest import REPO
 
     dataset, tokenizer = sample_data
-    env = dict(TINY_ENV, **FRONTIER_TINY, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="frontier",
-               ITERATIONS=8, OMP_NUM_THREADS=1, TTT_CHUNK_TOKENS=16384)
+    env = dict(
+        TINY_ENV,
+        **FRONTIER_TINY,
+        DATA_PATH=dataset,
+        TOKENIZER_PATH=tokenizer,
+        RUN_ID="frontier",
+        ITERATIONS=8,
+        OMP_NUM_THREADS=1,
+        TTT_CHUNK_TOKENS=16384,
+    )
     result = run_script(tmp_path, env, nproc=2, timeout=400, script=REPO / "tests" / "varlen_worker.py")
     assert result.returncode == 0, result.stderr[-3000:]
     stats = re.search(r"varlen_calls:(\d+) max_sequences:(\d+) max_real:(\d+)", result.stdout)
@@ -394,15 +485,14 @@ def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample
     assert len(re.findall(r"^  ttt_phase \[\d/3\] docs=\d+ rows=\d+ ", log, re.M)) == 3
     assert re.search(r"^legal_ttt_tilt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
     assert re.search(r"^ttt_audit ok: ", log, re.M)
+    assert_final_score(log, "legal_ttt_tilt")  # LoRA TTT with the tilt: the tilted pass is the score
 
 
 def record_caseops_cut(folder, documents: int = 20):
-    """The record's CaseOps export (../shared) with its validation shard and sidecar cut to the first documents."""
+    """The record's CaseOps export (data/fineweb_sample) with its validation shard and sidecar cut to the first documents."""
     import build_sample
     from conftest import RECORD_CASEOPS_DATASET, RECORD_CASEOPS_TOKENIZER
 
-    if not (RECORD_CASEOPS_DATASET.is_dir() and RECORD_CASEOPS_TOKENIZER.is_file()):
-        pytest.skip("../shared's record CaseOps export is not present")
     folder.mkdir()
     tokens = train_gpt.load_data_shard(RECORD_CASEOPS_DATASET / "fineweb_val_000000.bin", 8192)
     entries = train_gpt.load_data_shard(RECORD_CASEOPS_DATASET / "fineweb_val_bytes_000000.bin", 1 << 16)
@@ -418,17 +508,26 @@ def test_frontier_caseops_trains_and_evaluates_on_the_records_export(tmp_path):
     validation documents, with its normalizing tokenizer: the audit accepts it, logging counted (sidecar) and
     decoded totals, and the phased LoRA TTT with the tilt scores every target."""
     dataset, tokenizer, original_bytes = record_caseops_cut(tmp_path / "data")
-    env = dict(TINY_ENV, **dict(FRONTIER_TINY, PRESET="frontier_caseops"), DATA_PATH=dataset,
-               TOKENIZER_PATH=tokenizer, RUN_ID="caseops", ITERATIONS=4, TTT_CHUNK_TOKENS=16384)
+    env = dict(
+        TINY_ENV,
+        **dict(FRONTIER_TINY, PRESET="frontier_caseops"),
+        DATA_PATH=dataset,
+        TOKENIZER_PATH=tokenizer,
+        RUN_ID="caseops",
+        ITERATIONS=4,
+        TTT_CHUNK_TOKENS=16384,
+    )
     result = run_script(tmp_path, env, timeout=500)
     assert result.returncode == 0, result.stderr[-3000:]
     log = read_log(tmp_path, "caseops")
-    audit = re.search(r"^val_bytes:sidecar counted:(\d+) decoded:(\d+) documents:20 .* normalized_documents:(\d+)", log,
-                      re.M)
+    audit = re.search(
+        r"^val_bytes:sidecar counted:(\d+) decoded:(\d+) documents:20 .* normalized_documents:(\d+)", log, re.M
+    )
     assert audit and int(audit[1]) == original_bytes and int(audit[2]) != original_bytes
     assert re.search(r"^ttt:start mode=lora order=length documents=20 ", log, re.M)
     assert re.search(r"^ngram_tilt: order:scoring ", log, re.M) and "ngram_tilt: order:stream" not in log
     assert re.search(r"^legal_ttt_tilt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
+    assert_final_score(log, "legal_ttt_tilt")
 
 
 # ---------------------------------------------------------------------------------------------------- lrzip groups
@@ -555,12 +654,12 @@ def test_document_segments_of_real_batches_fit_the_first_buckets(sample_data):
 
     tokens = train_gpt.load_data_shard(Path(sample_data[0]) / "fineweb_train_000000.bin", 1024).astype(np.int64)
     for start in range(0, 20 * 2048, 2048):
-        batch = tokens[start:start + 2048].reshape(8, 256)
+        batch = tokens[start : start + 2048].reshape(8, 256)
         segments = train_gpt.document_segments(batch)
         real = 8 + int(np.count_nonzero(batch[:, 1:] == train_gpt.BOS_ID))
         assert len(segments) - 1 == 8 + 64 and varlen_standin.check_contract(torch.from_numpy(segments), 2048)
         assert len(varlen_standin.check_contract(torch.from_numpy(segments), 2048)) - 1 == real
-    challenge = tokens[:48 * 2048].reshape(48, 2048)  # a rank's batch at the challenge's shape (98,304 tokens)
+    challenge = tokens[: 48 * 2048].reshape(48, 2048)  # a rank's batch at the challenge's shape (98,304 tokens)
     segments = train_gpt.document_segments(challenge)
     assert len(segments) - 1 <= 48 + 512 and varlen_standin.check_contract(torch.from_numpy(segments), 48 * 2048)
     assert challenge.size > varlen_standin.MAX_SEQUENCES  # a segment per token (before) broke the kernel's grid

@@ -2,6 +2,7 @@
 before p, in every evaluation pass (sliding window, plain, score-first SGD TTT), with and without document
 isolation; and with DOC_ISOLATION a document's outputs do not depend on any other document. Scores are captured
 per target from the one scoring function every pass shares."""
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,17 @@ def per_target_scores(monkeypatch):
 def setup(tmp_path, monkeypatch, tokens: np.ndarray, **overrides):
     tmp_path.mkdir(exist_ok=True)
     monkeypatch.chdir(tmp_path)
-    env = dict(TINY_ENV, DATA_PATH="unused", TOKENIZER_PATH="unused", RUN_ID="legality", EVAL_STRIDE="16",
-               TTT_CHUNK_TOKENS="128", TTT_EPOCHS="1", TTT_BATCH_SEQS="2", TTT_LR="0.05")
+    env = dict(
+        TINY_ENV,
+        DATA_PATH="unused",
+        TOKENIZER_PATH="unused",
+        RUN_ID="legality",
+        EVAL_STRIDE="16",
+        TTT_CHUNK_TOKENS="128",
+        TTT_EPOCHS="1",
+        TTT_BATCH_SEQS="2",
+        TTT_LR="0.05",
+    )
     env.update({k: str(v) for k, v in overrides.items()})
     run = train_gpt.RunContext(train_gpt.Hyperparameters(env))
     torch.manual_seed(0)
@@ -66,7 +76,7 @@ def original_and_perturbed(p: int, num_tokens: int = 64 * 12 + 1):
     rng = np.random.default_rng(1)
     original = rng.integers(0, 1024, num_tokens).astype(np.uint16)
     perturbed = original.copy()
-    perturbed[p + 1:] = rng.integers(0, 1024, num_tokens - p - 1)
+    perturbed[p + 1 :] = rng.integers(0, 1024, num_tokens - p - 1)
     return original, perturbed
 
 
@@ -104,7 +114,7 @@ def test_score_first_ttt_scores_ignore_the_future(tmp_path, monkeypatch, per_tar
     def ttt(model, run, val):
         trainer = train_gpt.TestTimeTrainer(model, run, val, eval_started=0.0)
         trainer.h.eval_budget_seconds = float("inf")  # no budget stop
-        _, _, summary = trainer.run_schedule(train_gpt.score_first_schedule(trainer.num_chunks))
+        summary = trainer.run_schedule(train_gpt.score_first_schedule(trainer.num_chunks)).audit
         assert summary == "chunks=6 tokens_scored=768 tokens_trained=640"
 
     before = scores_of(ttt, original, tmp_path / "a", monkeypatch, per_target_scores, TTT_OPTIMIZER=optimizer)
@@ -131,8 +141,14 @@ def test_document_isolation_hides_other_documents(isolation):
 def test_isolated_hash_embeddings_do_not_read_across_a_bos(isolation):
     """BigramHash and EngramLite with DOC_ISOLATION: changing the previous document's last two tokens changes no
     output of the next document (its BOS and first token hashed without them); without isolation it does."""
-    model = perturbed_tiny_model(DOC_ISOLATION=isolation, SMEAR_BOS_MASK=1, ENGRAM_BUCKETS=64, ENGRAM_HEADS=2,
-                                 ENGRAM_ORDERS=2, ENGRAM_DIM_PER_HEAD=4)
+    model = perturbed_tiny_model(
+        DOC_ISOLATION=isolation,
+        SMEAR_BOS_MASK=1,
+        ENGRAM_BUCKETS=64,
+        ENGRAM_HEADS=2,
+        ENGRAM_ORDERS=2,
+        ENGRAM_DIM_PER_HEAD=4,
+    )
     with torch.no_grad():
         model.engram.proj.weight.normal_(std=0.1)  # zero at init: the test needs the table to reach the output
     ids = torch.randint(4, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -145,6 +161,7 @@ def test_isolated_hash_embeddings_do_not_read_across_a_bos(isolation):
 
 
 # ---- The n-gram tilt ------------------------------------------------------------------------------------------
+
 
 def repetitive_stream(num_tokens: int = 64 * 12 + 1, seed: int = 1) -> np.ndarray:
     """Phrases that recur (so 8..16-token contexts repeat and the tilt has hints), with noise, BOS every 100."""
@@ -161,7 +178,7 @@ def perturbed_after(stream: np.ndarray, p: int, seed: int = 2) -> np.ndarray:
     """The stream changed after token p (target p - 1), its BOS positions kept (document lengths unchanged)."""
     perturbed = stream.copy()
     fresh = np.random.default_rng(seed).integers(2, 1024, len(stream) - p - 1)
-    perturbed[p + 1:] = np.where(stream[p + 1:] == train_gpt.BOS_ID, train_gpt.BOS_ID, fresh)
+    perturbed[p + 1 :] = np.where(stream[p + 1 :] == train_gpt.BOS_ID, train_gpt.BOS_ID, fresh)
     return perturbed
 
 
@@ -179,7 +196,7 @@ def test_ngram_hints_match_a_token_by_token_count():
         hint, hint_count, context_count = train_gpt.ngram_hint_counts(tokens, order)
         followers, leader = collections.defaultdict(collections.Counter), {}
         for i in range(order - 1, len(tokens) - 1):
-            context, following = tuple(tokens[i - order + 1:i + 1]), int(tokens[i + 1])
+            context, following = tuple(tokens[i - order + 1 : i + 1]), int(tokens[i + 1])
             counts = followers[context]
             assert context_count[i] == sum(counts.values())
             assert (hint[i], hint_count[i]) == (leader.get(context, (-1, 0)))
@@ -231,8 +248,17 @@ def test_tilted_scores_ignore_the_future(tmp_path, monkeypatch, per_target_score
 
 # ---- Document LoRA TTT ----------------------------------------------------------------------------------------
 
-LORA_ENV = dict(TTT_MODE="lora", TTT_LORA_CHUNK=16, TTT_LORA_CONTEXT=48, TTT_LORA_BATCH=2, TTT_LORA_RANK=4,
-                TTT_LORA_LR=0.01, TTT_PHASES=0, TTT_PHASE_LR=0.05, TTT_BATCH_SEQS=4)
+LORA_ENV = dict(
+    TTT_MODE="lora",
+    TTT_LORA_CHUNK=16,
+    TTT_LORA_CONTEXT=48,
+    TTT_LORA_BATCH=2,
+    TTT_LORA_RANK=4,
+    TTT_LORA_LR=0.01,
+    TTT_PHASES=0,
+    TTT_PHASE_LR=0.05,
+    TTT_BATCH_SEQS=4,
+)
 
 
 def test_a_fresh_lora_is_the_base_model():
@@ -259,19 +285,22 @@ def lora_pass(record_phases: list | None = None, budget: float = float("inf"), s
                 return real_train_base(docs, phase)
 
             trainer.train_base = recording_train_base
-        summary = trainer.run_schedule()[2]
+        summary = trainer.run_schedule().audit
         assert summary.startswith("chunks=")
         if summaries is not None:
             summaries.append(summary)
+
     return run_pass
 
 
 def test_lora_budget_guard_drops_every_update_and_scores_every_target(tmp_path, monkeypatch, per_target_scores):
     stream, env, summaries = repetitive_stream(), dict(LORA_ENV, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5), []
-    guarded = scores_of(lora_pass(budget=0.0, summaries=summaries), stream, tmp_path / "a", monkeypatch,
-                        per_target_scores, **env)
-    untrained = scores_of(lora_pass(), stream, tmp_path / "b", monkeypatch, per_target_scores,
-                          **dict(env, TTT_LORA_LR=0, TTT_PHASES=0))
+    guarded = scores_of(
+        lora_pass(budget=0.0, summaries=summaries), stream, tmp_path / "a", monkeypatch, per_target_scores, **env
+    )
+    untrained = scores_of(
+        lora_pass(), stream, tmp_path / "b", monkeypatch, per_target_scores, **dict(env, TTT_LORA_LR=0, TTT_PHASES=0)
+    )
     assert guarded == untrained and summaries[0].endswith("tokens_trained=0")
     log = (tmp_path / "a" / "logs" / "legality.txt").read_text()
     assert "ttt_budget: the LoRA steps and phases: elapsed" in log and "every target is still scored" in log
@@ -300,14 +329,15 @@ def test_lora_ttt_trains_and_phases_see_only_scored_documents(tmp_path, monkeypa
     batch_of = {tuple(doc): i // 2 for i, doc in enumerate(processing)}
     assert len(phases) == 1 and [tuple(d) for d in phases[0]] == [tuple(d) for d in processing[:4]]
     late = [tuple(d) for d in processing[4:]]
-    no_lora = scores_of(lora_pass(), stream, tmp_path / "b", monkeypatch, per_target_scores,
-                        **dict(env, TTT_LORA_LR=0, TTT_PHASE_LR=0))
+    no_lora = scores_of(
+        lora_pass(), stream, tmp_path / "b", monkeypatch, per_target_scores, **dict(env, TTT_LORA_LR=0, TTT_PHASE_LR=0)
+    )
     assert any(base[t] != no_lora[t] for start, end in processing[:4] for t in range(start + 16, end))  # LoRA acts
 
     def changed_documents(document):
         start, end = document
         perturbed = stream.copy()
-        perturbed[start + 1:end] = np.random.default_rng(3).integers(2, 1024, end - start - 1)
+        perturbed[start + 1 : end] = np.random.default_rng(3).integers(2, 1024, end - start - 1)
         after = scores_of(lora_pass(), perturbed, tmp_path / f"c{start}", monkeypatch, per_target_scores, **env)
         return {tuple(s) for s in spans if any(base[t] != after[t] for t in range(*s))} - {document}
 
@@ -341,15 +371,28 @@ def test_budget_guard_agrees_across_ranks_after_a_local_stop(tmp_path):
 
     from conftest import REPO, clean_environment
 
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO / "tests" / "budget_guard_worker.py")], cwd=tmp_path, env=clean_environment(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "tests" / "budget_guard_worker.py"),
+        ],
+        cwd=tmp_path,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 local:True agreed:False" in result.stdout and "rank 1 local:False agreed:False" in result.stdout
     assert "rank 0 log: ttt_budget: the phases: elapsed" in result.stdout and "(another rank over)" in result.stdout
 
 
 # ---- The tilt in the LoRA pass's own scoring order ------------------------------------------------------------
+
 
 def varied_documents_stream(lengths=(40, 120, 50, 110, 60, 100, 70, 90, 80, 30), seed: int = 1) -> np.ndarray:
     """repetitive_stream's phrases cut into documents of these lengths (BOS first): longest-first LoRA batches
@@ -395,8 +438,8 @@ def rewritten(stream: np.ndarray, document: tuple[int, int], seed: int = 3) -> n
     """The stream with one document's tokens after its BOS replaced by other phrases (lengths and BOS kept)."""
     start, end = document
     other = stream.copy()
-    other[start + 1:end] = repetitive_stream(end - start - 1 + 1, seed)[:end - start - 1]
-    other[start + 1:end][other[start + 1:end] == train_gpt.BOS_ID] = 9
+    other[start + 1 : end] = repetitive_stream(end - start - 1 + 1, seed)[: end - start - 1]
+    other[start + 1 : end][other[start + 1 : end] == train_gpt.BOS_ID] = 9
     return other
 
 
@@ -409,9 +452,10 @@ def test_tilted_lora_is_score_first_in_its_own_order(tmp_path, monkeypatch, per_
     late = (0, 40)
     assert order.index(late) == len(order) - 2  # scored in the last batch, first in the stream
     before = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **TILTED_LORA_ENV)
-    after = scores_of(lora_pass(), rewritten(stream, late), tmp_path / "b", monkeypatch, per_target_scores,
-                      **TILTED_LORA_ENV)
-    earlier = [t for start, end in order[:order.index(late)] for t in range(start, end)]
+    after = scores_of(
+        lora_pass(), rewritten(stream, late), tmp_path / "b", monkeypatch, per_target_scores, **TILTED_LORA_ENV
+    )
+    earlier = [t for start, end in order[: order.index(late)] for t in range(start, end)]
     assert len(earlier) > 600 and sorted(before) == sorted(after) == list(range(len(stream) - 1))
     assert [t for t in earlier if before[t] != after[t]] == []
     assert any(before[t] != after[t] for t in range(*late))  # the test can fail: the document itself changed
@@ -438,7 +482,7 @@ def test_stream_order_lora_ignores_future_documents_and_their_lengths(tmp_path, 
     stream = varied_documents_stream()
     p = 280  # inside the 4th document (batch 1 of batches of 2)
     future = stream.copy()
-    future[p + 1:] = varied_documents_stream((30, 90, 45, 160, 60, 40, 80), seed=5)[:len(stream) - p - 1]
+    future[p + 1 :] = varied_documents_stream((30, 90, 45, 160, 60, 40, 80), seed=5)[: len(stream) - p - 1]
     env = dict(TILTED_LORA_ENV, TTT_LORA_ORDER="stream")
     before = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **env)
     after = scores_of(lora_pass(), future, tmp_path / "b", monkeypatch, per_target_scores, **env)

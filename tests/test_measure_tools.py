@@ -1,4 +1,5 @@
 """The measurement tools whose logs back README numbers: planner_check, quant_sweep and compare_logs."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,8 +31,13 @@ def test_quant_sweep_scores_each_setting_on_the_same_weights(tmp_path, sample_da
     dataset, tokenizer = sample_data
     env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=4, TTT_ENABLED=0)
     grid = ["QUANT=gptq_lite,COMPRESSOR=lzma", "QUANT=gptq,COMPRESSOR=brotli,BYTE_SHUFFLE=1"]
-    result = run_script(tmp_path, env, ["--run-id", "sweep", "--grid", grid[0], "--grid", grid[1]], timeout=300,
-                        script=REPO / "tools" / "quant_sweep.py")
+    result = run_script(
+        tmp_path,
+        env,
+        ["--run-id", "sweep", "--grid", grid[0], "--grid", grid[1]],
+        timeout=300,
+        script=REPO / "tools" / "quant_sweep.py",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     log = read_log(tmp_path, "sweep")
     pre_bpb = parse_metric(log, "sweep pre_quant")["val_bpb"]
@@ -40,7 +46,7 @@ def test_quant_sweep_scores_each_setting_on_the_same_weights(tmp_path, sample_da
         assert values["model_bytes"] > 0
         assert abs(values["gap"] - (values["roundtrip_val_bpb"] - pre_bpb)) < 2e-6  # gap is against these weights
         assert abs(values["gap"]) < 0.05  # int6/int8 of a 4-step model: a broken dequantizer costs far more
-    assert sum(l.startswith("bitpack compressor:") for l in log.splitlines()) == 3
+    assert sum(line.startswith("bitpack compressor:") for line in log.splitlines()) == 3
     # Same row scales, same bits: GPTQ's error feedback must lower the output error it minimizes.
     lite_error, gptq_error = (values["hessian_weighted_error"] for values in rows)
     assert 0 < gptq_error < lite_error
@@ -48,16 +54,30 @@ def test_quant_sweep_scores_each_setting_on_the_same_weights(tmp_path, sample_da
 
 def test_compare_logs_finds_where_two_curves_part(tmp_path):
     """tools/compare_logs.py: the first step over the tolerance, the largest difference, and the scores."""
-    ours = "\n".join(f"step:{s}/5 train_loss:{loss:.4f} train_time:1ms" for s, loss in
-                     enumerate([6.9272, 6.1, 5.5, 5.2004, 5.0], start=1))
+    ours = "\n".join(
+        f"step:{s}/5 train_loss:{loss:.4f} train_time:1ms"
+        for s, loss in enumerate([6.9272, 6.1, 5.5, 5.2004, 5.0], start=1)
+    )
     ours += "\nDIAGNOSTIC post_average val_loss:3.9 val_bpb:2.30000000 eval_time:1ms\n"
-    peer = "\n".join(f"step:{s}/5 train_loss:{loss:.4f} train_time:1ms" for s, loss in
-                     enumerate([6.9272, 6.1001, 5.5, 5.2, float("nan")], start=1))
+    peer = "\n".join(
+        f"step:{s}/5 train_loss:{loss:.4f} train_time:1ms"
+        for s, loss in enumerate([6.9272, 6.1001, 5.5, 5.2, float("nan")], start=1)
+    )
     peer += "\nDIAGNOSTIC post_ema val_loss:3.9 val_bpb:2.30100000 eval_time:1ms\n"
     (tmp_path / "ours.txt").write_text(ours)
     (tmp_path / "peer.txt").write_text(peer)
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "compare_logs.py"), str(tmp_path / "ours.txt"),
-                             str(tmp_path / "peer.txt"), "--tolerance", "1e-4"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "compare_logs.py"),
+            str(tmp_path / "ours.txt"),
+            str(tmp_path / "peer.txt"),
+            "--tolerance",
+            "1e-4",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1, result.stderr
     # 0.0001 at step 2 is rounding; 0.0004 at step 4 is the first real difference; NaN at step 5 is over too.
     assert "compare_logs steps:5 first_over:4 " in result.stdout

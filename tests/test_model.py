@@ -1,4 +1,5 @@
 """The model: parameter count, components, and the CUDA code path exercised on the CPU."""
+
 from __future__ import annotations
 
 import sys
@@ -127,7 +128,7 @@ def assert_qat_changes_the_loss(model, quantized_param):
 def test_qat_reaches_the_banks():
     model = tiny_model()
     with torch.no_grad():
-        model.qo_bank[model.num_layers:].normal_(std=0.05)
+        model.qo_bank[model.num_layers :].normal_(std=0.05)
         model.mlp_down_bank.normal_(std=0.05)
     assert_qat_changes_the_loss(model, model.mlp_down_bank)
 
@@ -188,8 +189,11 @@ def test_attention_backend_choice(monkeypatch):
     assert train_gpt.select_attention_backend("auto", "cuda", torch.float32)[0] == "sdpa"  # flash is 16-bit only
     assert train_gpt.select_attention_backend("sdpa", "cuda", torch.bfloat16)[0] == "sdpa"
     for device, dtype in (("cpu", torch.bfloat16), ("cuda", torch.float32)):
-        with pytest.raises(train_gpt.InputError, match=r"ATTENTION_BACKEND=fa3: FlashAttention needs CUDA and "
-                                                        r"COMPUTE_DTYPE=bf16"):
+        with pytest.raises(
+            train_gpt.InputError,
+            match=r"ATTENTION_BACKEND=fa3: FlashAttention needs CUDA and "
+            r"COMPUTE_DTYPE=bf16",
+        ):
             train_gpt.select_attention_backend("fa3", device, dtype)
     # DOC_ISOLATION on flash needs its varlen kernel: a wheel without one fails at start
     monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=None))
@@ -213,8 +217,9 @@ def test_varlen_flash_isolation_matches_the_sdpa_mask(monkeypatch):
                 out[a:b] = train_gpt.sdpa_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0]
         return out
 
-    monkeypatch.setitem(sys.modules, "flash_attn_interface",
-                        types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    monkeypatch.setitem(
+        sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
+    )
     name, attention = train_gpt.select_attention_backend("auto", "cuda", torch.bfloat16, doc_isolation=True)
     assert name == "flash_attention_3_varlen"
     h = tiny_hyperparameters(DOC_ISOLATION=1)
@@ -230,13 +235,17 @@ def test_varlen_flash_isolation_matches_the_sdpa_mask(monkeypatch):
     assert segments[:4] == [(0, 10), (10, 25), (25, 40), (40, 80)]  # row 0's three documents, then row 1
 
 
-@pytest.mark.parametrize("requested, module", [("auto", "flash_attn_interface"), ("fa3", "flash_attn_interface"),
-                                               ("fa2", "flash_attn")])
+@pytest.mark.parametrize(
+    "requested, module", [("auto", "flash_attn_interface"), ("fa3", "flash_attn_interface"), ("fa2", "flash_attn")]
+)
 def test_missing_flash_attention_fails_at_start_with_a_hint(monkeypatch, requested, module):
     """No silent fallback on CUDA: a missing or broken FA3 wheel would cost steps in a wallclock-capped run."""
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, as a missing or mismatched wheel
-    with pytest.raises(train_gpt.InputError, match=rf"cannot load {module}\.flash_attn_func \((ModuleNotFound|Import)Error: .*\); "
-                                                   r"(install a FlashAttention 3 wheel|pip install flash-attn)"):
+    with pytest.raises(
+        train_gpt.InputError,
+        match=rf"cannot load {module}\.flash_attn_func \((ModuleNotFound|Import)Error: .*\); "
+        r"(install a FlashAttention 3 wheel|pip install flash-attn)",
+    ):
         train_gpt.select_attention_backend(requested, "cuda", torch.bfloat16)
 
 
@@ -244,8 +253,11 @@ def test_attention_inputs_and_residual_stay_bf16_when_norms_return_fp32(monkeypa
     """torch >= 2.12 CUDA autocast runs aten::rms_norm in fp32 (AutocastCUDA; the CPU has no such kernel): the
     old code then fed fp32 to FA3 in the value-embedding layers. Simulate that norm and check every dtype."""
     real_rms_norm = torch.nn.functional.rms_norm
-    monkeypatch.setattr(torch.nn.functional, "rms_norm",
-                        lambda x, shape, *args, **kwargs: real_rms_norm(x.float(), shape, *args, **kwargs))
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "rms_norm",
+        lambda x, shape, *args, **kwargs: real_rms_norm(x.float(), shape, *args, **kwargs),
+    )
     seen = []
 
     def attention(q, k, v):

@@ -1,4 +1,5 @@
 """Muon, the LR and momentum schedules, and the EMA/SWA arithmetic."""
+
 from __future__ import annotations
 
 import math
@@ -47,12 +48,19 @@ def test_optimizer_partition_covers_every_parameter_once():
     h = tiny_hyperparameters()
     model = train_gpt.GPT(h)
     token_adam, muon, scalar_adam = train_gpt.build_optimizers(model, h, torch.float32, fused=False)
-    groups = [token_adam.param_groups[0]["params"], muon.param_groups[0]["params"], scalar_adam.param_groups[0]["params"]]
+    groups = [
+        token_adam.param_groups[0]["params"],
+        muon.param_groups[0]["params"],
+        scalar_adam.param_groups[0]["params"],
+    ]
     ids = [id(p) for group in groups for p in group]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert {id(p) for p in groups[1]} == {id(p) for p in model.banks()}
-    assert {id(p) for p in groups[0]} == {id(model.token_embedding.weight), id(model.bigram_hash.embed.weight),
-                                          id(model.value_embedding.embed.weight)}
+    assert {id(p) for p in groups[0]} == {
+        id(model.token_embedding.weight),
+        id(model.bigram_hash.embed.weight),
+        id(model.value_embedding.embed.weight),
+    }
     assert token_adam.param_groups[0]["lr"] == h.tied_embed_lr and scalar_adam.param_groups[0]["lr"] == h.scalar_lr
 
 
@@ -104,8 +112,9 @@ def test_swa_is_the_uniform_mean():
 
 
 def test_gptq_reserve_comes_out_of_the_training_clock():
-    h = tiny_hyperparameters(QUANT="gptq", MAX_WALLCLOCK_SECONDS=600, GPTQ_RESERVE_SECONDS=8, ITERATIONS=100000,
-                             WARMDOWN_ITERS=100)
+    h = tiny_hyperparameters(
+        QUANT="gptq", MAX_WALLCLOCK_SECONDS=600, GPTQ_RESERVE_SECONDS=8, ITERATIONS=100000, WARMDOWN_ITERS=100
+    )
     assert h.training_seconds == 592
     assert train_gpt.lr_multiplier(h, 1000, 592_000.0) == 0.0  # the warmdown ends where calibration starts
     assert tiny_hyperparameters(QUANT="gptq_lite", MAX_WALLCLOCK_SECONDS=600).training_seconds == 600

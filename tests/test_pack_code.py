@@ -1,4 +1,5 @@
 """tools/pack_code.py: the packed train_gpt.py decodes to the transformed source and runs identically."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,8 +31,11 @@ def test_pack_then_verify(tmp_path):
     tampered.write_text(pack_code.pack((REPO / "train_gpt.py").read_text().replace("0.997", "0.998")))
     with pytest.raises(ValueError, match="does not decode to the python-minifier 3.4.0-transformed"):
         pack_code.verify(tampered, REPO / "train_gpt.py")
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "pack_code.py"), "--verify", str(packed),
-                             str(REPO / "train_gpt.py")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "pack_code.py"), "--verify", str(packed), str(REPO / "train_gpt.py")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and result.stdout.startswith("OK:")
 
 
@@ -66,8 +70,16 @@ def test_minifier_pass_shrinks_and_verify_names_the_transform(tmp_path):
     code = pack_code.unpack(minified.read_text())
     assert code.startswith("# tools/pack_code.py transform: python-minifier ")
     other_version = tmp_path / "other.py"
-    other_version.write_text(pack_code.STUB.format(payload=pack_code.base64.b85encode(pack_code.lzma.compress(
-        code.replace("python-minifier 3.4.0", "python-minifier 2.0.0").encode(), format=pack_code.lzma.FORMAT_RAW,
-        filters=pack_code.FILTERS))))
+    other_version.write_text(
+        pack_code.STUB.format(
+            payload=pack_code.base64.b85encode(
+                pack_code.lzma.compress(
+                    code.replace("python-minifier 3.4.0", "python-minifier 2.0.0").encode(),
+                    format=pack_code.lzma.FORMAT_RAW,
+                    filters=pack_code.FILTERS,
+                )
+            )
+        )
+    )
     with pytest.raises(ValueError, match="was minified with python-minifier 2.0.0, this machine has python-minifier"):
         pack_code.verify(other_version, REPO / "train_gpt.py")

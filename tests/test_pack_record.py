@@ -1,5 +1,6 @@
 """tools/pack_record.py on logs of tiny real runs: a packed folder whose numbers come from the logs, and
 every refusal (edited log, other code, over the cap, over time, unaudited TTT, not a record run)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,8 +9,9 @@ import re
 import sys
 
 import pytest
+import torch
 
-from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
+from conftest import REPO, TINY_ENV, parse_metric, run_script
 
 sys.path.insert(0, str(REPO / "tools"))
 import pack_code  # noqa: E402
@@ -37,29 +39,58 @@ def run_logs(tmp_path_factory, sample_data):
 
 
 def pack(tmp_path, *logs, extra=()):
-    return pack_record.main([*map(str, logs), "--name", "Tiny Test", "--author", "A. Tester", "--github-id", "tester",
-                             "--records-dir", str(tmp_path / "records"), *extra])
+    return pack_record.main(
+        [
+            *map(str, logs),
+            "--name",
+            "Tiny Test",
+            "--author",
+            "A. Tester",
+            "--github-id",
+            "tester",
+            "--records-dir",
+            str(tmp_path / "records"),
+            *extra,
+        ]
+    )
 
 
 def test_packs_a_folder_from_the_logs(tmp_path, run_logs, capsys):
-    assert pack(tmp_path, run_logs[1337], run_logs[42], extra=["--allow-non-record",
-                                                               "--submission-json", str(tmp_path / "s.json")]) == 0
+    assert (
+        pack(
+            tmp_path,
+            run_logs[1337],
+            run_logs[42],
+            extra=["--allow-non-record", "--submission-json", str(tmp_path / "s.json")],
+        )
+        == 0
+    )
     folder = next((tmp_path / "records").iterdir())
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_Tiny_Test", folder.name)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "requirements.txt", "submission.json",
-                                                       "train_gpt.py", "train_seed1337.log", "train_seed42.log"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "requirements.txt",
+        "submission.json",
+        "train_gpt.py",
+        "train_seed1337.log",
+        "train_seed42.log",
+    ]
     info = json.loads((folder / "submission.json").read_text())
-    scores = [parse_metric(run_logs[s].read_text(), "legal_ttt_exact") for s in (1337, 42)]
+    scores = [parse_metric(run_logs[s].read_text(), "final_score") for s in (1337, 42)]
     totals = [parse_metric(run_logs[s].read_text(), "artifact")["total_bytes"] for s in (1337, 42)]
     assert info["val_bpb"] == pytest.approx(sum(s["val_bpb"] for s in scores) / 2, abs=1e-8)
     assert info["val_loss"] == pytest.approx(sum(s["val_loss"] for s in scores) / 2, abs=1e-8)
-    assert info["bytes_total"] == max(totals) and info["seeds"] == [1337, 42] and info["score"] == "legal_ttt_exact"
+    assert info["bytes_total"] == max(totals) and info["seeds"] == [1337, 42] and info["score"] == "legal_ttt"
     assert info["bytes_code"] == len((REPO / "train_gpt.py").read_bytes())
     assert info["track"].startswith("non-record: ran on cpu x1, not 8 CUDA GPUs")
     assert json.loads((tmp_path / "s.json").read_text()) == info
     readme = (folder / "README.md").read_text()
     assert "| 1337 |" in readme and "EVAL_STRIDE=32" in readme and "NUM_LAYERS=4" in readme
     assert (folder / "train_gpt.py").read_bytes() == (REPO / "train_gpt.py").read_bytes()
+    requirements = (folder / "requirements.txt").read_text()  # from the logs: their torch, kernel, compressor
+    assert f"torch=={torch.__version__.split('+')[0]}  # the runs used torch {torch.__version__}" in requirements
+    assert "attention kernel used: sdpa (FlashAttention 3 not needed by these runs)" in requirements
+    assert "zstandard" not in requirements and "brotli" not in requirements  # lzma: the standard library
 
 
 def test_a_cpu_run_is_not_a_record(tmp_path, run_logs, capsys):
@@ -71,8 +102,10 @@ def test_the_packed_code_is_verified_and_packed(tmp_path, run_logs):
     assert pack(tmp_path, run_logs["packed"], extra=["--allow-non-record", "--code", str(run_logs["packed_code"])]) == 0
     folder = next((tmp_path / "records").iterdir())
     assert (folder / "train_gpt.py").read_bytes() == run_logs["packed_code"].read_bytes()
+    assert (folder / "train_gpt_human.py").read_bytes() == (REPO / "train_gpt.py").read_bytes()  # readable, uncounted
     info = json.loads((folder / "submission.json").read_text())
     assert info["bytes_code"] == run_logs["packed_code"].stat().st_size
+    assert "`train_gpt_human.py` when" in (folder / "README.md").read_text()
 
 
 def reseal(text: str) -> str:
@@ -81,17 +114,31 @@ def reseal(text: str) -> str:
     return body + f"log_sha256:{hashlib.sha256(body.encode()).hexdigest()}\n"
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: re.sub(r"(legal_ttt_exact val_loss:\S+ val_bpb:)\d", r"\g<1>1", t), "edited after the run"),
-    (lambda t: reseal(re.sub(r"^(artifact .*)total_bytes:\d+", r"\g<1>total_bytes:16000001", t, flags=re.M)),
-     "over the 16,000,000-byte cap"),
-    (lambda t: reseal(re.sub(r"^(step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:)\d+ms", r"\g<1>600001ms", t, flags=re.M)),
-     "training (with GPTQ calibration) took over 600 s"),
-    (lambda t: reseal(re.sub(r"^eval:total seconds:\S+", "eval:total seconds:600.5", t, flags=re.M)),
-     "evaluation took 600.5 s, over 600 s"),
-    (lambda t: reseal(re.sub(r"^ttt_audit ok: .*\n", "", t, flags=re.M)), "a TTT score without its 'ttt_audit ok' line"),
-    (lambda t: t.rstrip("\n").rpartition("\n")[0] + "\n", "no final log_sha256 line"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: re.sub(r"(final_score pass:\S+ val_loss:\S+ val_bpb:)\d", r"\g<1>1", t), "edited after the run"),
+        (
+            lambda t: reseal(re.sub(r"^(artifact .*)total_bytes:\d+", r"\g<1>total_bytes:16000001", t, flags=re.M)),
+            "over the 16,000,000-byte cap",
+        ),
+        (
+            lambda t: reseal(
+                re.sub(r"^(step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:)\d+ms", r"\g<1>600001ms", t, flags=re.M)
+            ),
+            "training (with GPTQ calibration) took over 600 s",
+        ),
+        (
+            lambda t: reseal(re.sub(r"^eval:total seconds:\S+", "eval:total seconds:600.5", t, flags=re.M)),
+            "evaluation took 600.5 s, over 600 s",
+        ),
+        (
+            lambda t: reseal(re.sub(r"^ttt_audit ok: .*\n", "", t, flags=re.M)),
+            "a TTT score without its 'ttt_audit ok' line",
+        ),
+        (lambda t: t.rstrip("\n").rpartition("\n")[0] + "\n", "no final log_sha256 line"),
+    ],
+)
 def test_doctored_or_invalid_logs_are_refused(tmp_path, run_logs, capsys, edit, message):
     doctored = tmp_path / "doctored.txt"
     doctored.write_text(edit(run_logs[1337].read_text()))
@@ -113,7 +160,9 @@ def test_the_expected_validation_tokens_follow_the_vocabulary(tmp_path):
     manifest = {"datasets": [{"name": "fineweb10B_sp8192", "stats": {"tokens_val": 40_000_001}}]}
     (tmp_path / "manifest.kevclark__parameter-golf.json").write_text(json.dumps(manifest))
     assert pack_record.expected_val_tokens("fineweb10B_sp8192", 2048, tmp_path) == (
-        19_531 * 2048, "manifest.kevclark__parameter-golf.json")
+        19_531 * 2048,
+        "manifest.kevclark__parameter-golf.json",
+    )
     assert pack_record.expected_val_tokens("fineweb10B_sp4096", 2048, tmp_path)[0] is None
 
 

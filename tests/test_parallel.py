@@ -1,4 +1,5 @@
 """Parallel Muon over torchrun on the CPU (gloo): sharded = unsharded, 2 ranks train the same model as 1."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,17 @@ def test_sharded_muon_equals_unsharded(tmp_path):
     result_path = tmp_path / "result.json"
     env = clean_environment()
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee", "3",
-               str(REPO / "tests" / "muon_shard_worker.py"), str(result_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--tee",
+        "3",
+        str(REPO / "tests" / "muon_shard_worker.py"),
+        str(result_path),
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, rank_output(result)
     outcome = json.loads(result_path.read_text())
@@ -36,8 +46,9 @@ def train_losses(log: str) -> list[float]:
 
 def test_two_ranks_train_the_same_model_as_one(tmp_path, sample_data):
     dataset, tokenizer = sample_data
-    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=8, OMP_NUM_THREADS=1,
-               TTT_CHUNK_TOKENS=16384)
+    env = dict(
+        TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=8, OMP_NUM_THREADS=1, TTT_CHUNK_TOKENS=16384
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
@@ -63,9 +74,21 @@ def test_skewed_clocks_under_a_wallclock_cap_keep_replicas_identical(tmp_path, s
     """Under MAX_WALLCLOCK_SECONDS the warmdown, late QAT, SWA and the stop all follow the clock; with rank 1's
     clock running 1.5x fast, every rank must still take the same decisions (one agreed time) and finish."""
     dataset, tokenizer = sample_data
-    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, OMP_NUM_THREADS=1, RUN_ID="skew",
-               ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=5, WARMDOWN_ITERS=30, TRAIN_LOG_EVERY=0,
-               SWA_ENABLED=1, SWA_EVERY=2, TTT_ENABLED=0, EVAL_STRIDE=64)
+    env = dict(
+        TINY_ENV,
+        DATA_PATH=dataset,
+        TOKENIZER_PATH=tokenizer,
+        OMP_NUM_THREADS=1,
+        RUN_ID="skew",
+        ITERATIONS=100000,
+        MAX_WALLCLOCK_SECONDS=5,
+        WARMDOWN_ITERS=30,
+        TRAIN_LOG_EVERY=0,
+        SWA_ENABLED=1,
+        SWA_EVERY=2,
+        TTT_ENABLED=0,
+        EVAL_STRIDE=64,
+    )
     worker = Path(__file__).with_name("skewed_clock_worker.py")
     result = run_script(tmp_path, env, args=[str(REPO / "train_gpt.py")], nproc=2, timeout=300, script=worker)
     assert result.returncode == 0, result.stderr[-3000:]

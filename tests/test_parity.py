@@ -1,5 +1,6 @@
-"""Parity with #549's own code on the P1 benchmark configuration (../shared/bench/p1_env.sh): the same seed builds
+"""Parity with #549's own code on the P1 benchmark configuration (bench/p1_env.sh): the same seed builds
 #549's initial weights, so step 1's training loss is #549's to the logged digit."""
+
 from __future__ import annotations
 
 import re
@@ -8,20 +9,24 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import SHARED, SHARED_DATASET
+from conftest import P1_ENV, SAMPLE_DATASET
 
-P1_ENV = SHARED / "bench" / "p1_env.sh"
-# Step 1's train_loss of #549's code (through ../shared/peers/cpu_patch.py --fp32) at P1, from
-# ../shared/bench/ANCHORS.md; reproduced here in logs/parity_*_rec549_*.txt.
+# Step 1's train_loss of #549's own code (patched only to run on the CPU in fp32) at P1, from bench/ANCHORS.md;
+# reproduced in logs/parity_*_rec549_*.txt.
 PEER_STEP1_LOSS = {1337: 6.9272, 42: 6.9245, 2024: 6.9267}
 
 
 def p1_hyperparameters(**overrides) -> train_gpt.Hyperparameters:
     """The exports of p1_env.sh, as the benchmark defines them."""
-    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(line.removeprefix("export ")
-                                                    for line in P1_ENV.read_text().splitlines()
-                                                    if line.startswith("export "))))
-    env["DATA_PATH"] = str(SHARED_DATASET)
+    env = dict(
+        re.findall(
+            r"(\w+)=(\S+)",
+            " ".join(
+                line.removeprefix("export ") for line in P1_ENV.read_text().splitlines() if line.startswith("export ")
+            ),
+        )
+    )
+    env["DATA_PATH"] = str(SAMPLE_DATASET)
     env.update({k: str(v) for k, v in overrides.items()})
     return train_gpt.Hyperparameters(env)
 
@@ -31,15 +36,15 @@ def step1_loss(h: train_gpt.Hyperparameters) -> float:
     torch.set_num_threads(2)
     train_gpt.set_seeds(h.seed)
     model = train_gpt.GPT(h)
-    loader = train_gpt.DistributedTokenLoader(train_gpt.shard_files(h.data_path, "train"), h.vocab_size, 0, 1,
-                                              torch.device("cpu"))
+    loader = train_gpt.DistributedTokenLoader(
+        train_gpt.shard_files(h.data_path, "train"), h.vocab_size, 0, 1, torch.device("cpu")
+    )
     local_tokens = h.train_batch_tokens // h.grad_accum_steps
     with torch.no_grad():
         losses = [model(*loader.next_batch(local_tokens, h.train_seq_len)[:2]) for _ in range(h.grad_accum_steps)]
     return torch.stack(losses).mean().item()
 
 
-@pytest.mark.skipif(not (P1_ENV.is_file() and SHARED_DATASET.is_dir()), reason="needs ../shared (P1 and its data)")
 @pytest.mark.parametrize("seed", sorted(PEER_STEP1_LOSS))
 def test_p1_step1_loss_is_549s(seed):
     assert step1_loss(p1_hyperparameters(SEED=seed)) == pytest.approx(PEER_STEP1_LOSS[seed], abs=1e-4)

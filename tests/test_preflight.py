@@ -1,4 +1,5 @@
 """tools/preflight.py on the CPU: the same checks a user runs on one GPU before renting eight."""
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,14 @@ def preflight(tmp_path, args=(), **overrides):
     env.update(TINY_ENV)
     env.update(NUM_LAYERS="2", VE_LAYERS="1", XSA_LAST_N="1", MAX_WALLCLOCK_SECONDS="600")
     env.update({k: str(v) for k, v in overrides.items()})
-    return subprocess.run([sys.executable, str(PREFLIGHT), "--steps", "2", "--batches", "1", *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(PREFLIGHT), "--steps", "2", "--batches", "1", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_preflight_compiles_every_graph_and_projects_the_run(tmp_path):
@@ -26,17 +33,26 @@ def test_preflight_compiles_every_graph_and_projects_the_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "preflight attention: requested auto, loaded sdpa compute_dtype float32 compile 1" in out
-    assert re.search(r"^preflight graphs: training primed in [\d.]+s \(1 warmup steps, QAT graph included\)$", out, re.M)
+    assert re.search(
+        r"^preflight graphs: training primed in [\d.]+s \(1 warmup steps, QAT graph included\)$", out, re.M
+    )
     assert re.search(r"^preflight graphs: late-QAT step ran in [\d.]+ms$", out, re.M)
     assert re.search(r"^preflight graphs: GPTQ Hessian pass ran", out, re.M)
     # Scoring at widths 64 and 32, TTT at 4 sequences per chunk in global steps of 3 over 8 ranks: 1 and 0 rows.
     assert re.search(r"^preflight graphs: evaluation primed: 3 graphs", out, re.M)
-    assert re.search(r"^preflight training: [\d.]+ ms/step measured \(median\) at the per-rank batch of 8 ranks "
-                     r"\(256 tokens, grad_accum 1\)", out, re.M)
-    steps = re.search(r"^preflight projection: [\d.]+ ms/step on 8 ranks -> (\d+) steps in the 592s training cap", out, re.M)
+    assert re.search(
+        r"^preflight training: [\d.]+ ms/step measured \(median\) at the per-rank batch of 8 ranks "
+        r"\(256 tokens, grad_accum 1\)",
+        out,
+        re.M,
+    )
+    steps = re.search(
+        r"^preflight projection: [\d.]+ ms/step on 8 ranks -> (\d+) steps in the 592s training cap", out, re.M
+    )
     assert steps and int(steps.group(1)) > 0  # 600 s minus GPTQ_RESERVE_SECONDS
-    assert re.search(r"^preflight eval: projected on 62,021,632 targets over 8 ranks: roundtrip \d+s, sliding \d+s$",
-                     out, re.M)
+    assert re.search(
+        r"^preflight eval: projected on 62,021,632 targets over 8 ranks: roundtrip \d+s, sliding \d+s$", out, re.M
+    )
     assert re.search(r"^preflight eval: projected legal TTT \d+s \(242272 chunks", out, re.M)
     assert re.search(r"^preflight size: code_bytes \d+ \(train_gpt.py\) predicted_model_bytes \d+", out, re.M)
     assert out.rstrip().endswith("preflight result: ok: every check passed")
@@ -47,8 +63,12 @@ def test_preflight_primes_and_times_the_looped_graph(tmp_path):
     result = preflight(tmp_path, COMPILE=1, NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, TTT_ENABLED=0)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert re.search(r"^preflight graphs: training primed in [\d.]+s \(1 warmup steps, looped graph included, QAT "
-                     r"graph included\)$", out, re.M)
+    assert re.search(
+        r"^preflight graphs: training primed in [\d.]+s \(1 warmup steps, looped graph included, QAT "
+        r"graph included\)$",
+        out,
+        re.M,
+    )
     assert re.search(r"^preflight graphs: looped step \(3 virtual layers\) ran in [\d.]+ms$", out, re.M)
     assert out.rstrip().endswith("preflight result: ok: every check passed")
 
@@ -56,8 +76,10 @@ def test_preflight_primes_and_times_the_looped_graph(tmp_path):
 def test_preflight_fails_on_an_attention_kernel_that_cannot_run(tmp_path):
     result = preflight(tmp_path, ATTENTION_BACKEND="fa3")
     assert result.returncode == 2
-    assert "preflight FAIL attention: env ATTENTION_BACKEND=fa3: FlashAttention needs CUDA and COMPUTE_DTYPE=bf16" \
+    assert (
+        "preflight FAIL attention: env ATTENTION_BACKEND=fa3: FlashAttention needs CUDA and COMPUTE_DTYPE=bf16"
         in result.stderr
+    )
 
 
 def test_preflight_fails_on_an_artifact_over_the_cap(tmp_path):
@@ -72,14 +94,28 @@ def test_preflight_fails_on_an_artifact_over_the_cap(tmp_path):
 def test_preflight_projects_document_lora_ttt_and_the_tilt(tmp_path):
     """COMPILE=1: document LoRA and its phases run eager, so nothing may compile after priming (the CUDA review's
     defect 8: the SGD chunk was timed through an unprimed compiled graph, a false FAIL)."""
-    result = preflight(tmp_path, COMPILE=1, TTT_MODE="lora", TTT_LORA_CONTEXT=64, TTT_LORA_CHUNK=16, TTT_LORA_BATCH=2,
-                       TTT_LORA_RANK=4, TTT_CHUNK_TOKENS=256, TTT_BATCH_SEQS=3, NGRAM_TILT=1)
+    result = preflight(
+        tmp_path,
+        COMPILE=1,
+        TTT_MODE="lora",
+        TTT_LORA_CONTEXT=64,
+        TTT_LORA_CHUNK=16,
+        TTT_LORA_BATCH=2,
+        TTT_LORA_RANK=4,
+        TTT_CHUNK_TOKENS=256,
+        TTT_BATCH_SEQS=3,
+        NGRAM_TILT=1,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert re.search(r"^preflight eval: projected document LoRA TTT \d+s per rank: scoring with LoRA steps \d+s "
-                     r"\([\d.]+ us per processed token, eager; [\d,]+ tokens processed in \d+ batches for 50,000 "
-                     r"documents drawn from the mean document \(no files match .*: an underestimate\)\), 3 phases' SGD "
-                     r"\d+s \([\d,]+ tokens, [\d.]+ us per token, eager\)$", out, re.M)
+    assert re.search(
+        r"^preflight eval: projected document LoRA TTT \d+s per rank: scoring with LoRA steps \d+s "
+        r"\([\d.]+ us per processed token, eager; [\d,]+ tokens processed in \d+ batches for 50,000 "
+        r"documents drawn from the mean document \(no files match .*: an underestimate\)\), 3 phases' SGD "
+        r"\d+s \([\d,]+ tokens, [\d.]+ us per token, eager\)$",
+        out,
+        re.M,
+    )
     assert "projected legal TTT" not in out
     assert re.search(r"^preflight eval: projected n-gram tilt precompute \d+s per rank", out, re.M)
     assert out.rstrip().endswith("preflight result: ok: every check passed")
@@ -100,18 +136,32 @@ def test_preflight_passes_for_the_frontier_preset_with_its_lora_memory_and_real_
     from test_frontier import FRONTIER_TINY
 
     write_documents_shard(tmp_path / "data", [100] * 3 + [2100])
-    env = dict(FRONTIER_TINY, NUM_LAYERS=4, VE_LAYERS="2,3", DATA_PATH=tmp_path / "data", TTT_CHUNK_TOKENS=16384,
-               TTT_LORA_BATCH_TOKENS=256)
+    env = dict(
+        FRONTIER_TINY,
+        NUM_LAYERS=4,
+        VE_LAYERS="2,3",
+        DATA_PATH=tmp_path / "data",
+        TTT_CHUNK_TOKENS=16384,
+        TTT_LORA_BATCH_TOKENS=256,
+    )
     result = preflight(tmp_path, **env)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    lora = re.search(r"^preflight eval: projected document LoRA TTT (\d+)s per rank: scoring with LoRA steps \d+s "
-                     r"\([\d.]+ us per processed token, eager; ([\d,]+) tokens processed in (\d+) batches for 50,000 "
-                     r"documents drawn from the length distribution of 4 documents in \S+ \(mean 600\)\)", out, re.M)
+    lora = re.search(
+        r"^preflight eval: projected document LoRA TTT (\d+)s per rank: scoring with LoRA steps \d+s "
+        r"\([\d.]+ us per processed token, eager; ([\d,]+) tokens processed in (\d+) batches for 50,000 "
+        r"documents drawn from the length distribution of 4 documents in \S+ \(mean 600\)\)",
+        out,
+        re.M,
+    )
     assert lora, out
     assert int(lora[3]) == 50_000 // 4  # every row is TTT_LORA_CONTEXT=64 wide: 4 a batch under 256 tokens, not 8
-    memory = re.search(r"^preflight eval: document LoRA peak memory ([\d,]+) MiB \(CPU estimate: weights \+ tensors "
-                       r"saved for backward, fp32; a batch of 4 rows of 64 tokens\), limit 75 GiB$", out, re.M)
+    memory = re.search(
+        r"^preflight eval: document LoRA peak memory ([\d,]+) MiB \(CPU estimate: weights \+ tensors "
+        r"saved for backward, fp32; a batch of 4 rows of 64 tokens\), limit 75 GiB$",
+        out,
+        re.M,
+    )
     assert memory and int(memory[1].replace(",", "")) > 0
     assert re.search(r"^preflight eval: projected total \d+s, ", out, re.M)
     assert out.rstrip().endswith("preflight result: ok: every check passed")

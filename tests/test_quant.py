@@ -1,5 +1,6 @@
 """Export: quantization bounds per scheme, GPTQ vs round-to-nearest, the artifact container and its
 failure modes, byte shuffle, SIZE_FIT and the size planner."""
+
 from __future__ import annotations
 
 import lzma
@@ -41,7 +42,7 @@ def test_gptq_lite_error_bound(bits):
     # Unclipped entries are within half a step; clipped ones lose at most what the clip quantile removed.
     assert torch.all((restored - weight).abs()[inside] <= scale.float()[:, None].expand_as(weight)[inside] / 2 + 1e-6)
     relative = (restored - weight).square().mean() / weight.square().mean()
-    assert relative < 0.6 * 4.0 ** -bits * 12  # within ~1.5x of a uniform grid's step^2/12 over +-3.5 sigma
+    assert relative < 0.6 * 4.0**-bits * 12  # within ~1.5x of a uniform grid's step^2/12 over +-3.5 sigma
 
 
 @pytest.mark.parametrize("sigmas", [3.0, 8.0, 13.0])
@@ -152,9 +153,11 @@ def test_corrupt_and_truncated_artifacts_fail_clearly(tmp_path):
     blob = artifact_bytes(trained_like_model())
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0xFF
-    cases = {"flipped.ptz": (bytes(flipped), "checksum mismatch"),
-             "truncated.ptz": (blob[:-100], "truncated"),
-             "other.ptz": (b"PK\x03\x04" + blob[4:], "bad magic")}
+    cases = {
+        "flipped.ptz": (bytes(flipped), "checksum mismatch"),
+        "truncated.ptz": (blob[:-100], "truncated"),
+        "other.ptz": (b"PK\x03\x04" + blob[4:], "bad magic"),
+    }
     for name, (content, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
@@ -176,8 +179,16 @@ def test_malicious_pickle_payload_is_refused_without_running(tmp_path, monkeypat
     import struct
 
     body = lzma.compress(pickle.dumps({"w": Exploit()}))
-    header = json.dumps(dict(version=1, compressor="lzma", transform="none", raw_bytes=0, body_bytes=len(body),
-                             sha256=hashlib.sha256(body).hexdigest())).encode()
+    header = json.dumps(
+        dict(
+            version=1,
+            compressor="lzma",
+            transform="none",
+            raw_bytes=0,
+            body_bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+        )
+    ).encode()
     path = tmp_path / "evil.ptz"
     path.write_bytes(b"PGAF" + struct.pack("<I", len(header)) + header + body)
     with pytest.raises(train_gpt.InputError, match=r"evil.ptz: artifact payload is not a tensor container"):
@@ -210,6 +221,7 @@ def test_size_plan_tracks_the_configured_scheme():
 
 # ---- Calibration inside the training cap, in full fp32 (the CUDA review, defects 7 and 10) ---------------------
 
+
 class SlowCalibrationModel:
     """collect_hessians' view of a model: each batch takes `seconds`; it records the TF32 flag it ran under."""
 
@@ -235,8 +247,14 @@ def calibration_run():
 
     h = tiny_hyperparameters(QUANT="gptq", GPTQ_CALIB_BATCHES=16)
     loader = SimpleNamespace(next_batch=lambda tokens, seq: (torch.zeros(1, seq, dtype=torch.int64), None, None))
-    run = SimpleNamespace(h=h, world_size=1, device=torch.device("cpu"), sync=lambda: None, compute_dtype=torch.float32,
-                          autocast=lambda: torch.autocast("cpu", enabled=False))
+    run = SimpleNamespace(
+        h=h,
+        world_size=1,
+        device=torch.device("cpu"),
+        sync=lambda: None,
+        compute_dtype=torch.float32,
+        autocast=lambda: torch.autocast("cpu", enabled=False),
+    )
     return run, loader
 
 

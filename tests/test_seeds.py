@@ -1,5 +1,6 @@
 """The seeds' techniques (#1089, #518, #181) and the record presets: formulas checked against direct computations,
-settings checked against the records' own values (beyond_549.md sections 0, 1.18; gap_specs.md section 3)."""
+settings checked against the records' own values (their scored runs' logs and code)."""
+
 from __future__ import annotations
 
 import math
@@ -14,31 +15,79 @@ from conftest import tiny_hyperparameters
 
 # ---------------------------------------------------------------------------------------------------- presets
 
-# The scored #1089 run (commit 8c44a2e, beyond_549.md section 1.18 and 1.10-1.15), as attribute -> value.
+# The scored #1089 run (commit 8c44a2e: its code and logs), as attribute -> value.
 PR1089_SCORED = {
-    "mlp_mult": 3.5, "mlp_negative_slope": 0.3, "xsa_last_n": 11, "qk_gain_init": 1.5, "warmdown_iters": 3500,
-    "lr_floor": 0.05, "embed_beta1": 0.7, "muon_ns": "turbo", "muon_backend_steps": 4, "muon_post_norm": "row_col",
-    "muon_decay_after_update": True, "small_matrix_optimizer": "muon", "bigram_vocab_size": 0,
-    "engram_buckets": 8192, "engram_heads": 2, "engram_orders": 2, "engram_dim_per_head": 32,
-    "skip_gates_enabled": True, "mimetic_vo_init": 0.05, "swa_enabled": True, "swa_every": 50,
-    "swa_threshold": 0.2, "swa_min_snapshots": 2, "ema_decay": 0.997, "late_qat_threshold": 0.15,
-    "soft_round_qat": True, "soft_round_alpha_max": 16.0, "quant": "gptq", "quant_bits_mlp": 5,
-    "quant_bits_attn": 5, "gptq_calib_batches": 64, "gptq_reserve_seconds": 14.0, "compressor": "brotli",
-    "byte_shuffle": True, "size_fit": True, "ttt_enabled": False, "grad_clip_scope": "local",
-    "matrix_lr": 0.025, "scalar_lr": 0.025, "tied_embed_lr": 0.035, "muon_wd": 0.04, "adam_wd": 0.04,
-    "grad_clip_norm": 0.3, "train_batch_tokens": 786_432, "train_seq_len": 2048, "num_layers": 11,
-    "model_dim": 512, "num_heads": 8, "num_kv_heads": 4, "ve_layers": [9, 10], "ve_dim": 128,
+    "mlp_mult": 3.5,
+    "mlp_negative_slope": 0.3,
+    "xsa_last_n": 11,
+    "qk_gain_init": 1.5,
+    "warmdown_iters": 3500,
+    "lr_floor": 0.05,
+    "embed_beta1": 0.7,
+    "muon_ns": "turbo",
+    "muon_backend_steps": 4,
+    "muon_post_norm": "row_col",
+    "muon_decay_after_update": True,
+    "small_matrix_optimizer": "muon",
+    "bigram_vocab_size": 0,
+    "engram_buckets": 8192,
+    "engram_heads": 2,
+    "engram_orders": 2,
+    "engram_dim_per_head": 32,
+    "skip_gates_enabled": True,
+    "mimetic_vo_init": 0.05,
+    "swa_enabled": True,
+    "swa_every": 50,
+    "swa_threshold": 0.2,
+    "swa_min_snapshots": 2,
+    "ema_decay": 0.997,
+    "late_qat_threshold": 0.15,
+    "soft_round_qat": True,
+    "soft_round_alpha_max": 16.0,
+    "quant": "gptq",
+    "quant_bits_mlp": 5,
+    "quant_bits_attn": 5,
+    "gptq_calib_batches": 64,
+    "gptq_reserve_seconds": 14.0,
+    "compressor": "brotli",
+    "byte_shuffle": True,
+    "size_fit": True,
+    "ttt_enabled": False,
+    "grad_clip_scope": "local",
+    "matrix_lr": 0.025,
+    "scalar_lr": 0.025,
+    "tied_embed_lr": 0.035,
+    "muon_wd": 0.04,
+    "adam_wd": 0.04,
+    "grad_clip_norm": 0.3,
+    "train_batch_tokens": 786_432,
+    "train_seq_len": 2048,
+    "num_layers": 11,
+    "model_dim": 512,
+    "num_heads": 8,
+    "num_kv_heads": 4,
+    "ve_layers": [9, 10],
+    "ve_dim": 128,
 }
-# #181's 1.1190 run (beyond_549.md section 2.1): #549 with 2048 bigram buckets and TTT freezing 2 blocks.
+# #181's 1.1190 run (its PR page): #549 with 2048 bigram buckets and TTT freezing 2 blocks.
 PR181_RUN = {"bigram_vocab_size": 2048, "ttt_freeze_blocks": 2, "ttt_enabled": True, "ttt_lr": 0.002, "ttt_epochs": 3}
 # #518 (section 3): BigramHash 2048, zstd, TTT AdamW lr 5e-4, mlp.fc x0.5, mlp.proj x3, clip 1; score-first here.
-PR518_LEGAL = {"bigram_vocab_size": 2048, "compressor": "zstd", "ttt_optimizer": "adamw", "ttt_lr": 0.0005,
-               "ttt_lr_mults": [1.0, 1.0, 0.5, 3.0], "ttt_grad_clip": 1.0, "ttt_enabled": True,
-               "mlp_negative_slope": 0.5, "xsa_last_n": 4}
+PR518_LEGAL = {
+    "bigram_vocab_size": 2048,
+    "compressor": "zstd",
+    "ttt_optimizer": "adamw",
+    "ttt_lr": 0.0005,
+    "ttt_lr_mults": [1.0, 1.0, 0.5, 3.0],
+    "ttt_grad_clip": 1.0,
+    "ttt_enabled": True,
+    "mlp_negative_slope": 0.5,
+    "xsa_last_n": 4,
+}
 
 
-@pytest.mark.parametrize("preset, expected", [("pr1089", PR1089_SCORED), ("pr181", PR181_RUN),
-                                              ("pr518_legal", PR518_LEGAL)])
+@pytest.mark.parametrize(
+    "preset, expected", [("pr1089", PR1089_SCORED), ("pr181", PR181_RUN), ("pr518_legal", PR518_LEGAL)]
+)
 def test_presets_reproduce_the_records_settings(preset, expected):
     h = train_gpt.Hyperparameters({"PRESET": preset})
     assert {k: getattr(h, k) for k in expected} == expected
@@ -64,8 +113,15 @@ def test_explicit_variables_override_the_preset_and_the_log_says_where_values_ca
 
 
 def test_record_spellings_are_accepted_and_conflicts_named():
-    h = train_gpt.Hyperparameters({"GPTQ_RESERVE_MS": "14000", "MATRIX_BITS": "5", "QAT_THRESHOLD": "0.2",
-                                   "MIN_LR": "0.1", "NGRAM_BUCKETS": "4096"})
+    h = train_gpt.Hyperparameters(
+        {
+            "GPTQ_RESERVE_MS": "14000",
+            "MATRIX_BITS": "5",
+            "QAT_THRESHOLD": "0.2",
+            "MIN_LR": "0.1",
+            "NGRAM_BUCKETS": "4096",
+        }
+    )
     assert (h.gptq_reserve_seconds, h.quant_bits_mlp, h.quant_bits_attn) == (14.0, 5, 5)
     assert (h.late_qat_threshold, h.lr_floor, h.engram_buckets) == (0.2, 0.1, 4096)
     assert "GPTQ_RESERVE_MS" in h.record_spellings
@@ -86,8 +142,12 @@ def test_ignored_record_variables_warn_and_illegal_ones_are_refused():
 
 def engram_rows_by_hand(ids: list[int], t: int, buckets: int) -> list[int]:
     cur, prev, pp = ids[t], ids[t - 1] if t >= 1 else 0, ids[t - 2] if t >= 2 else 0
-    hashes = [prev * 1009 + cur, (prev * 2719 + 314159) ^ (cur * 3137),
-              (pp * 36313) ^ (prev * 27191) ^ (cur * 4903), (pp * 7919) ^ (prev * 4391) ^ (cur * 6151)]
+    hashes = [
+        prev * 1009 + cur,
+        (prev * 2719 + 314159) ^ (cur * 3137),
+        (pp * 36313) ^ (prev * 27191) ^ (cur * 4903),
+        (pp * 7919) ^ (prev * 4391) ^ (cur * 6151),
+    ]
     return [value % buckets + i * buckets for i, value in enumerate(hashes)]
 
 
@@ -99,8 +159,9 @@ def test_engram_hashes_match_the_record_formulas():
     for t in range(len(ids)):
         assert rows[0, t].tolist() == engram_rows_by_hand(ids, t, 8192)
     bigram_only = train_gpt.EngramLite(buckets=8192, heads=1, orders=1, dim_per_head=32, model_dim=64)
-    assert bigram_only.bucket_ids(torch.tensor([ids]))[0, :, 0].tolist() == [engram_rows_by_hand(ids, t, 8192)[0]
-                                                                               for t in range(6)]
+    assert bigram_only.bucket_ids(torch.tensor([ids]))[0, :, 0].tolist() == [
+        engram_rows_by_hand(ids, t, 8192)[0] for t in range(6)
+    ]
 
 
 def test_engram_starts_silent_and_is_routed_like_the_record():
@@ -112,8 +173,11 @@ def test_engram_starts_silent_and_is_routed_like_the_record():
     assert not engram.proj.weight.any() and not engram.gate.any()  # zero projection: no contribution at init
     assert not engram(torch.randint(0, 1024, (2, 8))).any()
     token_adam, muon, scalar_adam, small_muon = train_gpt.build_optimizers(model, h, torch.float32, fused=False)
-    owner = lambda p: next(o for o in (token_adam, muon, scalar_adam, small_muon)  # noqa: E731
-                           if any(p is q for g in o.param_groups for q in g["params"]))
+    owner = lambda p: next(
+        o
+        for o in (token_adam, muon, scalar_adam, small_muon)  # noqa: E731
+        if any(p is q for g in o.param_groups for q in g["params"])
+    )
     assert owner(engram.embed.weight) is token_adam and token_adam.param_groups[0]["betas"] == (0.7, 0.95)
     assert owner(engram.proj.weight) is small_muon and owner(engram.gate) is scalar_adam
     assert scalar_adam.param_groups[0]["betas"] == (0.9, 0.95)
@@ -176,8 +240,9 @@ def test_muon_weight_decay_order(decay_after):
     start, grad = bank.detach().clone(), torch.randn(2, 8, 16)
     bank.grad = grad.clone()
     lr, wd = 0.1, 0.5
-    muon = train_gpt.BankMuon([bank], lr, 0.0, 4, wd, torch.float32, ns="turbo", post_norm="row_col",
-                              decay_after_update=decay_after)
+    muon = train_gpt.BankMuon(
+        [bank], lr, 0.0, 4, wd, torch.float32, ns="turbo", post_norm="row_col", decay_after_update=decay_after
+    )
     muon.step()
     update = train_gpt.post_normalize(train_gpt.turbo_orthogonalize(grad, 4), "row_col")
     if decay_after:  # #1089: p <- p - lr*U, then p <- p*(1 - lr*wd)
@@ -198,8 +263,9 @@ def test_per_layer_slopes_and_their_fallback():
     up = torch.randn(128, 64)
     block = model.blocks[1]
     hidden = F.linear(x, up)
-    assert torch.allclose(F.leaky_relu(hidden, block.negative_slope).square(),
-                          torch.where(hidden > 0, hidden, 0.131 * hidden).square())
+    assert torch.allclose(
+        F.leaky_relu(hidden, block.negative_slope).square(), torch.where(hidden > 0, hidden, 0.131 * hidden).square()
+    )
     with pytest.raises(train_gpt.InputError, match="MLP_NEGATIVE_SLOPES has 5 values for NUM_LAYERS=4"):
         tiny_hyperparameters(MLP_NEGATIVE_SLOPES="0.1,0.2,0.3,0.4,0.5")
 
@@ -225,7 +291,7 @@ def test_mimetic_vo_init():
         for head in range(h.num_heads):
             kv_head = head // group
             rows = slice(head * h.head_dim, (head + 1) * h.head_dim)
-            assert torch.equal(out[rows], -0.05 * v[kv_head * h.head_dim:(kv_head + 1) * h.head_dim])
+            assert torch.equal(out[rows], -0.05 * v[kv_head * h.head_dim : (kv_head + 1) * h.head_dim])
     assert not train_gpt.GPT(tiny_hyperparameters()).qo_bank[layers:].any()  # #549: zero
 
 
@@ -312,8 +378,7 @@ def test_ttt_optimizer_groups_carry_the_bank_multipliers():
     assert groups[3]["params"][0] is model.mlp_down_bank and groups[0]["betas"] == (0.9, 0.999)
     assert groups[0]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    assert math.isclose(sum(p.numel() for g in groups for p in g["params"]),
-                        sum(p.numel() for p in model.parameters()))
+    assert math.isclose(sum(p.numel() for g in groups for p in g["params"]), sum(p.numel() for p in model.parameters()))
     with pytest.raises(train_gpt.InputError, match="TTT_LR_MULTS"):
         tiny_hyperparameters(TTT_LR_MULTS="1,2")
 

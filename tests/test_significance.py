@@ -1,4 +1,5 @@
 """tools/significance.py on synthetic seed lists with known answers."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,10 @@ sys.path.insert(0, str(REPO / "tools"))
 import significance  # noqa: E402
 
 
-@pytest.mark.parametrize("t, df, p", [(2.228, 10, 0.025), (3.747, 4, 0.01), (6.314, 1, 0.05), (0.0, 7, 0.5),
-                                      (-2.228, 10, 0.975), (2.576, 1e6, 0.005)])
+@pytest.mark.parametrize(
+    "t, df, p",
+    [(2.228, 10, 0.025), (3.747, 4, 0.01), (6.314, 1, 0.05), (0.0, 7, 0.5), (-2.228, 10, 0.975), (2.576, 1e6, 0.005)],
+)
 def test_student_t_tail_matches_tables(t, df, p):
     assert significance.student_t_sf(t, df) == pytest.approx(p, abs=2e-4)
 
@@ -25,8 +28,11 @@ def test_welch_statistic_by_hand():
 
 
 def write_log(path, bpb, tokens=62_021_632, byte_count=151_080_633):
-    path.write_text(f"val_loader:shards pattern=x tokens:{tokens} bytes:{byte_count}\n"
-                    f"legal_ttt_exact val_loss:1.90000000 val_bpb:{bpb:.8f}\n")
+    path.write_text(
+        f"val_loader:shards pattern=x tokens:{tokens} bytes:{byte_count}\n"
+        f"legal_ttt_exact val_loss:1.90000000 val_bpb:{bpb + 1:.8f}\n"  # not the score: final_score is
+        f"final_score pass:legal_ttt_tilt val_loss:1.90000000 val_bpb:{bpb:.8f}\n"
+    )
     return str(path)
 
 
@@ -41,14 +47,23 @@ def test_clear_record_meets_the_bar(tmp_path, capsys):
 
 def test_small_but_certain_improvement_misses_the_bar(capsys):
     # 0.002 BPB at 0.4105 tokens/byte is 0.0034 nats: below 0.005 however certain.
-    status = significance.main(["--candidate-values", "1.1180,1.1181,1.1179", "--baseline-values", "1.1200,1.1201,1.1199",
-                                "--tokens-per-byte", "0.4105"])
+    status = significance.main(
+        [
+            "--candidate-values",
+            "1.1180,1.1181,1.1179",
+            "--baseline-values",
+            "1.1200,1.1201,1.1199",
+            "--tokens-per-byte",
+            "0.4105",
+        ]
+    )
     assert status == 1 and "NOT met (improvement below 0.005 nats)" in capsys.readouterr().out
 
 
 def test_noisy_improvement_misses_the_bar(capsys):
-    status = significance.main(["--candidate-values", "1.100,1.125", "--baseline-mean", "1.1194",
-                                "--tokens-per-byte", "0.4105"])
+    status = significance.main(
+        ["--candidate-values", "1.100,1.125", "--baseline-mean", "1.1194", "--tokens-per-byte", "0.4105"]
+    )
     out = capsys.readouterr().out
     assert status == 1 and "NOT met (p =" in out and "1 value (known mean)" in out
 
@@ -60,4 +75,4 @@ def test_inputs_that_cannot_be_compared_are_rejected(tmp_path, capsys):
     assert "disagree on tokens per byte" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("nothing\n")
     assert significance.main(["--candidate", str(tmp_path / "empty.txt"), a, "--baseline-mean", "1.2"]) == 2
-    assert "no final score line" in capsys.readouterr().err
+    assert "no final_score line" in capsys.readouterr().err

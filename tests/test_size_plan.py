@@ -1,4 +1,5 @@
 """The size planner (DRY_RUN=1) against real artifacts, and the over-cap exit status."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,11 @@ from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
 
 
 def test_dry_run_prints_one_plan_line_without_data(tmp_path):
-    result = run_script(tmp_path, dict(TINY_ENV, DRY_RUN=1, DATA_PATH="/nonexistent", TOKENIZER_PATH="/nonexistent",
-                                       RUN_ID="plan"), timeout=120)
+    result = run_script(
+        tmp_path,
+        dict(TINY_ENV, DRY_RUN=1, DATA_PATH="/nonexistent", TOKENIZER_PATH="/nonexistent", RUN_ID="plan"),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("size_plan ")]
     assert len(lines) == 1
@@ -41,10 +45,22 @@ SHORT_RUN_TOLERANCE = 0.20
 
 def test_plan_of_the_default_model_versus_a_short_cpu_run(tmp_path, sample_data):
     dataset, tokenizer = sample_data
-    env = dict(DATA_PATH=tiny_validation_copy(tmp_path, dataset, 2 * 256 + 1), TOKENIZER_PATH=tokenizer,
-               RUN_ID="full", TRAIN_SEQ_LEN=256, EVAL_SEQ_LEN=256, TRAIN_BATCH_TOKENS=2048, ITERATIONS=3,
-               WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, TTT_ENABLED=0, EVAL_STRIDE=256,
-               MUON_MOMENTUM_WARMUP_STEPS=3, WARMDOWN_ITERS=0)
+    env = dict(
+        DATA_PATH=tiny_validation_copy(tmp_path, dataset, 2 * 256 + 1),
+        TOKENIZER_PATH=tokenizer,
+        RUN_ID="full",
+        TRAIN_SEQ_LEN=256,
+        EVAL_SEQ_LEN=256,
+        TRAIN_BATCH_TOKENS=2048,
+        ITERATIONS=3,
+        WARMUP_STEPS=0,
+        MAX_WALLCLOCK_SECONDS=0,
+        VAL_LOSS_EVERY=0,
+        TTT_ENABLED=0,
+        EVAL_STRIDE=256,
+        MUON_MOMENTUM_WARMUP_STEPS=3,
+        WARMDOWN_ITERS=0,
+    )
     result = run_script(tmp_path, env, timeout=900)
     assert result.returncode == 3, result.stderr[-3000:]  # near-Gaussian early weights do not fit 16 MB
     log = read_log(tmp_path, "full")

@@ -2,6 +2,7 @@
 defect 1): int32 cu_seqlens from 0 to the token count, non-decreasing, at most 65,535 sequences (FA3's backward grid
 puts them on an axis of at most 65,535 blocks), no empty sequence except a padding tail at the end; then causal
 attention within each sequence (SDPA, native GQA). `calls` records each call's sequence counts."""
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ def check_contract(cu_seqlens: torch.Tensor, total: int):
     real = next((i for i, length in enumerate(lengths) if length == 0), len(lengths))
     assert all(length == 0 for length in lengths[real:]), "an empty sequence before the padding tail"
     calls.append((len(lengths), real))
-    return values[:real + 1]
+    return values[: real + 1]
 
 
 def varlen_attention(q, k, v, cu_seqlens=None):
@@ -34,8 +35,9 @@ def varlen_attention(q, k, v, cu_seqlens=None):
     out = torch.empty_like(flat_q)
     for a, b in zip(bounds[:-1], bounds[1:]):
         pieces = (t[a:b].transpose(0, 1)[None] for t in (flat_q, flat_k, flat_v))
-        out[a:b] = F.scaled_dot_product_attention(*pieces, is_causal=True,
-                                                  enable_gqa=q.size(2) != k.size(2))[0].transpose(0, 1)
+        out[a:b] = F.scaled_dot_product_attention(*pieces, is_causal=True, enable_gqa=q.size(2) != k.size(2))[
+            0
+        ].transpose(0, 1)
     return out.view(q.shape)
 
 

@@ -1,6 +1,7 @@
 """train_gpt.py with DOC_ISOLATION through the varlen stand-in (tests/varlen_standin.py) instead of SDPA's mask, so
 training, calibration, every scoring pass and both TTT modes hand the kernel host-built, bucketed cu_seqlens.
 Prints the sequence counts the kernel saw (largest, and the largest non-empty)."""
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,10 @@ def select_standin(requested, device_type, dtype, doc_isolation=False):
 train_gpt.select_attention_backend = select_standin
 status = train_gpt.main()
 calls = varlen_standin.calls
-print(f"varlen_calls:{len(calls)} max_sequences:{max(c[0] for c in calls)} max_real:{max(c[1] for c in calls)}",
-      flush=True)
+print(
+    f"varlen_calls:{len(calls)} max_sequences:{max(c[0] for c in calls)} max_real:{max(c[1] for c in calls)}",
+    flush=True,
+)
 if train_gpt.dist.is_initialized():
     train_gpt.end_distributed_run(status)
 sys.exit(status)

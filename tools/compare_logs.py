@@ -11,6 +11,7 @@ scores both logs have (post-average, roundtrip, sliding, TTT), with their differ
 initial weights and identical data the curves can only differ by rounding until a behavioural difference
 acts: the first step over the tolerance is where to look. Exit status 0 when no step is over the tolerance.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,17 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from logparse import final_score  # noqa: E402
+
 STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:([-\d.naif]+)", re.M)
 # The same score under each script's label: this script's first, #549's second.
-SCORES = (("post_average", (r"DIAGNOSTIC post_average", r"DIAGNOSTIC post_ema")),
-          ("roundtrip", (r"final_int6_roundtrip_exact",)),
-          ("sliding", (r"final_int6_sliding_window_exact", r"final_int6_sliding_window_s64_exact")),
-          ("legal_ttt", (r"legal_ttt_exact",)))
+SCORES = (
+    ("post_average", (r"DIAGNOSTIC post_average", r"DIAGNOSTIC post_ema")),
+    ("roundtrip", (r"final_int6_roundtrip_exact",)),
+    ("sliding", (r"final_int6_sliding_window_exact", r"final_int6_sliding_window_s64_exact")),
+    ("legal_ttt", (r"legal_ttt_exact",)),
+)
 
 
 def train_losses(text: str) -> dict[int, float]:
@@ -31,8 +37,9 @@ def train_losses(text: str) -> dict[int, float]:
 
 
 def scores(text: str) -> dict[str, float]:
-    """The last val_bpb of each score the log has."""
-    found = {}
+    """The last val_bpb of each score the log has; `final` is the run's own score (its final_score line)."""
+    score = final_score(text)
+    found = {"final": score[2]} if score else {}
     for name, labels in SCORES:
         for label in labels:
             values = re.findall(rf"^{label} val_loss:\S+ val_bpb:([\d.]+)", text, re.M)
@@ -51,8 +58,13 @@ def compare(a: dict[int, float], b: dict[int, float], tolerance: float) -> dict:
     # NaN counts as over.
     over = [s for s in steps if not abs(diffs[s]) <= tolerance + 1e-9]
     worst = max(steps, key=lambda s: abs(diffs[s]))
-    return dict(steps=steps, diffs=diffs, first_over=over[0] if over else None, worst=worst,
-                mean_abs=sum(abs(d) for d in diffs.values()) / len(steps))
+    return dict(
+        steps=steps,
+        diffs=diffs,
+        first_over=over[0] if over else None,
+        worst=worst,
+        mean_abs=sum(abs(d) for d in diffs.values()) / len(steps),
+    )
 
 
 def main() -> int:
@@ -71,9 +83,11 @@ def main() -> int:
         if step % args.every == 0 or step in (steps[0], steps[-1], result["first_over"]):
             marker = "  <- first over the tolerance" if step == result["first_over"] else ""
             print(f"{step:>6} {a[step]:>24.4f} {b[step]:>24.4f} {diffs[step]:>+12.4f}{marker}")
-    print(f"compare_logs steps:{len(steps)} first_over:{result['first_over'] or 'none'} "
-          f"max_abs_diff:{abs(diffs[result['worst']]):.4f} at_step:{result['worst']} "
-          f"mean_abs_diff:{result['mean_abs']:.5f} tolerance:{args.tolerance:g}")
+    print(
+        f"compare_logs steps:{len(steps)} first_over:{result['first_over'] or 'none'} "
+        f"max_abs_diff:{abs(diffs[result['worst']]):.4f} at_step:{result['worst']} "
+        f"mean_abs_diff:{result['mean_abs']:.5f} tolerance:{args.tolerance:g}"
+    )
     score_a, score_b = (scores(text) for text in texts)
     for name in (n for n, _ in SCORES if n in score_a and n in score_b):
         print(f"score {name} {score_a[name]:.8f} {score_b[name]:.8f} difference:{score_a[name] - score_b[name]:+.8f}")

@@ -15,6 +15,7 @@ the bytes a submission is charged for. The payload's first line names the transf
 version). --verify decodes a packed file and re-derives it from the readable source with that transform: equal
 means the blob is exactly the source, transformed deterministically, so a reviewer can trust it unread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,27 @@ import sys
 from pathlib import Path
 
 FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-STUB = ("import base64 as b,lzma as l\n"
-        "exec(l.decompress(b.b85decode({payload!r}),format=l.FORMAT_RAW,filters=[{{'id':l.FILTER_LZMA2}}]))\n")
-STUB_PATTERN = re.compile(r"^import base64 as b,lzma as l\nexec\(l\.decompress\(b\.b85decode\((b'[^']*')\),"
-                          r"format=l\.FORMAT_RAW,filters=\[\{'id':l\.FILTER_LZMA2\}\]\)\)\n$")
+STUB = (
+    "import base64 as b,lzma as l\n"
+    "exec(l.decompress(b.b85decode({payload!r}),format=l.FORMAT_RAW,filters=[{{'id':l.FILTER_LZMA2}}]))\n"
+)
+STUB_PATTERN = re.compile(
+    r"^import base64 as b,lzma as l\nexec\(l\.decompress\(b\.b85decode\((b'[^']*')\),"
+    r"format=l\.FORMAT_RAW,filters=\[\{'id':l\.FILTER_LZMA2\}\]\)\)\n$"
+)
 
 
 HEADER = "# tools/pack_code.py transform: {transform}\n"
 # python-minifier options: #1089's (its Shrink/shrink.py), except asserts, which train_gpt.py's audits raise, and
 # argument annotations, which Triton reads (`block: tl.constexpr` makes a kernel argument a compile-time constant).
-MINIFY_OPTIONS = dict(remove_literal_statements=True, remove_asserts=False, remove_debug=False, rename_globals=False,
-                      rename_locals=True, hoist_literals=True)
+MINIFY_OPTIONS = dict(
+    remove_literal_statements=True,
+    remove_asserts=False,
+    remove_debug=False,
+    rename_globals=False,
+    rename_locals=True,
+    hoist_literals=True,
+)
 
 
 class DocstringRemover(ast.NodeTransformer):
@@ -46,8 +57,12 @@ class DocstringRemover(ast.NodeTransformer):
     def _strip(self, node):
         self.generic_visit(node)
         body = node.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
+        if (
+            body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
         return node
 
@@ -65,10 +80,13 @@ def minifier_version() -> str:
         from importlib.metadata import version
 
         import python_minifier  # noqa: F401
+
         return version("python-minifier")
     except ImportError:
-        raise ValueError("the python-minifier package is not installed (pip install python-minifier; it is in "
-                         "requirements-dev.txt), or pack with --no-minify") from None
+        raise ValueError(
+            "the python-minifier package is not installed (pip install python-minifier; it is in "
+            "requirements-dev.txt), or pack with --no-minify"
+        ) from None
 
 
 def transform(source: str, minify: bool) -> str:
@@ -80,8 +98,11 @@ def transform(source: str, minify: bool) -> str:
 
     name = f"python-minifier {minifier_version()}"
     annotations = python_minifier.RemoveAnnotationsOptions(remove_argument_annotations=False)
-    return HEADER.format(transform=name) + python_minifier.minify(stripped, remove_annotations=annotations,
-                                                                  **MINIFY_OPTIONS) + "\n"
+    return (
+        HEADER.format(transform=name)
+        + python_minifier.minify(stripped, remove_annotations=annotations, **MINIFY_OPTIONS)
+        + "\n"
+    )
 
 
 def pack(source: str, minify: bool = True) -> str:
@@ -105,11 +126,13 @@ def verify(packed_path: Path, source_path: Path) -> str:
     prefix = HEADER.format(transform="")[:-1]
     if not header.startswith(prefix):
         raise ValueError(f"{packed_path}: its code has no transform header ({prefix!r}); repack it")
-    transform_name = header[len(prefix):]
+    transform_name = header[len(prefix) :]
     minify = transform_name != "ast"
     if minify and transform_name != f"python-minifier {minifier_version()}":
-        raise ValueError(f"{packed_path} was minified with {transform_name}, this machine has "
-                         f"python-minifier {minifier_version()}: install that version to verify it")
+        raise ValueError(
+            f"{packed_path} was minified with {transform_name}, this machine has "
+            f"python-minifier {minifier_version()}: install that version to verify it"
+        )
     if decoded != transform(source_path.read_text(encoding="utf-8"), minify):
         raise ValueError(f"{packed_path} does not decode to the {transform_name}-transformed {source_path}")
     return hashlib.sha256(decoded.encode()).hexdigest()
@@ -120,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, nargs="?", help="readable train_gpt.py to pack")
     parser.add_argument("-o", "--output", type=Path, help="where to write the packed file")
     parser.add_argument("--no-minify", action="store_true", help="ast round trip only, no python-minifier pass")
-    parser.add_argument("--verify", nargs=2, type=Path, metavar=("PACKED", "SOURCE"),
-                        help="check that PACKED decodes to SOURCE, transformed as its header says")
+    parser.add_argument(
+        "--verify",
+        nargs=2,
+        type=Path,
+        metavar=("PACKED", "SOURCE"),
+        help="check that PACKED decodes to SOURCE, transformed as its header says",
+    )
     args = parser.parse_args(argv)
     if args.verify:
         packed, source = args.verify
@@ -130,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as error:
             print(f"FAILED: {error}", file=sys.stderr)
             return 1
-        print(f"OK: {packed} ({packed.stat().st_size:,} bytes) decodes to the transformed {source} "
-              f"({source.stat().st_size:,} bytes readable), sha256 {digest[:16]}")
+        print(
+            f"OK: {packed} ({packed.stat().st_size:,} bytes) decodes to the transformed {source} "
+            f"({source.stat().st_size:,} bytes readable), sha256 {digest[:16]}"
+        )
         return 0
     if not args.source or not args.output:
         parser.error("give SOURCE and -o OUTPUT, or --verify PACKED SOURCE")
@@ -142,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(packed, encoding="utf-8")
-    print(f"packed {args.source} ({args.source.stat().st_size:,} bytes) -> {args.output} "
-          f"({len(packed.encode()):,} bytes)")
+    print(
+        f"packed {args.source} ({args.source.stat().st_size:,} bytes) -> {args.output} ({len(packed.encode()):,} bytes)"
+    )
     return 0
 
 

@@ -17,10 +17,10 @@ and are then labelled non-record in submission.json. The validation set is check
 log's audited val_bytes line) and its scored token count, which depends on the vocabulary: 62,021,632 for sp1024,
 47,851,520 for CaseOps sp8192, and for any other dataset the count its manifest (data/manifest*.json) implies.
 """
+
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import re
@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import pack_code  # noqa: E402
-from significance import SCORE_LABELS, final_score  # noqa: E402
+from logparse import final_score  # noqa: E402
 
 CAP_BYTES, LIMIT_SECONDS, CHALLENGE_VAL_DOCS = 16_000_000, 600.0, 50_000
 # Scored validation tokens (the stream trimmed to whole 2048-token sequences) of the exports the records used.
@@ -61,6 +61,8 @@ class RunLog:
     world_size: int
     val_tokens: int
     val_docs: int
+    torch: str
+    attention: str
     settings: dict = field(default_factory=dict)
     non_record: list = field(default_factory=list)
 
@@ -88,22 +90,37 @@ def parse_log(path: Path, code: str) -> RunLog:
     check_digest(text, path)
     score = final_score(text)
     if score is None:
-        raise Refused(f"{path}: no final score line ({', '.join(SCORE_LABELS)})")
+        raise Refused(f"{path}: no final_score line (a log from before that line, or an unfinished run)")
     label, val_loss, val_bpb = score
-    if label == "legal_ttt_exact" and not re.search(r"^ttt_audit ok: ", text, re.M):
+    if label.startswith("legal_ttt") and not re.search(r"^ttt_audit ok: ", text, re.M):
         raise Refused(f"{path}: a TTT score without its 'ttt_audit ok' line")
-    code_bytes, total = map(int, last(r"^artifact path:\S+ code_bytes:(\d+) model_bytes:\d+ total_bytes:(\d+)", text,
-                                      path, "artifact"))
-    train_ms = float(last(r"^step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:([\d.]+)ms", text, path, "final validation"))
+    code_bytes, total = map(
+        int, last(r"^artifact path:\S+ code_bytes:(\d+) model_bytes:\d+ total_bytes:(\d+)", text, path, "artifact")
+    )
+    train_ms = float(
+        last(r"^step:\d+/\d+ val_loss:\S+ val_bpb:\S+ train_time:([\d.]+)ms", text, path, "final validation")
+    )
     calibration = re.findall(r"^gptq:hessians .* ended_at:([\d.]+)s", text, re.M)
     eval_seconds = float(last(r"^eval:total seconds:([\d.]+)", text, path, "eval:total"))
-    run = RunLog(path, int(last(r"^train_batch_tokens:.* seed:(\d+)$", text, path, "seed")), label, val_loss, val_bpb,
-                 total, code_bytes, train_ms, eval_seconds, last(r"^started:(\S+)$", text, path, "started"),
-                 last(r"^device:(\w+)", text, path, "device"),
-                 int(last(r"world_size:(\d+) grad_accum_steps", text, path, "world_size")),
-                 int(last(r"^val_loader:shards \S+ tokens:(\d+)", text, path, "val_loader")),
-                 int(last(r"^val_bytes:\S+ .*documents:(\d+)", text, path, "val_bytes (byte audit)")),
-                 json.loads(last(r"^hyperparameters (\{.*\})$", text, path, "hyperparameters")))
+    run = RunLog(
+        path,
+        int(last(r"^train_batch_tokens:.* seed:(\d+)$", text, path, "seed")),
+        label,
+        val_loss,
+        val_bpb,
+        total,
+        code_bytes,
+        train_ms,
+        eval_seconds,
+        last(r"^started:(\S+)$", text, path, "started"),
+        last(r"^device:(\w+)", text, path, "device"),
+        int(last(r"world_size:(\d+) grad_accum_steps", text, path, "world_size")),
+        int(last(r"^val_loader:shards \S+ tokens:(\d+)", text, path, "val_loader")),
+        int(last(r"^val_bytes:\S+ .*documents:(\d+)", text, path, "val_bytes (byte audit)")),
+        last(r"^python:\S+ torch:(\S+) ", text, path, "python/torch"),
+        last(r"^compute_dtype:\S+ attention:(\S+) ", text, path, "attention"),
+        json.loads(last(r"^hyperparameters (\{.*\})$", text, path, "hyperparameters")),
+    )
     if code_bytes != len(code.encode("utf-8")):
         raise Refused(f"{path}: logged code_bytes {code_bytes} is not the size of the packed code")
     if total > CAP_BYTES:
@@ -131,11 +148,17 @@ def expected_val_tokens(dataset: str, seq_len: int, data_dir: Path = REPO / "dat
     if dataset in KNOWN_VAL_TOKENS and seq_len == 2048:
         return KNOWN_VAL_TOKENS[dataset], "the records' logs"
     for manifest in sorted(data_dir.glob("manifest*.json")):
-        entry = next((d for d in json.loads(manifest.read_text(encoding="utf-8")).get("datasets", [])
-                      if d.get("name") == dataset), None)
+        entry = next(
+            (
+                d
+                for d in json.loads(manifest.read_text(encoding="utf-8")).get("datasets", [])
+                if d.get("name") == dataset
+            ),
+            None,
+        )
         if entry:
             return (int(entry["stats"]["tokens_val"]) - 1) // seq_len * seq_len, f"{manifest.name}"
-    return None, f"no data/manifest*.json lists it (download it with data/cached_challenge_fineweb.py)"
+    return None, "no data/manifest*.json lists it (download it with data/cached_challenge_fineweb.py)"
 
 
 def non_default_settings(runs: list[RunLog]) -> dict:
@@ -143,8 +166,16 @@ def non_default_settings(runs: list[RunLog]) -> dict:
     import train_gpt
 
     defaults = vars(train_gpt.Hyperparameters({}))
-    per_seed = {"seed", "run_id", "artifact_path", "rank", "local_rank", "world_size", "distributed",
-                *train_gpt.NOT_SETTINGS}
+    per_seed = {
+        "seed",
+        "run_id",
+        "artifact_path",
+        "rank",
+        "local_rank",
+        "world_size",
+        "distributed",
+        *train_gpt.NOT_SETTINGS,
+    }
     settings = runs[0].settings
     return {k: v for k, v in sorted(settings.items()) if k not in per_seed and defaults.get(k) != v}
 
@@ -153,30 +184,78 @@ def submission(runs: list[RunLog], args, code: str) -> dict:
     bpbs, losses = [r.val_bpb for r in runs], [r.val_loss for r in runs]
     notes = sorted({note for r in runs for note in r.non_record})
     return {
-        "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
+        "author": args.author,
+        "github_id": args.github_id,
+        "name": args.name,
+        "blurb": args.blurb,
         "date": min(r.started for r in runs),
-        "val_loss": round(statistics.fmean(losses), 8), "val_bpb": round(statistics.fmean(bpbs), 8),
+        "val_loss": round(statistics.fmean(losses), 8),
+        "val_bpb": round(statistics.fmean(bpbs), 8),
         "val_bpb_std": round(statistics.stdev(bpbs), 8) if len(bpbs) > 1 else None,
-        "score": runs[0].score_label, "seeds": [r.seed for r in runs],
-        "bytes_total": max(r.total_bytes for r in runs), "bytes_code": len(code.encode("utf-8")),
+        "score": runs[0].score_label,
+        "seeds": [r.seed for r in runs],
+        "bytes_total": max(r.total_bytes for r in runs),
+        "bytes_code": len(code.encode("utf-8")),
         "track": "10min_16mb" if not notes else "non-record: " + "; ".join(notes),
-        "runs": [{"seed": r.seed, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "bytes_total": r.total_bytes,
-                  "train_time_ms": r.train_ms, "eval_seconds": r.eval_seconds, "log": f"train_seed{r.seed}.log"}
-                 for r in runs],
+        "runs": [
+            {
+                "seed": r.seed,
+                "val_loss": r.val_loss,
+                "val_bpb": r.val_bpb,
+                "bytes_total": r.total_bytes,
+                "train_time_ms": r.train_ms,
+                "eval_seconds": r.eval_seconds,
+                "log": f"train_seed{r.seed}.log",
+            }
+            for r in runs
+        ],
     }
 
 
+READABLE_NAME = "train_gpt_human.py"  # as #1394 named the readable source beside its packed train_gpt.py
+COMPRESSOR_MODULES = {"zstd": "zstandard", "brotli": "brotli", "lrzip": "brotli"}
+
+
+def record_requirements(runs: list[RunLog]) -> str:
+    """What the logged runs needed, from the logs: the torch they ran (pinned), FlashAttention 3 when they used
+    it (ATTENTION_BACKEND=auto requires it on CUDA), the compressor's module, lrzip's system package."""
+    versions = sorted({run.torch for run in runs})
+    settings, attention = runs[0].settings, sorted({run.attention for run in runs})
+    lines = [
+        "# What the runs in this folder needed (tools/pack_record.py, from their logs).",
+        f"torch=={versions[0].split('+')[0]}  # the runs used torch {', '.join(versions)}",
+        "numpy",
+        "sentencepiece",
+    ]
+    module = COMPRESSOR_MODULES.get(settings.get("compressor", "lzma"))
+    if module:
+        lines.append(f"{module}  # COMPRESSOR={settings['compressor']}")
+    if "fa3" in attention:
+        lines.append("# FlashAttention 3 (module flash_attn_interface): a Hopper wheel built for this torch; required")
+        lines.append("# on CUDA by ATTENTION_BACKEND=auto, which refuses to run without it")
+    elif attention:
+        lines.append(f"# attention kernel used: {', '.join(attention)} (FlashAttention 3 not needed by these runs)")
+    if settings.get("compressor") == "lrzip":
+        lines.append("# system package: lrzip (apt-get install lrzip)")
+    return "\n".join(lines) + "\n"
+
+
 def readme(info: dict, runs: list[RunLog], settings: dict) -> str:
-    env = " ".join(f"{k.upper()}={','.join(map(str, v)) if isinstance(v, list) else int(v) if isinstance(v, bool) else v}"
-                   for k, v in settings.items())
-    rows = "\n".join(f"| {r.seed} | {r.val_bpb:.8f} | {r.val_loss:.8f} | {r.total_bytes:,} | {r.train_ms / 1000:.1f} s | "
-                     f"{r.eval_seconds:.1f} s |" for r in runs)
-    return f"""# {info['name']}
+    env = " ".join(
+        f"{k.upper()}={','.join(map(str, v)) if isinstance(v, list) else int(v) if isinstance(v, bool) else v}"
+        for k, v in settings.items()
+    )
+    rows = "\n".join(
+        f"| {r.seed} | {r.val_bpb:.8f} | {r.val_loss:.8f} | {r.total_bytes:,} | {r.train_ms / 1000:.1f} s | "
+        f"{r.eval_seconds:.1f} s |"
+        for r in runs
+    )
+    return f"""# {info["name"]}
 
-{info['blurb'] or '(describe the submission here)'}
+{info["blurb"] or "(describe the submission here)"}
 
-**val_bpb {info['val_bpb']:.4f}** (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}, score line `{info['score']}`), \
-artifact at most {info['bytes_total']:,} bytes. Track: {info['track']}.
+**val_bpb {info["val_bpb"]:.4f}** (mean of {len(runs)} seed{"s" if len(runs) > 1 else ""}, score line `{info["score"]}`), \
+artifact at most {info["bytes_total"]:,} bytes. Track: {info["track"]}.
 
 | seed | val_bpb | val_loss | artifact bytes | training | evaluation |
 |---|---|---|---|---|---|
@@ -187,13 +266,14 @@ Every number above is parsed from the logs in this folder by `tools/pack_record.
 ## Configuration (settings that differ from train_gpt.py's defaults)
 
 ```bash
-{env or '# none: the defaults'} torchrun --standalone --nproc_per_node=8 train_gpt.py
+{env or "# none: the defaults"} torchrun --standalone --nproc_per_node=8 train_gpt.py
 ```
 
 ## Files
 
-`train_gpt.py` (the code that produced every log, byte for byte), `requirements.txt`, `train_seed<N>.log`,
-`submission.json`.
+`train_gpt.py` (the code that produced every log, byte for byte: the counted code), `{READABLE_NAME}` when
+`train_gpt.py` is the packed file (its readable source, not counted), `requirements.txt` (what the runs used, from
+their logs), `train_seed<N>.log`, `submission.json`.
 """
 
 
@@ -217,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         if len({r.seed for r in runs}) != len(runs):
             raise Refused("two logs have the same seed")
         if any(r.non_record for r in runs) and not args.allow_non_record:
-            raise Refused("not a record run: " + "; ".join(sorted({n for r in runs for n in r.non_record}))
-                          + " (pass --allow-non-record to package it as a non-record submission)")
+            raise Refused(
+                "not a record run: "
+                + "; ".join(sorted({n for r in runs for n in r.non_record}))
+                + " (pass --allow-non-record to package it as a non-record submission)"
+            )
     except (OSError, ValueError) as error:
         print(f"refused: {error}", file=sys.stderr)
         return 2
@@ -226,15 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.records_dir / f"{info['date'][:10]}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.name)}"
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.code, folder / "train_gpt.py")
-    shutil.copyfile(REPO / "requirements.txt", folder / "requirements.txt")
+    if pack_code.STUB_PATTERN.match(code):  # the packed file is counted; the readable source beside it is not (#1394)
+        shutil.copyfile(REPO / "train_gpt.py", folder / READABLE_NAME)
+    (folder / "requirements.txt").write_text(record_requirements(runs), encoding="utf-8")
     for run in runs:
         shutil.copyfile(run.path, folder / f"train_seed{run.seed}.log")
     (folder / "submission.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     (folder / "README.md").write_text(readme(info, runs, non_default_settings(runs)), encoding="utf-8")
     if args.submission_json:
         args.submission_json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print(f"packed {len(runs)} log(s) into {folder}: val_bpb {info['val_bpb']:.8f}, bytes_total {info['bytes_total']:,}, "
-          f"track {info['track']}")
+    print(
+        f"packed {len(runs)} log(s) into {folder}: val_bpb {info['val_bpb']:.8f}, bytes_total {info['bytes_total']:,}, "
+        f"track {info['track']}"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@
 The configuration follows the environment exactly like train_gpt.py (QUANT, COMPRESSOR, QUANT_BITS_*, model
 shape). Everything goes to logs/<run-id>.txt, which starts with train_gpt.py's code like a training log.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,19 +41,27 @@ def main() -> int:
     h = tg.Hyperparameters(dict(os.environ, RUN_ID=args.run_id))
     run = tg.RunContext(h)
     tg.log_run_header(run, Path(tg.__file__).read_bytes().decode("utf-8"))
-    run.log(f"planner_check quant:{h.quant} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
-            f"bits_mlp/attn/embed/tables:{h.quant_bits_mlp}/{h.quant_bits_attn}/{h.quant_bits_embed}/{h.quant_bits_tables}")
+    run.log(
+        f"planner_check quant:{h.quant} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
+        f"bits_mlp/attn/embed/tables:{h.quant_bits_mlp}/{h.quant_bits_attn}/{h.quant_bits_embed}/{h.quant_bits_tables}"
+    )
     started = time.perf_counter()
     planned = tg.plan_artifact(h)
     plan_seconds = time.perf_counter() - started
-    run.log(f"planner_check planner student_t_dof:{tg.PLANNER_TAIL_DOF} rows_sampled:1/8 "
-            f"predicted_model_bytes:{planned} seconds:{plan_seconds:.1f}")
+    run.log(
+        f"planner_check planner student_t_dof:{tg.PLANNER_TAIL_DOF} rows_sampled:1/8 "
+        f"predicted_model_bytes:{planned} seconds:{plan_seconds:.1f}"
+    )
     exact, exact_seconds = full_size(tg.stand_in_state(h, torch.distributions.StudentT(tg.PLANNER_TAIL_DOF)), h)
-    run.log(f"planner_check student_t all_rows model_bytes:{exact} seconds:{exact_seconds:.1f} "
-            f"sampling_error:{100 * (planned - exact) / exact:+.2f}%")
+    run.log(
+        f"planner_check student_t all_rows model_bytes:{exact} seconds:{exact_seconds:.1f} "
+        f"sampling_error:{100 * (planned - exact) / exact:+.2f}%"
+    )
     gaussian, gaussian_seconds = full_size(tg.stand_in_state(h, torch.distributions.Normal(0.0, 1.0)), h)
-    run.log(f"planner_check gaussian all_rows model_bytes:{gaussian} seconds:{gaussian_seconds:.1f} "
-            f"vs_student_t:{100 * (gaussian - exact) / exact:+.2f}%")
+    run.log(
+        f"planner_check gaussian all_rows model_bytes:{gaussian} seconds:{gaussian_seconds:.1f} "
+        f"vs_student_t:{100 * (gaussian - exact) / exact:+.2f}%"
+    )
     run.seal_log()
     return 0
 

@@ -19,6 +19,7 @@ rank of a RANKS-GPU run) and, on random tokens (no dataset needed, nothing from 
 It exits 0 when every check passed, 1 naming the first check that failed and why, 2 for a bad setting. On the
 CPU it runs the same checks in fp32 (SDPA, eager unless COMPILE=1): slow, but a tiny config proves the path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ import train_gpt as tg  # noqa: E402
 
 CHALLENGE_VAL_TARGETS = 62_021_632  # sp1024 validation tokens minus one: every target of the 50,000 documents
 CHALLENGE_DOCUMENTS, CHALLENGE_MEAN_DOCUMENT = 50_000, CHALLENGE_VAL_TARGETS // 50_000  # 1,240 tokens
-RECORD_549_STEP_MS = 83.4  # #549 on 8xH100 (record_549.md section 18): the overlap the projection assumes
+RECORD_549_STEP_MS = 83.4  # #549 on 8xH100 (its README): the overlap the projection assumes
 
 
 class RankOfRun(tg.Hyperparameters):
@@ -78,8 +79,10 @@ def expect_no_new_graphs(primed: int, what: str):
     """Priming must have compiled every variant: a graph compiled later would compile inside the clock."""
     extra = compiled_graphs() - primed
     if extra:
-        raise RuntimeError(f"{extra} graph(s) compiled during {what} after priming: that compile would run inside "
-                           f"the timed loop or the eval clock (TORCH_LOGS=recompiles shows which guard failed)")
+        raise RuntimeError(
+            f"{extra} graph(s) compiled during {what} after priming: that compile would run inside "
+            f"the timed loop or the eval clock (TORCH_LOGS=recompiles shows which guard failed)"
+        )
 
 
 def report(check: str, message: str):
@@ -96,12 +99,23 @@ def timed(run: tg.RunContext, fn) -> float:
 
 
 def check_environment():
-    report("environment", f"python {platform.python_version()} torch {torch.__version__} "
-                          f"cuda {torch.version.cuda or 'none'} cuda_available {torch.cuda.is_available()}")
+    report(
+        "environment",
+        f"python {platform.python_version()} torch {torch.__version__} "
+        f"cuda {torch.version.cuda or 'none'} cuda_available {torch.cuda.is_available()}",
+    )
     if torch.cuda.is_available():
         try:
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+            driver = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                )
+                .stdout.strip()
+                .splitlines()[0]
+            )
         except (OSError, subprocess.SubprocessError, IndexError):
             driver = "unknown (nvidia-smi failed)"
         report("environment", f"gpu {torch.cuda.get_device_name()} x{torch.cuda.device_count()} driver {driver}")
@@ -116,9 +130,12 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     trainer.local_tokens = h.train_batch_tokens // (h.ranks * h.grad_accum_steps)
     trainer.new_loader = lambda: RandomBatches(h.vocab_size, run.device, run.documents)
     prime_seconds = timed(run, trainer.prime)
-    report("graphs", f"training primed in {prime_seconds:.1f}s ({h.warmup_steps} warmup steps"
-                     + (", looped graph included" if run.compile and h.num_loops else "")
-                     + (", QAT graph included)" if run.compile and h.late_qat_threshold > 0 else ")"))
+    report(
+        "graphs",
+        f"training primed in {prime_seconds:.1f}s ({h.warmup_steps} warmup steps"
+        + (", looped graph included" if run.compile and h.num_loops else "")
+        + (", QAT graph included)" if run.compile and h.late_qat_threshold > 0 else ")"),
+    )
     loader, muon = trainer.new_loader(), trainer.optimizers[1]
     muon_seconds, plain_step = [], muon.step
 
@@ -131,8 +148,11 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     muon.step = plain_step
     if model.num_loops:  # depth recurrence: the looped graph (primed in warmup) runs from ENABLE_LOOPING_AT on
         model.looping = True
-        report("graphs", f"looped step ({len(model.layer_order())} virtual layers) ran in "
-                         f"{1000 * timed(run, lambda: trainer.step(loader, steps, 1.0)):.1f}ms")
+        report(
+            "graphs",
+            f"looped step ({len(model.layer_order())} virtual layers) ran in "
+            f"{1000 * timed(run, lambda: trainer.step(loader, steps, 1.0)):.1f}ms",
+        )
     if h.late_qat_threshold > 0 or h.qat_enabled:
         model.qat_active = True
         report("graphs", f"late-QAT step ran in {1000 * timed(run, lambda: trainer.step(loader, steps, 0.1)):.1f}ms")
@@ -151,17 +171,26 @@ def report_training_projection(run: tg.RunContext, timing: dict):
     step_ms, muon_ms = timing["step_ms"], timing["muon_ms"]
     # On R ranks each rank runs Newton-Schulz on 1/R of the bank matrices; the rest of the step is per rank.
     projected_ms = step_ms - muon_ms * (1 - 1 / h.ranks)
-    memory = (f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB reserved "
-              f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB" if run.device.type == "cuda" else
-              "peak memory n/a on the CPU")
-    report("training", f"{step_ms:.1f} ms/step measured (median) at the per-rank batch of {h.ranks} ranks "
-                       f"({h.train_batch_tokens // h.ranks} tokens, grad_accum {h.grad_accum_steps}); "
-                       f"Muon {muon_ms:.1f} ms of it; {memory}")
+    memory = (
+        f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB reserved "
+        f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB"
+        if run.device.type == "cuda"
+        else "peak memory n/a on the CPU"
+    )
+    report(
+        "training",
+        f"{step_ms:.1f} ms/step measured (median) at the per-rank batch of {h.ranks} ranks "
+        f"({h.train_batch_tokens // h.ranks} tokens, grad_accum {h.grad_accum_steps}); "
+        f"Muon {muon_ms:.1f} ms of it; {memory}",
+    )
     cap = h.training_seconds
     steps = f"{int(1000 * cap / projected_ms)} steps in the {cap:.0f}s training cap" if cap > 0 else "no cap set"
-    report("projection", f"{projected_ms:.1f} ms/step on {h.ranks} ranks -> {steps}. Assumes: each rank runs "
-                         f"Newton-Schulz on 1/{h.ranks} of the banks, communication fully overlapped (#549's "
-                         f"8xH100 step was {RECORD_549_STEP_MS} ms with this overlap), the same GPU model as here")
+    report(
+        "projection",
+        f"{projected_ms:.1f} ms/step on {h.ranks} ranks -> {steps}. Assumes: each rank runs "
+        f"Newton-Schulz on 1/{h.ranks} of the banks, communication fully overlapped (#549's "
+        f"8xH100 step was {RECORD_549_STEP_MS} ms with this overlap), the same GPU model as here",
+    )
 
 
 def check_evaluation(run: tg.RunContext, batches: int) -> dict:
@@ -186,8 +215,7 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
     if h.ttt_enabled and h.ttt_mode == "sgd" and h.ttt_epochs > 0:
         zeros = np.zeros(h.ttt_chunk_tokens + 1, dtype=np.uint16)
         trainer = tg.TestTimeTrainer(model, run, SimpleNamespace(tokens=zeros, target_bytes=zeros[1:]), 0.0)
-        shapes = [b - a for _, _, a, b in tg.ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, h.ranks - 1,
-                                                         h.ranks)]
+        shapes = [b - a for _, _, a, b in tg.ttt_steps(h, h.ttt_chunk_tokens // h.train_seq_len, h.ranks - 1, h.ranks)]
 
         def ttt_chunk():
             model.train()
@@ -202,8 +230,12 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
     expect_no_new_graphs(primed, "evaluation")
     if h.ngram_tilt:  # one order on a tenth of the stream, scaled (n log n) to the full stream and a rank's orders
         tokens = np.random.default_rng(0).integers(0, h.vocab_size, CHALLENGE_VAL_TARGETS // 10 + 1).astype(np.uint16)
-        seconds = timed(run, lambda: tg.ngram_hint_counts(tokens, 8)) * 10 * math.log(CHALLENGE_VAL_TARGETS) / \
-            math.log(len(tokens))
+        seconds = (
+            timed(run, lambda: tg.ngram_hint_counts(tokens, 8))
+            * 10
+            * math.log(CHALLENGE_VAL_TARGETS)
+            / math.log(len(tokens))
+        )
         timing["tilt"] = seconds * math.ceil(math.ceil(len(tg.NGRAM_TILT_ORDERS) / h.ranks) / 2)  # two threads
     return timing
 
@@ -219,8 +251,9 @@ def time_lora_batch(run: tg.RunContext, model, batches: int) -> dict:
     val = SimpleNamespace(tokens=tokens, target_bytes=np.ones(len(tokens) - 1, np.int64))
     trainer = tg.DocumentLoRATrainer(model, run, val, eval_started=time.perf_counter())
     trainer.guard.eval_started = math.inf  # never stops: the timing must include the steps
-    resident = sum(p.numel() * p.element_size() for p in model.parameters()) + \
-        4 * sum(p.numel() * p.element_size() for p in trainer.lora.parameters())  # weights, grads, AdamW's state
+    resident = sum(p.numel() * p.element_size() for p in model.parameters()) + 4 * sum(
+        p.numel() * p.element_size() for p in trainer.lora.parameters()
+    )  # weights, grads, AdamW's state
     real_chunk_step = trainer.chunk_step
     with PeakMemory(run, resident) as memory:
         trainer.chunk_step = lambda *args: (memory.saved.clear(), real_chunk_step(*args))  # freed by each backward
@@ -229,8 +262,13 @@ def time_lora_batch(run: tg.RunContext, model, batches: int) -> dict:
     docs = trainer.batches[0]
     phase_seconds = timed(run, lambda: trainer.train_base(docs, 0))
     model.eval()
-    return dict(lora_per_token=seconds / trainer.costs[0], lora_rows=len(docs), lora_peak=memory.peak,
-                lora_peak_how=memory.how, phase_per_token=phase_seconds / int((docs[:, 1] - docs[:, 0]).sum()))
+    return dict(
+        lora_per_token=seconds / trainer.costs[0],
+        lora_rows=len(docs),
+        lora_peak=memory.peak,
+        lora_peak_how=memory.how,
+        phase_per_token=phase_seconds / int((docs[:, 1] - docs[:, 0]).sum()),
+    )
 
 
 class PeakMemory:
@@ -275,17 +313,30 @@ def report_evaluation_projection(run: tg.RunContext, timing: dict):
     stride_timed = h.eval_stride in timing  # no stride graph when no stream pass runs (tg.scoring_graphs)
     roundtrip, sliding = pass_seconds(h.eval_seq_len), pass_seconds(h.eval_stride) if stride_timed else 0.0
     total = roundtrip + sliding
-    report("eval", f"scoring batch of {run.window_batch} windows: {1000 * timing[h.eval_seq_len]:.1f} ms at width "
-                   f"{h.eval_seq_len}" + (f", {1000 * timing[h.eval_stride]:.1f} ms at width {h.eval_stride}"
-                                          if stride_timed else " (no sliding or SGD TTT pass)"))
-    report("eval", f"projected on {CHALLENGE_VAL_TARGETS:,} targets over {ranks} ranks: roundtrip {roundtrip:.0f}s, "
-                   f"sliding {sliding:.0f}s")
+    report(
+        "eval",
+        f"scoring batch of {run.window_batch} windows: {1000 * timing[h.eval_seq_len]:.1f} ms at width "
+        f"{h.eval_seq_len}"
+        + (
+            f", {1000 * timing[h.eval_stride]:.1f} ms at width {h.eval_stride}"
+            if stride_timed
+            else " (no sliding or SGD TTT pass)"
+        ),
+    )
+    report(
+        "eval",
+        f"projected on {CHALLENGE_VAL_TARGETS:,} targets over {ranks} ranks: roundtrip {roundtrip:.0f}s, "
+        f"sliding {sliding:.0f}s",
+    )
     if "ttt_chunk" in timing and "lora_per_token" not in timing:
         chunks = math.ceil(CHALLENGE_VAL_TARGETS / h.ttt_chunk_tokens)
         ttt = sliding + (chunks - 1) * timing["ttt_chunk"]
         total += ttt
-        report("eval", f"projected legal TTT {ttt:.0f}s ({chunks} chunks; training {timing['ttt_chunk']:.3f}s per "
-                       f"chunk for {h.ttt_epochs} epochs, gradient all-reduce not included)")
+        report(
+            "eval",
+            f"projected legal TTT {ttt:.0f}s ({chunks} chunks; training {timing['ttt_chunk']:.3f}s per "
+            f"chunk for {h.ttt_epochs} epochs, gradient all-reduce not included)",
+        )
     if "ttt_chunk" in timing and not h.eval_sliding:  # EVAL_SLIDING=0: TTT's own scoring replaces the sliding pass
         total -= sliding
         report("eval", "the sliding pass is skipped (EVAL_SLIDING=0): TTT scores every target")
@@ -293,11 +344,17 @@ def report_evaluation_projection(run: tg.RunContext, timing: dict):
         total += report_lora_projection(h, timing)
     if "tilt" in timing:
         total += timing["tilt"]
-        report("eval", f"projected n-gram tilt precompute {timing['tilt']:.0f}s per rank (this CPU, two orders at a "
-                       f"time; {len(tg.NGRAM_TILT_ORDERS)} orders over {ranks} ranks)")
+        report(
+            "eval",
+            f"projected n-gram tilt precompute {timing['tilt']:.0f}s per rank (this CPU, two orders at a "
+            f"time; {len(tg.NGRAM_TILT_ORDERS)} orders over {ranks} ranks)",
+        )
     verdict = "within" if total <= h.eval_budget_seconds else "OVER (the TTT budget guard will stop training early)"
-    report("eval", f"projected total {total:.0f}s, {verdict} EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f} "
-                   f"(artifact read and decompression not included)")
+    report(
+        "eval",
+        f"projected total {total:.0f}s, {verdict} EVAL_BUDGET_SECONDS={h.eval_budget_seconds:.0f} "
+        f"(artifact read and decompression not included)",
+    )
 
 
 def document_lengths(h: tg.Hyperparameters) -> tuple[np.ndarray, str]:
@@ -306,7 +363,7 @@ def document_lengths(h: tg.Hyperparameters) -> tuple[np.ndarray, str]:
     try:
         path = tg.shard_files(h.data_path, "train")[0]
         tokens = tg.load_data_shard(path, h.vocab_size)
-        spans = tg.document_spans(tokens)[int(tokens[0] != tg.BOS_ID):]  # from its first BOS on
+        spans = tg.document_spans(tokens)[int(tokens[0] != tg.BOS_ID) :]  # from its first BOS on
     except tg.InputError as error:
         return np.array([CHALLENGE_MEAN_DOCUMENT]), f"the mean document ({error}: an underestimate)"
     lengths = spans[:, 1] - spans[:, 0]
@@ -323,21 +380,30 @@ def report_lora_projection(h: tg.Hyperparameters, timing: dict) -> float:
     batches = tg.lora_batches(docs, h.ttt_lora_batch, h.ttt_lora_batch_tokens, h.ttt_lora_context)
     processed = sum(tg.lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in batches)
     lora = timing["lora_per_token"] * processed / h.ranks  # batches balanced over ranks by this cost
-    phased = drawn[:sum(map(len, batches[:max(tg.phase_ends(batches, h.ttt_phase_fraction, h.ttt_phases),
-                                                  default=0)]))].sum()
+    phased = drawn[
+        : sum(map(len, batches[: max(tg.phase_ends(batches, h.ttt_phase_fraction, h.ttt_phases), default=0)]))
+    ].sum()
     phases = timing["phase_per_token"] * phased / h.ranks
-    report("eval", f"projected document LoRA TTT {lora + phases:.0f}s per rank: scoring with LoRA steps {lora:.0f}s "
-                   f"({1e6 * timing['lora_per_token']:.2f} us per processed token, eager; {processed:,} tokens "
-                   f"processed in {len(batches)} batches for {CHALLENGE_DOCUMENTS:,} documents drawn from {source}), "
-                   f"{h.ttt_phases} phases' SGD {phases:.0f}s ({phased:,} tokens, "
-                   f"{1e6 * timing['phase_per_token']:.2f} us per token, eager)")
+    report(
+        "eval",
+        f"projected document LoRA TTT {lora + phases:.0f}s per rank: scoring with LoRA steps {lora:.0f}s "
+        f"({1e6 * timing['lora_per_token']:.2f} us per processed token, eager; {processed:,} tokens "
+        f"processed in {len(batches)} batches for {CHALLENGE_DOCUMENTS:,} documents drawn from {source}), "
+        f"{h.ttt_phases} phases' SGD {phases:.0f}s ({phased:,} tokens, "
+        f"{1e6 * timing['phase_per_token']:.2f} us per token, eager)",
+    )
     limit = h.lora_memory_limit_gib * 2**30
-    report("eval", f"document LoRA peak memory {timing['lora_peak'] / 2**20:,.0f} MiB ({timing['lora_peak_how']}; a "
-                   f"batch of {timing['lora_rows']} rows of {h.ttt_lora_context} tokens), limit "
-                   f"{h.lora_memory_limit_gib:g} GiB")
+    report(
+        "eval",
+        f"document LoRA peak memory {timing['lora_peak'] / 2**20:,.0f} MiB ({timing['lora_peak_how']}; a "
+        f"batch of {timing['lora_rows']} rows of {h.ttt_lora_context} tokens), limit "
+        f"{h.lora_memory_limit_gib:g} GiB",
+    )
     if timing["lora_peak"] > limit:
-        raise RuntimeError(f"document LoRA peak memory {timing['lora_peak'] / 2**30:.1f} GiB is over the "
-                           f"{h.lora_memory_limit_gib:g} GiB limit: lower TTT_LORA_BATCH_TOKENS or TTT_LORA_BATCH")
+        raise RuntimeError(
+            f"document LoRA peak memory {timing['lora_peak'] / 2**30:.1f} GiB is over the "
+            f"{h.lora_memory_limit_gib:g} GiB limit: lower TTT_LORA_BATCH_TOKENS or TTT_LORA_BATCH"
+        )
     return lora + phases
 
 
@@ -346,9 +412,12 @@ def check_size(h: tg.Hyperparameters, code_path: Path) -> bool:
     predicted = tg.plan_artifact(h)
     total = code_bytes + predicted
     fits = total <= tg.SIZE_CAP_BYTES
-    report("size", f"code_bytes {code_bytes} ({code_path.name}) predicted_model_bytes {predicted} predicted_total "
-                   f"{total} cap {tg.SIZE_CAP_BYTES} headroom {tg.SIZE_CAP_BYTES - total}"
-                   + ("" if fits or not h.size_fit else " (SIZE_FIT=1 will prune to fit)"))
+    report(
+        "size",
+        f"code_bytes {code_bytes} ({code_path.name}) predicted_model_bytes {predicted} predicted_total "
+        f"{total} cap {tg.SIZE_CAP_BYTES} headroom {tg.SIZE_CAP_BYTES - total}"
+        + ("" if fits or not h.size_fit else " (SIZE_FIT=1 will prune to fit)"),
+    )
     return fits or h.size_fit
 
 
@@ -357,8 +426,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps (after priming)")
     parser.add_argument("--batches", type=int, default=3, help="timed scoring batches and TTT chunks")
     parser.add_argument("--ranks", type=int, default=8, choices=(1, 2, 4, 8), help="GPUs of the real run")
-    parser.add_argument("--lora-memory-gib", type=float, default=75.0,
-                        help="fail when document LoRA TTT's peak memory is above this (an 80 GB H100 less headroom)")
+    parser.add_argument(
+        "--lora-memory-gib",
+        type=float,
+        default=75.0,
+        help="fail when document LoRA TTT's peak memory is above this (an 80 GB H100 less headroom)",
+    )
     parser.add_argument("--code", type=Path, default=Path(tg.__file__), help="the script whose bytes count")
     args = parser.parse_args()
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -372,10 +445,15 @@ def main() -> int:
         run = tg.RunContext(h)  # loads the attention kernel: a requested one that cannot load fails here
         run.log = lambda message, console=True: None  # the warmup's step lines; a preflight writes no run log
         run.window_batch = max(h.val_batch_size // (8 * h.eval_seq_len), 1)  # per rank, at any rank count
-        report("attention", f"requested {h.attention_backend}, loaded {run.attention_name} compute_dtype "
-                            f"{str(run.compute_dtype).removeprefix('torch.')} compile {int(run.compile)}")
-        for check, action in (("training", lambda: report_training_projection(run, check_training(run, args.steps))),
-                              ("eval", lambda: report_evaluation_projection(run, check_evaluation(run, args.batches)))):
+        report(
+            "attention",
+            f"requested {h.attention_backend}, loaded {run.attention_name} compute_dtype "
+            f"{str(run.compute_dtype).removeprefix('torch.')} compile {int(run.compile)}",
+        )
+        for check, action in (  # noqa: B007 - `check` names the failing check in the except clauses
+            ("training", lambda: report_training_projection(run, check_training(run, args.steps))),
+            ("eval", lambda: report_evaluation_projection(run, check_evaluation(run, args.batches))),
+        ):
             action()
         check = "size"
         if not check_size(h, args.code):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train once, then export and score the same weights under several quantization/compression settings.
 
-    source ../shared/bench/p1_env.sh
+    source bench/p1_env.sh
     python3 tools/quant_sweep.py --run-id p1_quant_sweep \
         --grid QUANT=gptq_lite,COMPRESSOR=lzma --grid QUANT=gptq,COMPRESSOR=brotli,BYTE_SHUFFLE=1 ...
 
@@ -13,6 +13,7 @@ validation set (non-overlapping windows). It also measures whether packing 6-bit
 (instead of one per int8 byte) helps each compressor. Everything goes to logs/<run-id>.txt, which starts
 with train_gpt.py's code like a training log.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,10 @@ def bitpack_report(tensors: dict, schemes: dict, log) -> None:
     packed = b"".join(pack_six_bits(tensors[n + ".q"]) for n in names)
     for compressor in ("lzma", "zstd", "brotli"):
         a, b = len(tg.compress(bytewise, compressor)), len(tg.compress(packed, compressor))
-        log(f"bitpack compressor:{compressor} int6_values:{sum(tensors[n + '.q'].numel() for n in names)} "
-            f"one_per_byte:{a} six_bit_packed:{b} packed_minus_bytewise:{b - a:+d}")
+        log(
+            f"bitpack compressor:{compressor} int6_values:{sum(tensors[n + '.q'].numel() for n in names)} "
+            f"one_per_byte:{a} six_bit_packed:{b} packed_minus_bytewise:{b - a:+d}"
+        )
 
 
 def hessian_weighted_error(state: dict, tensors: dict, schemes: dict, hessians: dict) -> float:
@@ -87,7 +90,7 @@ def main() -> int:
     state = tg.export_state(model)
     if args.save_state:
         torch.save({"state": state, "hessians": hessians}, args.save_state)
-    pre_loss, pre_bpb = tg.evaluate(model, run, val, h.eval_seq_len)
+    pre_loss, pre_bpb = tg.evaluate(model, run, val, h.eval_seq_len)[:2]
     run.log(f"sweep pre_quant val_loss:{pre_loss:.6f} val_bpb:{pre_bpb:.6f}")
     rows = []
     for entry in args.grid:
@@ -103,9 +106,11 @@ def main() -> int:
             path.write_bytes(blob)
             restored = tg.build_model(h, run)
             tg.load_exported_state(restored, tg.read_artifact(str(path)))
-        loss, bpb = tg.evaluate(restored, run, val, h.eval_seq_len)
-        run.log(f"sweep {entry} model_bytes:{len(blob)} roundtrip_val_loss:{loss:.6f} roundtrip_val_bpb:{bpb:.6f} "
-                f"gap:{bpb - pre_bpb:+.6f} hessian_weighted_error:{weighted_error:.1f} export_seconds:{seconds:.1f}")
+        loss, bpb = tg.evaluate(restored, run, val, h.eval_seq_len)[:2]
+        run.log(
+            f"sweep {entry} model_bytes:{len(blob)} roundtrip_val_loss:{loss:.6f} roundtrip_val_bpb:{bpb:.6f} "
+            f"gap:{bpb - pre_bpb:+.6f} hessian_weighted_error:{weighted_error:.1f} export_seconds:{seconds:.1f}"
+        )
         rows.append((entry, len(blob), bpb))
         if entry == args.grid[0]:
             bitpack_report(tensors, schemes, run.log)

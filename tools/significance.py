@@ -5,7 +5,7 @@
         --baseline-logs base/seed1337.txt base/seed42.txt base/seed2025.txt
     python3 tools/significance.py --candidate logs/seed*.txt --baseline-mean 1.1194
 
-Each log's score is its final *_exact line (legal_ttt, else sliding window, else roundtrip). BPB differences
+Each log's score is its one final_score line (the last pass its configuration ran). BPB differences
 are converted to nats per token with the logs' own validation tokens and bytes:
 nats/token = BPB x ln 2 x bytes / tokens. The challenge's bar (README of openai/parameter-golf): a new
 record must beat the current one by at least 0.005 nats per token at p < 0.01. Here "met" means: the mean
@@ -13,17 +13,19 @@ improvement is >= 0.005 nats AND the one-sided Welch test that the candidate is 
 The stricter reading (the improvement itself exceeds 0.005 nats at p < 0.01) is printed too.
 Numbers can also be given directly: --candidate-values 1.1190,1.1195 (then pass --tokens-per-byte).
 """
+
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-SCORE_LABELS = ("legal_ttt_exact", "final_int6_sliding_window_exact", "final_int6_roundtrip_exact")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from logparse import final_score, validation_counts  # noqa: E402
+
 BAR_NATS, BAR_P = 0.005, 0.01
 
 
@@ -34,22 +36,13 @@ class Score:
     tokens_per_byte: float | None
 
 
-def final_score(text: str) -> tuple[str, float, float] | None:
-    """A log's submission score (label, val_loss, val_bpb): its last line of the first of SCORE_LABELS it has."""
-    for label in SCORE_LABELS:
-        found = re.findall(rf"^{label} val_loss:([\d.]+) val_bpb:([\d.]+)$", text, re.M)
-        if found:
-            return label, float(found[-1][0]), float(found[-1][1])
-    return None
-
-
 def read_score(path: Path) -> Score:
     text = path.read_text(encoding="utf-8", errors="replace")
     score = final_score(text)
     if score is None:
-        raise ValueError(f"{path}: no final score line ({', '.join(SCORE_LABELS)})")
-    counts = re.findall(r"^val_loader:shards \S+ tokens:(\d+) bytes:(\d+)\b", text, re.M)
-    tokens_per_byte = int(counts[-1][0]) / int(counts[-1][1]) if counts else None
+        raise ValueError(f"{path}: no final_score line (a log of train_gpt.py from before that line, or unfinished)")
+    counts = validation_counts(text)
+    tokens_per_byte = counts[0] / counts[1] if counts else None
     return Score(str(path), score[2], tokens_per_byte)
 
 
@@ -66,8 +59,10 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     fraction = d
     for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -93,7 +88,7 @@ def welch_one_sided(candidate: list[float], baseline: list[float], margin: float
     else:
         n_b, var_b = len(baseline), statistics.variance(baseline)
         se2 = var_c / n_c + var_b / n_b
-        df = se2 ** 2 / ((var_c / n_c) ** 2 / (n_c - 1) + (var_b / n_b) ** 2 / (n_b - 1))
+        df = se2**2 / ((var_c / n_c) ** 2 / (n_c - 1) + (var_b / n_b) ** 2 / (n_b - 1))
     if se2 == 0:
         raise ValueError("zero variance: the test needs spread in the seeds (or more seeds)")
     t = (statistics.fmean(baseline) - mean_c - margin) / math.sqrt(se2)
@@ -114,15 +109,19 @@ def report(candidate: list[Score], baseline: list[Score], tokens_per_byte: float
     t, df, p = welch_one_sided(c, b)
     _, _, p_margin = welch_one_sided(c, b, margin=BAR_NATS / nats_per_bpb)
     met = delta_nats >= BAR_NATS and p < BAR_P
-    describe = lambda xs: f"mean {statistics.fmean(xs):.6f}" + (f" std {statistics.stdev(xs):.6f}" if len(xs) > 1 else "")
-    lines = [f"candidate: {len(c)} seeds, val_bpb {describe(c)}",
-             f"baseline:  {len(b)} {'seeds' if len(b) > 1 else 'value (known mean)'}, val_bpb {describe(b)}",
-             f"improvement: {delta_bpb:+.6f} BPB = {delta_nats:+.6f} nats/token "
-             f"(tokens/byte {tokens_per_byte:.6f}; the 0.005-nat bar is {BAR_NATS / nats_per_bpb:.6f} BPB here)",
-             f"one-sided Welch t-test, candidate better: t = {t:.3f}, df = {df:.2f}, p = {p:.3g}",
-             f"stricter reading, improvement > 0.005 nats: p = {p_margin:.3g}",
-             f"verdict: the 0.005-nat, p < 0.01 bar is {'MET' if met else 'NOT met'}"
-             + ("" if met else (" (improvement below 0.005 nats)" if delta_nats < BAR_NATS else f" (p = {p:.3g} >= 0.01)"))]
+    describe = lambda xs: (
+        f"mean {statistics.fmean(xs):.6f}" + (f" std {statistics.stdev(xs):.6f}" if len(xs) > 1 else "")
+    )
+    lines = [
+        f"candidate: {len(c)} seeds, val_bpb {describe(c)}",
+        f"baseline:  {len(b)} {'seeds' if len(b) > 1 else 'value (known mean)'}, val_bpb {describe(b)}",
+        f"improvement: {delta_bpb:+.6f} BPB = {delta_nats:+.6f} nats/token "
+        f"(tokens/byte {tokens_per_byte:.6f}; the 0.005-nat bar is {BAR_NATS / nats_per_bpb:.6f} BPB here)",
+        f"one-sided Welch t-test, candidate better: t = {t:.3f}, df = {df:.2f}, p = {p:.3g}",
+        f"stricter reading, improvement > 0.005 nats: p = {p_margin:.3g}",
+        f"verdict: the 0.005-nat, p < 0.01 bar is {'MET' if met else 'NOT met'}"
+        + ("" if met else (" (improvement below 0.005 nats)" if delta_nats < BAR_NATS else f" (p = {p:.3g} >= 0.01)")),
+    ]
     return "\n".join(lines), met
 
 
@@ -137,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-byte", type=float, help="override (or supply) validation tokens per byte")
     args = parser.parse_args(argv)
     try:
-        candidate = [read_score(p) for p in args.candidate] + [Score("value", v, None) for v in args.candidate_values or []]
+        candidate = [read_score(p) for p in args.candidate] + [
+            Score("value", v, None) for v in args.candidate_values or []
+        ]
         if args.baseline_logs:
             base = [read_score(p) for p in args.baseline_logs]
         else:
