@@ -92,7 +92,8 @@ def lora_batch(dry: bool) -> str:
     limit = 75.0
     over = run.device.type == "cuda" and torch.cuda.max_memory_allocated() / 2**30 > limit
     return (
-        f"{'FAIL' if over else 'ok'} documents:{h.ttt_lora_batch} x {length} tokens rank:{h.ttt_lora_rank} "
+        f"{'FAIL' if over else 'ok'} documents:{len(trainer.batches[0])} of {h.ttt_lora_batch} x {length} tokens "
+        f"(TTT_LORA_BATCH_TOKENS={h.ttt_lora_batch_tokens}) rank:{h.ttt_lora_rank} "
         f"us_per_processed_token:{1e6 * seconds / trainer.costs[0]:.2f} peak_GiB:{peak_gib(run)} limit_GiB:{limit}"
     )
 

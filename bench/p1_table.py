@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Markdown rows of P1 results from train_gpt.py logs: bench/p1_table.py logs/p1_NAME_seedS.txt ...
+"""Markdown rows of P1 results from train_gpt.py logs: bench/p1_table.py logs/p1/p1_NAME_seedS.txt ...
 
 Columns: post-average (pre-quant), int6 roundtrip, sliding, legal TTT val_bpb (exact lines), the artifact's
 model bytes, the final step_avg, and each value's difference from the first log given (the reference)."""

@@ -12,7 +12,7 @@ import train_gpt
 from conftest import P1_ENV, SAMPLE_DATASET
 
 # Step 1's train_loss of #549's own code (patched only to run on the CPU in fp32) at P1, from bench/ANCHORS.md;
-# reproduced in logs/parity_*_rec549_*.txt.
+# reproduced in logs/p1/parity_*_rec549_*.txt.
 PEER_STEP1_LOSS = {1337: 6.9272, 42: 6.9245, 2024: 6.9267}
 
 
