@@ -82,3 +82,31 @@ def test_compare_logs_finds_where_two_curves_part(tmp_path):
     # 0.0001 at step 2 is rounding; 0.0004 at step 4 is the first real difference; NaN at step 5 is over too.
     assert "compare_logs steps:5 first_over:4 " in result.stdout
     assert "score post_average 2.30000000 2.30100000 difference:-0.00100000" in result.stdout
+
+
+def test_the_results_index_of_p1_logs_is_current():
+    """docs/RESULTS.md ends with bench/p1_table.py --index: every log in logs/p1/, its last scored pass and the
+    commit that ran it (without git history, e.g. a shallow clone, the commit column is not compared)."""
+    import subprocess
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import p1_table
+
+    shallow = subprocess.run(
+        ["git", "rev-parse", "--is-shallow-repository"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    results = (REPO / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    documented = (
+        results.split("## Every P1 log and the code that ran it", 1)[1]
+        .strip()
+        .splitlines()[-len(p1_table.index_rows()) :]
+    )
+    expected = p1_table.index_rows()
+
+    def without_commit(rows):
+        return [row.rsplit("|", 2)[0] for row in rows]
+
+    if shallow == "false":
+        assert documented == expected
+    else:
+        assert without_commit(documented) == without_commit(expected)
