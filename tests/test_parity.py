@@ -61,3 +61,39 @@ def test_no_value_embedding_projection_when_the_table_is_kv_wide():
     assert narrow.value_embedding.proj.weight.shape == (32, 16) and narrow.bigram_hash.proj.weight.shape == (64, 16)
     ids = torch.randint(0, 1024, (2, 16))
     assert kv_wide.value_embedding(ids).shape == narrow.value_embedding(ids).shape == (2, 16, 32)
+
+
+# PRESET=pr1089 against #1089's code as scored (commit 8c44a2e, patched only to run on the CPU in fp32), at the tiny
+# P1-like shape below: its logged step-1 train_loss per seed (logs/p1/parity_pr1089_rec1089_step1_s*.txt) and
+# its parameter count. The same seed builds the same initial weights: the same loss on the same first batch.
+PR1089_TINY = dict(
+    PRESET="pr1089",
+    NUM_LAYERS=6,
+    MODEL_DIM=128,
+    NUM_HEADS=4,
+    NUM_KV_HEADS=2,
+    VOCAB_SIZE=1024,
+    XSA_LAST_N=6,
+    VE_LAYERS="4,5",
+    VE_DIM=64,
+    ENGRAM_BUCKETS=1536,
+    TRAIN_SEQ_LEN=256,
+    EVAL_SEQ_LEN=256,
+    TRAIN_BATCH_TOKENS=8192,
+    ITERATIONS=20,
+    WARMDOWN_ITERS=7,
+    MUON_MOMENTUM_WARMUP_STEPS=7,
+    WARMUP_STEPS=2,
+    MAX_WALLCLOCK_SECONDS=0,
+    EMA_DECAY=0.98,
+)
+PEER_1089_STEP1_LOSS, PEER_1089_PARAMETERS = {1337: 6.9236, 42: 6.9235, 2024: 6.9249}, 1_396_763
+
+
+@pytest.mark.parametrize("seed", sorted(PEER_1089_STEP1_LOSS))
+def test_pr1089_step1_loss_is_1089s(seed):
+    h = train_gpt.Hyperparameters(
+        {k: str(v) for k, v in dict(PR1089_TINY, SEED=seed, DATA_PATH=SAMPLE_DATASET).items()}
+    )
+    assert sum(p.numel() for p in train_gpt.GPT(h).parameters()) == PEER_1089_PARAMETERS
+    assert step1_loss(h) == pytest.approx(PEER_1089_STEP1_LOSS[seed], abs=5e-5)
