@@ -170,3 +170,21 @@ def test_a_sample_run_is_labelled_by_its_validation_set(run_logs):
     run = pack_record.parse_log(run_logs[1337], (REPO / "train_gpt.py").read_text(encoding="utf-8"))
     assert "validated on 60 documents, not the challenge's 50,000" in run.non_record
     assert any(note.startswith("the scored token count of 'kjv_sp1024' cannot be checked") for note in run.non_record)
+
+
+def test_the_root_submission_json_describes_this_code_and_its_logs():
+    """submission.json at the root is pack_record's, from logs/p1/p1_submission_seed*.txt: runs of today's
+    train_gpt.py (each log starts with it, byte for byte), so its bytes_code is this file's size and its score the
+    mean of their final_score lines. Any change to train_gpt.py needs those runs again."""
+    import logparse
+
+    info = json.loads((REPO / "submission.json").read_text())
+    code = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    logs = sorted((REPO / "logs" / "p1").glob("p1_submission_seed*.txt"))
+    assert info["bytes_code"] == len(code.encode("utf-8")), "train_gpt.py changed since submission.json was made"
+    assert len(logs) == len(info["seeds"]) >= 2
+    texts = [path.read_text(encoding="utf-8") for path in logs]
+    assert all(text.startswith(code + "\n" + "=" * 100 + "\n") for text in texts)
+    scores = [logparse.final_score(text) for text in texts]
+    assert info["val_bpb"] == pytest.approx(sum(s[2] for s in scores) / len(scores), abs=1e-8)
+    assert info["score"] == scores[0][0] and info["track"].startswith("non-record: ")
