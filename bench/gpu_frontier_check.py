@@ -15,7 +15,6 @@ Each stage prints `stage NAME: ok|FAIL ... seconds:S` and the run goes on after 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import preflight  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from preflight import RandomBatches, compiled_graphs  # noqa: E402
 
@@ -81,11 +81,7 @@ def lora_batch(dry: bool) -> str:
     run = new_run(dry, "lora")
     h, length = run.h, 100 if dry else 2_100
     model = tg.build_model(h, run)
-    tokens = np.random.default_rng(0).integers(2, h.vocab_size, h.ttt_lora_batch * length + 1).astype(np.uint16)
-    tokens[:-1:length] = tg.BOS_ID
-    val = SimpleNamespace(tokens=tokens, target_bytes=np.ones(len(tokens) - 1, np.int64))
-    trainer = tg.DocumentLoRATrainer(model, run, val, eval_started=time.perf_counter())
-    trainer.guard.eval_started = math.inf  # never stops: the steps are part of the measurement
+    trainer = preflight.random_document_trainer(run, model, h.ttt_lora_batch, length)  # every LoRA step runs
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = synced(run, lambda: trainer.score_batch(0, 0.0))

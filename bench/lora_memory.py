@@ -14,12 +14,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import preflight  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -42,10 +43,7 @@ def main() -> None:
     model = tg.build_model(h, run).eval()
     context, chunk = h.ttt_lora_context, h.ttt_lora_chunk
     length = context + chunk  # the last chunk step runs a full-context row
-    tokens = np.random.default_rng(0).integers(2, h.vocab_size, args.rows * length + 1).astype(np.uint16)
-    tokens[:-1:length] = tg.BOS_ID
-    val = SimpleNamespace(tokens=tokens, target_bytes=np.ones(len(tokens) - 1, np.int64))
-    trainer = tg.DocumentLoRATrainer(model, run, val, eval_started=time.perf_counter())
+    trainer = preflight.random_document_trainer(run, model, args.rows, length)
     saved, attention = {}, {}
 
     def pack(tensor):

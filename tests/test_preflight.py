@@ -123,11 +123,10 @@ def test_preflight_projects_document_lora_ttt_and_the_tilt(tmp_path):
 
 def write_documents_shard(folder, lengths):
     """A training shard of documents of these token lengths (BOS first), as the challenge writes them."""
-    folder.mkdir()
-    tokens = np.concatenate([np.r_[1, np.full(n - 1, 7)] for n in lengths]).astype("<u2")
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, len(tokens))
-    (folder / "fineweb_train_000000.bin").write_bytes(header.tobytes() + tokens.tobytes())
+    import build_sample
+
+    tokens = np.concatenate([np.r_[1, np.full(n - 1, 7)] for n in lengths])
+    build_sample.write_shard(folder / "fineweb_train_000000.bin", tokens)
 
 
 def test_preflight_passes_for_the_frontier_preset_with_its_lora_memory_and_real_lengths(tmp_path):

@@ -240,17 +240,24 @@ def check_evaluation(run: tg.RunContext, batches: int) -> dict:
     return timing
 
 
+def random_document_trainer(run: tg.RunContext, model, documents: int, length: int) -> tg.DocumentLoRATrainer:
+    """Document LoRA TTT over `documents` random documents of `length` tokens (BOS first; never validation data),
+    its budget guard off so every LoRA step runs: what the preflight and the GPU check time and measure."""
+    tokens = np.random.default_rng(0).integers(2, run.h.vocab_size, documents * length + 1).astype(np.uint16)
+    tokens[:-1:length] = tg.BOS_ID
+    val = SimpleNamespace(tokens=tokens, target_bytes=np.ones(len(tokens) - 1, np.int64))
+    trainer = tg.DocumentLoRATrainer(model, run, val, eval_started=time.perf_counter())
+    trainer.guard.eval_started = math.inf
+    return trainer
+
+
 def time_lora_batch(run: tg.RunContext, model, batches: int) -> dict:
     """The document LoRA pass as the run runs it (eager): seconds per processed token of its first batch
     (TTT_LORA_BATCH documents long enough to fill TTT_LORA_CONTEXT, cut by TTT_LORA_BATCH_TOKENS: the pass's
     largest rows) with LoRA steps, its peak memory, and seconds per token of a phase's SGD; random tokens."""
     h = run.h
-    length = h.ttt_lora_context + 2 * h.ttt_lora_chunk
-    tokens = np.random.default_rng(0).integers(2, h.vocab_size, h.ttt_lora_batch * length + 1).astype(np.uint16)
-    tokens[:-1:length] = tg.BOS_ID
-    val = SimpleNamespace(tokens=tokens, target_bytes=np.ones(len(tokens) - 1, np.int64))
-    trainer = tg.DocumentLoRATrainer(model, run, val, eval_started=time.perf_counter())
-    trainer.guard.eval_started = math.inf  # never stops: the timing must include the steps
+    trainer = random_document_trainer(run, model, h.ttt_lora_batch, h.ttt_lora_context + 2 * h.ttt_lora_chunk)
+    tokens = trainer.val.tokens
     resident = sum(p.numel() * p.element_size() for p in model.parameters()) + 4 * sum(
         p.numel() * p.element_size() for p in trainer.lora.parameters()
     )  # weights, grads, AdamW's state
