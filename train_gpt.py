@@ -115,11 +115,6 @@ class EnvReader:
     def text(self, name, default):
         return self._get(name, default)
 
-    def fill(self, target, kind: str, **specs):
-        """target.<name in lower case> = self.<kind>(NAME, *spec) for each NAME=spec (a bare default or a tuple)."""
-        for name, spec in specs.items():
-            setattr(target, name.lower(), getattr(self, kind)(name, *(spec if isinstance(spec, tuple) else (spec,))))
-
     def int_list(self, name, default):
         return self._list(name, default, int, "integers")
 
@@ -157,6 +152,7 @@ DROPPED_RECORD_VARIABLES = {
         )
     },
     "GPTQ_BLOCK_SIZE": "fixed at #1089's 128",
+    "MLP_NEGATIVE_SLOPES": "removed: #1089 head's per-layer ASQU v3 slopes, never in a scored run and never measured",
     "GPTQ_DAMP": "fixed at #1089's 0.01",
     "GPTQ_COL_ORDER": "always descending diag(H), as #1089",
     "GPTQ_SINGLE_PASS": "always single pass, as #1089",
@@ -395,246 +391,176 @@ class Hyperparameters:
         self.validate()
 
     def _read_run(self, env: EnvReader):
-        """Data, bookkeeping, training length, batch, logging, devices and ranks. In each table below the attribute
-        is the variable's lower-case name; a spec is a default or (default, minimum[, maximum]) / (default, choices)."""
-        env.fill(
-            self,
-            "text",
-            DATA_PATH="./data/datasets/fineweb10B_sp1024",
-            RUN_ID=str(uuid.uuid4()),
-            TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
-            ARTIFACT_PATH="final_model.int6.ptz",
-        )
-        env.fill(
-            self,
-            "int",
-            SEED=1337,
-            ITERATIONS=(20000, 0),
-            WARMUP_STEPS=(20, 0),
-            WARMDOWN_ITERS=(3500, 0),
-            TRAIN_BATCH_TOKENS=(786_432, 1),
-            TRAIN_SEQ_LEN=(2048, 2),
-            EVAL_SEQ_LEN=(2048, 2),
-            VAL_BATCH_SIZE=(524_288, 1),
-            VAL_LOSS_EVERY=(4000, 0),
-            TRAIN_LOG_EVERY=(500, 0),
-        )
-        env.fill(
-            self, "float", WARMDOWN_FRAC=(0.0, 0.0, 1.0), LR_FLOOR=(0.0, 0.0, 0.99), MAX_WALLCLOCK_SECONDS=(600.0, 0.0)
-        )
+        """Data, bookkeeping, training length, batch, logging, devices and ranks. Each attribute is its variable's
+        name in lower case, read as env.<kind>(NAME, default[, minimum[, maximum]]) or env.choice(NAME, default, choices)."""
+        self.data_path = env.text("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        self.run_id = env.text("RUN_ID", str(uuid.uuid4()))
+        self.tokenizer_path = env.text("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.artifact_path = env.text("ARTIFACT_PATH", "final_model.int6.ptz")
+        self.seed = env.int("SEED", 1337)
+        self.iterations = env.int("ITERATIONS", 20000, 0)
+        self.warmup_steps = env.int("WARMUP_STEPS", 20, 0)
+        self.warmdown_iters = env.int("WARMDOWN_ITERS", 3500, 0)
+        self.train_batch_tokens = env.int("TRAIN_BATCH_TOKENS", 786_432, 1)
+        self.train_seq_len = env.int("TRAIN_SEQ_LEN", 2048, 2)
+        self.eval_seq_len = env.int("EVAL_SEQ_LEN", 2048, 2)
+        self.val_batch_size = env.int("VAL_BATCH_SIZE", 524_288, 1)
+        self.val_loss_every = env.int("VAL_LOSS_EVERY", 4000, 0)
+        self.train_log_every = env.int("TRAIN_LOG_EVERY", 500, 0)
+        self.warmdown_frac = env.float("WARMDOWN_FRAC", 0.0, 0.0, 1.0)
+        self.lr_floor = env.float("LR_FLOOR", 0.0, 0.0, 0.99)
+        self.max_wallclock_seconds = env.float("MAX_WALLCLOCK_SECONDS", 600.0, 0.0)
         # auto: bf16 + compile + FlashAttention 3 (a missing wheel fails at start) on CUDA, fp32 + eager + SDPA on CPU
-        env.fill(
-            self,
-            "choice",
-            LOADER=("stream", ("stream", "shuffled")),
-            COMPILE=("auto", ("auto", "0", "1")),
-            COMPUTE_DTYPE=("auto", ("auto", "bf16", "fp32")),
-            ATTENTION_BACKEND=("auto", ("auto", "fa3", "fa2", "sdpa")),
-        )
+        self.loader = env.choice("LOADER", "stream", ("stream", "shuffled"))
+        self.compile = env.choice("COMPILE", "auto", ("auto", "0", "1"))
+        self.compute_dtype = env.choice("COMPUTE_DTYPE", "auto", ("auto", "bf16", "fp32"))
+        self.attention_backend = env.choice("ATTENTION_BACKEND", "auto", ("auto", "fa3", "fa2", "sdpa"))
         self.fused_kernels = env.flag("FUSED_KERNELS", False)
-        env.fill(self, "int", RANK=(0, 0), WORLD_SIZE=(1, 1), LOCAL_RANK=(0, 0))  # set by torchrun
+        self.rank = env.int("RANK", 0, 0)  # RANK, WORLD_SIZE, LOCAL_RANK: set by torchrun
+        self.world_size = env.int("WORLD_SIZE", 1, 1)
+        self.local_rank = env.int("LOCAL_RANK", 0, 0)
         self.collective_timeout_seconds = env.float("COLLECTIVE_TIMEOUT_SECONDS", 300.0, 1.0)
         self.distributed = "RANK" in env.environ and "WORLD_SIZE" in env.environ
 
     def _read_model(self, env: EnvReader):
         """Model shape and initialization. BIGRAM_VOCAB_SIZE 1536 is what #549 ran (its code default was 2048);
         ENGRAM_*: #1089's hashed bigram + trigram tables (0 buckets = off); LOOP_*: depth recurrence (#1204 -> #1855)."""
-        env.fill(
-            self,
-            "int",
-            VOCAB_SIZE=(1024, 2),
-            NUM_LAYERS=(11, 1),
-            MODEL_DIM=(512, 8),
-            NUM_HEADS=(8, 1),
-            NUM_KV_HEADS=(4, 1),
-            ROPE_DIMS=(16, 0),
-            XSA_LAST_N=(4, 0),
-            BIGRAM_VOCAB_SIZE=(1536, 0),
-            BIGRAM_DIM=(128, 1),
-            ENGRAM_BUCKETS=(0, 0),
-            ENGRAM_HEADS=(2, 1),
-            ENGRAM_ORDERS=(2, 1),
-            ENGRAM_DIM_PER_HEAD=(32, 1),
-            VE_DIM=(128, 1),
-            PARALLEL_START_LAYER=(8, 0),
-            NUM_LOOPS=(0, 0),
-            LOOP_START=(3, 0),
-            LOOP_END=(5, 0),
-        )
+        self.vocab_size = env.int("VOCAB_SIZE", 1024, 2)
+        self.num_layers = env.int("NUM_LAYERS", 11, 1)
+        self.model_dim = env.int("MODEL_DIM", 512, 8)
+        self.num_heads = env.int("NUM_HEADS", 8, 1)
+        self.num_kv_heads = env.int("NUM_KV_HEADS", 4, 1)
+        self.rope_dims = env.int("ROPE_DIMS", 16, 0)
+        self.xsa_last_n = env.int("XSA_LAST_N", 4, 0)
+        self.bigram_vocab_size = env.int("BIGRAM_VOCAB_SIZE", 1536, 0)
+        self.bigram_dim = env.int("BIGRAM_DIM", 128, 1)
+        self.engram_buckets = env.int("ENGRAM_BUCKETS", 0, 0)
+        self.engram_heads = env.int("ENGRAM_HEADS", 2, 1)
+        self.engram_orders = env.int("ENGRAM_ORDERS", 2, 1)
+        self.engram_dim_per_head = env.int("ENGRAM_DIM_PER_HEAD", 32, 1)
+        self.ve_dim = env.int("VE_DIM", 128, 1)
+        self.parallel_start_layer = env.int("PARALLEL_START_LAYER", 8, 0)
+        self.num_loops = env.int("NUM_LOOPS", 0, 0)
+        self.loop_start = env.int("LOOP_START", 3, 0)
+        self.loop_end = env.int("LOOP_END", 5, 0)
         # MIMETIC_VO_INIT (#1089): Out = -0.05 * GQA-expand(V). LeakyReLU(slope)^2: #549 0.5 (-0.0021 BPB vs ReLU^2),
-        # #1089 0.3; MLP_NEGATIVE_SLOPES overrides it per layer (#1089 head "ASQU v3"). SPARSE_ATTN_GATE_SCALE: #1855.
-        env.fill(
-            self,
-            "float",
-            MLP_MULT=(3.0, 0.0),
-            ROPE_BASE=(10000.0, 1.0),
-            QK_GAIN_INIT=1.5,
-            LOGIT_SOFTCAP=(30.0, 0.0),
-            TIED_EMBED_INIT_STD=(0.005, 0.0),
-            MIMETIC_VO_INIT=(0.0, 0.0),
-            MLP_NEGATIVE_SLOPE=0.5,
-            SPARSE_ATTN_GATE_SCALE=0.5,
-            ENABLE_LOOPING_AT=(0.35, 0.0, 1.0),
-        )
-        self.ve_layers, self.mlp_negative_slopes = (
-            env.int_list("VE_LAYERS", "9,10"),
-            env.float_list("MLP_NEGATIVE_SLOPES", ""),
-        )
-        env.fill(
-            self,
-            "flag",
-            LN_SCALE=True,
-            VE_ENABLED=True,
-            SKIP_GATES_ENABLED=False,
-            SMEAR_BOS_MASK=False,
-            DOC_ISOLATION=False,
-        )
-        env.fill(
-            self,
-            "choice",
-            SMEAR_GATE=("channel", ("channel", "input")),
-            ATTN_OUT_GATE=("none", ("none", "attn_out", "dense", "sparse")),
-            PARALLEL_RESIDUAL=("none", ("none", "two_lane", "gptj")),
-        )
+        # #1089 0.3. SPARSE_ATTN_GATE_SCALE: #1855.
+        self.mlp_mult = env.float("MLP_MULT", 3.0, 0.0)
+        self.rope_base = env.float("ROPE_BASE", 10000.0, 1.0)
+        self.qk_gain_init = env.float("QK_GAIN_INIT", 1.5)
+        self.logit_softcap = env.float("LOGIT_SOFTCAP", 30.0, 0.0)
+        self.tied_embed_init_std = env.float("TIED_EMBED_INIT_STD", 0.005, 0.0)
+        self.mimetic_vo_init = env.float("MIMETIC_VO_INIT", 0.0, 0.0)
+        self.mlp_negative_slope = env.float("MLP_NEGATIVE_SLOPE", 0.5)
+        self.sparse_attn_gate_scale = env.float("SPARSE_ATTN_GATE_SCALE", 0.5)
+        self.enable_looping_at = env.float("ENABLE_LOOPING_AT", 0.35, 0.0, 1.0)
+        self.ve_layers = env.int_list("VE_LAYERS", "9,10")
+        self.ln_scale = env.flag("LN_SCALE", True)
+        self.ve_enabled = env.flag("VE_ENABLED", True)
+        self.skip_gates_enabled = env.flag("SKIP_GATES_ENABLED", False)
+        self.smear_bos_mask = env.flag("SMEAR_BOS_MASK", False)
+        self.doc_isolation = env.flag("DOC_ISOLATION", False)
+        self.smear_gate = env.choice("SMEAR_GATE", "channel", ("channel", "input"))
+        self.attn_out_gate = env.choice("ATTN_OUT_GATE", "none", ("none", "attn_out", "dense", "sparse"))
+        self.parallel_residual = env.choice("PARALLEL_RESIDUAL", "none", ("none", "two_lane", "gptj"))
 
     def _read_optimizer(self, env: EnvReader):
         """Optimizers, weight averaging and quantization-aware training. MUON_NS quintic: #549's Newton-Schulz; turbo:
         #1089's AOL + Polar Express table; polar_express: #1787/#1855's per-step tuples. MUON_EQ_R: unit rows first
         (#1855). SMALL_MATRIX_OPTIMIZER muon: #1089's Muon for the bigram/VE projections (#549: AdamW)."""
-        env.fill(
-            self,
-            "float",
-            MATRIX_LR=(0.025, 0.0),
-            SCALAR_LR=(0.025, 0.0),
-            TIED_EMBED_LR=(0.035, 0.0),
-            MUON_MOMENTUM=(0.99, 0.0),
-            MUON_MOMENTUM_WARMUP_START=(0.92, 0.0),
-            MUON_WD=(0.04, 0.0),
-            ADAM_WD=(0.04, 0.0),
-            EMBED_WD=(None, 0.0),
-            WD_TAPER_START=(1.0, 0.0, 1.0),
-            WD_TAPER_FINAL=(0.5, 0.0),
-            BETA1=(0.9, 0.0),
-            EMBED_BETA1=(None, 0.0),
-            BETA2=(0.95, 0.0),
-            ADAM_EPS=(1e-8, 0.0),
-            GRAD_CLIP_NORM=(0.3, 0.0),
-            EMA_DECAY=(0.997, 0.0),
-            SWA_THRESHOLD=(0.2, 0.0),
-            LATE_QAT_THRESHOLD=(0.15, 0.0),
-            SOFT_ROUND_ALPHA_MAX=(16.0, 1.0),
-        )
-        env.fill(
-            self,
-            "int",
-            MUON_MOMENTUM_WARMUP_STEPS=(1500, 0),
-            MUON_BACKEND_STEPS=(5, 1),
-            SWA_EVERY=(50, 1),
-            SWA_MIN_SNAPSHOTS=(1, 1),
-        )
-        env.fill(
-            self,
-            "flag",
-            MUON_EQ_R=False,
-            MUON_DECAY_AFTER_UPDATE=False,
-            SWA_ENABLED=False,
-            QAT_ENABLED=False,
-            SOFT_ROUND_QAT=False,
-        )
+        self.matrix_lr = env.float("MATRIX_LR", 0.025, 0.0)
+        self.scalar_lr = env.float("SCALAR_LR", 0.025, 0.0)
+        self.tied_embed_lr = env.float("TIED_EMBED_LR", 0.035, 0.0)
+        self.muon_momentum = env.float("MUON_MOMENTUM", 0.99, 0.0)
+        self.muon_momentum_warmup_start = env.float("MUON_MOMENTUM_WARMUP_START", 0.92, 0.0)
+        self.muon_wd = env.float("MUON_WD", 0.04, 0.0)
+        self.adam_wd = env.float("ADAM_WD", 0.04, 0.0)
+        self.embed_wd = env.float("EMBED_WD", None, 0.0)
+        self.wd_taper_start = env.float("WD_TAPER_START", 1.0, 0.0, 1.0)
+        self.wd_taper_final = env.float("WD_TAPER_FINAL", 0.5, 0.0)
+        self.beta1 = env.float("BETA1", 0.9, 0.0)
+        self.embed_beta1 = env.float("EMBED_BETA1", None, 0.0)
+        self.beta2 = env.float("BETA2", 0.95, 0.0)
+        self.adam_eps = env.float("ADAM_EPS", 1e-8, 0.0)
+        self.grad_clip_norm = env.float("GRAD_CLIP_NORM", 0.3, 0.0)
+        self.ema_decay = env.float("EMA_DECAY", 0.997, 0.0)
+        self.swa_threshold = env.float("SWA_THRESHOLD", 0.2, 0.0)
+        self.late_qat_threshold = env.float("LATE_QAT_THRESHOLD", 0.15, 0.0)
+        self.soft_round_alpha_max = env.float("SOFT_ROUND_ALPHA_MAX", 16.0, 1.0)
+        self.muon_momentum_warmup_steps = env.int("MUON_MOMENTUM_WARMUP_STEPS", 1500, 0)
+        self.muon_backend_steps = env.int("MUON_BACKEND_STEPS", 5, 1)
+        self.swa_every = env.int("SWA_EVERY", 50, 1)
+        self.swa_min_snapshots = env.int("SWA_MIN_SNAPSHOTS", 1, 1)
+        self.muon_eq_r = env.flag("MUON_EQ_R", False)
+        self.muon_decay_after_update = env.flag("MUON_DECAY_AFTER_UPDATE", False)
+        self.swa_enabled = env.flag("SWA_ENABLED", False)
+        self.qat_enabled = env.flag("QAT_ENABLED", False)
+        self.soft_round_qat = env.flag("SOFT_ROUND_QAT", False)
         # GRAD_CLIP_SCOPE local and LATE_QAT_SCOPE projections are #549's (README: the global clip, QAT on every bank)
-        env.fill(
-            self,
-            "choice",
-            MUON_NS=("quintic", ("quintic", "turbo", "polar_express")),
-            MUON_POST_NORM=("none", ("none", "row", "col", "row_col")),
-            LATE_QAT_SCOPE=("banks", ("banks", "projections")),
-            SMALL_MATRIX_OPTIMIZER=("adamw", ("adamw", "muon")),
-            GRAD_CLIP_SCOPE=("global", ("global", "local")),
-        )
+        self.muon_ns = env.choice("MUON_NS", "quintic", ("quintic", "turbo", "polar_express"))
+        self.muon_post_norm = env.choice("MUON_POST_NORM", "none", ("none", "row", "col", "row_col"))
+        self.late_qat_scope = env.choice("LATE_QAT_SCOPE", "banks", ("banks", "projections"))
+        self.small_matrix_optimizer = env.choice("SMALL_MATRIX_OPTIMIZER", "adamw", ("adamw", "muon"))
+        self.grad_clip_scope = env.choice("GRAD_CLIP_SCOPE", "global", ("global", "local"))
 
     def _read_export(self, env: EnvReader):
         """Quantization (per tensor group), GPTQ calibration, compression and the size planner. QUANT_CLIP_SIGMAS 0:
         GPTQ on GPTQ-lite's searched clip (best on P1), k > 0: SDClip k*std(row). COMPRESSOR lrzip: #1855's per-group
         compression. MIXED_PRECISION: #1089's Hessian-ranked +1/+2 bits while it fits. LQER_TOP_K: #1797."""
-        env.fill(
-            self,
-            "int",
-            QUANT_BITS_MLP=6,
-            QUANT_BITS_ATTN=6,
-            QUANT_BITS_EMBED=8,
-            QUANT_BITS_TABLES=8,
-            GPTQ_CALIB_BATCHES=(16, 1),
-            SIZE_FIT_LEVELS=(1, 1),
-            LQER_TOP_K=(0, 0),
-            LQER_RANK=(4, 1),
-        )
-        env.fill(
-            self,
-            "float",
-            QUANT_CLIP_SIGMAS_MLP=(0.0, 0.0),
-            QUANT_CLIP_SIGMAS_ATTN=(0.0, 0.0),
-            QUANT_CLIP_SIGMAS_EMBED=(0.0, 0.0),
-            GPTQ_RESERVE_SECONDS=(8.0, 0.0),
-        )
-        env.fill(
-            self,
-            "choice",
-            QUANT=("gptq_lite", ("gptq_lite", "gptq")),
-            COMPRESSOR=("lzma", ("lzma", "zstd", "brotli", "lrzip")),
-        )
-        env.fill(self, "flag", BYTE_SHUFFLE=False, SIZE_FIT=False, MIXED_PRECISION=False, DRY_RUN=False)
+        self.quant_bits_mlp = env.int("QUANT_BITS_MLP", 6)
+        self.quant_bits_attn = env.int("QUANT_BITS_ATTN", 6)
+        self.quant_bits_embed = env.int("QUANT_BITS_EMBED", 8)
+        self.quant_bits_tables = env.int("QUANT_BITS_TABLES", 8)
+        self.gptq_calib_batches = env.int("GPTQ_CALIB_BATCHES", 16, 1)
+        self.size_fit_levels = env.int("SIZE_FIT_LEVELS", 1, 1)
+        self.lqer_top_k = env.int("LQER_TOP_K", 0, 0)
+        self.lqer_rank = env.int("LQER_RANK", 4, 1)
+        self.quant_clip_sigmas_mlp = env.float("QUANT_CLIP_SIGMAS_MLP", 0.0, 0.0)
+        self.quant_clip_sigmas_attn = env.float("QUANT_CLIP_SIGMAS_ATTN", 0.0, 0.0)
+        self.quant_clip_sigmas_embed = env.float("QUANT_CLIP_SIGMAS_EMBED", 0.0, 0.0)
+        self.gptq_reserve_seconds = env.float("GPTQ_RESERVE_SECONDS", 8.0, 0.0)
+        self.quant = env.choice("QUANT", "gptq_lite", ("gptq_lite", "gptq"))
+        self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli", "lrzip"))
+        self.byte_shuffle = env.flag("BYTE_SHUFFLE", False)
+        self.size_fit = env.flag("SIZE_FIT", False)
+        self.mixed_precision = env.flag("MIXED_PRECISION", False)
+        self.dry_run = env.flag("DRY_RUN", False)
 
     def _read_evaluation(self, env: EnvReader):
         """Evaluation: sliding window, legal TTT (#549's run used it), its budget, eval-only. TTT_OPTIMIZER adamw:
         #518's (betas 0.9/0.999). TTT_LR_MULTS: the qo, kv, mlp_up, mlp_down banks (#518: 1,1,0.5,3). TTT_MODE lora:
         phased document LoRA TTT with #1855's values; NGRAM_TILT: #1514's causal token-only tilt."""
-        env.fill(
-            self,
-            "int",
-            EVAL_STRIDE=(64, 1),
-            TTT_EPOCHS=(3, 0),
-            TTT_CHUNK_TOKENS=(32768, 1),
-            TTT_BATCH_SEQS=(32, 1),
-            TTT_FREEZE_BLOCKS=(0, 0),
-            TTT_LORA_RANK=(96, 1),
-            TTT_LORA_CHUNK=(48, 1),
-            TTT_LORA_CONTEXT=(2048, 1),
-            TTT_LORA_BATCH=(64, 1),
-            TTT_LORA_BATCH_TOKENS=(65536, 1),
-            TTT_PHASES=(3, 0),
-        )
-        env.fill(
-            self,
-            "float",
-            TTT_LR=(0.002, 0.0),
-            TTT_MOMENTUM=(0.9, 0.0),
-            TTT_GRAD_CLIP=(1.0, 0.0),
-            TTT_LORA_ALPHA=(144.0, 0.0),
-            TTT_LORA_LR=(1e-4, 0.0),
-            TTT_LORA_WD=(0.5, 0.0),
-            TTT_LORA_BETA1=(0.0, 0.0, 0.999),
-            TTT_LORA_BETA2=(0.99, 0.0, 0.9999),
-            TTT_PHASE_FRACTION=(0.05, 0.0, 1.0),
-            TTT_PHASE_LR=(0.001, 0.0),
-            NGRAM_TILT_BETA=(2.0, 0.0),
-            EVAL_BUDGET_SECONDS=(600.0, 0.0),
-        )
-        env.fill(
-            self,
-            "choice",
-            TTT_OPTIMIZER=("sgd", ("sgd", "adamw")),
-            TTT_MODE=("sgd", ("sgd", "lora")),
-            TTT_LORA_ORDER=("length", ("length", "stream")),
-        )
-        env.fill(
-            self,
-            "flag",
-            TTT_ENABLED=True,
-            TTT_LORA_WARM_START_A=True,
-            NGRAM_TILT=False,
-            EVAL_ONLY=False,
-            EVAL_SLIDING=True,
-        )
+        self.eval_stride = env.int("EVAL_STRIDE", 64, 1)
+        self.ttt_epochs = env.int("TTT_EPOCHS", 3, 0)
+        self.ttt_chunk_tokens = env.int("TTT_CHUNK_TOKENS", 32768, 1)
+        self.ttt_batch_seqs = env.int("TTT_BATCH_SEQS", 32, 1)
+        self.ttt_freeze_blocks = env.int("TTT_FREEZE_BLOCKS", 0, 0)
+        self.ttt_lora_rank = env.int("TTT_LORA_RANK", 96, 1)
+        self.ttt_lora_chunk = env.int("TTT_LORA_CHUNK", 48, 1)
+        self.ttt_lora_context = env.int("TTT_LORA_CONTEXT", 2048, 1)
+        self.ttt_lora_batch = env.int("TTT_LORA_BATCH", 64, 1)
+        self.ttt_lora_batch_tokens = env.int("TTT_LORA_BATCH_TOKENS", 65536, 1)
+        self.ttt_phases = env.int("TTT_PHASES", 3, 0)
+        self.ttt_lr = env.float("TTT_LR", 0.002, 0.0)
+        self.ttt_momentum = env.float("TTT_MOMENTUM", 0.9, 0.0)
+        self.ttt_grad_clip = env.float("TTT_GRAD_CLIP", 1.0, 0.0)
+        self.ttt_lora_alpha = env.float("TTT_LORA_ALPHA", 144.0, 0.0)
+        self.ttt_lora_lr = env.float("TTT_LORA_LR", 1e-4, 0.0)
+        self.ttt_lora_wd = env.float("TTT_LORA_WD", 0.5, 0.0)
+        self.ttt_lora_beta1 = env.float("TTT_LORA_BETA1", 0.0, 0.0, 0.999)
+        self.ttt_lora_beta2 = env.float("TTT_LORA_BETA2", 0.99, 0.0, 0.9999)
+        self.ttt_phase_fraction = env.float("TTT_PHASE_FRACTION", 0.05, 0.0, 1.0)
+        self.ttt_phase_lr = env.float("TTT_PHASE_LR", 0.001, 0.0)
+        self.ngram_tilt_beta = env.float("NGRAM_TILT_BETA", 2.0, 0.0)
+        self.eval_budget_seconds = env.float("EVAL_BUDGET_SECONDS", 600.0, 0.0)
+        self.ttt_optimizer = env.choice("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"))
+        self.ttt_mode = env.choice("TTT_MODE", "sgd", ("sgd", "lora"))
+        self.ttt_lora_order = env.choice("TTT_LORA_ORDER", "length", ("length", "stream"))
+        self.ttt_enabled = env.flag("TTT_ENABLED", True)
+        self.ttt_lora_warm_start_a = env.flag("TTT_LORA_WARM_START_A", True)
+        self.ngram_tilt = env.flag("NGRAM_TILT", False)
+        self.eval_only = env.flag("EVAL_ONLY", False)
+        self.eval_sliding = env.flag("EVAL_SLIDING", True)
         self.ttt_lr_mults = env.float_list("TTT_LR_MULTS", "1,1,1,1")
 
     def validate(self):
@@ -679,10 +605,6 @@ class Hyperparameters:
                 self.engram_heads > len(ENGRAM_HASHES[0]) or self.engram_orders > len(ENGRAM_HASHES),
                 f"env ENGRAM_HEADS={self.engram_heads} / ENGRAM_ORDERS={self.engram_orders}: at most "
                 f"{len(ENGRAM_HASHES[0])} heads of orders 2..{len(ENGRAM_HASHES) + 1}",
-            ),
-            (
-                len(self.mlp_negative_slopes) > layers,
-                f"env MLP_NEGATIVE_SLOPES has {len(self.mlp_negative_slopes)} values for NUM_LAYERS={layers}",
             ),
             (
                 self.num_loops and not 0 <= self.loop_start <= self.loop_end < layers,
@@ -1486,8 +1408,7 @@ class Block(nn.Module):
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
-        slopes = h.mlp_negative_slopes
-        self.negative_slope = slopes[layer] if layer < len(slopes) else h.mlp_negative_slope
+        self.negative_slope = h.mlp_negative_slope
         self.residual_form = h.parallel_residual if layer >= h.parallel_start_layer else "none"
         self.fused_kernels = h.fused_kernels
         if self.residual_form == "two_lane":  # #1529: rho = 1.1, pi = 1 at init

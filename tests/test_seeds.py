@@ -255,21 +255,6 @@ def test_muon_weight_decay_order(decay_after):
 # ---------------------------------------------------------------------------------------------------- model
 
 
-def test_per_layer_slopes_and_their_fallback():
-    h = tiny_hyperparameters(MLP_NEGATIVE_SLOPES="-0.014,0.131", MLP_NEGATIVE_SLOPE=0.3)
-    model = train_gpt.GPT(h)
-    assert [block.negative_slope for block in model.blocks] == [-0.014, 0.131, 0.3, 0.3]
-    x = torch.randn(2, 5, 64)
-    up = torch.randn(128, 64)
-    block = model.blocks[1]
-    hidden = F.linear(x, up)
-    assert torch.allclose(
-        F.leaky_relu(hidden, block.negative_slope).square(), torch.where(hidden > 0, hidden, 0.131 * hidden).square()
-    )
-    with pytest.raises(train_gpt.InputError, match="MLP_NEGATIVE_SLOPES has 5 values for NUM_LAYERS=4"):
-        tiny_hyperparameters(MLP_NEGATIVE_SLOPES="0.1,0.2,0.3,0.4,0.5")
-
-
 def test_gated_skips_start_as_an_even_mix():
     plain = train_gpt.GPT(tiny_hyperparameters())
     gated = train_gpt.GPT(tiny_hyperparameters(SKIP_GATES_ENABLED=1))
