@@ -5,8 +5,10 @@ Columns: post-average (pre-quant), int6 roundtrip, sliding, legal TTT val_bpb (e
 model bytes, the final step_avg, and each value's difference from the first log given (the reference).
 
     bench/p1_table.py --index     # every log in logs/p1/: its last scored pass and the commit whose code ran
+    bench/p1_table.py --annotate docs/RESULTS.md README.md   # each table row's log gets " @ <commit>" after it
 
-The index is docs/RESULTS.md's last section (tests/test_measure_tools.py keeps it current)."""
+The index is docs/RESULTS.md's last section; the annotations name, in every results row, the commit whose
+train_gpt.py wrote the log (tests/test_measure_tools.py keeps both current)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RULE = "=" * 100
+INDEX_HEADING = "## Every P1 log and the code that ran it"
 SCORED = re.compile(r"^(\S+)_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", re.M)
 
 METRICS = {
@@ -71,9 +74,37 @@ def index_rows(folder: Path = REPO / "logs" / "p1") -> list[str]:
     return rows
 
 
+ANNOTATED_LOG = re.compile(r"`(logs/[\w./-]+\.txt)`(?: @ (?:[0-9a-f]{7,}|uncommitted|record code|unknown))?")
+
+
+def annotate(markdown: str) -> str:
+    """In every table row, each existing log `logs/….txt` is followed by " @ <commit>": its code's first commit;
+    "@ uncommitted" for this script's code that no commit holds (a working tree), "@ record code" for a record's
+    own script (#549's, #1089's, #1855's)."""
+
+    def commit_of(match: re.Match) -> str:
+        path = REPO / match.group(1)
+        if not path.is_file():
+            return match.group(0)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        commit = code_commit(text)
+        if commit.startswith("not in"):
+            commit = "uncommitted" if "\nPRESETS = {" in text.split("\n" + RULE + "\n", 1)[0] else "record code"
+        return f"`{match.group(1)}` @ {commit}"
+
+    body, index = (markdown.split(INDEX_HEADING, 1) + [None])[:2]  # the index has its own commit column
+    lines = [ANNOTATED_LOG.sub(commit_of, line) if line.startswith("|") else line for line in body.split("\n")]
+    return "\n".join(lines) + ("" if index is None else INDEX_HEADING + index)
+
+
 def main(paths: list[str]) -> None:
     if paths == ["--index"]:
         print("\n".join(index_rows()))
+        return
+    if paths[:1] == ["--annotate"]:
+        for name in paths[1:]:
+            path = Path(name)
+            path.write_text(annotate(path.read_text(encoding="utf-8")), encoding="utf-8")
         return
     rows = [(Path(p).stem, read(Path(p))) for p in paths]
     reference = rows[0][1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import subprocess
 import sys
 
@@ -110,3 +112,25 @@ def test_the_results_index_of_p1_logs_is_current():
         assert documented == expected
     else:
         assert without_commit(documented) == without_commit(expected)
+
+
+def test_every_results_row_names_the_commit_that_wrote_its_log():
+    """In docs/RESULTS.md's and the README's tables every log is followed by its code's commit, as
+    bench/p1_table.py --annotate writes it (without git history the commits are only required to be there)."""
+    import subprocess
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import p1_table
+
+    shallow = subprocess.run(
+        ["git", "rev-parse", "--is-shallow-repository"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    for name in ("docs/RESULTS.md", "README.md"):
+        text = (REPO / name).read_text(encoding="utf-8")
+        body = text.split(p1_table.INDEX_HEADING, 1)[0]  # the index has its own commit column
+        rows = [line for line in body.splitlines() if line.startswith("|") and "`logs/" in line]
+        assert rows, name
+        bare = [row for row in rows if re.search(r"`logs/[\w./-]+\.txt`(?! @ )", row)]
+        assert not bare, f"{name}: rows naming a log without its commit: {bare[:3]}"
+        if shallow == "false":
+            assert p1_table.annotate(text) == text, f"{name}: run bench/p1_table.py --annotate {name}"
