@@ -244,6 +244,7 @@ PRESETS = {
         "SWA_MIN_SNAPSHOTS": "2",
         "LATE_QAT_THRESHOLD": "0.15",
         "SOFT_ROUND_QAT": "1",
+        "LATE_QAT_SCOPE": "record1089",
         "SOFT_ROUND_ALPHA_MAX": "16",
         "QUANT": "gptq",
         "QUANT_BITS_MLP": "5",
@@ -304,7 +305,9 @@ PRESETS = {
         "WD_TAPER_FINAL": "0.5",
         "EMA_DECAY": "0.9965",
         "LATE_QAT_THRESHOLD": "0",
-        "LOADER": "shuffled",
+        "LOADER": "documents",
+        "ROPE_NTK_LEN": "0",
+        "INIT_ORDER": "record1855",
         "QUANT": "gptq",
         "QUANT_BITS_MLP": "6",
         "QUANT_BITS_ATTN": "6",
@@ -411,7 +414,7 @@ class Hyperparameters:
         self.lr_floor = env.float("LR_FLOOR", 0.0, 0.0, 0.99)
         self.max_wallclock_seconds = env.float("MAX_WALLCLOCK_SECONDS", 600.0, 0.0)
         # auto: bf16 + compile + FlashAttention 3 (a missing wheel fails at start) on CUDA, fp32 + eager + SDPA on CPU
-        self.loader = env.choice("LOADER", "stream", ("stream", "shuffled"))
+        self.loader = env.choice("LOADER", "stream", ("stream", "shuffled", "documents"))
         self.compile = env.choice("COMPILE", "auto", ("auto", "0", "1"))
         self.compute_dtype = env.choice("COMPUTE_DTYPE", "auto", ("auto", "bf16", "fp32"))
         self.attention_backend = env.choice("ATTENTION_BACKEND", "auto", ("auto", "fa3", "fa2", "sdpa"))
@@ -443,6 +446,7 @@ class Hyperparameters:
         self.num_loops = env.int("NUM_LOOPS", 0, 0)
         self.loop_start = env.int("LOOP_START", 3, 0)
         self.loop_end = env.int("LOOP_END", 5, 0)
+        self.rope_ntk_len = env.int("ROPE_NTK_LEN", 1024, 0)  # #549: rescale RoPE's base above 1024; #1855: never (0)
         # MIMETIC_VO_INIT (#1089): Out = -0.05 * GQA-expand(V). LeakyReLU(slope)^2: #549 0.5 (-0.0021 BPB vs ReLU^2),
         # #1089 0.3. SPARSE_ATTN_GATE_SCALE: #1855.
         self.mlp_mult = env.float("MLP_MULT", 3.0, 0.0)
@@ -463,6 +467,7 @@ class Hyperparameters:
         self.smear_gate = env.choice("SMEAR_GATE", "channel", ("channel", "input"))
         self.attn_out_gate = env.choice("ATTN_OUT_GATE", "none", ("none", "attn_out", "dense", "sparse"))
         self.parallel_residual = env.choice("PARALLEL_RESIDUAL", "none", ("none", "two_lane", "gptj"))
+        self.init_order = env.choice("INIT_ORDER", "record549", ("record549", "record1855"))
 
     def _read_optimizer(self, env: EnvReader):
         """Optimizers, weight averaging and quantization-aware training. MUON_NS quintic: #549's Newton-Schulz; turbo:
@@ -499,7 +504,7 @@ class Hyperparameters:
         # GRAD_CLIP_SCOPE local and LATE_QAT_SCOPE projections are #549's (README: the global clip, QAT on every bank)
         self.muon_ns = env.choice("MUON_NS", "quintic", ("quintic", "turbo", "polar_express"))
         self.muon_post_norm = env.choice("MUON_POST_NORM", "none", ("none", "row", "col", "row_col"))
-        self.late_qat_scope = env.choice("LATE_QAT_SCOPE", "banks", ("banks", "projections"))
+        self.late_qat_scope = env.choice("LATE_QAT_SCOPE", "banks", ("banks", "projections", "record1089"))
         self.small_matrix_optimizer = env.choice("SMALL_MATRIX_OPTIMIZER", "adamw", ("adamw", "muon"))
         self.grad_clip_scope = env.choice("GRAD_CLIP_SCOPE", "global", ("global", "local"))
 
@@ -582,6 +587,10 @@ class Hyperparameters:
             ),
             (self.xsa_last_n > layers, f"env XSA_LAST_N={self.xsa_last_n} exceeds NUM_LAYERS={layers}"),
             (bad_ve, f"env VE_LAYERS has layers {bad_ve} outside 0..{layers - 1}"),
+            (
+                self.loader == "documents" and not self.doc_isolation,
+                "env LOADER=documents packs a rank's tokens into one row: it needs DOC_ISOLATION=1",
+            ),
             (not 0.0 <= self.ema_decay < 1.0, f"env EMA_DECAY={self.ema_decay}: must be in [0, 1); 0 disables EMA"),
             (
                 self.eval_stride > self.eval_seq_len or self.eval_seq_len % self.eval_stride,
@@ -698,6 +707,12 @@ class Hyperparameters:
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
 
+    @property
+    def segment_len(self) -> int:
+        """LOADER=documents packs a rank's micro-batch into one row: attention segments end at each document's end
+        and every TRAIN_SEQ_LEN tokens from its start (#1855's cu_seqlens); 0: rows are the segments' limit."""
+        return self.train_seq_len if self.loader == "documents" else 0
+
 
 # Data: challenge shards, the training stream, validation tokens and bytes-per-token accounting ======================
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
@@ -801,6 +816,48 @@ class DistributedTokenLoader:
         block = self.stream.take(span * self.world_size)
         local = torch.from_numpy(block[self.rank * span : (self.rank + 1) * span].astype(np.int64))
         inputs, targets = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+        documents = self.documents(inputs.numpy())
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
+
+
+class DocumentPackingLoader:
+    """LOADER=documents (#1855's training loader): the shards in order from the first shard's first BOS, each rank
+    taking span r of each block as the stream does, but a micro-batch is one row of the rank's tokens (segments:
+    Hyperparameters.segment_len) and a block that would run past its shard's end starts the next shard's first BOS."""
+
+    def __init__(
+        self,
+        files: list[str],
+        vocab_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        documents=no_documents,
+    ):
+        self.files, self.vocab_size, self.file_index = files, vocab_size, -1
+        self.rank, self.world_size, self.device, self.documents = rank, world_size, device, documents
+        self.next_shard()
+
+    def next_shard(self):
+        self.file_index = (self.file_index + 1) % len(self.files)
+        self.tokens = load_data_shard(self.files[self.file_index], self.vocab_size)
+        first_bos = np.flatnonzero(self.tokens == BOS_ID)[:1]
+        if not len(first_bos):
+            raise InputError(f"{self.files[self.file_index]}: no BOS (id {BOS_ID}): LOADER=documents needs documents")
+        self.position = int(first_bos[0])
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
+        span = local_tokens + 1  # the extra token is only ever a target
+        for _ in range(len(self.files) + 1):
+            if self.position + span * self.world_size <= len(self.tokens):
+                break
+            self.next_shard()
+        else:
+            raise InputError(f"LOADER=documents: no training shard holds a block of {span * self.world_size} tokens")
+        start = self.position + self.rank * span
+        local = torch.from_numpy(self.tokens[start : start + span].astype(np.int64))
+        self.position += span * self.world_size
+        inputs, targets = local[None, :-1], local[None, 1:]
         documents = self.documents(inputs.numpy())
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
 
@@ -1149,7 +1206,6 @@ class LeakyReluSquare(torch.autograd.Function):
         return grad * 2.0 * torch.where(u > 0, u, ctx.slope * ctx.slope * u), None
 
 
-ROPE_NTK_REFERENCE_LEN = 1024  # #549 builds every Rotary with this "train length"; base is NTK-rescaled above it
 BIGRAM_HASH_MULTIPLIERS = (36313, 27191)
 BIGRAM_INIT_SCALE, VE_INIT_SCALE, VE_EMBED_INIT_STD = 0.05, 0.1, 0.01
 
@@ -1181,9 +1237,12 @@ FLASH_INSTALL_HINT = {
 }
 
 
-def select_attention_backend(requested: str, device_type: str, dtype: torch.dtype, doc_isolation: bool = False):
+def select_attention_backend(
+    requested: str, device_type: str, dtype: torch.dtype, doc_isolation: bool = False, max_segment: int = 0
+):
     """ATTENTION_BACKEND -> (name, fn(q, k, v[, documents])) on (B, T, H, D): "auto" = FA3 on CUDA in 16 bits, else
-    SDPA; DOC_ISOLATION: flash's varlen kernel (#1530), SDPA with a mask. Real FA3/FA2 unverified here (no GPU)."""
+    SDPA; DOC_ISOLATION: flash's varlen kernel (#1530), SDPA with a mask; max_segment: no segment is longer (a packed
+    row's Hyperparameters.segment_len), the kernel's max_seqlen. Real FA3/FA2 unverified here (no GPU)."""
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
     setting = f"env ATTENTION_BACKEND={requested}" + (" (FA3 on CUDA with bf16)" if requested == "auto" else "")
     if requested == "auto":
@@ -1211,7 +1270,7 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
         if cu_seqlens is None:
             out = kernel(q, k, v, causal=True)
         else:  # the batch as one flat sequence cut at every document start (and row start): #1530's VarLen
-            batch, seq = q.shape[:2]
+            seq = min(q.size(1), max_segment) if max_segment else q.size(1)  # FA sizes its grid by max_seqlen
             out = kernel(*(t.flatten(0, 1) for t in (q, k, v)), cu_seqlens, cu_seqlens, seq, seq, causal=True)
         out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
         return out.view(q.shape) if cu_seqlens is not None else out
@@ -1220,10 +1279,21 @@ def select_attention_backend(requested: str, device_type: str, dtype: torch.dtyp
     return name + ("_varlen" if doc_isolation else ""), flash_attention
 
 
-def document_mask(ids: torch.Tensor) -> torch.Tensor:
-    """DOC_ISOLATION through SDPA: the (B, 1, T, T) causal mask of same-document pairs (a document starts at a BOS)."""
-    doc = torch.cumsum(ids == BOS_ID, dim=1)
-    return (doc[:, None, :, None] == doc[:, None, None, :]).tril()
+def segment_starts(ids: torch.Tensor, segment_len: int = 0) -> torch.Tensor:
+    """(B, T) bool: where attention segments start under DOC_ISOLATION: each row start and BOS, and with segment_len
+    every segment_len tokens from a document's start (LOADER=documents' packed rows, as #1855's cu_seqlens)."""
+    positions = torch.arange(ids.size(1), device=ids.device).expand(ids.shape)
+    starts = (ids == BOS_ID) | (positions == 0)
+    if not segment_len:
+        return starts
+    document_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
+    return starts | ((positions - document_start) % segment_len == 0)
+
+
+def document_mask(ids: torch.Tensor, segment_len: int = 0) -> torch.Tensor:
+    """DOC_ISOLATION through SDPA: the (B, 1, T, T) causal mask of same-segment pairs (segment_starts)."""
+    segment = torch.cumsum(segment_starts(ids, segment_len), dim=1)
+    return (segment[:, None, :, None] == segment[:, None, None, :]).tril()
 
 
 # DOC_ISOLATION through FA's varlen kernel: cu_seqlens get B + one of these many segments, padded with empty ones at
@@ -1233,11 +1303,11 @@ SEGMENT_BUCKETS = (64, 512, 4096)
 VARLEN_MAX_SEGMENTS = 65_535  # FA's grids put the batch (the segments) on an axis of at most 65,535 blocks
 
 
-def document_segments(inputs: np.ndarray) -> np.ndarray:
-    """FA varlen's int32 cu_seqlens of a host (B, T) batch flattened: a segment starts at each row start and each
-    BOS; padded with the total to B + the smallest SEGMENT_BUCKETS entry that holds them (empty tail segments)."""
+def document_segments(inputs: np.ndarray, segment_len: int = 0) -> np.ndarray:
+    """FA varlen's int32 cu_seqlens of a host (B, T) batch flattened, a segment per segment_starts; padded with the
+    total to B + the smallest SEGMENT_BUCKETS entry that holds them (empty tail segments)."""
     rows, seq = inputs.shape
-    starts = np.flatnonzero((inputs == BOS_ID) | (np.arange(seq) == 0))
+    starts = np.flatnonzero(segment_starts(torch.from_numpy(np.asarray(inputs)), segment_len).numpy())
     spare = next((extra for extra in SEGMENT_BUCKETS if len(starts) <= rows + extra), None)
     if spare is None or rows + spare > VARLEN_MAX_SEGMENTS:
         raise RunFault(
@@ -1294,11 +1364,14 @@ class BatchedLoRA:
         return F.linear(x, weight) + self.scale * ((x @ a.mT) @ b.mT)
 
 
-def rotary_tables(seq_len: int, rope_dims: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(seq_len: int, rope_dims: int, base: float, device, ntk_len: int = 1024, context: int = 0) -> tuple:
     """cos/sin (1, T, 1, rope_dims/2) fp32, built on every call: a table cached under inference_mode (scoring) breaks
-    autograd in TTT (#549's code clones its cache for that). It costs 8 x T flops."""
-    if seq_len > ROPE_NTK_REFERENCE_LEN:
-        base = base * (seq_len / ROPE_NTK_REFERENCE_LEN) ** (rope_dims / (rope_dims - 2))
+    autograd in TTT (#549's code clones its cache for that). It costs 8 x T flops. When attention spans more than
+    ntk_len tokens (context: the longest segment of a packed row, else the row) the base is NTK-rescaled (#549 builds
+    every Rotary with "train length" 1024; #1855 never rescales: ntk_len 0)."""
+    context = min(context, seq_len) if context else seq_len
+    if ntk_len and context > ntk_len:
+        base = base * (context / ntk_len) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
@@ -1321,23 +1394,34 @@ def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y.view(batch, seq, heads, dim)
 
 
-def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31, alpha: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row fake quantization on [-qmax, qmax] * max|row|/qmax (late QAT): rounding with a straight-through gradient,
-    or with alpha #1089's soft-round s * (floor(u) + sigmoid(alpha * (frac(u) - 0.5))), no straight-through."""
-    scale = weight.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+def rows_on_grid(weight: torch.Tensor, scale: torch.Tensor, low: int, high: int, alpha=None) -> torch.Tensor:
+    """weight / scale on the integers [low, high], times scale: rounding with a straight-through gradient, or with alpha
+    #1089's soft-round s * (floor(u) + sigmoid(alpha * (frac(u) - 0.5))), no straight-through."""
     if alpha is None:
-        quantized = (weight / scale).round().clamp(-qmax, qmax) * scale
+        quantized = (weight / scale).round().clamp(low, high) * scale
         return weight + (quantized - weight).detach()
-    units = (weight / scale).clamp(-qmax, qmax)
-    low = units.detach().floor()
-    return scale * (low + torch.sigmoid(alpha * (units - low - 0.5)))
+    units = (weight / scale).clamp(low, high)
+    floor = units.detach().floor()
+    return scale * (floor + torch.sigmoid(alpha * (units - floor - 0.5)))
+
+
+def fake_quantize_rows(weight: torch.Tensor, qmax: int = 31, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """Late QAT on the exporter's grid (LATE_QAT_SCOPE=banks): per row, [-qmax, qmax] * max|row|/qmax."""
+    scale = weight.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    return rows_on_grid(weight, scale, -qmax, qmax, alpha)
 
 
 def fake_quantize_rows_record549(weight: torch.Tensor) -> torch.Tensor:
     """#549's late-QAT quantizer (LATE_QAT_SCOPE=projections): scale floored at 1/31, range [-32, 31]."""
     scale = (weight.detach().abs().amax(dim=-1, keepdim=True) / 31.0).clamp_min(1.0 / 31.0)
-    quantized = (weight / scale).round().clamp(-32, 31) * scale
-    return weight + (quantized - weight).detach()
+    return rows_on_grid(weight, scale, -32, 31)
+
+
+def fake_quantize_rows_record1089(weight: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """#1089's late QAT (LATE_QAT_SCOPE=record1089), on every bank and projection alike: 5 bits whatever the export's
+    widths, scale max(0.9995 max|row|, 1) / 15 on [-16, 15] (the floor makes a small row's grid coarse)."""
+    scale = (weight.detach().abs().amax(dim=-1, keepdim=True) * 0.9995 / 15.0).clamp_min(1.0 / 15.0)
+    return rows_on_grid(weight, scale, -16, 15, alpha)
 
 
 DENSE_ATTN_GATE_INIT_STD = 0.01
@@ -1500,11 +1584,11 @@ def optional_projection(in_dim: int, out_dim: int) -> nn.Linear | None:
     return nn.Linear(in_dim, out_dim, bias=False) if in_dim != out_dim else None
 
 
-def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize: bool) -> torch.Tensor:
+def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize=None) -> torch.Tensor:
+    """x through the projection (if any); fake_quantize: late QAT's quantizer of its weight (GPT.qat_quantizers)."""
     if projection is None:
         return x
-    weight = fake_quantize_rows_record549(projection.weight) if fake_quantize else projection.weight
-    return F.linear(x, weight)
+    return F.linear(x, projection.weight if fake_quantize is None else fake_quantize(projection.weight))
 
 
 class BigramHash(nn.Module):
@@ -1526,7 +1610,7 @@ class BigramHash(nn.Module):
         first = torch.full_like(ids32[:, :1], self.buckets - 1)  # reserved bucket for position 0
         return torch.cat((first, hashed), dim=1).to(torch.int64)
 
-    def forward(self, ids, fake_quantize=False):
+    def forward(self, ids, fake_quantize=None):
         return self.scale * project(self.embed(self.bucket_ids(ids)), self.proj, fake_quantize)
 
 
@@ -1568,7 +1652,7 @@ class EngramLite(nn.Module):
         slots = [hashes[head](cur, prev, pp) for hashes in ENGRAM_HASHES[: self.orders] for head in range(self.heads)]
         return torch.stack([slot % self.buckets + i * self.buckets for i, slot in enumerate(slots)], dim=-1)
 
-    def forward(self, ids, fake_quantize=False):
+    def forward(self, ids, fake_quantize=None):
         rows = self.embed(self.bucket_ids(ids)).flatten(-2)
         return torch.sigmoid(self.gate) * project(rows, self.proj, fake_quantize)
 
@@ -1584,7 +1668,7 @@ class ValueEmbedding(nn.Module):
         self.proj, self.scale = optional_projection(dim, kv_dim), nn.Parameter(torch.tensor(VE_INIT_SCALE))
         self.layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in range(num_layers)])
 
-    def forward(self, ids, fake_quantize=False):
+    def forward(self, ids, fake_quantize=None):
         return self.scale * project(self.embed(ids), self.proj, fake_quantize)
 
 
@@ -1642,18 +1726,28 @@ class GPT(nn.Module):
         # TTT_MODE=lora sets its adapters and pins the RoPE table (its NTK base) at EVAL_SEQ_LEN for its short rows
         self.lora, self.rope_length = None, 0
         self.fused_kernels, self.doc_isolation = h.fused_kernels, h.doc_isolation
+        self.segment_len = h.segment_len
+        self.rope_ntk_len = h.rope_ntk_len
         self.varlen = getattr(attention, "varlen", False)  # DOC_ISOLATION through FA's varlen kernel
         self._init_weights(h)
 
     @torch.no_grad()
     def _init_weights(self, h: Hyperparameters):
-        """#549 section 6: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens. Every
-        random draw, here and in the constructors, comes in #549's order: the same SEED gives #549's weights."""
-        nn.init.normal_(self.token_embedding.weight, std=h.tied_embed_init_std)
+        """#549 section 6: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens. Every random
+        draw, here and in the constructors, comes in the record's order (INIT_ORDER), so the same SEED gives its
+        weights: record549 draws each layer's Q, K, V, up in turn; record1855 first its SmearGate Linear's (then
+        zeroed), then Q, K, V of every layer, then every up."""
         layers = self.num_layers
-        for i in range(layers):
-            for matrix in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[layers + i], self.mlp_up_bank[i]):
-                nn.init.orthogonal_(matrix)
+        attention = [(self.qo_bank[i], self.kv_bank[i], self.kv_bank[layers + i]) for i in range(layers)]
+        if h.init_order == "record1855":
+            if isinstance(self.smear_gate, InputSmearGate):
+                nn.init.kaiming_uniform_(torch.empty(1, self.smear_gate.weight.numel()), a=math.sqrt(5))
+            order = [m for matrices in attention for m in matrices] + list(self.mlp_up_bank)
+        else:
+            order = [m for i, matrices in enumerate(attention) for m in (*matrices, self.mlp_up_bank[i])]
+        nn.init.normal_(self.token_embedding.weight, std=h.tied_embed_init_std)
+        for matrix in order:
+            nn.init.orthogonal_(matrix)
         self.qo_bank[layers:].zero_()
         if h.mimetic_vo_init > 0:  # #1089: each query head's Out rows = -scale * its KV head's V rows (no RNG draw)
             group, dim = h.num_heads // h.num_kv_heads, self.qo_bank.size(-1)
@@ -1693,33 +1787,53 @@ class GPT(nn.Module):
     def num_encoder(self) -> int:
         return len(self.layer_order()) // 2
 
+    def qat_quantizers(self) -> tuple:
+        """LATE_QAT_SCOPE's (bank quantizer fn(bank, qmax), projection quantizer fn(weight)), None where it reaches
+        nothing: fake quantization in training forwards while QAT is on, never in scoring."""
+        if not (self.qat_active and self.training):
+            return None, None
+        alpha = self.soft_round_alpha
+        if self.qat_scope == "projections":  # #549: its two small projections, its own floored grid
+            return None, fake_quantize_rows_record549
+        if self.qat_scope == "record1089":  # #1089: banks and projections on one 5-bit floored grid
+            quantize = functools.partial(fake_quantize_rows_record1089, alpha=alpha)
+            return (lambda bank, qmax: quantize(bank)), quantize
+        return functools.partial(fake_quantize_rows, alpha=alpha), None
+
     def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype, documents=None) -> torch.Tensor:
-        qat = self.qat_active and self.training  # fake quantization in training forwards only, never in scoring
-        quantize_projections, x = qat and self.qat_scope == "projections", self.token_embedding(ids)
+        bank_quantizer, projection_quantizer = self.qat_quantizers()
+        x = self.token_embedding(ids)
         if self.bigram_hash is not None:
-            x = x + self.bigram_hash(ids, quantize_projections)
+            x = x + self.bigram_hash(ids, projection_quantizer)
         if self.engram is not None:
-            x = x + self.engram(ids, quantize_projections)
+            x = x + self.engram(ids, projection_quantizer)
         x = x.to(compute_dtype)
         # every forward path (training, scoring, TTT) goes through here: the smear's BOS mask holds on all of them
         before_norm = isinstance(self.smear_gate, InputSmearGate)
         x = rms_norm(self.smear_gate(x, ids)) if before_norm else self.smear_gate(rms_norm(x), ids)
         banks = self.banks()
-        if qat and self.qat_scope == "banks":
-            banks = [fake_quantize_rows(bank, qmax, self.soft_round_alpha) for bank, qmax in zip(banks, self.bank_qmax)]
+        if bank_quantizer is not None:
+            banks = [bank_quantizer(bank, qmax) for bank, qmax in zip(banks, self.bank_qmax)]
         ve_base = (
-            self.value_embedding(ids, quantize_projections).to(compute_dtype)
+            self.value_embedding(ids, projection_quantizer).to(compute_dtype)
             if self.value_embedding is not None
             else None
         )
         rotary = [
             t[:, : ids.size(1)]
-            for t in rotary_tables(max(ids.size(1), self.rope_length), self.rope_dims, self.rope_base, ids.device)
+            for t in rotary_tables(
+                max(ids.size(1), self.rope_length),
+                self.rope_dims,
+                self.rope_base,
+                ids.device,
+                self.rope_ntk_len,
+                self.segment_len,
+            )
         ]
         if self.doc_isolation:  # attention never crosses a BOS (#1530); RoPE is relative: positions stay per row
             if self.varlen and documents is None:
                 raise RuntimeError("DOC_ISOLATION through the varlen kernel needs the batch's host-built segments")
-            rotary.append(documents if self.varlen else document_mask(ids))
+            rotary.append(documents if self.varlen else document_mask(ids, self.segment_len))
         x = self.run_blocks(x, banks, rotary, ve_base)
         x = rms_norm(x)
         if self.hessian_recorder is not None:
@@ -3428,9 +3542,10 @@ class RunContext:
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
         self.attention_name, self.attention = select_attention_backend(
-            h.attention_backend, self.device.type, self.compute_dtype, h.doc_isolation
+            h.attention_backend, self.device.type, self.compute_dtype, h.doc_isolation, h.segment_len
         )
         self.varlen = getattr(self.attention, "varlen", False)
+        self.segment_len = h.segment_len
         self.compiled, self.final_score = {}, None  # final_score: (pass, (val_loss, val_bpb)) of the last pass
         if self.compile:
             raise_recompile_limit()
@@ -3460,7 +3575,7 @@ class RunContext:
         runs through FlashAttention's varlen kernel). Its length is marked dynamic: one graph for every bucket."""
         if not self.varlen:
             return None
-        segments = to_device(document_segments(inputs), self.device)
+        segments = to_device(document_segments(inputs, self.segment_len), self.device)
         torch._dynamo.maybe_mark_dynamic(segments, 0)
         return segments
 
@@ -3622,7 +3737,8 @@ class Trainer:
             return ShuffledSequenceLoader(
                 files, h.vocab_size, run.rank, run.world_size, run.device, h.seed, run.documents
             )
-        return DistributedTokenLoader(files, h.vocab_size, run.rank, run.world_size, run.device, run.documents)
+        loader = DocumentPackingLoader if h.loader == "documents" else DistributedTokenLoader
+        return loader(files, h.vocab_size, run.rank, run.world_size, run.device, run.documents)
 
     def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""

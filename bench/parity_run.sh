@@ -4,8 +4,11 @@
 # PEER_SCRIPT is the record's train_gpt.py patched to run on the CPU in fp32 (#1089 for pr1089, #1855 for
 # frontier_caseops; not in this repository: the record's MIT code is run beside it, never copied in). Both read the
 # same variables (the project accepts the records' spellings) and the committed samples; TRAIN_LOG_EVERY=1 so
-# tools/compare_logs.py can read the two curves step by step. The log is logs/p1/parity_PRESET_CODE_sSEED.txt
+# tools/compare_logs.py can read the two curves step by step. PARITY_TAG=name (with VAR=VALUE overrides) names a
+# variant of ours in the log's name. The log is logs/p1/parity_PRESET_CODE_sSEED.txt
 # (CODE = ours or rec1089 / rec1855). The peers run in their own folder (they write fixed artifact names there).
+# frontier_caseops reads the committed CaseOps export with its validation cut to the first 20 documents
+# (bench/parity_val_cut.py); ours runs #1855's evaluation: phased document LoRA TTT without the n-gram tilt.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 preset=$1 code=$2 seed=$3
@@ -23,7 +26,9 @@ case $preset in
   frontier_caseops)
     peer=rec1855
     # #1855's scored run's own overrides (its README), which its code defaults do not hold
-    shape=(DATA_PATH=$data/fineweb_sample_caseops_record
+    "$repo/.venv/bin/python" "$repo/bench/parity_val_cut.py" "$data/fineweb_sample_caseops_record" \
+      "$data/fineweb_sample_caseops_record_val20" 20 >/dev/null
+    shape=(DATA_PATH=$data/fineweb_sample_caseops_record_val20
       TOKENIZER_PATH=$tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model VOCAB_SIZE=8192
       CASEOPS_ENABLED=1 NUM_LOOPS=2 LOOP_START=2 LOOP_END=3 PARALLEL_START_LAYER=4 TTT_EVAL_SEQ_LEN=256
       TTT_BATCH_SIZE=4 PHASED_TTT_PREFIX_DOCS=12 PHASED_TTT_NUM_PHASES=3 GLOBAL_TTT_CHUNK_TOKENS=4096
@@ -31,7 +36,8 @@ case $preset in
       GRAD_CLIP_NORM=0.3 TTT_CHUNK_SIZE=48 MUON_BACKEND_STEPS=5 GLOBAL_TTT_MOMENTUM=0.9 WARMDOWN_FRAC=0.85
       BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5
       GATED_ATTN_QUANT_GATE=1 SPARSE_ATTN_GATE_ENABLED=1 GATE_WINDOW=12 SMEAR_GATE_ENABLED=1 LQER_ENABLED=1
-      LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64 LQER_TOP_K=3 COMPRESSOR=brotli) ;;
+      LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64 LQER_TOP_K=3 COMPRESSOR=brotli
+      NGRAM_TILT=0 TTT_LORA_BATCH=4 TTT_PHASE_FRACTION=0.6 TTT_PHASES=3 TTT_CHUNK_TOKENS=4096) ;;
   *) echo "parity_run.sh: preset must be pr1089 or frontier_caseops, got '$preset'" >&2; exit 2 ;;
 esac
 if [[ $code == ours ]]; then
@@ -46,7 +52,7 @@ else
   extra=()
   workdir=$(mktemp -d /tmp/parity_peer.XXXXXX)
 fi
-run_id=parity_${preset}_${name}_s$seed
+run_id=parity_${preset}_${name}${PARITY_TAG:+_$PARITY_TAG}_s$seed  # PARITY_TAG: a variant of ours
 log=$repo/logs/p1/$run_id.txt
 [[ -e $log ]] && { echo "parity_run.sh: $log exists; remove it to rerun" >&2; exit 2; }
 log_id=$run_id

@@ -366,6 +366,63 @@ def test_shuffled_loader_draws_whole_sequences_without_repeats(tmp_path):
         train_gpt.ShuffledSequenceLoader(files[:1], 4096, 0, 1, torch.device("cpu"), seed=7).next_batch(128, 32)
 
 
+def test_document_packing_loader_packs_a_rank_span_from_the_first_bos_and_skips_shard_ends(tmp_path):
+    """LOADER=documents (#1855): one row per micro-batch, rank r's span of each block as the stream's; the first
+    shard from its first BOS; a block that would cross a shard's end starts the next shard's first BOS."""
+    first = np.arange(10, 110) % 1000
+    first[[0, 1, 2]] = (7, 8, train_gpt.BOS_ID)  # two tokens before the first BOS are never read
+    second = np.arange(500, 560)
+    second[[0, 5]] = (9, train_gpt.BOS_ID)
+    files = [str(tmp_path / f"fineweb_train_{i:06d}.bin") for i in range(2)]
+    write_shard(files[0], first)
+    write_shard(files[1], second)
+    loaders = [train_gpt.DocumentPackingLoader(files, 1024, r, 2, torch.device("cpu")) for r in range(2)]
+    rows = [[loader.next_batch(15, 256) for _ in range(4)] for loader in loaders]
+    assert rows[0][0][0].shape == (1, 15) and torch.equal(rows[0][0][0][0, 1:], rows[0][0][1][0, :-1])
+    assert rows[0][0][0][0, 0] == train_gpt.BOS_ID and rows[1][0][0][0, 0] == first[2 + 16]
+    assert [int(r[0][0, 0]) for r in rows[0][:3]] == [first[2], first[2 + 32], first[2 + 64]]
+    assert int(rows[0][3][0][0, 0]) == train_gpt.BOS_ID and int(rows[1][3][0][0, 0]) == second[5 + 16]  # 2nd shard
+    write_shard(files[0], np.full(100, 5))
+    with pytest.raises(train_gpt.InputError, match="no BOS"):
+        train_gpt.DocumentPackingLoader(files[:1], 1024, 0, 1, torch.device("cpu"))
+
+
+def cu_seqlens_of_1855(bos_positions: list[int], total: int, max_len: int) -> list[int]:
+    """#1855's rule, as its README and code describe it: a segment at each document start (position 0 counts), and
+    a long document cut every max_len tokens from its start; the boundaries end with the total."""
+    starts = sorted(set([0] + bos_positions))
+    boundaries = []
+    for start, end in zip(starts, starts[1:] + [total]):
+        boundaries += list(range(start, end, max_len))
+    return boundaries + [total]
+
+
+def test_segments_of_a_packed_row_cut_long_documents_as_1855():
+    row = torch.randint(4, 1024, (1, 1000), generator=torch.Generator().manual_seed(3))
+    bos = [17, 300, 301, 900]
+    row[0, bos] = train_gpt.BOS_ID
+    starts = np.flatnonzero(train_gpt.segment_starts(row, 128)[0].numpy()).tolist()
+    assert starts + [1000] == cu_seqlens_of_1855(bos, 1000, 128)
+    assert np.flatnonzero(train_gpt.segment_starts(row)[0].numpy()).tolist() == [0] + bos  # without a length
+    segments = train_gpt.document_segments(row.numpy(), 128)
+    assert segments[: len(starts) + 1].tolist() == cu_seqlens_of_1855(bos, 1000, 128)
+    mask = train_gpt.document_mask(row, 128)[0, 0]
+    assert mask[299, 17 + 256] and not mask[299, 17 + 255] and not mask[301, 300] and mask[129, 128]
+    with pytest.raises(train_gpt.InputError, match="LOADER=documents .* needs DOC_ISOLATION=1"):
+        tiny_hyperparameters(LOADER="documents", DOC_ISOLATION=0)
+    h = tiny_hyperparameters(LOADER="documents", DOC_ISOLATION=1)
+    assert h.segment_len == h.train_seq_len and tiny_hyperparameters().segment_len == 0
+
+
+def test_rope_is_rescaled_above_its_ntk_length_only():
+    """#549 NTK-rescales RoPE's base above 1024 tokens; #1855 (ROPE_NTK_LEN=0) never; a packed row's rescale is
+    decided by its longest segment, not its length."""
+    plain = train_gpt.rotary_tables(2048, 16, 10000.0, "cpu", 0)[0]
+    assert torch.equal(plain[:, :1024], train_gpt.rotary_tables(1024, 16, 10000.0, "cpu")[0])
+    assert not torch.allclose(train_gpt.rotary_tables(2048, 16, 10000.0, "cpu")[0], plain)
+    assert torch.equal(train_gpt.rotary_tables(4096, 16, 10000.0, "cpu", 1024, 1024)[0][:, :2048], plain)
+
+
 # ---------------------------------------------------------------------------------------------------- preset
 
 

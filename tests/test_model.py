@@ -235,6 +235,38 @@ def test_varlen_flash_isolation_matches_the_sdpa_mask(monkeypatch):
     assert segments[:4] == [(0, 10), (10, 25), (25, 40), (40, 80)]  # row 0's three documents, then row 1
 
 
+def test_varlen_kernel_of_packed_rows_gets_the_segment_length_as_max_seqlen(monkeypatch):
+    """LOADER=documents: one row of a rank's tokens cut every TRAIN_SEQ_LEN from each document start; FA's
+    max_seqlen (its grid) is that length, not the row's, and the outputs equal the SDPA mask's."""
+    seen = []
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+        bounds = cu_seqlens_q.tolist()
+        assert max(b - a for a, b in zip(bounds, bounds[1:])) <= max_seqlen_q
+        seen.append(max_seqlen_q)
+        out = torch.zeros_like(q)
+        for a, b in zip(bounds, bounds[1:]):
+            if b > a:
+                out[a:b] = train_gpt.sdpa_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0]
+        return out
+
+    monkeypatch.setitem(
+        sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
+    )
+    h = tiny_hyperparameters(DOC_ISOLATION=1, LOADER="documents", TRAIN_SEQ_LEN=16, EVAL_SEQ_LEN=16, EVAL_STRIDE=16)
+    _, attention = train_gpt.select_attention_backend("fa3", "cuda", torch.bfloat16, True, h.segment_len)
+    ids = torch.randint(2, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, 5] = ids[0, 50] = train_gpt.BOS_ID
+    torch.manual_seed(0)
+    varlen_model = train_gpt.GPT(h, attention=attention).eval()
+    torch.manual_seed(0)
+    mask_model = train_gpt.GPT(h).eval()
+    with torch.no_grad():
+        documents = torch.from_numpy(train_gpt.document_segments(ids.numpy(), h.segment_len))
+        assert torch.allclose(varlen_model.logits(ids, documents=documents), mask_model.logits(ids), atol=1e-5)
+    assert seen and set(seen) == {16}
+
+
 @pytest.mark.parametrize(
     "requested, module", [("auto", "flash_attn_interface"), ("fa3", "flash_attn_interface"), ("fa2", "flash_attn")]
 )
@@ -288,6 +320,27 @@ def test_fake_quantization_only_in_training_forwards():
         assert model(inputs, targets).item() == plain
         model.train()
         assert model(inputs, targets).item() != plain
+
+
+def test_record1089_qat_scope_reaches_banks_and_projections_on_its_5_bit_floored_grid():
+    """#1089's CastedLinear QAT: every bank and projection at 5 bits, scale max(0.9995 absmax, 1) / 15 on [-16, 15],
+    soft-round at SOFT_ROUND_QAT=1 (alpha 1 when it starts)."""
+    model = train_gpt.GPT(tiny_hyperparameters(LATE_QAT_SCOPE="record1089", VE_DIM=16, BIGRAM_DIM=16))
+    model.train()
+    model.qat_active = True
+    bank_quantizer, projection_quantizer = model.qat_quantizers()
+    assert bank_quantizer is not None and projection_quantizer is not None
+    model.eval()
+    assert model.qat_quantizers() == (None, None)  # never in scoring
+    weight = torch.tensor([[0.5, -0.01, 0.02], [4.0, -4.0, 1.0]])
+    scale = torch.tensor([[1 / 15], [4.0 * 0.9995 / 15]])
+    expected = (weight / scale).round().clamp(-16, 15) * scale
+    assert torch.allclose(train_gpt.fake_quantize_rows_record1089(weight), expected)
+    alpha = torch.tensor(1.0)
+    units = (weight / scale).clamp(-16, 15)
+    soft = (units.floor() + torch.sigmoid(alpha * (units - units.floor() - 0.5))) * scale
+    assert torch.allclose(train_gpt.fake_quantize_rows_record1089(weight, alpha), soft)
+    assert train_gpt.fake_quantize_rows_record1089(torch.full((1, 2), -9.0))[0, 0] == pytest.approx(-9.0 * 0.9995)
 
 
 def test_record549_qat_scope_reaches_only_the_projections():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import P1_ENV, SAMPLE_DATASET
+from conftest import P1_ENV, RECORD_CASEOPS_DATASET, RECORD_CASEOPS_TOKENIZER, SAMPLE_DATASET
 
 # Step 1's train_loss of #549's own code (patched only to run on the CPU in fp32) at P1, from bench/ANCHORS.md;
 # reproduced in logs/p1/parity_*_rec549_*.txt.
@@ -36,9 +36,9 @@ def step1_loss(h: train_gpt.Hyperparameters) -> float:
     torch.set_num_threads(2)
     train_gpt.set_seeds(h.seed)
     model = train_gpt.GPT(h)
-    loader = train_gpt.DistributedTokenLoader(
-        train_gpt.shard_files(h.data_path, "train"), h.vocab_size, 0, 1, torch.device("cpu")
-    )
+    loader_class = train_gpt.DocumentPackingLoader if h.loader == "documents" else train_gpt.DistributedTokenLoader
+    loader = loader_class(train_gpt.shard_files(h.data_path, "train"), h.vocab_size, 0, 1, torch.device("cpu"))
+    model.looping = train_gpt.looping_at(h, 0.0)  # as the Trainer starts: the plain graph first
     local_tokens = h.train_batch_tokens // h.grad_accum_steps
     with torch.no_grad():
         losses = [model(*loader.next_batch(local_tokens, h.train_seq_len)[:2]) for _ in range(h.grad_accum_steps)]
@@ -97,3 +97,53 @@ def test_pr1089_step1_loss_is_1089s(seed):
     )
     assert sum(p.numel() for p in train_gpt.GPT(h).parameters()) == PEER_1089_PARAMETERS
     assert step1_loss(h) == pytest.approx(PEER_1089_STEP1_LOSS[seed], abs=5e-5)
+
+
+# PRESET=frontier_caseops against #1855's code (patched only to run on the CPU in fp32) on the committed CaseOps export
+# written by #1855's own script, at the tiny shape of bench/parity_run.sh: its step-1 train_loss per seed
+# (logs/p1/parity_frontier_caseops_rec1855_step1_s*.txt). Its loader (LOADER=documents), its draw order
+# (INIT_ORDER=record1855) and its RoPE (ROPE_NTK_LEN=0) are what make them equal. #1855 also allocates the parallel
+# lanes' 6 scalars on every layer, used only from PARALLEL_START_LAYER on: 24 unused parameters more at this shape.
+FRONTIER_CASEOPS_TINY = dict(
+    PRESET="frontier_caseops",
+    NUM_LAYERS=6,
+    MODEL_DIM=128,
+    NUM_HEADS=4,
+    NUM_KV_HEADS=2,
+    XSA_LAST_N=6,
+    NUM_LOOPS=2,
+    LOOP_START=2,
+    LOOP_END=3,
+    PARALLEL_START_LAYER=4,
+    TRAIN_SEQ_LEN=256,
+    EVAL_SEQ_LEN=256,
+    TRAIN_BATCH_TOKENS=8192,
+)
+PEER_1855_STEP1_LOSS, PEER_1855_PARAMETERS, PEER_1855_UNUSED = {1337: 9.0059, 42: 9.0058, 2024: 9.0103}, 2_134_633, 24
+
+
+@pytest.mark.parametrize("seed", sorted(PEER_1855_STEP1_LOSS))
+def test_frontier_caseops_step1_loss_is_1855s(seed):
+    env = dict(
+        FRONTIER_CASEOPS_TINY, SEED=seed, DATA_PATH=RECORD_CASEOPS_DATASET, TOKENIZER_PATH=RECORD_CASEOPS_TOKENIZER
+    )
+    h = train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
+    assert sum(p.numel() for p in train_gpt.GPT(h).parameters()) == PEER_1855_PARAMETERS - PEER_1855_UNUSED
+    assert step1_loss(h) == pytest.approx(PEER_1855_STEP1_LOSS[seed], abs=5e-5)
+
+
+def test_the_record_orders_differ_only_in_order():
+    """INIT_ORDER draws the same kinds of weights either way: record1855's first layer's up matrix is not
+    record549's (the draws moved), its token embedding is (drawn first in both without an input SmearGate)."""
+    from conftest import tiny_hyperparameters
+
+    models = {}
+    for order in ("record549", "record1855"):
+        train_gpt.set_seeds(7)
+        models[order] = train_gpt.GPT(tiny_hyperparameters(INIT_ORDER=order))
+    a, b = models["record549"], models["record1855"]
+    assert torch.equal(a.token_embedding.weight, b.token_embedding.weight)
+    assert torch.equal(a.qo_bank[0], b.qo_bank[0]) and not torch.equal(a.mlp_up_bank[0], b.mlp_up_bank[0])
+    assert torch.allclose(b.mlp_up_bank[0] @ b.mlp_up_bank[0].T, torch.eye(b.mlp_up_bank.size(1)), atol=1e-5) or (
+        torch.allclose(b.mlp_up_bank[0].T @ b.mlp_up_bank[0], torch.eye(b.mlp_up_bank.size(2)), atol=1e-5)
+    )
