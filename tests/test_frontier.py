@@ -512,7 +512,7 @@ FRONTIER_TINY = dict(
 
 def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample_data):
     """Every frontier part on at once (looping switched on mid-run, two lanes, gates, Polar Express + MuonEq-R,
-    WD taper, shuffled loader, document isolation, GPTQ + SDClip + LQER, brotli, phased document LoRA TTT with its
+    WD taper, #1855's packing loader, document isolation, GPTQ + SDClip + LQER, brotli, phased document LoRA TTT with its
     SGD phases and the n-gram tilt) under torchrun with 2 gloo ranks; document isolation through the varlen
     stand-in, which enforces FA3's limits on every call (training, calibration, scoring, LoRA rows, phases)."""
     from conftest import REPO

@@ -42,3 +42,17 @@ def varlen_attention(q, k, v, cu_seqlens=None):
 
 
 varlen_attention.varlen = True
+
+
+def limited_to(max_segment: int):
+    """The stand-in, also enforcing max_seqlen: no segment longer than max_segment (a packed row's cut; 0: none)."""
+
+    def attention(q, k, v, cu_seqlens=None):
+        if max_segment and cu_seqlens is not None:
+            bounds = cu_seqlens.tolist()
+            longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+            assert longest <= max_segment, f"a segment of {longest} tokens, over max_seqlen {max_segment}"
+        return varlen_attention(q, k, v, cu_seqlens)
+
+    attention.varlen = True
+    return attention

@@ -15,10 +15,10 @@ import varlen_standin  # noqa: E402
 real_select = train_gpt.select_attention_backend
 
 
-def select_standin(requested, device_type, dtype, doc_isolation=False):
+def select_standin(requested, device_type, dtype, doc_isolation=False, max_segment=0):
     if doc_isolation:
-        return "varlen_standin", varlen_standin.varlen_attention
-    return real_select(requested, device_type, dtype, doc_isolation)
+        return "varlen_standin", varlen_standin.limited_to(max_segment)
+    return real_select(requested, device_type, dtype, doc_isolation, max_segment)
 
 
 train_gpt.select_attention_backend = select_standin
