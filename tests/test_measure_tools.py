@@ -86,6 +86,23 @@ def test_compare_logs_finds_where_two_curves_part(tmp_path):
     assert "score post_average 2.30000000 2.30100000 difference:-0.00100000" in result.stdout
 
 
+def test_compare_logs_reads_1855s_format():
+    """#1855 logs `N/M train_loss: X` and its scores as `diagnostic pre-quantization post-ema`, `diagnostic quantized`
+    and `quantized_ttt_phased`: read as post_average, roundtrip and legal_ttt."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import compare_logs
+
+    peer = (
+        "1/20 train_loss: 9.0059 train_time: 0.1m tok/s: 1002\n2/20 train_loss: 9.3999 train_time: 0.3m tok/s: 1018\n"
+        "20/20 val_loss: 5.9561 val_bpb: 2.8925\n"
+        "diagnostic pre-quantization post-ema val_loss:7.81428495 val_bpb:3.79493665 eval_time:10605ms\n"
+        "diagnostic quantized val_loss:7.81666340 val_bpb:3.79609172 eval_time:9392ms\n"
+        "quantized_ttt_phased val_loss:7.53877092 val_bpb:3.56427618 eval_time:257588ms\n"
+    )
+    assert compare_logs.train_losses(peer) == {1: 9.0059, 2: 9.3999}
+    assert compare_logs.scores(peer) == {"post_average": 3.79493665, "roundtrip": 3.79609172, "legal_ttt": 3.56427618}
+
+
 def test_the_results_index_of_p1_logs_is_current():
     """docs/RESULTS.md ends with bench/p1_table.py --index: every log in logs/p1/, its last scored pass and the
     commit that ran it (without git history, e.g. a shallow clone, the commit column is not compared)."""

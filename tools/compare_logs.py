@@ -3,8 +3,8 @@
 
     python3 tools/compare_logs.py logs/ours.txt ../peer_runs/logs/rec549.txt [--tolerance 1e-4] [--every 25]
 
-Reads every `step:N/M train_loss:X` line of both logs (this script's and #549's share the format; log every
-step with TRAIN_LOG_EVERY=1), prints the steps both logged with both losses and their difference (every
+Reads every `step:N/M train_loss:X` line of both logs (this script's, #549's and #1089's format) or `N/M train_loss: X`
+(#1855's; log every step with TRAIN_LOG_EVERY=1), prints the steps both logged with both losses and their difference (every
 --every steps, plus the first step over the tolerance and the last step), then a summary line:
 `compare_logs steps:N first_over:<step or none> max_abs_diff:<d> at_step:<s> mean_abs_diff:<d>`, and the final
 scores both logs have (post-average, roundtrip, sliding, TTT), with their differences. With identical
@@ -22,13 +22,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from logparse import final_score  # noqa: E402
 
-STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:([-\d.naif]+)", re.M)
-# The same score under each script's label: this script's first, #549's second.
+STEP_LINE = re.compile(r"^(?:step:)?(\d+)/\d+ train_loss: ?([-\d.naif]+)", re.M)
+# The same score under each script's label: this script's first, then #549's / #1089's, then #1855's.
 SCORES = (
-    ("post_average", (r"DIAGNOSTIC post_average", r"DIAGNOSTIC post_ema")),
-    ("roundtrip", (r"final_int6_roundtrip_exact",)),
+    ("post_average", (r"DIAGNOSTIC post_average", r"DIAGNOSTIC post_ema", r"diagnostic pre-quantization post-ema")),
+    ("roundtrip", (r"final_int6_roundtrip_exact", r"diagnostic quantized")),
     ("sliding", (r"final_int6_sliding_window_exact", r"final_int6_sliding_window_s64_exact")),
-    ("legal_ttt", (r"legal_ttt_exact",)),
+    ("legal_ttt", (r"legal_ttt_exact", r"quantized_ttt_phased")),
 )
 
 
