@@ -208,6 +208,13 @@ RECORD_SPELLINGS = {
             "NGRAM_HEADS": ("ENGRAM_HEADS",),  # #1089 (not #181's NGRAM_ENABLED)
             "NGRAM_ORDERS": ("ENGRAM_ORDERS",),
             "NGRAM_DIM_PER_HEAD": ("ENGRAM_DIM_PER_HEAD",),
+            "TTT_EVAL_SEQ_LEN": ("TTT_LORA_CONTEXT",),  # #1855: a chunk's window, its targets included
+            "TTT_BATCH_SIZE": ("TTT_LORA_BATCH",),
+            "TTT_CHUNK_SIZE": ("TTT_LORA_CHUNK",),
+            "TTT_WEIGHT_DECAY": ("TTT_LORA_WD",),
+            "TTT_BETA2": ("TTT_LORA_BETA2",),
+            "PHASED_TTT_NUM_PHASES": ("TTT_PHASES",),
+            "GLOBAL_TTT_MOMENTUM": ("TTT_MOMENTUM",),
         }.items()
     },
 }
@@ -276,7 +283,7 @@ PRESETS = {
     "frontier": {
         "MLP_MULT": "4",
         "XSA_LAST_N": "11",
-        "QK_GAIN_INIT": "5.25",
+        "QK_GAIN_INIT": "5.0",  # #1855 ran its code default 5.0 (5.25: #1493, #1667)
         "SKIP_GATES_ENABLED": "1",
         "SMEAR_GATE": "input",
         "SMEAR_BOS_MASK": "1",

@@ -8,7 +8,8 @@
 # variant of ours in the log's name. The log is logs/p1/parity_PRESET_CODE_sSEED.txt
 # (CODE = ours or rec1089 / rec1855). The peers run in their own folder (they write fixed artifact names there).
 # frontier_caseops reads the committed CaseOps export with its validation cut to the first 20 documents
-# (bench/parity_val_cut.py); ours runs #1855's evaluation: phased document LoRA TTT without the n-gram tilt.
+# (bench/parity_val_cut.py); ours runs #1855's evaluation: phased document LoRA TTT without the n-gram tilt, its
+# 12 of 20 prefix documents as TTT_PHASE_FRACTION=0.6, with no evaluation budget (#1855 has none; this CPU is slow).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 preset=$1 code=$2 seed=$3
@@ -37,7 +38,7 @@ case $preset in
       BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5
       GATED_ATTN_QUANT_GATE=1 SPARSE_ATTN_GATE_ENABLED=1 GATE_WINDOW=12 SMEAR_GATE_ENABLED=1 LQER_ENABLED=1
       LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64 LQER_TOP_K=3 COMPRESSOR=brotli
-      NGRAM_TILT=0 TTT_LORA_BATCH=4 TTT_PHASE_FRACTION=0.6 TTT_PHASES=3 TTT_CHUNK_TOKENS=4096) ;;
+      NGRAM_TILT=0 TTT_PHASE_FRACTION=0.6 TTT_CHUNK_TOKENS=4096 EVAL_BUDGET_SECONDS=100000) ;;
   *) echo "parity_run.sh: preset must be pr1089 or frontier_caseops, got '$preset'" >&2; exit 2 ;;
 esac
 if [[ $code == ours ]]; then
