@@ -10,6 +10,8 @@
 # frontier_caseops reads the committed CaseOps export with its validation cut to the first 20 documents
 # (bench/parity_val_cut.py); ours runs #1855's evaluation: phased document LoRA TTT without the n-gram tilt, its
 # 12 of 20 prefix documents as TTT_PHASE_FRACTION=0.6, with no evaluation budget (#1855 has none; this CPU is slow).
+# VAL_BATCH_TOKENS=2048: one 256-token row per validation batch, so that #1855 scores every full row as ours does
+# (it truncates the rows to a multiple of its batch: 96 of 114 at 65,536) and cuts no document at a row's end.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 preset=$1 code=$2 seed=$3
@@ -31,7 +33,7 @@ case $preset in
       "$data/fineweb_sample_caseops_record_val20" 20 >/dev/null
     shape=(DATA_PATH=$data/fineweb_sample_caseops_record_val20
       TOKENIZER_PATH=$tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model VOCAB_SIZE=8192
-      VAL_BATCH_TOKENS=65536 CASEOPS_ENABLED=1 NUM_LOOPS=2 LOOP_START=2 LOOP_END=3 PARALLEL_START_LAYER=4 TTT_EVAL_SEQ_LEN=256
+      VAL_BATCH_TOKENS=2048 CASEOPS_ENABLED=1 NUM_LOOPS=2 LOOP_START=2 LOOP_END=3 PARALLEL_START_LAYER=4 TTT_EVAL_SEQ_LEN=256
       TTT_BATCH_SIZE=4 PHASED_TTT_PREFIX_DOCS=12 PHASED_TTT_NUM_PHASES=3 GLOBAL_TTT_CHUNK_TOKENS=4096
       EMBED_BITS=7 MATRIX_LR=0.026 MIN_LR=0.1 MLP_CLIP_SIGMAS=11.5 ATTN_CLIP_SIGMAS=13.0 EMBED_CLIP_SIGMAS=14.0
       GRAD_CLIP_NORM=0.3 TTT_CHUNK_SIZE=48 MUON_BACKEND_STEPS=5 GLOBAL_TTT_MOMENTUM=0.9 WARMDOWN_FRAC=0.85

@@ -103,6 +103,16 @@ def test_compare_logs_reads_1855s_format():
     assert compare_logs.scores(peer) == {"post_average": 3.79493665, "roundtrip": 3.79609172, "legal_ttt": 3.56427618}
 
 
+def test_the_parity_tables_are_current():
+    """docs/RESULTS.md's tables of the presets against the records' code are bench/parity_table.py's output."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import parity_table
+
+    text = parity_table.RESULTS.read_text(encoding="utf-8")
+    assert parity_table.with_tables(text) == text, "run python3 bench/parity_table.py --write"
+    assert "| 1337 | 6.9236 / 6.9236 |" in text  # pr1089's step 1 at seed 1337, both codes
+
+
 def test_the_results_index_of_p1_logs_is_current():
     """docs/RESULTS.md ends with bench/p1_table.py --index: every log in logs/p1/, its last scored pass and the
     commit that ran it (without git history, e.g. a shallow clone, the commit column is not compared)."""
