@@ -429,7 +429,7 @@ def test_rope_is_rescaled_above_its_ntk_length_only():
 FRONTIER_1855 = {
     "mlp_mult": 4.0,
     "xsa_last_n": 11,
-    "qk_gain_init": 5.25,
+    "qk_gain_init": 5.0,  # #1855's code default, which its run kept (5.25 was #1493's)
     "skip_gates_enabled": True,
     "smear_gate": "input",
     "smear_bos_mask": True,
@@ -461,6 +461,9 @@ FRONTIER_1855 = {
     "wd_taper_start": 0.7,
     "wd_taper_final": 0.5,
     "ema_decay": 0.9965,
+    "loader": "documents",
+    "init_order": "record1855",
+    "rope_ntk_len": 0,
     "quant": "gptq",
     "quant_bits_mlp": 6,
     "quant_bits_attn": 6,
