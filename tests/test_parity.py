@@ -66,20 +66,23 @@ def test_no_value_embedding_projection_when_the_table_is_kv_wide():
 # PRESET=pr1089 against #1089's code as scored (commit 8c44a2e, patched only to run on the CPU in fp32), at the tiny
 # P1-like shape below: its logged step-1 train_loss per seed (logs/p1/parity_pr1089_rec1089_step1_s*.txt) and
 # its parameter count. The same seed builds the same initial weights: the same loss on the same first batch.
-PR1089_TINY = dict(
-    PRESET="pr1089",
+RECORD_TINY_SHAPE = dict(  # bench/parity_run.sh's shape, shared by both records' runs
     NUM_LAYERS=6,
     MODEL_DIM=128,
     NUM_HEADS=4,
     NUM_KV_HEADS=2,
-    VOCAB_SIZE=1024,
     XSA_LAST_N=6,
-    VE_LAYERS="4,5",
-    VE_DIM=64,
-    ENGRAM_BUCKETS=1536,
     TRAIN_SEQ_LEN=256,
     EVAL_SEQ_LEN=256,
     TRAIN_BATCH_TOKENS=8192,
+)
+PR1089_TINY = dict(
+    RECORD_TINY_SHAPE,
+    PRESET="pr1089",
+    VOCAB_SIZE=1024,
+    VE_LAYERS="4,5",
+    VE_DIM=64,
+    ENGRAM_BUCKETS=1536,
     ITERATIONS=20,
     WARMDOWN_ITERS=7,
     MUON_MOMENTUM_WARMUP_STEPS=7,
@@ -90,13 +93,17 @@ PR1089_TINY = dict(
 PEER_1089_STEP1_LOSS, PEER_1089_PARAMETERS = {1337: 6.9236, 42: 6.9235, 2024: 6.9249}, 1_396_763
 
 
+def assert_record_step1(env: dict, parameters: int, loss: float):
+    """The preset at this shape has the record's parameter count (less any it never uses) and its step-1 loss."""
+    h = train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
+    assert sum(p.numel() for p in train_gpt.GPT(h).parameters()) == parameters
+    assert step1_loss(h) == pytest.approx(loss, abs=5e-5)
+
+
 @pytest.mark.parametrize("seed", sorted(PEER_1089_STEP1_LOSS))
 def test_pr1089_step1_loss_is_1089s(seed):
-    h = train_gpt.Hyperparameters(
-        {k: str(v) for k, v in dict(PR1089_TINY, SEED=seed, DATA_PATH=SAMPLE_DATASET).items()}
-    )
-    assert sum(p.numel() for p in train_gpt.GPT(h).parameters()) == PEER_1089_PARAMETERS
-    assert step1_loss(h) == pytest.approx(PEER_1089_STEP1_LOSS[seed], abs=5e-5)
+    env = dict(PR1089_TINY, SEED=seed, DATA_PATH=SAMPLE_DATASET)
+    assert_record_step1(env, PEER_1089_PARAMETERS, PEER_1089_STEP1_LOSS[seed])
 
 
 # PRESET=frontier_caseops against #1855's code (patched only to run on the CPU in fp32) on the committed CaseOps export
@@ -105,19 +112,7 @@ def test_pr1089_step1_loss_is_1089s(seed):
 # (INIT_ORDER=record1855) and its RoPE (ROPE_NTK_LEN=0) are what make them equal. #1855 also allocates the parallel
 # lanes' 6 scalars on every layer, used only from PARALLEL_START_LAYER on: 24 unused parameters more at this shape.
 FRONTIER_CASEOPS_TINY = dict(
-    PRESET="frontier_caseops",
-    NUM_LAYERS=6,
-    MODEL_DIM=128,
-    NUM_HEADS=4,
-    NUM_KV_HEADS=2,
-    XSA_LAST_N=6,
-    NUM_LOOPS=2,
-    LOOP_START=2,
-    LOOP_END=3,
-    PARALLEL_START_LAYER=4,
-    TRAIN_SEQ_LEN=256,
-    EVAL_SEQ_LEN=256,
-    TRAIN_BATCH_TOKENS=8192,
+    RECORD_TINY_SHAPE, PRESET="frontier_caseops", NUM_LOOPS=2, LOOP_START=2, LOOP_END=3, PARALLEL_START_LAYER=4
 )
 PEER_1855_STEP1_LOSS, PEER_1855_PARAMETERS, PEER_1855_UNUSED = {1337: 9.0059, 42: 9.0058, 2024: 9.0103}, 2_134_633, 24
 
@@ -127,9 +122,7 @@ def test_frontier_caseops_step1_loss_is_1855s(seed):
     env = dict(
         FRONTIER_CASEOPS_TINY, SEED=seed, DATA_PATH=RECORD_CASEOPS_DATASET, TOKENIZER_PATH=RECORD_CASEOPS_TOKENIZER
     )
-    h = train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
-    assert sum(p.numel() for p in train_gpt.GPT(h).parameters()) == PEER_1855_PARAMETERS - PEER_1855_UNUSED
-    assert step1_loss(h) == pytest.approx(PEER_1855_STEP1_LOSS[seed], abs=5e-5)
+    assert_record_step1(env, PEER_1855_PARAMETERS - PEER_1855_UNUSED, PEER_1855_STEP1_LOSS[seed])
 
 
 def test_the_record_orders_differ_only_in_order():
