@@ -181,7 +181,6 @@ DROPPED_RECORD_VARIABLES = {
         ),
         "a feature #549 disabled in its run",
     ),
-    "PHASED_TTT_PREFIX_DOCS": "TTT_PHASE_FRACTION (a fraction of the documents: #1855's 2,500 are 0.05)",
     "CASEOPS_ENABLED": "the byte sidecar is used whenever DATA_PATH holds one (#2071 scored CaseOps without it)",
 }
 # Record variables whose feature breaks the challenge's rules: setting them on is an error, not a warning.
@@ -561,7 +560,7 @@ class Hyperparameters:
         self.ttt_lora_wd = env.float("TTT_LORA_WD", 0.5, 0.0)
         self.ttt_lora_beta1 = env.float("TTT_LORA_BETA1", 0.0, 0.0, 0.999)
         self.ttt_lora_beta2 = env.float("TTT_LORA_BETA2", 0.99, 0.0, 0.9999)
-        self.ttt_phase_fraction = env.float("TTT_PHASE_FRACTION", 0.05, 0.0, 1.0)
+        self.phased_ttt_prefix_docs = env.int("PHASED_TTT_PREFIX_DOCS", 2500, 0)
         self.ttt_phase_lr = env.float("TTT_PHASE_LR", 0.001, 0.0)
         self.ngram_tilt_beta = env.float("NGRAM_TILT_BETA", 2.0, 0.0)
         self.eval_budget_seconds = env.float("EVAL_BUDGET_SECONDS", 600.0, 0.0)
@@ -3296,12 +3295,15 @@ def lora_batches(docs: np.ndarray, max_documents: int, max_tokens: int, context:
     return batches
 
 
-def phase_ends(batches: list[np.ndarray], fraction: float, phases: int) -> list[int]:
-    """The batch after which each of TTT_PHASES phases runs: at k/phases of the first TTT_PHASE_FRACTION of the
-    documents (#1855: after 833 / 1666 / 2500 documents), never after the last batch."""
+def phase_ends(batches: list[np.ndarray], prefix_docs: int, phases: int) -> list[int]:
+    """The batch after which each of TTT_PHASES phases runs: the first by whose end PHASED_TTT_PREFIX_DOCS * k //
+    phases documents are scored (#1855: 833 / 1,666 / 2,500). Absolute counts: a boundary never depends on how many
+    documents come later (a fraction of the total moved earlier scores when a late document was split). No phase
+    after the last batch: nothing is scored after it."""
     scored = np.cumsum([len(batch) for batch in batches])
-    ends = {int(np.searchsorted(scored, fraction * scored[-1] * k / phases)) + 1 for k in range(1, phases + 1)}
-    return sorted(end for end in ends if 0 < end < len(batches) and fraction > 0)
+    boundaries = [prefix_docs * k // phases for k in range(1, phases + 1)]
+    ends = {int(np.searchsorted(scored, boundary)) + 1 for boundary in boundaries if boundary > 0}
+    return sorted(end for end in ends if end < len(batches))
 
 
 def balanced_owners(costs: np.ndarray, phase_ends: list[int], world_size: int) -> np.ndarray:
@@ -3336,7 +3338,7 @@ class DocumentLoRATrainer:
         self.costs = np.array(
             [lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in self.batches]
         )
-        self.phase_ends = phase_ends(self.batches, h.ttt_phase_fraction, h.ttt_phases)
+        self.phase_ends = phase_ends(self.batches, h.phased_ttt_prefix_docs, h.ttt_phases)
         self.owner = balanced_owners(self.costs, self.phase_ends, run.world_size)
         self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, val, tilt)
         self.lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed + run.rank)
@@ -4240,6 +4242,23 @@ def check_before_training(h: Hyperparameters) -> int:
     return len(files)
 
 
+def check_inputs(run: RunContext) -> ValidationSet:
+    """The tokenizer, the validation set and its byte audit, then the training shards and the artifact's folder (or
+    EVAL_ONLY's artifact): InputError naming the first bad one. Returns the validation set."""
+    h = run.h
+    val = ValidationSet(h, load_tokenizer(h.tokenizer_path, h.vocab_size))
+    run.log(f"val_bytes:{val.source} " + " ".join(f"{k}:{v}" for k, v in val.audit.items()) + " (every document)")
+    run.log(
+        f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_[0-9]*.bin')} "
+        f"tokens:{len(val.tokens) - 1} bytes:{int(val.target_bytes.sum())} byte_source:{val.source}"
+    )
+    if h.eval_only and not Path(h.artifact_path).is_file():
+        raise InputError(f"{h.artifact_path}: EVAL_ONLY=1 needs an existing artifact (set ARTIFACT_PATH)")
+    if not h.eval_only:
+        run.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{check_before_training(h)}")
+    return val
+
+
 def main() -> int:
     """Orchestrates one run; exit status (docs/RUNNING.md): 0, 3 over the cap, 4 non-finite,
     128 + signal after SIGINT/SIGTERM (artifact written), 5 at once on a failed collective (a rank died or hung)."""
@@ -4247,16 +4266,12 @@ def main() -> int:
     run = RunContext(h)
     code = Path(__file__).read_bytes().decode("utf-8")  # byte-exact: no newline translation
     log_run_header(run, code)
-    predicted = log_size_plan(run, code) if not h.eval_only else None
     if h.dry_run:  # the size plan needs neither data nor a tokenizer
+        log_size_plan(run, code)
         run.seal_log()
         return 0
-    val = ValidationSet(h, load_tokenizer(h.tokenizer_path, h.vocab_size))
-    run.log(f"val_bytes:{val.source} " + " ".join(f"{k}:{v}" for k, v in val.audit.items()) + " (every document)")
-    run.log(
-        f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_[0-9]*.bin')} "
-        f"tokens:{len(val.tokens) - 1} bytes:{int(val.target_bytes.sum())} byte_source:{val.source}"
-    )
+    val = check_inputs(run)  # every input before anything slow: a wrong path is reported in seconds
+    predicted = log_size_plan(run, code) if not h.eval_only else None
     try:
         status = run_phases(run, code, val, predicted)
     except RunFault as fault:
@@ -4285,11 +4300,8 @@ def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int
     """Train and write the artifact (unless EVAL_ONLY), then score the artifact read back from disk."""
     h, total_bytes = run.h, 0
     if h.eval_only:
-        if not Path(h.artifact_path).is_file():
-            raise InputError(f"{h.artifact_path}: EVAL_ONLY=1 needs an existing artifact (set ARTIFACT_PATH)")
         run.log(f"eval_only: evaluating {h.artifact_path} without training")
     else:
-        run.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{check_before_training(h)}")
         model = build_model(h, run)
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         run.log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.use_xsa]}")

@@ -9,7 +9,8 @@
 # (CODE = ours or rec1089 / rec1855). The peers run in their own folder (they write fixed artifact names there).
 # frontier_caseops reads the committed CaseOps export with its validation cut to the first 20 documents
 # (bench/parity_val_cut.py); ours runs #1855's evaluation: phased document LoRA TTT without the n-gram tilt, its
-# 12 of 20 prefix documents as TTT_PHASE_FRACTION=0.6, with no evaluation budget (#1855 has none; this CPU is slow).
+# phases over the first 12 of 20 documents (PHASED_TTT_PREFIX_DOCS, one variable for both codes), with no
+# evaluation budget (#1855 has none; this CPU is slow).
 # VAL_BATCH_TOKENS=2048: one 256-token row per validation batch, so that #1855 scores every full row as ours does
 # (it truncates the rows to a multiple of its batch: 96 of 114 at 65,536) and cuts no document at a row's end.
 set -euo pipefail
@@ -40,7 +41,7 @@ case $preset in
       BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5
       GATED_ATTN_QUANT_GATE=1 SPARSE_ATTN_GATE_ENABLED=1 GATE_WINDOW=12 SMEAR_GATE_ENABLED=1 LQER_ENABLED=1
       LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64 LQER_TOP_K=3 COMPRESSOR=brotli
-      NGRAM_TILT=0 TTT_PHASE_FRACTION=0.6 TTT_CHUNK_TOKENS=4096 EVAL_BUDGET_SECONDS=100000) ;;
+      NGRAM_TILT=0 TTT_CHUNK_TOKENS=4096 EVAL_BUDGET_SECONDS=100000) ;;
   *) echo "parity_run.sh: preset must be pr1089 or frontier_caseops, got '$preset'" >&2; exit 2 ;;
 esac
 if [[ $code == ours ]]; then

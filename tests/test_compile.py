@@ -147,7 +147,7 @@ def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatc
         TTT_LORA_BATCH=2,
         TTT_LORA_RANK=4,
         TTT_PHASES=1,
-        TTT_PHASE_FRACTION=0.5,
+        PHASED_TTT_PREFIX_DOCS=3,
         TTT_BATCH_SEQS=2,
     )
     assert train_gpt.scoring_graphs(run.h) == [(64, False)]

@@ -186,6 +186,24 @@ def test_inputs_are_checked_before_the_clock_starts(tmp_path, sample_data):
     assert "step:" not in run_part(read_log(tmp_path, "unwritable"))
 
 
+def test_a_wrong_data_path_is_reported_before_anything_slow(tmp_path, sample_data):
+    """At the default shape (whose size plan takes seconds) a DATA_PATH with no shards exits 2 before the size plan,
+    the model or the clock: under 3 s, or under 1 s more than importing torch where that alone takes over 2 s."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, numpy, sentencepiece"], check=True, env=clean_environment())
+    imports = time.perf_counter() - started
+    started = time.perf_counter()
+    env = dict(DATA_PATH=tmp_path / "no_such_dataset", TOKENIZER_PATH=sample_data[1], RUN_ID="wrong_path")
+    result = run_script(tmp_path, env, timeout=120)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: no files match {tmp_path / 'no_such_dataset'}/fineweb_val_[0-9]*.bin " + (
+        "(set DATA_PATH to the dataset directory)"
+    )
+    assert "size_plan" not in run_part(read_log(tmp_path, "wrong_path"))
+    assert seconds < max(3.0, imports + 1.0), f"{seconds:.1f} s to report a wrong DATA_PATH (imports {imports:.1f} s)"
+
+
 def test_a_non_finite_score_is_an_error_naming_the_pass_and_window(tmp_path, sample_data):
     env = tiny_env(sample_data, RUN_ID="nan_eval", EVAL_ONLY=1)
     h = tiny_hyperparameters(**{k: v for k, v in env.items() if k in TINY_ENV})

@@ -160,6 +160,25 @@ def test_isolated_hash_embeddings_do_not_read_across_a_bos(isolation):
     assert torch.equal(first[0, 40:], second[0, 40:]) == bool(isolation)
 
 
+@pytest.mark.parametrize("bos_mask", [0, 1])
+def test_what_isolation_lets_through_without_the_smear_bos_mask(bos_mask):
+    """DOC_ISOLATION=1 with SMEAR_BOS_MASK=0 (docs/EVALUATION.md): the next document's BOS smears in the previous
+    document's last token, whose embedding holds the bigram hash of the last two, so exactly those two reach every
+    output of the next document; the 37 tokens before them do not. With the mask nothing of the previous document does."""
+    model = perturbed_tiny_model(DOC_ISOLATION=1, SMEAR_BOS_MASK=bos_mask)
+    ids = torch.randint(4, 1024, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = ids[0, 40] = train_gpt.BOS_ID
+    last_two, earlier = ids.clone(), ids.clone()
+    last_two[0, 38:40] = torch.tensor([5, 6]) + ids[0, 38:40] % 900
+    earlier[0, 1:38] = torch.randint(4, 1024, (37,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base, changed_last_two, changed_earlier = (model.logits(x)[0, 40:] for x in (ids, last_two, earlier))
+    assert torch.equal(base, changed_earlier)
+    assert torch.equal(base, changed_last_two) == bool(bos_mask)
+    if not bos_mask:
+        assert (base - changed_last_two).abs().amax(-1).min() > 0  # every position of the next document
+
+
 # ---- The n-gram tilt ------------------------------------------------------------------------------------------
 
 
@@ -294,7 +313,7 @@ def lora_pass(record_phases: list | None = None, budget: float = float("inf"), s
 
 
 def test_lora_budget_guard_drops_every_update_and_scores_every_target(tmp_path, monkeypatch, per_target_scores):
-    stream, env, summaries = repetitive_stream(), dict(LORA_ENV, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5), []
+    stream, env, summaries = repetitive_stream(), dict(LORA_ENV, TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=4), []
     guarded = scores_of(
         lora_pass(budget=0.0, summaries=summaries), stream, tmp_path / "a", monkeypatch, per_target_scores, **env
     )
@@ -321,7 +340,7 @@ def test_lora_ttt_trains_and_phases_see_only_scored_documents(tmp_path, monkeypa
     of a document scored before it or beside it in its batch (the processing order: longest first, batches of 2),
     and changes every document after the phase that trained on it."""
     stream = repetitive_stream()
-    env = dict(LORA_ENV, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5)
+    env = dict(LORA_ENV, TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=4)
     phases = []
     base = scores_of(lora_pass(phases), stream, tmp_path / "a", monkeypatch, per_target_scores, **env)
     spans = train_gpt.document_spans(stream)
@@ -427,7 +446,7 @@ def test_scoring_order_hints_match_a_token_by_token_count():
                     leader[context] = (int(tokens[i + 1]), counts[int(tokens[i + 1])])
 
 
-TILTED_LORA_ENV = dict(LORA_ENV, NGRAM_TILT=1, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5, TTT_LORA_WARM_START_A=1)
+TILTED_LORA_ENV = dict(LORA_ENV, NGRAM_TILT=1, TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=5, TTT_LORA_WARM_START_A=1)
 
 
 def lora_scoring_order(stream: np.ndarray, order: str = "length") -> list[tuple[int, int]]:
@@ -493,6 +512,42 @@ def test_stream_order_lora_ignores_future_documents_and_their_lengths(tmp_path, 
     assert any(length_before[t] != length_after[t] for t in range(first_of_batch))
 
 
+def test_stream_order_phase_boundaries_ignore_how_many_documents_follow(tmp_path, monkeypatch, per_target_scores):
+    """A phase boundary is an absolute document count (PHASED_TTT_PREFIX_DOCS): splitting the last document into six
+    (BOS positions only: 10 documents become 15) leaves the phase after batch 1 and every score before the split's
+    batch bit-identical, those of the batches after the phase included. Boundaries at a fraction of all documents
+    (the rule before, 0.4: 4 of 10, 6 of 15) move the phase across batch 2 and change its scores."""
+    stream = varied_documents_stream()
+    split = stream.copy()
+    split[[660, 675, 690, 705, 735]] = train_gpt.BOS_ID  # inside the documents at 640 and 720 (batch 4)
+    env = dict(TILTED_LORA_ENV, TTT_LORA_ORDER="stream", PHASED_TTT_PREFIX_DOCS=4)
+    ends = []
+    real_phase_ends = train_gpt.phase_ends
+
+    def recorded(batches, prefix_docs, phases):
+        ends.append(real_phase_ends(batches, prefix_docs, phases))
+        return ends[-1]
+
+    monkeypatch.setattr(train_gpt, "phase_ends", recorded)
+    before = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **env)
+    after = scores_of(lora_pass(), split, tmp_path / "b", monkeypatch, per_target_scores, **env)
+    first_of_batch = 640  # batch 4 holds the documents at 640 and 720
+    assert ends == [[2], [2]]
+    assert [t for t in range(first_of_batch) if before[t] != after[t]] == []
+    assert any(before[t] != after[t] for t in range(first_of_batch, len(stream) - 1))  # the split changed its own
+
+    def fraction_of_all(batches, prefix_docs, phases):  # the rule this replaced, with 0.4 of the documents
+        total = sum(map(len, batches))
+        return real_phase_ends(batches, int(0.4 * total), phases)
+
+    monkeypatch.setattr(train_gpt, "phase_ends", fraction_of_all)
+    before = scores_of(lora_pass(), stream, tmp_path / "c", monkeypatch, per_target_scores, **env)
+    after = scores_of(lora_pass(), split, tmp_path / "d", monkeypatch, per_target_scores, **env)
+    assert any(
+        before[t] != after[t] for t in range(320, 480)
+    )  # batch 2: after the phase in one, before it in the other
+
+
 def test_lora_batches_go_to_ranks_balanced_by_cost_within_each_phase():
     """Costliest first to the least loaded rank, phase by phase (round robin gave rank 0 each phase's longest batch,
     so the other ranks waited at the phase's sync); a rank then scores its own batches in index order."""
@@ -506,7 +561,7 @@ def test_lora_head_runs_on_the_scored_chunk_only(tmp_path, monkeypatch, per_targ
     """Defect 5: the tied head (fp32 logits) runs on each row's scored chunk (at most TTT_LORA_CHUNK columns), not
     on every context position; the scores equal those of the full-width head gathered at the chunk."""
     stream, widths = varied_documents_stream(), []
-    env = dict(LORA_ENV, TTT_PHASES=1, TTT_PHASE_FRACTION=0.5)
+    env = dict(LORA_ENV, TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=5)
     real_raw_logits = train_gpt.GPT.raw_logits
 
     def recording(self, ids, positions=None, documents=None):
@@ -533,7 +588,7 @@ def test_lora_head_runs_on_the_scored_chunk_only(tmp_path, monkeypatch, per_targ
 
 def test_lora_batches_bound_their_padded_tokens_and_phases_count_documents():
     """Defect 5: a batch holds at most TTT_LORA_BATCH documents and TTT_LORA_BATCH_TOKENS padded row tokens (one
-    longer document alone); the phases fall after the same share of documents however the batches are cut."""
+    longer document alone); the phases fall after the same numbers of documents however the batches are cut."""
     rng = np.random.default_rng(0)
     starts = np.cumsum(np.concatenate(([0], rng.integers(5, 3000, 299))))
     docs = np.stack([starts, starts + rng.integers(5, 3000, 300)], 1)
@@ -546,8 +601,9 @@ def test_lora_batches_bound_their_padded_tokens_and_phases_count_documents():
     assert len(batches[0]) == 8 < len(batches[-1])  # 8 rows of 2,048 tokens; short documents fill up to 64
     unbounded = train_gpt.lora_batches(docs, 64, 10**9, 2048)
     assert [len(b) for b in unbounded] == [64, 64, 64, 64, 44]
-    assert train_gpt.phase_ends(unbounded, 0.5, 3) == [1, 2, 3]  # ceil(150 k / 3 / 64): #1855's boundaries
-    ends = train_gpt.phase_ends(batches, 0.5, 3)
+    assert train_gpt.phase_ends(unbounded, 150, 3) == [1, 2, 3]  # ceil(150 k / 3 / 64): #1855's boundaries
+    assert train_gpt.phase_ends(unbounded, 2500, 3) == []  # boundaries past the last batch: no phase
+    ends = train_gpt.phase_ends(batches, 150, 3)
     scored = np.cumsum([len(b) for b in batches])
     assert [int(scored[end - 1]) >= 50 * k > int(scored[end - 2]) for k, end in zip((1, 2, 3), ends)] == [True] * 3
-    assert train_gpt.phase_ends(unbounded, 0.0, 3) == []
+    assert train_gpt.phase_ends(unbounded, 0, 3) == []

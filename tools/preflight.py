@@ -388,7 +388,7 @@ def report_lora_projection(h: tg.Hyperparameters, timing: dict) -> float:
     processed = sum(tg.lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in batches)
     lora = timing["lora_per_token"] * processed / h.ranks  # batches balanced over ranks by this cost
     phased = drawn[
-        : sum(map(len, batches[: max(tg.phase_ends(batches, h.ttt_phase_fraction, h.ttt_phases), default=0)]))
+        : sum(map(len, batches[: max(tg.phase_ends(batches, h.phased_ttt_prefix_docs, h.ttt_phases), default=0)]))
     ].sum()
     phases = timing["phase_per_token"] * phased / h.ranks
     report(
