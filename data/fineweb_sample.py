@@ -35,11 +35,13 @@ def unpack(destination: Path = HERE) -> Path:
 
 
 def documents(limit: int | None = None) -> list[str]:
-    """The texts of the sample's first documents (960 committed: its 120 validation documents come first)."""
+    """The texts of the sample's first `limit` documents (all 3,100 by default; its 120 validation documents come
+    first)."""
+    import itertools
     import json
 
-    with lzma.open(ARCHIVES / "docs_960.jsonl.xz", "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f][:limit]
+    with lzma.open(ARCHIVES / "docs.jsonl.xz", "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in itertools.islice(f, limit)]
 
 
 def main() -> None:

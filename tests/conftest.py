@@ -80,6 +80,33 @@ def sample_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def whole_sample_caseops(tmp_path_factory):
+    """The record's CaseOps export of all 3,100 sample documents, the first 3,000 as validation (as
+    `prepare_caseops_data.py --val-docs 3000`): data/caseops.py, which writes the record's script's export token for
+    token and entry for entry. (folder, the validation documents' original UTF-8 bytes)."""
+    import build_sample
+    import sentencepiece as spm
+    from caseops import encode_document
+
+    processor = spm.SentencePieceProcessor(model_file=str(RECORD_CASEOPS_TOKENIZER))
+    texts = fineweb_sample.documents()
+    encoded = [encode_document(processor, text) for text in texts]
+    folder = tmp_path_factory.mktemp("whole_sample_caseops")
+    build_sample.write_shard(folder / "fineweb_val_000000.bin", [t for ids, _ in encoded[:3000] for t in ids])
+    build_sample.write_shard(folder / "fineweb_val_bytes_000000.bin", [c for _, cs in encoded[:3000] for c in cs])
+    build_sample.write_shard(folder / "fineweb_train_000000.bin", [t for ids, _ in encoded[3000:] for t in ids])
+    return folder, sum(len(text.encode("utf-8")) for text in texts[:3000])
+
+
+@pytest.fixture(scope="session")
+def nfkc_stress_export(tmp_path_factory) -> Path:
+    """The record's export of the NFKC stress documents (data/nfkc_stress.py), unpacked."""
+    import nfkc_stress
+
+    return nfkc_stress.unpack(tmp_path_factory.mktemp("nfkc_stress"))
+
+
+@pytest.fixture(scope="session")
 def fineweb_or_sample():
     """Real FineWeb text: the committed sample's sp1024 export (dataset_dir, tokenizer_path)."""
     return str(SAMPLE_DATASET), str(SAMPLE_TOKENIZER)

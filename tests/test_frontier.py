@@ -590,6 +590,39 @@ def test_frontier_caseops_trains_and_evaluates_on_the_records_export(tmp_path):
     assert_final_score(log, "legal_ttt_tilt")
 
 
+@pytest.mark.parametrize("export", ["whole_sample", "nfkc_stress"])
+def test_frontier_caseops_starts_and_trains_on_every_legitimate_export(tmp_path, request, export):
+    """PRESET=frontier_caseops at a tiny shape starts on the record's export of all 3,100 sample documents (3,000
+    validation, whose audit the fixed slack refused) and on the NFKC stress export, counting the sidecar's bytes, and
+    trains; SIGINT then stops it with its artifact written (evaluating 6.4 M validation tokens would take minutes)."""
+    import signal
+
+    from conftest import RECORD_CASEOPS_TOKENIZER
+    from test_faults import launch, wait_for_step
+
+    if export == "whole_sample":
+        dataset, original_bytes = request.getfixturevalue("whole_sample_caseops")
+        documents, counted = 3000, original_bytes
+    else:
+        dataset, documents, counted = request.getfixturevalue("nfkc_stress_export"), 123, 540_535
+    env = dict(
+        TINY_ENV,
+        **dict(FRONTIER_TINY, PRESET="frontier_caseops"),
+        DATA_PATH=dataset,
+        TOKENIZER_PATH=RECORD_CASEOPS_TOKENIZER,
+        RUN_ID=export,
+        ITERATIONS=5000,
+    )
+    [process] = launch(tmp_path, {k: str(v) for k, v in env.items()})
+    wait_for_step(tmp_path, export, 2, timeout=300)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    log = read_log(tmp_path, export)
+    assert process.returncode == 128 + signal.SIGINT, log[-3000:]
+    assert re.search(rf"^val_bytes:sidecar counted:{counted} decoded:\d+ documents:{documents} ", log, re.M)
+    assert re.search(r"^step:2/5000 train_loss:[\d.]+ ", log, re.M) and "artifact:written" in log
+
+
 # ---------------------------------------------------------------------------------------------------- lrzip groups
 
 
