@@ -1058,8 +1058,11 @@ class NormalizationImages:
         points = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
         normalized = processor.normalize([self.MARK + c + self.MARK for c in points])
         self.fewest, images = {}, {}
-        for char, marked in zip(points, normalized):
-            image, size = marked.split(self.MARK)[1].replace("\u2581", " "), len(char.encode("utf-8"))
+        if any(marked.count(self.MARK) != 2 for marked in normalized[:128]):
+            raise InputError("the tokenizer's normalizer changes U+E000: the sidecar audit cannot read its images")
+        changed = [(c, m[1:-1]) for c, m in zip(points, normalized) if len(m) != 3 or m[1] != c]
+        for char, image in changed:
+            image, size = image.replace("\u2581", " "), len(char.encode("utf-8"))
             # an image led by a space loses it after whitespace or at a document's start ('\n῁' -> ' ̈͂')
             for form in (image, image[1:]) if image.startswith(" ") else (image,):
                 if len(form) == 1 and size < len(form.encode("utf-8")):
@@ -1107,9 +1110,10 @@ def sidecar_units(processor, tokens, target_bytes, operators: str, images: Norma
     for index in escaped_operators(processor, targets, operators):  # ESC + operator: the character as text
         texts[index], decoded[index], needs[index] = (processor.id_to_piece(int(targets[index])), 3, 3)
     for first, last in byte_fallback_characters(processor, targets):
-        char = bytes(int(processor.id_to_piece(int(t))[3:5], 16) for t in targets[first : last + 1]).decode("utf-8")
+        spelled = bytes(int(processor.id_to_piece(int(t))[3:5], 16) for t in targets[first : last + 1])
+        char = spelled.decode("utf-8", "replace")  # an invalid sequence: U+FFFD, which the normalizer never leaves
         texts[first:last], decoded[first:last], needs[first:last] = "", 0, 0
-        texts[last], decoded[last], needs[last] = char, last - first + 1, images.char_bytes(char)
+        texts[last], decoded[last], needs[last] = char, len(spelled), min(images.char_bytes(char), len(spelled))
         charged[last], charged[first:last] = charged[first : last + 1].sum(), 0
     return SidecarUnits(texts, charged, decoded, needs, leading_space[targets] & ~dropped)
 
@@ -1174,9 +1178,10 @@ def explained(images: NormalizationImages, texts, charged, at_start: bool, at_en
 
 
 def deficit_windows(needy: np.ndarray, texts, document_ends: np.ndarray, starts: np.ndarray, longest: int):
-    """(first, end, at_start, at_end) target windows around the units charged below their fewest bytes: at least
-    `longest` characters on each side (or the document's edge), overlapping windows merged, none across documents."""
-    windows = []
+    """(first, end, at_start, at_end, document) target windows around the needy units, yielded in order: at least
+    `longest` characters on each side (or the document's edge), overlapping ones merged, none across documents (a
+    generator: a sidecar wrong everywhere fails on its first window)."""
+    window = None
     for unit in needy:
         document = int(np.searchsorted(starts, unit, side="right")) - 1
         first, end = int(starts[document]), int(document_ends[document])
@@ -1186,11 +1191,14 @@ def deficit_windows(needy: np.ndarray, texts, document_ends: np.ndarray, starts:
         chars = 0
         while right < end and chars < longest:
             right, chars = right + 1, chars + len(texts[right])
-        if windows and windows[-1][2] == document and left <= windows[-1][1]:
-            windows[-1][1] = right
-        else:
-            windows.append([left, right, document, first, end])
-    return [(left, right, left == first, right == end, document) for left, right, document, first, end in windows]
+        if window and window[4] == document and left <= window[1]:
+            window[1] = right
+            continue
+        if window:
+            yield window[0], window[1], window[0] == window[2], window[1] == window[3], window[4]
+        window = [left, right, first, end, document]
+    if window:
+        yield window[0], window[1], window[0] == window[2], window[1] == window[3], window[4]
 
 
 def check_sidecar(processor, tokens, target_bytes, operators: str, starts) -> dict:
