@@ -1439,6 +1439,12 @@ def select_attention_backend(
     setting = f"env ATTENTION_BACKEND={requested}" + (" (FA3 on CUDA with bf16)" if requested == "auto" else "")
     if requested == "auto":
         requested = "fa3" if device_type == "cuda" and sixteen_bit else "sdpa"
+    if requested == "sdpa" and device_type == "cuda" and max_segment:  # CUDA review 945e22d, defect 2
+        raise InputError(
+            f"{setting}: LOADER=documents packs a rank's micro-batch into one row (98,304 tokens at the frontier's "
+            f"shape), whose document mask SDPA would build as T x T (9 GiB, then more per layer): on CUDA it needs "
+            f"FlashAttention's varlen kernel (ATTENTION_BACKEND=fa3 or fa2, a wheel built for this torch)"
+        )
     if requested == "sdpa":
         return "sdpa", sdpa_attention
     if device_type != "cuda" or not sixteen_bit:
@@ -1458,17 +1464,46 @@ def select_attention_backend(
             f"({type(error).__name__}: {error}); {FLASH_INSTALL_HINT[requested]}"
         ) from None
 
+    if doc_isolation:
+        probe_varlen_kernel(kernel, torch.device(device_type), dtype, f"{setting}: {module_name}.{function}")
+
     def flash_attention(q, k, v, cu_seqlens=None):
         if cu_seqlens is None:
             out = kernel(q, k, v, causal=True)
         else:  # the batch as one flat sequence cut at every document start (and row start): #1530's VarLen
             seq = min(q.size(1), max_segment) if max_segment else q.size(1)  # FA sizes its grid by max_seqlen
-            out = kernel(*(t.flatten(0, 1) for t in (q, k, v)), cu_seqlens, cu_seqlens, seq, seq, causal=True)
+            # k's cu_seqlens a tensor of its own: Dynamo (torch >= 2.12) refuses one tensor in two slots of FA's
+            # autograd.Function under fullgraph (CUDA review 945e22d, defect 1; tests/test_compile.py)
+            flat = (t.flatten(0, 1) for t in (q, k, v))
+            out = kernel(*flat, cu_seqlens, cu_seqlens.clone(), seq, seq, causal=True)
         out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
         return out.view(q.shape) if cu_seqlens is not None else out
 
     flash_attention.varlen = doc_isolation
     return name + ("_varlen" if doc_isolation else ""), flash_attention
+
+
+def probe_varlen_kernel(kernel, device: torch.device, dtype: torch.dtype, name: str):
+    """A tiny varlen forward and backward through the loaded kernel, traced as training traces it (fullgraph; the
+    aot_eager backend runs the kernel's fakes, which is where old wheels break): FA3 wheels from before 2025-07-16
+    cannot be traced, and until 6250fbec (2025-08-22) the varlen backward's fake failed on a tensor's truth value
+    (CUDA review 945e22d, defect 9). An InputError with the reason at start, not at the first step."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(16, 2, 64, device=device, generator=generator).to(dtype).requires_grad_() for _ in "qkv")
+    cu_seqlens = torch.tensor([0, 8, 16], dtype=torch.int32, device=device)
+
+    def attend(q, k, v, cu_seqlens):
+        out = kernel(q, k, v, cu_seqlens, cu_seqlens.clone(), 8, 8, causal=True)
+        return (out[0] if isinstance(out, tuple) else out).float().square().sum()
+
+    try:
+        torch.compile(attend, backend="aot_eager", fullgraph=True, dynamic=False)(q, k, v, cu_seqlens).backward()
+    except Exception as error:  # Dynamo, AOTAutograd and the kernel raise many kinds; all mean the same here
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise InputError(
+            f"{name} loads but a compiled varlen forward and backward through it fails ({type(error).__name__}: "
+            f"{reason}); FA3 wheels built before 2025-08-22 cannot be compiled: install a newer one"
+        ) from None
 
 
 def segment_starts(ids: torch.Tensor, segment_len: int = 0) -> torch.Tensor:
@@ -1488,27 +1523,27 @@ def document_mask(ids: torch.Tensor, segment_len: int = 0) -> torch.Tensor:
     return (segment[:, None, :, None] == segment[:, None, None, :]).tril()
 
 
-# DOC_ISOLATION through FA's varlen kernel: cu_seqlens get B + one of these many segments, padded with empty ones at
-# the tail (#1530 pads to B + 64k). A segment per token (B*T + 1 entries, as before) made FA3's backward launch a
-# grid over 98,304 sequences, past CUDA's 65,535, and allocate ~52 GB of accumulators (the CUDA review, defect 1).
-SEGMENT_BUCKETS = (64, 512, 4096)
+# DOC_ISOLATION through FA's varlen kernel: cu_seqlens hold the batch's segments padded with empty ones at the tail
+# to a multiple of SEGMENT_MULTIPLE, as #1855 pads (its length is marked dynamic: one compiled graph). A segment per
+# token (before) put 98,304 sequences on FA3's grid axis of at most 65,535; padding to rows + 512 (after) launched
+# FA3's backward over 513 sequences for a row's ~80-150 (CUDA review 945e22d, defect 5).
+SEGMENT_MULTIPLE = 64
 VARLEN_MAX_SEGMENTS = 65_535  # FA's grids put the batch (the segments) on an axis of at most 65,535 blocks
 
 
 def document_segments(inputs: np.ndarray, segment_len: int = 0) -> np.ndarray:
     """FA varlen's int32 cu_seqlens of a host (B, T) batch flattened, a segment per segment_starts; padded with the
-    total to B + the smallest SEGMENT_BUCKETS entry that holds them (empty tail segments)."""
+    total to the next multiple of SEGMENT_MULTIPLE segments (empty tail segments)."""
     rows, seq = inputs.shape
     starts = np.flatnonzero(segment_starts(torch.from_numpy(np.asarray(inputs)), segment_len).numpy())
-    spare = next((extra for extra in SEGMENT_BUCKETS if len(starts) <= rows + extra), None)
-    if spare is None or rows + spare > VARLEN_MAX_SEGMENTS:
+    padded = -(-len(starts) // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE
+    if padded > VARLEN_MAX_SEGMENTS:
         raise RunFault(
-            f"DOC_ISOLATION: a batch of {rows} x {seq} tokens holds {len(starts)} document segments, more "
-            f"than the largest varlen bucket ({rows} + {SEGMENT_BUCKETS[-1]}, at most "
-            f"{VARLEN_MAX_SEGMENTS}); such data needs DOC_ISOLATION=0 or a larger bucket",
+            f"DOC_ISOLATION: a batch of {rows} x {seq} tokens holds {len(starts)} document segments, more than FA's "
+            f"{VARLEN_MAX_SEGMENTS} sequences a call; such data needs DOC_ISOLATION=0 or smaller batches",
             2,
         )
-    segments = np.full(rows + spare + 1, inputs.size, np.int32)
+    segments = np.full(padded + 1, inputs.size, np.int32)
     segments[: len(starts)] = starts
     return segments
 
@@ -3770,9 +3805,24 @@ class RunContext:
         runs through FlashAttention's varlen kernel). Its length is marked dynamic: one graph for every bucket."""
         if not self.varlen:
             return None
-        segments = to_device(document_segments(inputs, self.segment_len), self.device)
+        try:
+            host = document_segments(inputs, self.segment_len)
+        except RunFault as fault:  # this rank's data alone: the others already wait in the step's collectives
+            self.leave_alone(fault)
+        segments = to_device(host, self.device)
         torch._dynamo.maybe_mark_dynamic(segments, 0)
         return segments
+
+    def leave_alone(self, fault: RunFault):
+        """A fault only this rank saw, in the middle of a step: with other ranks, exit now (torchrun then ends them)
+        instead of waiting at the closing barrier while they wait in a collective until the timeout (CUDA review
+        945e22d, defect 10); alone, raise it."""
+        if self.world_size == 1:
+            raise fault
+        message = f"error: rank {self.rank}: {fault}"
+        print(message, file=sys.stderr, flush=True)
+        self.log(message, console=False)
+        os._exit(fault.status)
 
     def log(self, message: str, console: bool = True):
         if not self.is_main:
@@ -4094,7 +4144,10 @@ class Trainer:
                 "ARTIFACT_PATH untouched",
                 EXIT_NONFINITE,
             )
-        hessians = self.calibrate(loader, agreed_ms / 1000.0 - loop_ended) if h.quant == "gptq" else None
+        calibrating = h.quant == "gptq" and not self.interrupted  # the agreed signal: every rank skips alike
+        if h.quant == "gptq" and self.interrupted:  # torchrun SIGKILLs 30 s after SIGTERM (review 945e22d, defect 11)
+            run.log("gptq:hessians skipped after a signal: round-to-nearest on the searched scales, exported at once")
+        hessians = self.calibrate(loader, agreed_ms / 1000.0 - loop_ended) if calibrating else None
         verify_replicas(run, model)  # after calibration: its collectives and batches are the last thing ranks share
         return hessians
 

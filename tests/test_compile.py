@@ -162,3 +162,89 @@ def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatc
     lora.h.eval_budget_seconds = float("inf")
     assert lora.run_schedule().audit.startswith("chunks=")
     assert compiled_graphs() == primed
+
+
+def test_the_frontier_compiles_through_an_fa3_shaped_varlen_kernel(tmp_path, monkeypatch):
+    """The CUDA review at 945e22d, defect 1: FA3's flash_attn_varlen_func is an autograd.Function, and Dynamo (torch
+    >= 2.12) refuses one tensor in two of its slots under fullgraph=True; the call passed cu_seqlens for both q and k
+    (`Unsupported: autograd.Function.apply: duplicate tensor input`). Through tests/varlen_standin.py's FA3-shaped
+    interface the frontier model compiles as RunContext.forward compiles it, forward and backward, one graph for two
+    segment buckets, with the loss and gradients of SDPA's document mask on the same weights."""
+    import sys
+
+    import varlen_standin
+    from test_frontier import FRONTIER_TINY
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", varlen_standin)
+    monkeypatch.setattr(train_gpt, "probe_varlen_kernel", lambda *args: None)  # it needs CUDA tensors: tested below
+    run = make_run(tmp_path, monkeypatch, DATA_PATH="unused", **dict(FRONTIER_TINY, NUM_LAYERS=4, VE_LAYERS="2,3"))
+    run.attention_name, run.attention = train_gpt.select_attention_backend(
+        "fa3", "cuda", torch.bfloat16, True, run.segment_len
+    )
+    run.varlen = True
+    model = train_gpt.build_model(run.h, run)
+    masked = train_gpt.GPT(run.h)
+    masked.load_state_dict(model.state_dict())
+    generator, before, graphs = torch.Generator().manual_seed(0), compiled_graphs(), []
+    for every in (40, 2, 33):  # a BOS every `every` tokens: segments in the 64 bucket, the 512 one, the 64 one
+        ids = torch.randint(4, 1024, (2, 65), generator=generator)
+        ids[:, ::every] = train_gpt.BOS_ID
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        loss = run.forward(model, inputs, targets, documents=run.documents(inputs.numpy()))
+        loss.backward()
+        graphs.append(compiled_graphs() - before)
+        reference = masked(inputs, targets)
+        reference.backward()
+        assert torch.allclose(loss, reference, atol=1e-5)
+        for (name, p), q in zip(model.named_parameters(), masked.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+        model.zero_grad(set_to_none=True)
+        masked.zero_grad(set_to_none=True)
+    assert graphs == [1, 1, 1]
+
+
+@torch.library.custom_op("varlen_standin_test::old_backward", mutates_args=())
+def _old_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import varlen_standin
+
+    return tuple(t.clone() for t in varlen_standin._backward(dout, q, k, v, cu_q))
+
+
+@_old_backward.register_fake
+def _(dout, q, k, v, cu_q):
+    if cu_q:  # FA3's varlen backward fake before 6250fbec: the truth value of a tensor
+        pass
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class OldVarlenFunction(torch.autograd.Function):
+    """The stand-in with an FA3 wheel's varlen backward from before 2025-08-22: it runs, but cannot be traced."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        import varlen_standin
+
+        ctx.save_for_backward(q, k, v, cu_q)
+        return varlen_standin._forward(q, k, v, cu_q, cu_k, max_q, max_k)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return *_old_backward(dout, *ctx.saved_tensors), None, None, None, None, None
+
+
+def test_a_varlen_kernel_that_cannot_be_compiled_is_refused_at_start():
+    """CUDA review 945e22d, defect 9: a wheel that imports but whose varlen backward cannot be traced fails the start-up
+    probe (a tiny compiled forward and backward) with the reason; the FA3-shaped stand-in passes it."""
+    import varlen_standin
+
+    cpu = torch.device("cpu")
+    train_gpt.probe_varlen_kernel(varlen_standin.flash_attn_varlen_func, cpu, torch.float32, "stand-in")
+
+    def old(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+        return OldVarlenFunction.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal)
+
+    with pytest.raises(train_gpt.InputError, match=r"old wheel loads but a compiled varlen forward and backward"):
+        train_gpt.probe_varlen_kernel(old, cpu, torch.float32, "old wheel")

@@ -116,6 +116,20 @@ def test_sigint_writes_the_averaged_artifact_and_eval_only_scores_it(tmp_path, s
     assert math.isfinite(parse_metric(read_log(tmp_path, "scored"), "legal_ttt_exact")["val_bpb"])
 
 
+def test_a_signal_skips_gptq_calibration_and_exports_at_once(tmp_path, sample_data):
+    """QUANT=gptq: after SIGTERM the Hessians are not collected (16 batches of the frontier took 24-32 s of the 30 s
+    torchrun allows; review 945e22d, defect 11): round-to-nearest on the searched scales, the fast artifact."""
+    env = tiny_env(sample_data, ITERATIONS=5000, RUN_ID="gptq_interrupted", QUANT="gptq", GPTQ_CALIB_BATCHES=16)
+    [process] = launch(tmp_path, env)
+    wait_for_step(tmp_path, "gptq_interrupted", 3)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    log = run_part(read_log(tmp_path, "gptq_interrupted"))
+    assert "gptq:hessians skipped after a signal" in log and "gptq:hessians batches:" not in log
+    assert "artifact:written quant:gptq compressor:lzma (fast: after a signal)" in log
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, sample_data):
     processes = launch(tmp_path, tiny_env(sample_data, ITERATIONS=5000, RUN_ID="term"), ranks=2)
     wait_for_step(tmp_path, "term", 3)
@@ -148,6 +162,18 @@ def test_a_dead_or_hung_rank_ends_the_run_within_the_timeout(tmp_path, sample_da
     assert "error: rank 0: a collective failed: another rank died, hung past COLLECTIVE_TIMEOUT_SECONDS=6" in stderr
     assert elapsed < (3 if fault == signal.SIGKILL else 6 + 10)
     assert "a collective failed" in read_log(tmp_path, "dead")
+
+
+def test_a_fault_one_rank_sees_mid_step_ends_the_run_at_once(tmp_path, sample_data):
+    """CUDA review 945e22d, defect 10: rank 0 alone cannot fit its batch's varlen segments. It exits at once with the
+    reason and torchrun ends rank 1, which waits in the step's collective; before, rank 0 waited at the closing
+    barrier and both hung until COLLECTIVE_TIMEOUT_SECONDS (120 s here)."""
+    env = tiny_env(sample_data, RUN_ID="overflow", DOC_ISOLATION=1, COLLECTIVE_TIMEOUT_SECONDS=120, OMP_NUM_THREADS=1)
+    started = time.perf_counter()
+    result = run_script(tmp_path, env, nproc=2, timeout=300, script=REPO / "tests" / "overflow_worker.py")
+    seconds = time.perf_counter() - started
+    assert result.returncode != 0 and "error: rank 0: DOC_ISOLATION: a batch of" in result.stderr
+    assert seconds < 90, f"{seconds:.0f} s: the ranks waited for the collective timeout"
 
 
 def test_a_long_export_does_not_time_out_the_waiting_ranks(tmp_path, sample_data):

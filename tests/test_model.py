@@ -208,7 +208,8 @@ def test_varlen_flash_isolation_matches_the_sdpa_mask(monkeypatch):
     segments = []
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
-        assert causal and cu_seqlens_q is cu_seqlens_k and cu_seqlens_q.dtype == torch.int32 and q.dim() == 3
+        assert causal and cu_seqlens_q.dtype == torch.int32 and q.dim() == 3
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q is not cu_seqlens_k  # Dynamo: no tensor twice
         out, bounds = torch.zeros_like(q), cu_seqlens_q.tolist()
         assert bounds[0] == 0 and bounds[-1] == q.size(0) and bounds == sorted(bounds) and max_seqlen_q == 40
         for a, b in zip(bounds, bounds[1:]):
@@ -220,8 +221,10 @@ def test_varlen_flash_isolation_matches_the_sdpa_mask(monkeypatch):
     monkeypatch.setitem(
         sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
     )
+    probed = []  # the start-up probe compiles on CUDA tensors: recorded here, run in tests/test_compile.py
+    monkeypatch.setattr(train_gpt, "probe_varlen_kernel", lambda kernel, *args: probed.append(kernel))
     name, attention = train_gpt.select_attention_backend("auto", "cuda", torch.bfloat16, doc_isolation=True)
-    assert name == "flash_attention_3_varlen"
+    assert name == "flash_attention_3_varlen" and probed == [flash_attn_varlen_func]
     h = tiny_hyperparameters(DOC_ISOLATION=1)
     ids = torch.randint(2, 1024, (2, 40), generator=torch.Generator().manual_seed(0))
     ids[0, 10] = ids[0, 25] = ids[1, 0] = train_gpt.BOS_ID
@@ -253,6 +256,7 @@ def test_varlen_kernel_of_packed_rows_gets_the_segment_length_as_max_seqlen(monk
     monkeypatch.setitem(
         sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
     )
+    monkeypatch.setattr(train_gpt, "probe_varlen_kernel", lambda *args: None)  # CUDA tensors: tests/test_compile.py
     h = tiny_hyperparameters(DOC_ISOLATION=1, LOADER="documents", TRAIN_SEQ_LEN=16, EVAL_SEQ_LEN=16, EVAL_STRIDE=16)
     _, attention = train_gpt.select_attention_backend("fa3", "cuda", torch.bfloat16, True, h.segment_len)
     ids = torch.randint(2, 1024, (1, 64), generator=torch.Generator().manual_seed(0))

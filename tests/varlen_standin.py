@@ -56,3 +56,80 @@ def limited_to(max_segment: int):
 
     attention.varlen = True
     return attention
+
+
+# ---- FlashAttention 3's varlen interface, as hopper/flash_attn_interface.py builds it: flash_attn_varlen_func is an
+# autograd.Function whose forward and backward call torch.library custom ops with fake (shape-only) kernels, so
+# torch.compile traces it as the real one is traced (a duplicate tensor input is refused, defect 1 of the review).
+@torch.library.custom_op("varlen_standin::forward", mutates_args=())
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int
+) -> torch.Tensor:
+    assert torch.equal(cu_q, cu_k), "the stand-in attends q's sequences to the same k sequences"
+    bounds = check_contract(cu_q, q.size(0))
+    assert max(b - a for a, b in zip(bounds[:-1], bounds[1:])) <= max_q, "a sequence over max_seqlen"
+    out = torch.zeros_like(q)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        pieces = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(*pieces, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+        out[a:b] = attended[0].transpose(0, 1)
+    return out
+
+
+@_forward.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k):
+    return torch.empty_like(q)
+
+
+def _sequence_grads(dout, q, k, v):
+    """Causal attention's gradients for one sequence, q (T, H, D), k/v (T, Hkv, D), written out (an op's kernel
+    runs without autograd): P = softmax(QK^T/sqrt(D)), dV = P^T dO, dS = P * (dO V^T - rowsum(P * dO V^T))."""
+    group, scale = q.size(1) // k.size(1), q.size(-1) ** -0.5
+    qh, kh, vh, doh = (
+        t.transpose(0, 1) for t in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), dout)
+    )
+    causal = torch.ones(q.size(0), q.size(0), dtype=torch.bool).tril()
+    probs = ((qh @ kh.transpose(1, 2)) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
+    dprobs = doh @ vh.transpose(1, 2)
+    dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
+    dq, dk, dv = (dscores @ kh) * scale, (dscores.transpose(1, 2) @ qh) * scale, probs.transpose(1, 2) @ doh
+    dk, dv = (t.transpose(0, 1).unflatten(1, (k.size(1), group)).sum(2) for t in (dk, dv))
+    return dq.transpose(0, 1), dk, dv
+
+
+@torch.library.custom_op("varlen_standin::backward", mutates_args=())
+def _backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            dq[a:b], dk[a:b], dv[a:b] = _sequence_grads(dout[a:b], q[a:b], k[a:b], v[a:b])
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(dout, q, k, v, cu_q):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class FlashAttnVarlenFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+        assert causal, "the stand-in is causal only"
+        ctx.save_for_backward(q, k, v, cu_seqlens_q)
+        return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, cu_seqlens_q = ctx.saved_tensors
+        return *_backward(dout, q, k, v, cu_seqlens_q), None, None, None, None, None
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+    return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+
+
+def flash_attn_func(q, k, v, causal=False):
+    raise AssertionError("the stand-in has only the varlen kernel")
