@@ -168,3 +168,22 @@ def test_preflight_passes_for_the_frontier_preset_with_its_lora_memory_and_real_
     assert failed.returncode == 1
     assert "preflight FAIL eval: RuntimeError: document LoRA peak memory" in failed.stderr
     assert "GiB limit: lower TTT_LORA_BATCH_TOKENS or TTT_LORA_BATCH" in failed.stderr
+
+
+def test_the_preflight_feeds_packed_rows_with_real_document_starts():
+    """CUDA review 945e22d, defect 2: with LOADER=documents the preflight primes and times one packed row of the
+    rank's tokens per micro-batch (as the run's loader), not TRAIN_SEQ_LEN rows, with a BOS wherever a document of
+    the training shard's lengths starts; other loaders keep their rows."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import preflight as tool
+
+    lengths = np.array([100, 2100])
+    packed = tool.RandomBatches(1024, torch.device("cpu"), packed=True, lengths=lengths)
+    inputs, targets, _ = packed.next_batch(8192, 64)
+    assert inputs.shape == targets.shape == (1, 8192) and torch.equal(inputs[0, 1:], targets[0, :-1])
+    starts = np.flatnonzero(inputs[0].numpy() == 1)
+    assert starts[0] == 0 and set(np.diff(starts)) <= {100, 2100} and len(starts) >= 8192 // 2100
+    rows, _, _ = tool.RandomBatches(1024, torch.device("cpu")).next_batch(8192, 64)
+    assert rows.shape == (128, 64) and not (rows == 1).any()

@@ -56,17 +56,25 @@ class RankOfRun(tg.Hyperparameters):
 
 
 class RandomBatches:
-    """Stands in for the training loader: uniform random token ids, the shapes of real batches."""
+    """Stands in for the training loader: random token ids in the shapes the run's loader makes (LOADER=documents:
+    one packed row of the rank's tokens a micro-batch, not TRAIN_SEQ_LEN rows: the CUDA review at 945e22d, defect 2),
+    with a BOS wherever a document of `lengths` (the training shard's) would start, so the varlen kernel is primed and
+    timed on the run's graph and segment counts."""
 
-    def __init__(self, vocab_size: int, device: torch.device, documents=tg.no_documents):
-        self.vocab_size, self.device, self.documents = vocab_size, device, documents
-        self.generator = torch.Generator().manual_seed(0)
+    def __init__(self, vocab_size: int, device: torch.device, documents=tg.no_documents, packed=False, lengths=None):
+        self.vocab_size, self.device, self.documents, self.packed = vocab_size, device, documents, packed
+        self.lengths, self.generator = lengths, torch.Generator().manual_seed(0)
+        self.rng = np.random.default_rng(0)
 
     def next_batch(self, local_tokens: int, seq_len: int):
-        flat = torch.randint(0, self.vocab_size, (local_tokens + 1,), generator=self.generator)
-        documents = self.documents(flat[:-1].view(-1, seq_len).numpy())
+        flat = torch.randint(2, self.vocab_size, (local_tokens + 1,), generator=self.generator)
+        if self.lengths is not None:
+            starts = np.cumsum(self.rng.choice(self.lengths, local_tokens // max(int(self.lengths.min()), 1) + 1))
+            flat[np.r_[0, starts[starts <= local_tokens]]] = tg.BOS_ID
+        inputs = flat[:-1].view(-1, local_tokens if self.packed else seq_len)
+        documents = self.documents(inputs.numpy())
         flat = flat.to(self.device)
-        return flat[:-1].view(-1, seq_len), flat[1:].view(-1, seq_len), documents
+        return flat[:-1].view(inputs.shape), flat[1:].view(inputs.shape), documents
 
 
 def compiled_graphs() -> int:
@@ -128,7 +136,10 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     report("model", f"params {sum(p.numel() for p in model.parameters())}")
     trainer = tg.Trainer(h, run, model, val=None)
     trainer.local_tokens = h.train_batch_tokens // (h.ranks * h.grad_accum_steps)
-    trainer.new_loader = lambda: RandomBatches(h.vocab_size, run.device, run.documents)
+    lengths = document_lengths(h)[0] if h.doc_isolation else None
+    trainer.new_loader = lambda: RandomBatches(
+        h.vocab_size, run.device, run.documents, packed=h.loader == "documents", lengths=lengths
+    )
     prime_seconds = timed(run, trainer.prime)
     report(
         "graphs",
