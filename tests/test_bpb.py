@@ -327,7 +327,7 @@ def NORMALIZATION_IMAGES(processor):  # noqa: N802 (one table per tokenizer, bui
     return train_gpt.NormalizationImages(processor)
 
 
-def test_inflation_that_text_can_give_is_accepted_and_reported(tmp_path):
+def test_inflation_that_text_can_give_is_accepted_and_reported(tmp_path, monkeypatch):
     """Extra bytes are never refused: every such sidecar is also what the record's exporter writes for some text.
     Each document 5's spaces charged twice is its text with every whitespace run one space longer; +1 byte on
     every normalized unit of document 53 ('…' -> '...' over two pieces) is its text with U+0001, which the normalizer
@@ -370,6 +370,16 @@ def test_inflation_that_text_can_give_is_accepted_and_reported(tmp_path):
         audit = validation_set(tampered, tokenizer).audit
         assert audit["counted"] == 806_935 + sum(costs) - len(texts[document].encode("utf-8"))
         assert audit["doubled_space_documents"] == (document == 5)
+    from conftest import RECORD_CASEOPS_DATASET, TINY_ENV
+
+    (tmp_path / "document5" / "fineweb_train_000000.bin").symlink_to(
+        RECORD_CASEOPS_DATASET / "fineweb_train_000000.bin"
+    )
+    monkeypatch.chdir(tmp_path)  # the run's start-up checks log the warning
+    env = dict(TINY_ENV, DATA_PATH=str(tmp_path / "document5"), TOKENIZER_PATH=str(tokenizer), VOCAB_SIZE="8192")
+    train_gpt.check_inputs(train_gpt.RunContext(train_gpt.Hyperparameters(dict(env, RUN_ID="doubled"))))
+    log = (tmp_path / "logs" / "doubled.txt").read_text(encoding="utf-8")
+    assert "WARNING: 1 validation documents have half or more of their spaces charged extra bytes" in log
 
 
 def test_caseops_transform_reproduces_the_record_export_token_for_token():
