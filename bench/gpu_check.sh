@@ -11,7 +11,7 @@
 #             MATRIX_LR=1e30 must exit 4 ("training diverged") with no artifact; SIGINT after step 5 must exit 130
 #             with the artifact written; EVAL_ONLY=1 on it must exit 0 with finite scores.
 #   pr1089    (~300 s) bench/gpu_seeds_check.py: PRESET=pr1089 at full size, compile/priming, QAT graphs, Turbo-Muon.
-#   frontier  (~540 s) bench/gpu_frontier_check.py's six stages for PRESET=frontier (its --dry-run runs them at tiny
+#   frontier  (~540 s) bench/gpu_frontier_check.py's six stages for PRESET=frontier_caseops (its --dry-run runs them at tiny
 #             shapes on the CPU).
 # Data: python3 data/fineweb_sample.py unpacks the committed FineWeb sample into data/ (git-ignored: carry it).
 # Logs land in $OUT (the device tool's folder) or ./gpu_out as gpu_<stage>.txt, to be committed as logs/gpu_*.txt.

@@ -1,15 +1,19 @@
-"""The frontier's highest GPU risks in one device call (at most 540 s on one GPU), in the order of issue 24:
-  1. document LoRA `score_batch` on 64 documents of ~2,100 tokens (frontier shapes, SDPA): seconds per processed
-     token and peak memory (defect 5: an 80 GB H100 must hold it);
-  2. `similarity_order` on a CUDA int8 matrix (defect 2);
-  3. a 4-layer NGRAM_TILT model primed, then evaluated: no graph compiled after priming (defect 4);
-  4. a FUSED_KERNELS training step under torch.compile(fullgraph=True): loss and gradients against the eager path;
-  5. `collect_hessians` in steady state (2 warm + 16 timed batches, looped frontier shapes) against the reserve;
-  6. PRESET=pr1089's export (mixed precision, size fit) wall time.
+"""PRESET=frontier_caseops's GPU risks in one device call (at most 540 s on one GPU), in the order of the second CUDA
+review (945e22d, issue 32):
+  1. environment: torch, the GPU, FlashAttention 3's wheel (its version and build date), brotli and zstandard;
+  2. FA3's varlen kernel compiled with fullgraph=True: the call before the fix (the same cu_seqlens for q and k:
+     Dynamo on torch >= 2.12 refuses it) and after (its own tensor for k), one graph over three segment counts,
+     output and gradients against SDPA on each sequence;
+  3. one packed-row training step (LOADER=documents), plain and looped, at full size: priming, ms per step, peak
+     memory (tools/preflight.py's check_training, whose loader feeds what the run's feeds);
+  4. the fused soft-capped CE (Triton, FUSED_KERNELS=1) under torch.compile against the eager math;
+  5. document LoRA TTT, eager, on 65,536-token batches of ~2,100-token documents: us per processed token, peak;
+  6. GPTQ's Hessians of the looped model in steady state: seconds per batch against GPTQ_RESERVE_SECONDS.
 Each stage prints `stage NAME: ok|FAIL ... seconds:S` and the run goes on after a failure; exit 1 if any failed.
 
     python3 bench/gpu_frontier_check.py > logs/gpu_frontier_check.txt 2>&1     # on the GPU
     python3 bench/gpu_frontier_check.py --dry-run                             # the same stages, tiny, on the CPU
+(the dry run uses tests/varlen_standin.py's FA3-shaped interface and SDPA: it checks the stages' code, no GPU fact)
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import preflight  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from preflight import RandomBatches, compiled_graphs  # noqa: E402
@@ -52,17 +56,18 @@ TINY = dict(
 )
 
 
-def new_run(dry: bool, name: str, **env) -> tg.RunContext:
-    settings = dict(
-        PRESET="frontier",
+def new_run(dry: bool, name: str, settings=tg.Hyperparameters, **env) -> tg.RunContext:
+    """PRESET=frontier_caseops at full size with its own attention (FA3 varlen on the GPU); tiny with SDPA's mask on
+    the CPU."""
+    values = dict(
+        PRESET="frontier_caseops",
         DATA_PATH="unused",
         TOKENIZER_PATH="unused",
         RUN_ID=f"gpu_check_{name}",
-        ATTENTION_BACKEND="sdpa",
-        **(TINY if dry else {}),
+        **(dict(TINY, ATTENTION_BACKEND="sdpa", COMPILE="0") if dry else {}),
     )
-    settings.update({k: str(v) for k, v in env.items()})
-    return tg.RunContext(tg.Hyperparameters(settings))
+    values.update({k: str(v) for k, v in env.items()})
+    return tg.RunContext(settings(values))
 
 
 def synced(run: tg.RunContext, fn) -> float:
@@ -94,43 +99,6 @@ def lora_batch(dry: bool) -> str:
     )
 
 
-def similarity(dry: bool) -> str:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = torch.randint(-31, 32, (300 if dry else 31_000, 64 if dry else 512), dtype=torch.int8, device=device)
-    started = time.perf_counter()
-    order = tg.similarity_order(rows)
-    ok = sorted(order.tolist()) == list(range(len(rows)))
-    return f"{'ok' if ok else 'FAIL'} rows:{len(rows)} device:{device.type} chain_seconds:{time.perf_counter() - started:.1f}"
-
-
-def tilt_priming(dry: bool) -> str:
-    results = []
-    for sliding in (0, 1):  # the frontier's evaluation (roundtrip + LoRA), and with the sliding pass's hinted graphs
-        run = new_run(
-            dry,
-            f"tilt{sliding}",
-            NUM_LAYERS=4,
-            COMPILE=1,
-            EVAL_SLIDING=sliding,
-            VE_LAYERS="2,3",
-            XSA_LAST_N=4,
-            LOOP_START=1,
-            LOOP_END=2,
-            PARALLEL_START_LAYER=3,
-        )
-        model = tg.build_model(run.h, run)
-        tg.prime_eval_graphs(model, run)
-        primed = compiled_graphs()
-        tokens = np.random.default_rng(0).integers(2, run.h.vocab_size, 4 * run.h.eval_seq_len + 1).astype(np.uint16)
-        tokens[::500] = tg.BOS_ID
-        val = SimpleNamespace(tokens=tokens, target_bytes=np.ones(len(tokens) - 1, np.int64))
-        tg.evaluate(model, run, val, run.h.eval_seq_len)
-        if sliding:
-            tg.evaluate(model, run, val, run.h.eval_stride, tg.NgramTilt(tokens, run.h.ngram_tilt_beta, run))
-        results.append(compiled_graphs() - primed)
-    return f"{'ok' if results == [0, 0] else 'FAIL'} graphs_after_priming:{results} (frontier eval, with sliding)"
-
-
 def fused_step(dry: bool) -> str:
     run = new_run(
         dry,
@@ -143,15 +111,16 @@ def fused_step(dry: bool) -> str:
         LOOP_START=1,
         LOOP_END=2,
         PARALLEL_START_LAYER=3,
-        DOC_ISOLATION=0,
     )
     model = tg.build_model(run.h, run)
-    batch = RandomBatches(run.h.vocab_size, run.device).next_batch(8 * run.h.train_seq_len, run.h.train_seq_len)
+    loader = RandomBatches(run.h.vocab_size, run.device, run.documents, packed=True, lengths=np.array([2_100]))
+    inputs, targets, documents = loader.next_batch(8 * run.h.train_seq_len, run.h.train_seq_len)
+    batch = (inputs, targets, "mean", None, documents)
     losses, grads = [], []
     for compiled in (False, True):
         model.zero_grad(set_to_none=True)
         with run.autocast():
-            loss = run.forward(model, *batch[:2]) if compiled else model(*batch[:2])
+            loss = run.forward(model, *batch) if compiled else model(*batch)
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]))
@@ -168,7 +137,7 @@ def hessians(dry: bool) -> str:
     model = tg.build_model(h, run)
     model.looping = True
     local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
-    loader = RandomBatches(h.vocab_size, run.device, run.documents)
+    loader = RandomBatches(h.vocab_size, run.device, run.documents, packed=True, lengths=np.array([2_100]))
     h.gptq_calib_batches = 2
     tg.collect_hessians(model, run, loader, local_tokens)  # warm
     h.gptq_calib_batches = 16
@@ -181,35 +150,106 @@ def hessians(dry: bool) -> str:
     )
 
 
-def pr1089_export(dry: bool) -> str:
-    env = dict(TINY, PRESET="pr1089") if dry else dict(PRESET="pr1089")
-    run = new_run(dry, "export", **env)
-    h = run.h
-    model = tg.build_model(h, run)
-    loader = RandomBatches(h.vocab_size, run.device, run.documents)
-    h.gptq_calib_batches = 2
-    local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
-    hessian_sums, _ = tg.collect_hessians(model, run, loader, local_tokens)
-    code_bytes = len(Path(tg.__file__).read_bytes())
-    started = time.perf_counter()
-    with tg.exact_fp32_matmuls():
-        blob = tg.export_blob(run, model, code_bytes, hessian_sums, fast=False)
-    fast_started = time.perf_counter()
-    fast = tg.export_blob(run, model, code_bytes, hessian_sums, fast=True)
+def environment(dry: bool) -> str:
+    """What the run will import: torch, the GPU, FA3's wheel (version and the file's date), the compressors."""
+    import importlib.metadata
+    import importlib.util
+
+    found = importlib.util.find_spec("flash_attn_interface")
+    try:
+        wheel = importlib.metadata.version("flash_attn_3")
+    except importlib.metadata.PackageNotFoundError:
+        wheel = "no flash_attn_3 distribution"
+    built = time.strftime("%Y-%m-%d", time.gmtime(os.path.getmtime(found.origin))) if found else "-"
+    compressors = {name: importlib.util.find_spec(name) is not None for name in ("brotli", "zstandard")}
+    missing = (not dry and not found) or not all(compressors.values())
     return (
-        f"ok export_seconds:{fast_started - started:.1f} bytes:{len(blob)} fast_export_seconds:"
-        f"{time.perf_counter() - fast_started:.1f} fast_bytes:{len(fast)} (mixed precision {h.mixed_precision}, "
-        f"size fit {h.size_fit}, compressor {h.compressor})"
+        f"{'FAIL' if missing else 'ok'} torch:{torch.__version__} cuda:{torch.version.cuda} "
+        f"gpu:{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'} "
+        f"flash_attn_interface:{found.origin if found else 'MISSING'} wheel:{wheel} file_date:{built} "
+        + " ".join(f"{name}:{'ok' if here else 'MISSING'}" for name, here in compressors.items())
     )
 
 
+def varlen_kernel(dry: bool):
+    """FA3's flash_attn_varlen_func (the dry run: tests/varlen_standin.py's FA3-shaped stand-in), and the device."""
+    if dry:
+        import varlen_standin
+
+        return varlen_standin.flash_attn_varlen_func, torch.device("cpu"), torch.float32
+    from flash_attn_interface import flash_attn_varlen_func
+
+    return flash_attn_varlen_func, torch.device("cuda"), torch.bfloat16
+
+
+def varlen_compile(dry: bool) -> str:
+    """The call before the fix (expected: refused by Dynamo on torch >= 2.12) and after it, compiled as the run
+    compiles (fullgraph), over three segment counts, against SDPA on each sequence."""
+    kernel, device, dtype = varlen_kernel(dry)
+    heads, kv_heads, dim, total = 8, 4, 64, 4 * 512 if dry else 98_304
+
+    def attend(q, k, v, cu_seqlens, same_tensor: bool):
+        cu_k = cu_seqlens if same_tensor else cu_seqlens.clone()
+        out = kernel(q, k, v, cu_seqlens, cu_k, 2048, 2048, causal=True)  # a packed row's segment_len
+        return out[0] if isinstance(out, tuple) else out
+
+    results = {}
+    for same in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(attend, fullgraph=True, dynamic=False)
+        try:
+            before, errors = compiled_graphs(), []
+            for documents in (64, 100, 700):  # segments of at most 2,048 tokens, in three multiples of 64
+                cu = torch.linspace(0, total, documents + 1, device=device).round().to(torch.int32)
+                padding = torch.full((-(-documents // 64) * 64 - documents,), total, dtype=torch.int32, device=device)
+                cu = torch.cat([cu, padding])
+                torch._dynamo.maybe_mark_dynamic(cu, 0)  # as RunContext.documents: one graph for every length
+                q, k, v = (
+                    torch.randn(total, n, dim, device=device, dtype=dtype, requires_grad=True)
+                    for n in (heads, kv_heads, kv_heads)
+                )
+                out = compiled(q, k, v, cu, same)
+                out.float().square().sum().backward()
+                errors.append(reference_error(q, k, v, cu, out))
+            results[same] = f"graphs:{compiled_graphs() - before} max_rel_error:{max(errors):.1e}"
+        except Exception as error:  # the call before the fix is expected to fail on torch >= 2.12
+            results[same] = f"refused({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    fixed_ok = results[False].startswith("graphs:1 ") and float(results[False].split(":")[-1]) < 2e-2
+    return f"{'ok' if fixed_ok else 'FAIL'} fixed_call {results[False]}; call_before_the_fix {results[True]}"
+
+
+def reference_error(q, k, v, cu, out) -> float:
+    """Relative error of out (and of q's gradient) against SDPA run on each sequence in fp32."""
+    bounds = cu.tolist()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    pieces = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            seq = (t[a:b].transpose(0, 1)[None] for t in (q32, k32, v32))
+            attended = torch.nn.functional.scaled_dot_product_attention(*seq, is_causal=True, enable_gqa=True)
+            pieces.append(attended[0].transpose(0, 1))
+    expected = torch.cat(pieces)
+    expected.square().sum().backward()
+    output = ((out.float() - expected).norm() / expected.norm()).item()
+    return max(output, ((q.grad.float() - q32.grad).norm() / q32.grad.norm()).item())
+
+
+def packed_step(dry: bool) -> str:
+    """A packed-row training step, plain and looped: priming, ms per step, peak memory (preflight's check)."""
+    run = new_run(dry, "packed", settings=preflight.RankOfRun)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timing = preflight.check_training(run, 2 if dry else 5)
+    return f"ok step_ms:{timing['step_ms']:.1f} muon_ms:{timing['muon_ms']:.1f} peak_GiB:{peak_gib(run)}"
+
+
 STAGES = (
-    ("lora_batch", lora_batch),
-    ("similarity_order", similarity),
-    ("tilt_priming", tilt_priming),
+    ("environment", environment),
+    ("varlen_compile", varlen_compile),
+    ("packed_step", packed_step),
     ("fused_step", fused_step),
+    ("lora_batch", lora_batch),
     ("hessians", hessians),
-    ("pr1089_export", pr1089_export),
 )
 
 

@@ -161,3 +161,22 @@ def test_every_results_row_names_the_commit_that_wrote_its_log():
         assert not bare, f"{name}: rows naming a log without its commit: {bare[:3]}"
         if shallow == "false":
             assert p1_table.annotate(text) == text, f"{name}: run bench/p1_table.py --annotate {name}"
+
+
+def test_the_gpu_frontier_check_runs_dry_on_the_cpu():
+    """bench/gpu_frontier_check.py --dry-run (the second CUDA review's defect 3): every stage of the one GPU script,
+    in the review's order, at a tiny shape on the CPU with the FA3-shaped stand-in; the call before the fix refused."""
+    from conftest import clean_environment
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_frontier_check.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_environment(),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = ("environment", "varlen_compile", "packed_step", "fused_step", "lora_batch", "hessians")
+    assert re.findall(r"^stage (\w+): (ok|FAIL)", result.stdout, re.M) == [(name, "ok") for name in names]
+    assert "fixed_call graphs:1 " in result.stdout
+    assert "call_before_the_fix refused(Unsupported: autograd.Function.apply: duplicate tensor input)" in result.stdout
