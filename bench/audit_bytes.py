@@ -44,11 +44,10 @@ def caseops_sidecar_audit() -> None:
     """The sidecar audit (decode audit, zero charges, byte-fallback placement, deficit windows) at CaseOps' size."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
     import fineweb_sample
-    from caseops import encode_document
+    from caseops import encode_documents
 
     processor = tg.load_tokenizer(CASEOPS_TOKENIZER, 8192)
-    encoded = [encode_document(processor, text) for text in fineweb_sample.documents(3000)]
-    sample = np.array([t for ids, _ in encoded for t in ids]), np.array([c for _, costs in encoded for c in costs])
+    sample = tuple(map(np.array, encode_documents(processor, fineweb_sample.documents(3000))))
     tiles = -(-CASEOPS_CHALLENGE_TOKENS // len(sample[0]))
     tokens, costs = (np.tile(a, tiles)[:CASEOPS_CHALLENGE_TOKENS] for a in sample)
     print(

@@ -74,3 +74,9 @@ def encode_document(processor, text: str) -> tuple[list[int], list[int]]:
     if any(piece.id == processor.unk_id() for piece in pieces):
         raise ValueError("an unknown piece in CaseOps text: its original bytes are lost (train with byte_fallback)")
     return [BOS_ID] + [piece.id for piece in pieces], [0] + surface_byte_counts(piece.surface for piece in pieces)
+
+
+def encode_documents(processor, texts) -> tuple[list[int], list[int]]:
+    """Documents as one stream, as the record's export writes a shard: their tokens and sidecar entries."""
+    encoded = [encode_document(processor, text) for text in texts]
+    return [t for ids, _ in encoded for t in ids], [c for _, costs in encoded for c in costs]

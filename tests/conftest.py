@@ -86,15 +86,15 @@ def whole_sample_caseops(tmp_path_factory):
     token and entry for entry. (folder, the validation documents' original UTF-8 bytes)."""
     import build_sample
     import sentencepiece as spm
-    from caseops import encode_document
+    from caseops import encode_documents
 
     processor = spm.SentencePieceProcessor(model_file=str(RECORD_CASEOPS_TOKENIZER))
     texts = fineweb_sample.documents()
-    encoded = [encode_document(processor, text) for text in texts]
     folder = tmp_path_factory.mktemp("whole_sample_caseops")
-    build_sample.write_shard(folder / "fineweb_val_000000.bin", [t for ids, _ in encoded[:3000] for t in ids])
-    build_sample.write_shard(folder / "fineweb_val_bytes_000000.bin", [c for _, cs in encoded[:3000] for c in cs])
-    build_sample.write_shard(folder / "fineweb_train_000000.bin", [t for ids, _ in encoded[3000:] for t in ids])
+    tokens, entries = encode_documents(processor, texts[:3000])
+    build_sample.write_shard(folder / "fineweb_val_000000.bin", tokens)
+    build_sample.write_shard(folder / "fineweb_val_bytes_000000.bin", entries)
+    build_sample.write_shard(folder / "fineweb_train_000000.bin", encode_documents(processor, texts[3000:])[0])
     return folder, sum(len(text.encode("utf-8")) for text in texts[:3000])
 
 

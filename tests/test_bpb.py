@@ -225,15 +225,14 @@ def test_nfkc_stress_export_is_the_records_and_is_accepted(nfkc_stress_export):
     normalizer drops with no piece to carry it."""
     import lzma
 
-    from caseops import encode_document
+    from caseops import encode_documents
 
     processor = spm.SentencePieceProcessor(model_file=str(record_caseops()[1]))
     with lzma.open(Path(__file__).parents[1] / "data" / "nfkc_stress" / "docs.jsonl.xz", "rt", encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    encoded = [encode_document(processor, text) for text in texts[:123]]
     shard = lambda name: train_gpt.load_data_shard(nfkc_stress_export / name, 1 << 16).tolist()  # noqa: E731
-    assert [t for ids, _ in encoded for t in ids] == shard("fineweb_val_000000.bin")
-    assert [c for _, costs in encoded for c in costs] == shard("fineweb_val_bytes_000000.bin")
+    tokens, entries = encode_documents(processor, texts[:123])
+    assert tokens == shard("fineweb_val_000000.bin") and entries == shard("fineweb_val_bytes_000000.bin")
     val = validation_set(nfkc_stress_export, record_caseops()[1])
     assert val.audit["documents"] == 123 and texts[0][0] == "\x01"
     assert val.audit["counted"] == sum(len(t.encode("utf-8")) for t in texts[:123]) - 1 == 540_535
