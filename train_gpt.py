@@ -1543,7 +1543,13 @@ def document_segments(inputs: np.ndarray, segment_len: int = 0) -> np.ndarray:
             f"{VARLEN_MAX_SEGMENTS} sequences a call; such data needs DOC_ISOLATION=0 or smaller batches",
             2,
         )
-    segments = np.full(padded + 1, inputs.size, np.int32)
+    return padded_cu_seqlens(starts, inputs.size)
+
+
+def padded_cu_seqlens(starts: np.ndarray, total: int) -> np.ndarray:
+    """Segment starts of a flattened batch of `total` tokens as int32 cu_seqlens, padded with the total to the next
+    multiple of SEGMENT_MULTIPLE segments (empty tail segments)."""
+    segments = np.full(-(-len(starts) // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE + 1, total, np.int32)
     segments[: len(starts)] = starts
     return segments
 
@@ -3291,7 +3297,7 @@ def stream_passes(h: Hyperparameters) -> tuple[bool, bool, bool]:
 
 def scoring_graphs(h: Hyperparameters) -> list[tuple[int, bool]]:
     """The (scored width, hinted) pairs the compiled scorer sees: the roundtrip's full windows without hints; the
-    stream passes' window 0 and strides, hinted when the stream tilt is on. Document LoRA runs eager."""
+    stream passes' window 0 and strides, hinted when the stream tilt is on. Document LoRA: prime_lora_graphs."""
     sliding, sgd_ttt, tilted = stream_passes(h)
     widths = {h.eval_seq_len, h.eval_stride} if sliding or sgd_ttt else set()
     return sorted({(h.eval_seq_len, False)} | {(width, tilted) for width in widths})
@@ -3313,7 +3319,9 @@ def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
             hints = to_device(random_tokens(run.window_batch, width), run.device) if hinted else None
             window_nll(model, run, random_tokens(run.window_batch, h.eval_seq_len + 1), width, hints)
             variants += 1
-    if h.ttt_enabled and h.ttt_mode == "sgd" and h.ttt_epochs > 0:  # LoRA TTT runs eager
+    if h.ttt_enabled and h.ttt_mode == "lora" and run.compile:
+        variants += prime_lora_graphs(model, run)
+    if h.ttt_enabled and h.ttt_mode == "sgd" and h.ttt_epochs > 0:
         model.train()
         for count in rows if rows is not None else ttt_rows(h, run.rank, run.world_size):
             sequences_loss(model, run, random_tokens(count * h.train_seq_len + 1), h.train_seq_len).backward()
@@ -3321,6 +3329,37 @@ def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
         model.zero_grad(set_to_none=True)
     model.eval()
     return variants
+
+
+def prime_lora_graphs(model: GPT, run) -> int:
+    """COMPILE: document LoRA's dynamic-shape graph, scoring alone and scoring with a LoRA step's backward, on random
+    tokens through a throw-away adapter (#1855 warms its compiled TTT forward so, before its timer). Each is run at
+    two shapes, so any guard a shape adds is met here, not on the eval clock. Returns the count of variants."""
+    h, generator = run.h, np.random.default_rng(1)
+    lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, seed=0)
+    shapes = ((3, 2 * h.ttt_lora_chunk + 1, h.ttt_lora_chunk), (2, 3, 2))  # (rows, context, scored columns)
+    model.eval()
+    model.lora, model.rope_length = lora, h.eval_seq_len
+    try:
+        for train in (False, True):
+            for rows, width, scored in shapes:
+                inputs, targets, hints = (generator.integers(0, h.vocab_size, shape) for shape in ((rows, width),) * 3)
+                columns = np.sort(generator.integers(0, width, (rows, scored)), axis=1)
+                with torch.set_grad_enabled(train), run.autocast():
+                    nll = run.lora_forward(
+                        model,
+                        lora,
+                        np.arange(rows)[::-1] % h.ttt_lora_batch,
+                        to_device(inputs, run.device),
+                        to_device(np.take_along_axis(targets, columns, 1), run.device),
+                        to_device(np.take_along_axis(hints, columns, 1), run.device) if h.ngram_tilt else None,
+                        to_device(columns, run.device),
+                    )
+                if train:
+                    nll.float().mean().backward(inputs=lora.parameters())
+    finally:
+        model.lora, model.rope_length = None, 0
+    return 2
 
 
 def score_first_schedule(num_chunks: int):
@@ -3477,13 +3516,18 @@ class BudgetGuard:
         return not self.stopped
 
 
-def lora_batch_tokens(docs: np.ndarray, chunk: int, context: int) -> int:
-    """Tokens a LoRA batch runs through the model (the time model): each chunk step runs the documents not yet done,
-    each row padded to the longest (its chunk and up to `context` tokens before it)."""
+def lora_step_tokens(docs: np.ndarray, chunk: int, context: int) -> np.ndarray:
+    """Tokens each chunk step of a LoRA batch runs through the model: the documents not yet done, each row padded to
+    the longest (its chunk and up to `context` tokens before it)."""
     lengths = docs[:, 1] - docs[:, 0]
     ends = np.minimum(np.arange(1, -(-int(lengths.max()) // chunk) + 1)[:, None] * chunk, lengths)  # (steps, docs)
     active = np.arange(ends.shape[0])[:, None] * chunk < lengths
-    return int((active.sum(1) * np.where(active, np.minimum(ends, context), 0).max(1)).sum())
+    return active.sum(1) * np.where(active, np.minimum(ends, context), 0).max(1)
+
+
+def lora_batch_tokens(docs: np.ndarray, chunk: int, context: int) -> int:
+    """Tokens a LoRA batch runs through the model (the budget guard's cost and the ranks' balance)."""
+    return int(lora_step_tokens(docs, chunk, context).sum())
 
 
 def lora_document_order(spans: np.ndarray, order: str) -> np.ndarray:
@@ -3538,6 +3582,34 @@ def balanced_owners(costs: np.ndarray, phase_ends: list[int], world_size: int) -
             owner[index] = int(np.argmin(load))
             load[owner[index]] += costs[index]
     return owner
+
+
+class LoRAStepLayout(typing.NamedTuple):
+    """A chunk step's host arrays, (rows, width): context input positions, scored columns of it, their targets,
+    which are real (keep), and the batch row each row is (source_rows: padding rows repeat the last one)."""
+
+    context: np.ndarray
+    columns: np.ndarray
+    targets: np.ndarray
+    keep: np.ndarray
+    source_rows: np.ndarray
+
+
+def lora_step_layout(first: np.ndarray, lo: np.ndarray, hi: np.ndarray, compiled: bool) -> LoRAStepLayout:
+    """Each row's context tokens first..hi-1 (target t: tokens[t + 1] after tokens[..t]) and its chunk lo..hi-1.
+    Right padding repeats the last target's input: never a BOS, so each row stays one varlen segment. The head runs
+    on the chunk's columns only (defect 5 of the first CUDA review: fp32 logits of every context position, ~13 GB).
+    Compiled (dynamic shapes), rows and widths are at least 2: Dynamo specializes a size of 1 into another graph,
+    which would compile on the eval clock; padding rows and columns are never kept, so scores do not change."""
+    least = 2 if compiled else 1
+    source_rows = np.minimum(np.arange(max(len(lo), least)), len(lo) - 1)
+    first, lo, hi = first[source_rows], lo[source_rows], hi[source_rows]
+    context = first[:, None] + np.arange(max(int((hi - first).max()), least))
+    context = np.where(context < hi[:, None], context, (hi - 1)[:, None])
+    chunk_columns = (lo - first)[:, None] + np.arange(max(int((hi - lo).max()), least))
+    keep = chunk_columns < (hi - first)[:, None]
+    columns = np.minimum(chunk_columns, (hi - first - 1)[:, None])
+    return LoRAStepLayout(context, columns, np.take_along_axis(context, columns, 1), keep, source_rows)
 
 
 class DocumentLoRATrainer:
@@ -3603,38 +3675,31 @@ class DocumentLoRATrainer:
         try:
             for chunk in range(int(steps.max())):
                 rows = np.flatnonzero(steps > chunk)  # longest first: the first rows; in stream order, any
-                prefix = rows[-1] == len(rows) - 1
-                self.lora.rows = slice(len(rows)) if prefix else torch.from_numpy(rows).to(self.run.device)
-                self.chunk_step(docs[rows], chunk, train & (chunk < steps[rows] - 1))
+                self.chunk_step(docs[rows], rows, chunk, train & (chunk < steps[rows] - 1))
         finally:
             self.model.lora, self.model.rope_length, self.lora.rows = None, 0, slice(None)
         self.seconds["batch"].append(time.perf_counter() - started)
         self.done.append(index)
 
-    def chunk_step(self, docs: np.ndarray, chunk: int, train_rows: np.ndarray):
-        """Score each document's chunk, then one LoRA step on train_rows' chunks: one forward, scores read first."""
+    def chunk_step(self, docs: np.ndarray, rows: np.ndarray, chunk: int, train_rows: np.ndarray):
+        """Score each document's chunk (docs: the batch's `rows` still scoring), then one LoRA step on train_rows'
+        chunks: one forward, scores read first."""
         h, run, tokens = self.h, self.run, self.val.tokens
         lo = docs[:, 0] + chunk * h.ttt_lora_chunk
         hi = np.minimum(lo + h.ttt_lora_chunk, docs[:, 1])
         first = np.maximum(docs[:, 0], hi - h.ttt_lora_context)
-        context = first[:, None] + np.arange(int((hi - first).max()))  # target t: tokens[t + 1] after tokens[..t]
-        # right padding repeats the last target's input: never a BOS (each would be a varlen segment of its own)
-        context = np.where(context < hi[:, None], context, (hi - 1)[:, None])
-        # the head runs on the chunk's columns only (defect 5: fp32 logits of every context position were ~13 GB)
-        chunk_columns = (lo - first)[:, None] + np.arange(int((hi - lo).max()))
-        keep = chunk_columns < (hi - first)[:, None]
-        columns = np.minimum(chunk_columns, (hi - first - 1)[:, None])
-        targets = np.take_along_axis(context, columns, 1)
-        inputs, labels = (to_device(tokens[t].astype(np.int64), run.device) for t in (context, targets + 1))
+        padded = lora_step_layout(first, lo, hi, run.compile)
         with torch.set_grad_enabled(bool(train_rows.any())), run.autocast():
-            scored = self.model(
-                inputs,
-                labels,
-                "none",
-                self.scores.hints(targets),
-                run.documents(tokens[context]),
-                to_device(columns, run.device),
-            )
+            scored = run.lora_forward(
+                self.model,
+                self.lora,
+                rows[padded.source_rows],
+                to_device(tokens[padded.context].astype(np.int64), run.device),
+                to_device(tokens[padded.targets + 1].astype(np.int64), run.device),
+                self.scores.hints(padded.targets),
+                to_device(padded.columns, run.device),
+            )[..., : len(docs), :]
+        targets, keep = padded.targets[: len(docs)], padded.keep[: len(docs)]
         self.scores.add(scored, targets, keep)
         nll = scored[0] if self.scores.tilt is not None else scored  # the step's loss keeps its graph
         for a, b in zip(lo, hi):
@@ -3642,10 +3707,10 @@ class DocumentLoRATrainer:
         if train_rows.any():
             for a, b in zip(lo[train_rows], hi[train_rows]):
                 self.ledger.check_training(-1, int(a), int(b), local=True)
-            rows = to_device(keep & train_rows[:, None], run.device)
+            trained = to_device(keep & train_rows[:, None], run.device)
             # Only the adapters get gradients: the base weights' would cost ~50 % more backward and pile up into
             # the phases' SGD steps (the CUDA review's defect 3)
-            loss = (torch.where(rows, nll, 0.0).sum(1) / rows.sum(1).clamp_min(1)).sum()
+            loss = (torch.where(trained, nll, 0.0).sum(1) / trained.sum(1).clamp_min(1)).sum()
             loss.backward(inputs=self.lora.parameters())
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -3799,6 +3864,34 @@ class RunContext:
         if id(model) not in self.compiled:
             self.compiled[id(model)] = torch.compile(model, dynamic=False, fullgraph=True)
         return self.compiled[id(model)](inputs, targets, reduction, hints, documents)
+
+    def lora_forward(self, model: GPT, lora: BatchedLoRA, rows: np.ndarray, inputs, targets, hints, columns):
+        """Per-token NLLs of document LoRA's chunk step: `rows` of the batch's adapters (B, T) inputs, scored at
+        `columns`. Compiled (COMPILE), it is one graph with dynamic shapes for every step, as #1855 compiles its TTT
+        forward (the second CUDA review's defect 4: eager, ~3,200 steps a rank, 45 % under 32k tokens, each paying
+        the launch floor); prime_lora_graphs compiles it before the eval clock. Eager, a prefix of rows is a slice."""
+        if self.compile or rows[-1] != len(rows) - 1:
+            lora.rows = to_device(rows.astype(np.int64), self.device)
+        else:
+            lora.rows = slice(len(rows))
+        documents = self.row_segments(*inputs.shape)
+        if not self.compile:
+            return model(inputs, targets, "none", hints, documents, columns)
+        key = (id(model), "lora")
+        if key not in self.compiled:
+            self.compiled[key] = torch.compile(model, dynamic=True, fullgraph=True)
+        return self.compiled[key](inputs, targets, "none", hints, documents, columns)
+
+    def row_segments(self, rows: int, width: int) -> torch.Tensor | None:
+        """The varlen segments of rows that each hold one document's tokens (document LoRA's: no BOS but at a row's
+        start): what document_segments finds in them, without scanning the tokens (None unless varlen)."""
+        if not self.varlen:
+            return None
+        step = self.segment_len or width
+        starts = (np.arange(rows)[:, None] * width + np.arange(0, width, step)[None, :]).ravel()
+        segments = to_device(padded_cu_seqlens(starts, rows * width), self.device)
+        torch._dynamo.maybe_mark_dynamic(segments, 0)
+        return segments
 
     def documents(self, inputs: np.ndarray) -> torch.Tensor | None:
         """The varlen kernel's cu_seqlens of a host batch of inputs (B, T) on the device (None unless DOC_ISOLATION

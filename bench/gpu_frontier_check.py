@@ -7,7 +7,8 @@ review (945e22d, issue 32):
   3. one packed-row training step (LOADER=documents), plain and looped, at full size: priming, ms per step, peak
      memory (tools/preflight.py's check_training, whose loader feeds what the run's feeds);
   4. the fused soft-capped CE (Triton, FUSED_KERNELS=1) under torch.compile against the eager math;
-  5. document LoRA TTT, eager, on 65,536-token batches of ~2,100-token documents: us per processed token, peak;
+  5. document LoRA TTT as the run runs it (compiled, primed first), on 65,536-token batches of ~2,100-token documents
+     and on two-chunk documents: us per processed token, the per-step floor and per-token cost, peak, no recompile;
   6. GPTQ's Hessians of the looped model in steady state: seconds per batch against GPTQ_RESERVE_SECONDS.
 Each stage prints `stage NAME: ok|FAIL ... seconds:S` and the run goes on after a failure; exit 1 if any failed.
 
@@ -86,16 +87,26 @@ def lora_batch(dry: bool) -> str:
     run = new_run(dry, "lora")
     h, length = run.h, 100 if dry else 2_100
     model = tg.build_model(h, run)
-    trainer = preflight.random_document_trainer(run, model, h.ttt_lora_batch, length)  # every LoRA step runs
+    primed = synced(run, lambda: tg.prime_lora_graphs(model, run)) if run.compile else 0.0
+    graphs = compiled_graphs()
+    wide = preflight.random_document_trainer(run, model, h.ttt_lora_batch, length)  # every LoRA step runs
+    narrow = preflight.random_document_trainer(run, model, h.ttt_lora_batch, 2 * h.ttt_lora_chunk)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = synced(run, lambda: trainer.score_batch(0, 0.0))
+    wide_seconds = synced(run, lambda: wide.score_batch(0, 0.0))
+    narrow_seconds = synced(run, lambda: narrow.score_batch(0, 0.0))
+    per_step, per_token = preflight.step_cost_model(
+        [(wide_seconds, wide.batches[0]), (narrow_seconds, narrow.batches[0])], h.ttt_lora_chunk, h.ttt_lora_context
+    )
     limit = 75.0
     over = run.device.type == "cuda" and torch.cuda.max_memory_allocated() / 2**30 > limit
+    recompiled = compiled_graphs() - graphs
     return (
-        f"{'FAIL' if over else 'ok'} documents:{len(trainer.batches[0])} of {h.ttt_lora_batch} x {length} tokens "
-        f"(TTT_LORA_BATCH_TOKENS={h.ttt_lora_batch_tokens}) rank:{h.ttt_lora_rank} "
-        f"us_per_processed_token:{1e6 * seconds / trainer.costs[0]:.2f} peak_GiB:{peak_gib(run)} limit_GiB:{limit}"
+        f"{'FAIL' if over or recompiled else 'ok'} {'compiled' if run.compile else 'eager'} primed_s:{primed:.1f} "
+        f"graphs_after_priming:{recompiled} documents:{len(wide.batches[0])} of {h.ttt_lora_batch} x {length} "
+        f"tokens (TTT_LORA_BATCH_TOKENS={h.ttt_lora_batch_tokens}) rank:{h.ttt_lora_rank} "
+        f"us_per_processed_token:{1e6 * wide_seconds / wide.costs[0]:.2f} fit: ms_per_step:{1e3 * per_step:.2f} "
+        f"us_per_token:{1e6 * per_token:.2f} peak_GiB:{peak_gib(run)} limit_GiB:{limit}"
     )
 
 

@@ -54,13 +54,13 @@ def main() -> None:
 
     docs = trainer.batches[0]
     trainer.lora.reset(True)
-    model.lora, model.rope_length, trainer.lora.rows = trainer.lora, h.eval_seq_len, slice(len(docs))
+    model.lora, model.rope_length = trainer.lora, h.eval_seq_len
     steps = length // chunk
     for index in range(steps - 1):  # the ledger: earlier chunks scored
         trainer.ledger.mark(int(docs[0, 0]), int(docs[0, 0]) + index * chunk)
     started = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        trainer.chunk_step(docs, steps - 2, np.ones(len(docs), bool))
+        trainer.chunk_step(docs, np.arange(len(docs)), steps - 2, np.ones(len(docs), bool))
     row_tokens = len(docs) * context
     per_token = sum(saved.values()) / row_tokens
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

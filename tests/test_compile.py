@@ -132,8 +132,10 @@ def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch, tilt):
 
 def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch):
     """PRESET=frontier's evaluation (EVAL_SLIDING=0, the tilt, document LoRA TTT): the roundtrip's unhinted graph is
-    the only scoring graph and is primed (before, the tilt primed only a hinted one: a recompile on the eval clock);
-    the LoRA pass runs eager and compiles nothing."""
+    the only scoring graph and is primed (before, the tilt primed only a hinted one: a recompile on the eval clock).
+    The LoRA pass runs compiled with dynamic shapes (the second CUDA review's defect 4; it ran eager), primed on
+    random tokens: rows, context and chunk widths change at every step (down to one row of a few tokens) and
+    nothing compiles; its scores are the eager pass's."""
     torch._dynamo.reset()
     run = make_run(
         tmp_path,
@@ -158,10 +160,20 @@ def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatc
     tokens[::50] = train_gpt.BOS_ID
     val = SimpleNamespace(tokens=tokens, target_bytes=np.full(len(tokens) - 1, 3))
     train_gpt.evaluate(model, run, val, stride=64)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     lora = train_gpt.DocumentLoRATrainer(model, run, val, eval_started=0.0)
     lora.h.eval_budget_seconds = float("inf")
-    assert lora.run_schedule().audit.startswith("chunks=")
+    compiled = lora.run_schedule()
+    assert compiled.audit.startswith("chunks=")
+    assert (id(model), "lora") in run.compiled  # the chunk steps went through the compiled model
     assert compiled_graphs() == primed
+    steps = [-(-(batch[:, 1] - batch[:, 0]) // 16) for batch in lora.batches]
+    assert any(len(set(s.tolist())) > 1 for s in steps)  # steps with a lone row (padded to two under compile)
+    model.load_state_dict(state)  # the phase's SGD moved the weights
+    run.compile = False
+    eager = train_gpt.DocumentLoRATrainer(model, run, val, eval_started=0.0).run_schedule()
+    assert eager.audit == compiled.audit
+    assert abs(eager.val_loss - compiled.val_loss) < 1e-5
 
 
 def test_the_frontier_compiles_through_an_fa3_shaped_varlen_kernel(tmp_path, monkeypatch):

@@ -765,6 +765,32 @@ def test_document_segments_are_padded_to_a_multiple_of_64(sample_data):
         train_gpt.document_segments(np.ones((2, 40_000), np.int64))
 
 
+@pytest.mark.parametrize("segment_len", [0, 16])
+def test_lora_rows_get_their_segments_without_a_token_scan(segment_len):
+    """Document LoRA's rows each hold one document's tokens (a BOS at most at a row's start, right padding never a
+    BOS): RunContext.row_segments builds their cu_seqlens from the shape (review 945e22d, defect 4), exactly what
+    document_segments finds by scanning the tokens, for every chunk step of a LoRA batch."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(varlen=True, segment_len=segment_len, device=torch.device("cpu"))
+    tokens = np.random.default_rng(0).integers(2, 1024, 4_000)
+    tokens[[0, 700, 1_900, 2_000, 3_100]] = train_gpt.BOS_ID
+    docs = train_gpt.lora_document_order(train_gpt.document_spans(tokens), "length")
+    checked = 0
+    for chunk in range(25):  # the longest document: 1,200 targets, 25 chunks
+        docs_left = docs[docs[:, 1] - docs[:, 0] > chunk * 48]
+        lo = docs_left[:, 0] + chunk * 48
+        hi = np.minimum(lo + 48, docs_left[:, 1])
+        first = np.maximum(docs_left[:, 0], hi - 160)
+        for compiled in (False, True):
+            context = train_gpt.lora_step_layout(first, lo, hi, compiled).context
+            expected = train_gpt.document_segments(tokens[context], segment_len)
+            built = train_gpt.RunContext.row_segments(run, *context.shape)
+            assert torch.equal(built, torch.from_numpy(expected))
+            checked += 1
+    assert checked == 50
+
+
 def test_packed_rows_need_the_varlen_kernel_on_cuda():
     """CUDA review 945e22d, defect 2: LOADER=documents (a segment_len) with SDPA on CUDA would build a 98,304^2 mask
     at the first step: refused at start. SDPA's mask stays for the CPU and for DOC_ISOLATION over ordinary rows."""

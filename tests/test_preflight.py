@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+import train_gpt
 
 from conftest import REPO, TINY_ENV, clean_environment
 
@@ -92,8 +95,9 @@ def test_preflight_fails_on_an_artifact_over_the_cap(tmp_path):
 
 
 def test_preflight_projects_document_lora_ttt_and_the_tilt(tmp_path):
-    """COMPILE=1: document LoRA and its phases run eager, so nothing may compile after priming (the CUDA review's
-    defect 8: the SGD chunk was timed through an unprimed compiled graph, a false FAIL)."""
+    """COMPILE=1: document LoRA runs compiled (primed with the scoring graphs) and its phases eager; nothing may
+    compile after priming (the CUDA review's defect 8: the SGD chunk was timed through an unprimed compiled graph,
+    a false FAIL). The projection counts the real step mix: a per-step floor and a per-token cost."""
     result = preflight(
         tmp_path,
         COMPILE=1,
@@ -110,8 +114,8 @@ def test_preflight_projects_document_lora_ttt_and_the_tilt(tmp_path):
     out = result.stdout
     assert re.search(
         r"^preflight eval: projected document LoRA TTT \d+s per rank: scoring with LoRA steps \d+s "
-        r"\([\d.]+ us per processed token, eager; [\d,]+ tokens processed in \d+ batches for 50,000 "
-        r"documents drawn from the mean document \(no files match .*: an underestimate\)\), 3 phases' SGD "
+        r"\([\d.]+ ms per chunk step \+ [\d.]+ us per processed token, compiled; [\d,]+ chunk steps, \d+% under "
+        r"32k tokens; [\d,]+ tokens processed in \d+ batches for 50,000 documents drawn from the mean document \(no files match .*: an underestimate\)\), 3 phases' SGD "
         r"\d+s \([\d,]+ tokens, [\d.]+ us per token, eager\)$",
         out,
         re.M,
@@ -148,8 +152,8 @@ def test_preflight_passes_for_the_frontier_preset_with_its_lora_memory_and_real_
     out = result.stdout
     lora = re.search(
         r"^preflight eval: projected document LoRA TTT (\d+)s per rank: scoring with LoRA steps \d+s "
-        r"\([\d.]+ us per processed token, eager; ([\d,]+) tokens processed in (\d+) batches for 50,000 "
-        r"documents drawn from the length distribution of 4 documents in \S+ \(mean 600\)\)",
+        r"\([\d.]+ ms per chunk step \+ [\d.]+ us per processed token, eager; [\d,]+ chunk steps, 100% under "
+        r"32k tokens; ([\d,]+) tokens processed in (\d+) batches for 50,000 documents drawn from the length distribution of 4 documents in \S+ \(mean 600\)\)",
         out,
         re.M,
     )
@@ -187,3 +191,20 @@ def test_the_preflight_feeds_packed_rows_with_real_document_starts():
     assert starts[0] == 0 and set(np.diff(starts)) <= {100, 2100} and len(starts) >= 8192 // 2100
     rows, _, _ = tool.RandomBatches(1024, torch.device("cpu")).next_batch(8192, 64)
     assert rows.shape == (128, 64) and not (rows == 1).any()
+
+
+def test_lora_step_cost_model_recovers_a_per_step_floor():
+    """Two timed LoRA batches (a wide one and one of two-chunk documents) give seconds = a * steps + b * tokens: on
+    times made by a known (a, b) the solve returns them; noise that makes a term negative drops it."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import preflight as tool
+
+    wide = np.array([[0, 400], [400, 790], [790, 1100]])
+    narrow = np.array([[0, 32], [32, 64], [64, 90]])
+    steps = [len(train_gpt.lora_step_tokens(d, 16, 64)) for d in (wide, narrow)]
+    tokens = [train_gpt.lora_batch_tokens(d, 16, 64) for d in (wide, narrow)]
+    assert steps == [25, 2] and tokens[0] > 25 * tokens[1]
+    seconds = [2e-3 * n + 1e-6 * t for n, t in zip(steps, tokens)]
+    per_step, per_token = tool.step_cost_model(list(zip(seconds, (wide, narrow))), 16, 64)
+    assert per_step == pytest.approx(2e-3) and per_token == pytest.approx(1e-6)
+    assert tool.step_cost_model([(seconds[0], wide), (1e-9, narrow)], 16, 64) == (0.0, seconds[0] / tokens[0])

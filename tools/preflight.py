@@ -263,30 +263,54 @@ def random_document_trainer(run: tg.RunContext, model, documents: int, length: i
 
 
 def time_lora_batch(run: tg.RunContext, model, batches: int) -> dict:
-    """The document LoRA pass as the run runs it (eager): seconds per processed token of its first batch
-    (TTT_LORA_BATCH documents long enough to fill TTT_LORA_CONTEXT, cut by TTT_LORA_BATCH_TOKENS: the pass's
-    largest rows) with LoRA steps, its peak memory, and seconds per token of a phase's SGD; random tokens."""
+    """The document LoRA pass as the run runs it (compiled under COMPILE, else eager), on random tokens: its widest
+    batch (TTT_LORA_BATCH documents long enough to fill TTT_LORA_CONTEXT, cut by TTT_LORA_BATCH_TOKENS) and a narrow
+    one (documents of two chunks), each with LoRA steps. A chunk step costs a + b * tokens: b from the tokens, a the
+    per-step floor (launches, the optimizer) that the narrow steps of short documents pay (the second CUDA review's
+    defect 4: 45 % of the steps run under 32k tokens). Also the wide batch's peak memory and a phase's s/token."""
     h = run.h
-    trainer = random_document_trainer(run, model, h.ttt_lora_batch, h.ttt_lora_context + 2 * h.ttt_lora_chunk)
-    tokens = trainer.val.tokens
+    wide = random_document_trainer(run, model, h.ttt_lora_batch, h.ttt_lora_context + 2 * h.ttt_lora_chunk)
+    narrow = random_document_trainer(run, model, h.ttt_lora_batch, 2 * h.ttt_lora_chunk)
     resident = sum(p.numel() * p.element_size() for p in model.parameters()) + 4 * sum(
-        p.numel() * p.element_size() for p in trainer.lora.parameters()
+        p.numel() * p.element_size() for p in wide.lora.parameters()
     )  # weights, grads, AdamW's state
-    real_chunk_step = trainer.chunk_step
+    real_chunk_step = wide.chunk_step
     with PeakMemory(run, resident) as memory:
-        trainer.chunk_step = lambda *args: (memory.saved.clear(), real_chunk_step(*args))  # freed by each backward
-        seconds = float(np.median([timed(run, lambda: trainer.score_batch(0, 0.0)) for _ in range(batches)]))
-    trainer.ledger.sync(0, len(tokens) - 1)
-    docs = trainer.batches[0]
-    phase_seconds = timed(run, lambda: trainer.train_base(docs, 0))
+        wide.chunk_step = lambda *args: (memory.saved.clear(), real_chunk_step(*args))  # freed by each backward
+        wide_seconds = float(np.median([timed(run, lambda: wide.score_batch(0, 0.0)) for _ in range(batches)]))
+    narrow_seconds = float(np.median([timed(run, lambda: narrow.score_batch(0, 0.0)) for _ in range(batches)]))
+    per_step, per_token = step_cost_model(
+        [(wide_seconds, wide.batches[0]), (narrow_seconds, narrow.batches[0])], h.ttt_lora_chunk, h.ttt_lora_context
+    )
+    wide.ledger.sync(0, len(wide.val.tokens) - 1)
+    docs = wide.batches[0]
+    phase_seconds = timed(run, lambda: wide.train_base(docs, 0))
     model.eval()
     return dict(
-        lora_per_token=seconds / trainer.costs[0],
+        lora_per_step=per_step,
+        lora_per_token=per_token,
+        lora_how="compiled" if run.compile else "eager",
         lora_rows=len(docs),
         lora_peak=memory.peak,
         lora_peak_how=memory.how,
         phase_per_token=phase_seconds / int((docs[:, 1] - docs[:, 0]).sum()),
     )
+
+
+def step_cost_model(timed_batches: list, chunk: int, context: int) -> tuple[float, float]:
+    """(a, b) of seconds = a * steps + b * tokens through two timed LoRA batches (seconds, docs): a wide and a
+    narrow one. Noise can make the solve negative: then that term is dropped and the other fits the wide batch."""
+    (wide_seconds, wide), (narrow_seconds, narrow) = timed_batches
+    steps = [len(tg.lora_step_tokens(docs, chunk, context)) for docs in (wide, narrow)]
+    tokens = [tg.lora_batch_tokens(docs, chunk, context) for docs in (wide, narrow)]
+    determinant = steps[0] * tokens[1] - steps[1] * tokens[0]
+    per_step = (wide_seconds * tokens[1] - narrow_seconds * tokens[0]) / determinant if determinant else 0.0
+    per_token = (steps[0] * narrow_seconds - steps[1] * wide_seconds) / determinant if determinant else -1.0
+    if per_token <= 0:
+        return wide_seconds / steps[0], 0.0
+    if per_step < 0:
+        return 0.0, wide_seconds / tokens[0]
+    return per_step, per_token
 
 
 class PeakMemory:
@@ -396,8 +420,10 @@ def report_lora_projection(h: tg.Hyperparameters, timing: dict) -> float:
     ends = np.cumsum(drawn)
     docs = tg.lora_document_order(np.stack((ends - drawn, ends), 1), h.ttt_lora_order)
     batches = tg.lora_batches(docs, h.ttt_lora_batch, h.ttt_lora_batch_tokens, h.ttt_lora_context)
-    processed = sum(tg.lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in batches)
-    lora = timing["lora_per_token"] * processed / h.ranks  # batches balanced over ranks by this cost
+    step_tokens = np.concatenate([tg.lora_step_tokens(b, h.ttt_lora_chunk, h.ttt_lora_context) for b in batches])
+    processed = int(step_tokens.sum())
+    # the real step mix: batches are balanced over ranks by tokens, so each rank gets about 1/ranks of the steps
+    lora = (timing["lora_per_step"] * len(step_tokens) + timing["lora_per_token"] * processed) / h.ranks
     phased = drawn[
         : sum(map(len, batches[: max(tg.phase_ends(batches, h.phased_ttt_prefix_docs, h.ttt_phases), default=0)]))
     ].sum()
@@ -405,8 +431,10 @@ def report_lora_projection(h: tg.Hyperparameters, timing: dict) -> float:
     report(
         "eval",
         f"projected document LoRA TTT {lora + phases:.0f}s per rank: scoring with LoRA steps {lora:.0f}s "
-        f"({1e6 * timing['lora_per_token']:.2f} us per processed token, eager; {processed:,} tokens "
-        f"processed in {len(batches)} batches for {CHALLENGE_DOCUMENTS:,} documents drawn from {source}), "
+        f"({1e3 * timing['lora_per_step']:.2f} ms per chunk step + {1e6 * timing['lora_per_token']:.2f} us per "
+        f"processed token, {timing['lora_how']}; "
+        f"{len(step_tokens):,} chunk steps, {np.mean(step_tokens < 32_768):.0%} under 32k tokens; {processed:,} "
+        f"tokens processed in {len(batches)} batches for {CHALLENGE_DOCUMENTS:,} documents drawn from {source}), "
         f"{h.ttt_phases} phases' SGD {phases:.0f}s ({phased:,} tokens, "
         f"{1e6 * timing['phase_per_token']:.2f} us per token, eager)",
     )
