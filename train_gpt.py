@@ -530,6 +530,9 @@ class Hyperparameters:
         self.quant_clip_sigmas_attn = env.float("QUANT_CLIP_SIGMAS_ATTN", 0.0, 0.0)
         self.quant_clip_sigmas_embed = env.float("QUANT_CLIP_SIGMAS_EMBED", 0.0, 0.0)
         self.gptq_reserve_seconds = env.float("GPTQ_RESERVE_SECONDS", 8.0, 0.0)
+        # X^T X in TF32 (fp32 sums), as every record computed it (#549, #1089, #1855, #2014: TF32 on globally; #2014's
+        # 16 batches took 4.1 s on 8xH100); strict fp32 fit ~4 of 16 in 8 s (review 945e22d, defect 7)
+        self.gptq_hessian_tf32 = env.flag("GPTQ_HESSIAN_TF32", True)
         self.quant = env.choice("QUANT", "gptq_lite", ("gptq_lite", "gptq"))
         self.compressor = env.choice("COMPRESSOR", "lzma", ("lzma", "zstd", "brotli", "lrzip"))
         self.byte_shuffle = env.flag("BYTE_SHUFFLE", False)
@@ -826,10 +829,25 @@ class DistributedTokenLoader:
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
 
 
+LOADER_PREFETCH = 2  # LOADER=documents' batches built ahead on a thread (#1855: a two-deep pinned queue)
+
+
+class BuiltBatch(typing.NamedTuple):
+    """A batch built ahead: the loader's place before it (a rewind returns there), the batch or the error it met."""
+
+    state: tuple
+    batch: tuple | None
+    error: BaseException | None
+
+
 class DocumentPackingLoader:
     """LOADER=documents (#1855's training loader): the shards in order from the first shard's first BOS, each rank
     taking span r of each block as the stream does, but a micro-batch is one row of the rank's tokens (segments:
-    Hyperparameters.segment_len) and a block that would run past its shard's end starts the next shard's first BOS."""
+    Hyperparameters.segment_len) and a block that would run past its shard's end starts the next shard's first BOS.
+    With `prefetch` (the run's: 2, as #1855) a thread builds the batches that far ahead: shard reads, the BOS scan,
+    the varlen segments (2.4 ms a 98,304-token row here) and the copy to the device from pinned memory run off the
+    step's critical path (the second CUDA review's defect 6: every step ends in a host sync, so host work was GPU
+    idle time). The batches are the synchronous loader's; a request for another size rewinds to the first unused."""
 
     def __init__(
         self,
@@ -839,9 +857,12 @@ class DocumentPackingLoader:
         world_size: int,
         device: torch.device,
         documents=no_documents,
+        prefetch: int = 0,
     ):
         self.files, self.vocab_size, self.file_index = files, vocab_size, -1
         self.rank, self.world_size, self.device, self.documents = rank, world_size, device, documents
+        self.prefetch, self.ahead = prefetch, collections.deque()  # (local_tokens, future of a BuiltBatch)
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, "document-loader") if prefetch else None
         self.next_shard()
 
     def next_shard(self):
@@ -853,6 +874,32 @@ class DocumentPackingLoader:
         self.position = int(first_bos[0])
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
+        """(inputs, targets, documents) of one row of local_tokens tokens (seq_len: the rows' length elsewhere)."""
+        if not self.prefetch:
+            return self.build_batch(local_tokens)
+        if self.ahead and self.ahead[0][0] != local_tokens:
+            self.rewind()
+        while len(self.ahead) <= self.prefetch:
+            self.ahead.append((local_tokens, self.worker.submit(self.built_batch, local_tokens)))
+        built = self.ahead.popleft()[1].result()
+        if built.error is not None:
+            raise built.error
+        return built.batch
+
+    def rewind(self):
+        """Back to where the first batch built ahead began (its successors wait out and are dropped)."""
+        concurrent.futures.wait([future for _, future in self.ahead])
+        self.file_index, self.tokens, self.position = self.ahead[0][1].result().state
+        self.ahead.clear()
+
+    def built_batch(self, local_tokens: int) -> BuiltBatch:
+        state = (self.file_index, self.tokens, self.position)
+        try:
+            return BuiltBatch(state, self.build_batch(local_tokens), None)
+        except Exception as error:  # raised where the batch is asked for, in the training thread
+            return BuiltBatch(state, None, error)
+
+    def build_batch(self, local_tokens: int) -> tuple:
         span = local_tokens + 1  # the extra token is only ever a target
         for _ in range(len(self.files) + 1):
             if self.position + span * self.world_size <= len(self.tokens):
@@ -862,6 +909,8 @@ class DocumentPackingLoader:
             raise InputError(f"LOADER=documents: no training shard holds a block of {span * self.world_size} tokens")
         start = self.position + self.rank * span
         local = torch.from_numpy(self.tokens[start : start + span].astype(np.int64))
+        if self.device.type == "cuda":
+            local = local.pin_memory()  # an asynchronous copy, which the step does not wait for
         self.position += span * self.world_size
         inputs, targets = local[None, :-1], local[None, 1:]
         documents = self.documents(inputs.numpy())
@@ -1307,79 +1356,131 @@ class ValidationSet:
 
 
 # Model ==============================================================================================================
-# ---- FUSED_KERNELS=1: autograd Functions with written-out backwards (the CPU tests the math); on CUDA the rows run as
-# Triton kernels in #1787/#1530's published form, not run here (no GPU, no triton on this machine).
+# ---- FUSED_KERNELS=1: the soft-capped CE as custom ops with written-out backwards (the CPU runs their torch math; on
+# CUDA two Triton kernels, never yet run on a GPU: TRITON_INTERPRET=1 runs them on the CPU in tests/test_frontier.py).
 try:
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
 
+SOFTCAP_CE_BLOCK = 1024  # columns a program holds at once (#1855's launch shape: an 8,192-wide block spilled)
+
 if triton is not None:
-    # One row: z^ = cap*tanh(z/cap); forward stores loss = lse - z^_target and lse; backward stores
-    # dz = (softmax(z^) - onehot) * (1 - tanh^2) * grad. tanh as 2*sigmoid(2x) - 1 (tl has no tanh in every version).
+    # One program per row, the row's columns in SOFTCAP_CE_BLOCK steps: logits z in their own dtype (bf16 on CUDA),
+    # fp32 math, int64 offsets (row * cols passes 2^31 at 262,144 rows of 8,192). z^ = cap * tanh(z / cap), tanh as
+    # 2 * sigmoid(2x) - 1. The forward keeps a running max and sum (online log-sum-exp) and the target's z^.
     @triton.jit
-    def softcap_ce_rows(
-        z_ptr, target_ptr, loss_ptr, lse_ptr, grad_ptr, dz_ptr, cols, cap, backward: tl.constexpr, block: tl.constexpr
-    ):
-        row, offsets = tl.program_id(0), tl.arange(0, block)
-        mask = offsets < cols
-        z = tl.load(z_ptr + row * cols + offsets, mask=mask, other=0.0).to(tl.float32)
-        t = 2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0
-        capped, target = tl.where(mask, cap * t, -float("inf")), tl.load(target_ptr + row)
-        if backward:
-            probability = tl.exp(capped - tl.load(lse_ptr + row))
-            gradient = (probability - tl.where(offsets == target, 1.0, 0.0)) * (1.0 - t * t) * tl.load(grad_ptr + row)
-            tl.store(dz_ptr + row * cols + offsets, gradient, mask=mask)
-        else:
-            peak = tl.max(capped, 0)
-            lse = peak + tl.log(tl.sum(tl.exp(capped - peak), 0))
-            tl.store(lse_ptr + row, lse)
-            tl.store(loss_ptr + row, lse - tl.sum(tl.where(offsets == target, capped, 0.0), 0))
+    def softcap_ce_forward_rows(z_ptr, target_ptr, loss_ptr, lse_ptr, cols, cap, block: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        target = tl.load(target_ptr + row)
+        running_max, running_sum, target_value = -float("inf"), 0.0, 0.0
+        for start in range(0, cols, block):
+            offsets = start + tl.arange(0, block)
+            mask = offsets < cols
+            z = tl.load(z_ptr + row * cols + offsets, mask=mask, other=0.0).to(tl.float32)
+            capped = tl.where(mask, cap * (2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0), -float("inf"))
+            new_max = tl.maximum(running_max, tl.max(capped, 0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(capped - new_max), 0)
+            running_max = new_max
+            target_value += tl.sum(tl.where(offsets == target, capped, 0.0), 0)
+        lse = running_max + tl.log(running_sum)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, lse - target_value)
+
+    # dz = (softmax(z^) - onehot(target)) * (1 - tanh^2(z / cap)) * grad, written in dz's dtype (z's)
+    @triton.jit
+    def softcap_ce_backward_rows(z_ptr, target_ptr, lse_ptr, grad_ptr, dz_ptr, cols, cap, block: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        target, lse, grad = tl.load(target_ptr + row), tl.load(lse_ptr + row), tl.load(grad_ptr + row)
+        for start in range(0, cols, block):
+            offsets = start + tl.arange(0, block)
+            mask = offsets < cols
+            z = tl.load(z_ptr + row * cols + offsets, mask=mask, other=0.0).to(tl.float32)
+            t = 2.0 / (1.0 + tl.exp(-2.0 * z / cap)) - 1.0
+            dz = (tl.exp(cap * t - lse) - tl.where(offsets == target, 1.0, 0.0)) * (1.0 - t * t) * grad
+            tl.store(dz_ptr + row * cols + offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-class SoftcappedCrossEntropy(torch.autograd.Function):
-    """Per-row NLL of cap*tanh(z/cap) from the raw fp32 logits z (#1787): only z and the row LSE are kept for the
-    backward, (softmax(z^) - onehot) * (1 - tanh^2(z/cap)), instead of autograd's capped logits and softmax."""
+def softcap_ce_forward_triton(z: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row NLL and LSE (fp32) of cap * tanh(z / cap) by the Triton kernel (CUDA, or the interpreter)."""
+    z, loss = z.contiguous(), torch.empty(len(z), device=z.device, dtype=torch.float32)
+    lse = torch.empty_like(loss)
+    softcap_ce_forward_rows[(len(z),)](z, targets.contiguous(), loss, lse, z.size(1), cap, block=SOFTCAP_CE_BLOCK)
+    return loss, lse
 
-    @staticmethod
-    def forward(ctx, z, targets, cap):
-        z = z.contiguous()
-        if triton is not None and z.is_cuda:
-            loss, lse = torch.empty(len(z), device=z.device), torch.empty(len(z), device=z.device)
-            softcap_ce_rows[(len(z),)](
-                z, targets, loss, lse, loss, z, z.size(1), cap, backward=False, block=triton.next_power_of_2(z.size(1))
-            )
-        else:
-            capped = cap * torch.tanh(z / cap)
-            lse = torch.logsumexp(capped, dim=-1)
-            loss = lse - capped.gather(1, targets[:, None])[:, 0]
-        ctx.save_for_backward(z, targets, lse)
-        ctx.cap = cap
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad):
-        z, targets, lse = ctx.saved_tensors
-        if triton is not None and z.is_cuda:
-            dz = torch.empty_like(z)
-            softcap_ce_rows[(len(z),)](
-                z,
-                targets,
-                lse,
-                lse,
-                grad.contiguous(),
-                dz,
-                z.size(1),
-                ctx.cap,
-                backward=True,
-                block=triton.next_power_of_2(z.size(1)),
-            )
-            return dz, None, None
-        t = torch.tanh(z / ctx.cap)
-        probability = torch.exp(ctx.cap * t - lse[:, None])
-        probability[torch.arange(len(z), device=z.device), targets] -= 1.0
-        return probability * (1.0 - t * t) * grad[:, None], None, None
+def softcap_ce_backward_triton(z, targets, lse, grad, cap: float) -> torch.Tensor:
+    z, dz = z.contiguous(), torch.empty_like(z, memory_format=torch.contiguous_format)
+    softcap_ce_backward_rows[(len(z),)](
+        z, targets.contiguous(), lse, grad.float().contiguous(), dz, z.size(1), cap, block=SOFTCAP_CE_BLOCK
+    )
+    return dz
+
+
+# Custom ops (#1855 wraps its kernels so): torch.compile sees an opaque call with a fake, never the kernel's pointer
+# arguments (a failed mutation analysis would clone the (rows, V) logits each step: the review's defect 8d)
+@torch.library.custom_op("parameter_golf::softcap_ce", mutates_args=())
+def softcap_ce(z: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse) per row of cap * tanh(z / cap) against targets, in fp32 whatever z's dtype."""
+    if triton is not None and z.is_cuda:
+        return softcap_ce_forward_triton(z, targets, cap)
+    return softcap_ce_reference(z, targets, cap)
+
+
+def softcap_ce_reference(z: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel's math in torch: what the CPU runs, and what the kernels are checked against."""
+    capped = cap * torch.tanh(z.float() / cap)
+    lse = torch.logsumexp(capped, dim=-1)
+    return lse - capped.gather(1, targets[:, None])[:, 0], lse
+
+
+@softcap_ce.register_fake
+def _(z, targets, cap):
+    return z.new_empty(len(z), dtype=torch.float32), z.new_empty(len(z), dtype=torch.float32)
+
+
+@torch.library.custom_op("parameter_golf::softcap_ce_backward", mutates_args=())
+def softcap_ce_backward(
+    z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """d loss / d z from z and the row LSE only (#1787: not autograd's capped logits and softmax), in z's dtype."""
+    if triton is not None and z.is_cuda:
+        return softcap_ce_backward_triton(z, targets, lse, grad, cap)
+    return softcap_ce_backward_reference(z, targets, lse, grad, cap)
+
+
+def softcap_ce_backward_reference(z, targets, lse, grad, cap: float) -> torch.Tensor:
+    """The backward kernel's math in torch."""
+    t = torch.tanh(z.float() / cap)
+    probability = torch.exp(cap * t - lse[:, None])
+    probability[torch.arange(len(z), device=z.device), targets] -= 1.0
+    return (probability * (1.0 - t * t) * grad.float()[:, None]).to(z.dtype)
+
+
+@softcap_ce_backward.register_fake
+def _(z, targets, lse, grad, cap):
+    return torch.empty_like(z)
+
+
+def _softcap_ce_setup(ctx, inputs, output):
+    z, targets, cap = inputs
+    ctx.save_for_backward(z, targets, output[1])
+    ctx.cap = cap
+
+
+def _softcap_ce_gradient(ctx, grad_loss, grad_lse):
+    z, targets, lse = ctx.saved_tensors
+    return softcap_ce_backward(z, targets, lse, grad_loss, ctx.cap), None, None
+
+
+softcap_ce.register_autograd(_softcap_ce_gradient, setup_context=_softcap_ce_setup)
+
+
+def softcapped_cross_entropy(z: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-row NLL of cap * tanh(z / cap) from the raw logits z (#1787): only z and the row LSE are kept for the
+    backward, (softmax(z^) - onehot) * (1 - tanh^2(z / cap)), instead of autograd's capped logits and softmax."""
+    return softcap_ce(z, targets, cap)[0]
 
 
 class LeakyReluSquare(torch.autograd.Function):
@@ -2110,7 +2211,8 @@ class GPT(nn.Module):
         return gate * x + (1 - gate) * weighted
 
     def raw_logits(self, ids: torch.Tensor, positions=None, documents=None) -> torch.Tensor:
-        """fp32 logits (B, n, V) of the tied LM head before the soft cap at `positions`: None (all T), n (the last n:
+        """Logits (B, n, V) of the tied LM head in the compute dtype (bf16 under autocast; logits() makes them fp32;
+        FUSED_KERNELS' CE reads them so, as #1855) before the soft cap at `positions`: None (all T), n (the last n:
         sliding windows score only the newest) or per-row columns (B, n) (document LoRA scores one chunk a row)."""
         compute_dtype = (
             torch.get_autocast_dtype(ids.device.type)
@@ -2122,10 +2224,10 @@ class GPT(nn.Module):
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
         elif positions is not None:
             hidden = hidden[:, -positions:]
-        return linear(hidden, self.adapted("head", self.token_embedding.weight)).float()
+        return linear(hidden, self.adapted("head", self.token_embedding.weight))
 
     def logits(self, ids: torch.Tensor, positions=None, documents=None) -> torch.Tensor:
-        raw, cap = self.raw_logits(ids, positions, documents), self.logit_softcap
+        raw, cap = self.raw_logits(ids, positions, documents).float(), self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
 
     def forward(
@@ -2143,8 +2245,8 @@ class GPT(nn.Module):
         FUSED_KERNELS: the fused soft-capped CE in training; scoring keeps eager numerics (#1787)."""
         positions = targets.size(1) if positions is None else positions
         if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
-            raw = self.raw_logits(ids, positions, documents)
-            return SoftcappedCrossEntropy.apply(
+            raw = self.raw_logits(ids, positions, documents)  # bf16 under CUDA autocast: the kernel reads it so
+            return softcapped_cross_entropy(
                 raw.reshape(-1, raw.size(-1)), targets.reshape(-1), self.logit_softcap
             ).mean()
         logits = self.logits(ids, positions, documents)
@@ -4075,8 +4177,11 @@ class Trainer:
             return ShuffledSequenceLoader(
                 files, h.vocab_size, run.rank, run.world_size, run.device, h.seed, run.documents
             )
-        loader = DocumentPackingLoader if h.loader == "documents" else DistributedTokenLoader
-        return loader(files, h.vocab_size, run.rank, run.world_size, run.device, run.documents)
+        if h.loader == "documents":
+            return DocumentPackingLoader(
+                files, h.vocab_size, run.rank, run.world_size, run.device, run.documents, LOADER_PREFETCH
+            )
+        return DistributedTokenLoader(files, h.vocab_size, run.rank, run.world_size, run.device, run.documents)
 
     def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
@@ -4292,15 +4397,23 @@ class Trainer:
         run.sync()
         started = time.perf_counter()
         deadline = h.max_wallclock_seconds - clock_offset if h.max_wallclock_seconds > 0 else math.inf
-        with exact_fp32_matmuls():
+        with matmul_precision(tf32=h.gptq_hessian_tf32):
             hessians, batches = collect_hessians(self.model, run, loader, self.local_tokens, deadline)
         run.sync()
         seconds, ended = time.perf_counter() - started, clock_offset + time.perf_counter()
+        needed = seconds / batches * h.gptq_calib_batches
         run.log(
             f"gptq:hessians batches:{batches}/{h.gptq_calib_batches} tokens:{batches * self.local_tokens * run.world_size} "
-            f"seconds:{seconds:.1f} ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s"
+            f"seconds:{seconds:.1f} per_batch:{seconds / batches:.3f}s all_batches_need:{needed:.1f}s "
+            f"reserve:{h.gptq_reserve_seconds:g}s tf32:{int(h.gptq_hessian_tf32 and run.device.type == 'cuda')} "
+            f"ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s"
             + (" (stopped at the cap)" if batches < h.gptq_calib_batches else "")
         )
+        if batches < h.gptq_calib_batches:
+            run.log(
+                f"WARNING: {batches} of GPTQ_CALIB_BATCHES={h.gptq_calib_batches} Hessian batches fit the cap; all "
+                f"need GPTQ_RESERVE_SECONDS >= {math.ceil(needed + 1)} at this pace"
+            )
         if 0 < h.max_wallclock_seconds < ended:
             run.log(
                 f"WARNING: GPTQ CALIBRATION ENDED {ended - h.max_wallclock_seconds:.1f}s AFTER THE TRAINING CAP; "
@@ -4324,11 +4437,12 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def exact_fp32_matmuls():
-    """TF32 off (RunContext turns it on for training on CUDA): Hessians, GPTQ's error updates and LQER in full fp32,
-    as on the CPU (the CUDA review, defect 10)."""
+def matmul_precision(tf32: bool):
+    """CUDA's fp32 matmuls with TF32 inputs or strict (RunContext turns TF32 on for training on CUDA), restored on
+    exit: GPTQ's error updates and LQER always strict, as on the CPU (the first CUDA review, defect 10); the Hessian
+    sums as GPTQ_HESSIAN_TF32 says. The CPU has no TF32: there it changes nothing."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
         yield
     finally:
@@ -4445,7 +4559,7 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
     h, code_bytes = run.h, len(code.encode("utf-8"))
     if run.is_main:
         started = time.perf_counter()
-        with exact_fp32_matmuls():
+        with matmul_precision(tf32=False):
             blob = export_blob(run, model, code_bytes, hessians, fast)
         partial = Path(h.artifact_path + ".partial")  # renamed into place: never a half-written artifact
         partial.write_bytes(blob)

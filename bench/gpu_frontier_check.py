@@ -6,10 +6,12 @@ review (945e22d, issue 32):
      output and gradients against SDPA on each sequence;
   3. one packed-row training step (LOADER=documents), plain and looped, at full size: priming, ms per step, peak
      memory (tools/preflight.py's check_training, whose loader feeds what the run's feeds);
-  4. the fused soft-capped CE (Triton, FUSED_KERNELS=1) under torch.compile against the eager math;
+  4. the fused soft-capped CE (Triton, FUSED_KERNELS=1) under torch.compile against the reference math
+     (FUSED_KERNELS=0), then the two kernels alone at a rank's 98,304 rows: errors and milliseconds;
   5. document LoRA TTT as the run runs it (compiled, primed first), on 65,536-token batches of ~2,100-token documents
      and on two-chunk documents: us per processed token, the per-step floor and per-token cost, peak, no recompile;
-  6. GPTQ's Hessians of the looped model in steady state: seconds per batch against GPTQ_RESERVE_SECONDS.
+  6. GPTQ's Hessians of the looped model in steady state, TF32 (the run's) and strict fp32: 16 batches' seconds
+     against GPTQ_RESERVE_SECONDS.
 Each stage prints `stage NAME: ok|FAIL ... seconds:S` and the run goes on after a failure; exit 1 if any failed.
 
     python3 bench/gpu_frontier_check.py > logs/gpu_frontier_check.txt 2>&1     # on the GPU
@@ -111,6 +113,8 @@ def lora_batch(dry: bool) -> str:
 
 
 def fused_step(dry: bool) -> str:
+    """FUSED_KERNELS=1 compiled (the Triton kernels on CUDA) against the reference math (FUSED_KERNELS=0, eager), then
+    the CE kernels alone at a rank's micro-batch: loss, LSE and bf16 gradient against their torch math, and time."""
     run = new_run(
         dry,
         "fused",
@@ -128,17 +132,53 @@ def fused_step(dry: bool) -> str:
     inputs, targets, documents = loader.next_batch(8 * run.h.train_seq_len, run.h.train_seq_len)
     batch = (inputs, targets, "mean", None, documents)
     losses, grads = [], []
-    for compiled in (False, True):
+    for fused in (False, True):
+        for module in model.modules():
+            if hasattr(module, "fused_kernels"):
+                module.fused_kernels = fused
         model.zero_grad(set_to_none=True)
         with run.autocast():
-            loss = run.forward(model, *batch) if compiled else model(*batch)
+            loss = run.forward(model, *batch) if fused else model(*batch)
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]))
     error = ((grads[0] - grads[1]).norm() / grads[0].norm()).item()
     ok = abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0]) and error < 5e-2
+    kernels = ce_kernels(run) if run.device.type == "cuda" else "kernels:not run (no CUDA; tests run them interpreted)"
     return (
-        f"{'ok' if ok else 'FAIL'} eager_loss:{losses[0]:.5f} compiled_loss:{losses[1]:.5f} grad_rel_error:{error:.2e}"
+        f"{'ok' if ok else 'FAIL'} reference_loss:{losses[0]:.5f} fused_compiled_loss:{losses[1]:.5f} "
+        f"grad_rel_error:{error:.2e} {kernels}"
+    )
+
+
+def ce_kernels(run: tg.RunContext) -> str:
+    rows, cols = 98_304, run.h.vocab_size
+    generator = torch.Generator(device=run.device).manual_seed(0)
+    z = (10 * torch.randn(rows, cols, device=run.device, generator=generator)).bfloat16()
+    targets = torch.randint(0, cols, (rows,), device=run.device, generator=generator)
+    grad = torch.full((rows,), 1.0 / rows, device=run.device)
+    loss, lse = tg.softcap_ce_forward_triton(z, targets, 30.0)
+    dz = tg.softcap_ce_backward_triton(z, targets, lse, grad, 30.0)
+    expected_loss, expected_lse = tg.softcap_ce_reference(z, targets, 30.0)
+    expected_dz = tg.softcap_ce_backward_reference(z, targets, expected_lse, grad, 30.0)
+    loss_error = (loss - expected_loss).abs().max().item()
+    grad_error = ((dz.float() - expected_dz.float()).norm() / expected_dz.float().norm()).item()
+    kernel_ms = 1e3 * synced(
+        run,
+        lambda: tg.softcap_ce_backward_triton(
+            z, targets, *tg.softcap_ce_forward_triton(z, targets, 30.0)[1:], grad, 30.0
+        ),
+    )
+    reference_ms = 1e3 * synced(
+        run,
+        lambda: tg.softcap_ce_backward_reference(
+            z, targets, *tg.softcap_ce_reference(z, targets, 30.0)[1:], grad, 30.0
+        ),
+    )
+    return (
+        f"kernels:{'ok' if loss_error < 1e-3 and grad_error < 1e-2 else 'FAIL'} rows:{rows} cols:{cols} bf16 "
+        f"loss_max_error:{loss_error:.2e} grad_rel_error:{grad_error:.2e} fwd_bwd_ms:{kernel_ms:.2f} "
+        f"torch_math_ms:{reference_ms:.2f}"
     )
 
 
@@ -152,12 +192,14 @@ def hessians(dry: bool) -> str:
     h.gptq_calib_batches = 2
     tg.collect_hessians(model, run, loader, local_tokens)  # warm
     h.gptq_calib_batches = 16
-    with tg.exact_fp32_matmuls():
-        seconds = synced(run, lambda: tg.collect_hessians(model, run, loader, local_tokens))
-    ok = seconds < h.gptq_reserve_seconds
+    seconds = {}
+    for tf32 in (True, False):  # the run's (GPTQ_HESSIAN_TF32=1, as the records) and strict fp32
+        with tg.matmul_precision(tf32=tf32):
+            seconds[tf32] = synced(run, lambda: tg.collect_hessians(model, run, loader, local_tokens))
+    ok = seconds[h.gptq_hessian_tf32] < h.gptq_reserve_seconds
     return (
-        f"{'ok' if ok else 'FAIL'} batches:16 of {local_tokens} tokens seconds:{seconds:.2f} "
-        f"reserve:{h.gptq_reserve_seconds} peak_GiB:{peak_gib(run)}"
+        f"{'ok' if ok else 'FAIL'} batches:16 of {local_tokens} tokens seconds_tf32:{seconds[True]:.2f} "
+        f"seconds_fp32:{seconds[False]:.2f} reserve:{h.gptq_reserve_seconds} peak_GiB:{peak_gib(run)}"
     )
 
 

@@ -4,6 +4,8 @@ order, the lane algebra, the optimizer formulas against direct computations, LQE
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import re
 from pathlib import Path
 
@@ -387,6 +389,44 @@ def test_document_packing_loader_packs_a_rank_span_from_the_first_bos_and_skips_
         train_gpt.DocumentPackingLoader(files[:1], 1024, 0, 1, torch.device("cpu"))
 
 
+def test_document_loader_builds_two_batches_ahead_on_a_thread(tmp_path):
+    """Review 945e22d, defect 6: LOADER=documents built each batch (shard reads, the BOS scan, the varlen segments,
+    the copy) on the training thread between steps. The run's loader (Trainer.new_loader) builds them on a thread,
+    LOADER_PREFETCH = 2 ahead: the same batches as the synchronous loader across shard switches, and a request for
+    another size (GPTQ calibration's) rewinds to the first batch not handed out."""
+    import threading
+
+    shards = []
+    for i, length in enumerate((700, 500, 900)):
+        tokens = np.random.default_rng(i).integers(2, 1024, length)
+        tokens[::37] = train_gpt.BOS_ID
+        shards.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
+        write_shard(shards[-1], tokens)
+    threads = set()
+
+    def documents(inputs):
+        threads.add(threading.current_thread().name)
+        return torch.from_numpy(train_gpt.document_segments(inputs))
+
+    def loader(prefetch):
+        return train_gpt.DocumentPackingLoader(shards, 1024, 1, 2, torch.device("cpu"), documents, prefetch)
+
+    sizes = [63] * 9 + [40] * 5 + [63] * 12  # 26 batches over every shard, twice over the first
+    plain, ahead = loader(0), loader(train_gpt.LOADER_PREFETCH)
+    assert threads == set()  # nothing built before the first request
+    visited = []
+    for count, size in enumerate(sizes):
+        expected, got = plain.next_batch(size, 256), ahead.next_batch(size, 256)
+        visited.append(plain.file_index)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got)), count
+        if count == 0:
+            concurrent.futures.wait([future for _, future in ahead.ahead])
+            assert len(ahead.ahead) == 2 and all(future.done() for _, future in ahead.ahead)
+    assert threads == {threading.main_thread().name, next(t for t in threads if t.startswith("document-loader"))}
+    assert visited[0] == 0 and set(visited) == {0, 1, 2} and visited.index(0, visited.index(2)) > 0  # wrapped
+    assert len(ahead.ahead) == 2  # the next two are built already
+
+
 def cu_seqlens_of_1855(bos_positions: list[int], total: int, max_len: int) -> list[int]:
     """#1855's rule, as its README and code describe it: a segment at each document start (position 0 counts), and
     a long document cut every max_len tokens from its start; the boundaries end with the total."""
@@ -705,12 +745,70 @@ def test_fused_softcapped_cross_entropy_matches_the_eager_path_and_its_gradient(
     z = (40 * torch.randn(37, 50, dtype=torch.float64)).requires_grad_()
     targets = torch.randint(0, 50, (37,))
     eager = F.cross_entropy(30 * torch.tanh(z / 30), targets, reduction="none")
-    fused = train_gpt.SoftcappedCrossEntropy.apply(z, targets, 30.0)
-    assert torch.allclose(fused, eager, atol=1e-12)
+    fused = train_gpt.softcapped_cross_entropy(z, targets, 30.0)
+    assert fused.dtype == torch.float32 and torch.allclose(fused.double(), eager, atol=1e-5)
     weights = torch.rand(37, dtype=torch.float64)
     (expected,) = torch.autograd.grad((eager * weights).sum(), z)
-    (got,) = torch.autograd.grad((train_gpt.SoftcappedCrossEntropy.apply(z, targets, 30.0) * weights).sum(), z)
-    assert torch.allclose(got, expected, atol=1e-12)
+    (got,) = torch.autograd.grad((train_gpt.softcapped_cross_entropy(z, targets, 30.0) * weights).sum(), z)
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, atol=1e-6)
+    # bf16 logits (CUDA autocast's head): fp32 math inside, the gradient in bf16 (#1855's traffic: review 945e22d, 8b)
+    low = z.detach().bfloat16().requires_grad_()
+    (low_grad,) = torch.autograd.grad((train_gpt.softcapped_cross_entropy(low, targets, 30.0) * weights).sum(), low)
+    assert low_grad.dtype == torch.bfloat16 and torch.allclose(low_grad.double(), expected, atol=2e-2)
+
+
+def test_triton_softcapped_ce_kernels_match_the_torch_math_in_the_interpreter():
+    """FUSED_KERNELS' two Triton kernels (never run on a GPU), executed by Triton's interpreter on the CPU
+    (TRITON_INTERPRET=1, in a subprocess: the flag is read when the kernels are defined): loss, LSE and gradient
+    equal the custom ops' torch math for bf16 and fp32 logits, 8,192 columns (eight 1,024-wide blocks, #1855's
+    launch shape) and 1,000 (a masked tail block)."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_environment
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "triton_ce_worker.py")],
+        env=dict(clean_environment(), TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checks = re.findall(r"^(\w+) cols:(\d+) loss:(\S+) lse:(\S+) grad:(\S+)$", result.stdout, re.M)
+    assert {(dtype, int(cols)) for dtype, cols, *_ in checks} == {
+        (d, c) for d in ("float32", "bfloat16") for c in (8192, 1000)
+    }
+    for dtype, cols, loss, lse, grad in checks:
+        assert float(loss) < 1e-4 and float(lse) < 1e-4, (dtype, cols)
+        assert float(grad) < (1e-6 if dtype == "float32" else 1e-2), (dtype, cols)
+
+
+def test_triton_softcapped_ce_kernels_assemble_for_hopper_without_spills():
+    """The same kernels lowered by Triton and assembled by its bundled ptxas for sm_90a, no GPU needed
+    (bench/triton_ce_ptxas.py): they compile for the real target, not only for the interpreter, at bf16 and fp32
+    logits, with no register spills and at most 64 registers a thread (the kernel they replaced: 96-128)."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_environment
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "triton_ce_ptxas.py")],
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels = re.findall(
+        r"^(\w+) logits:(\w+) registers:(\d+) spill_stores:(\d+) spill_loads:(\d+)$", result.stdout, re.M
+    )
+    assert len(kernels) == 4
+    for name, dtype, registers, stores, loads in kernels:
+        assert int(registers) <= 64 and stores == loads == "0", (name, dtype)
 
 
 def test_fused_leaky_relu_square_matches_the_eager_path_and_its_gradient():

@@ -171,9 +171,16 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     expect_no_new_graphs(primed, "training")
     if h.quant == "gptq":
         h.gptq_calib_batches, batches = 1, h.gptq_calib_batches
-        seconds = timed(run, lambda: tg.collect_hessians(model, run, loader, trainer.local_tokens))
+        with tg.matmul_precision(tf32=h.gptq_hessian_tf32):  # as Trainer.calibrate runs it
+            seconds = timed(run, lambda: tg.collect_hessians(model, run, loader, trainer.local_tokens))
         h.gptq_calib_batches = batches
-        report("graphs", f"GPTQ Hessian pass ran: {seconds:.2f}s per batch, {batches} batches per rank")
+        fits = min(batches, int(h.gptq_reserve_seconds / seconds))
+        report(
+            "graphs",
+            f"GPTQ Hessian pass ran: {seconds:.2f}s per batch (TF32 {'on' if h.gptq_hessian_tf32 else 'off'}): "
+            f"{fits} of {batches} batches fit GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds:g}"
+            + ("" if fits == batches else f" (all {batches} need {math.ceil(seconds * batches + 1)})"),
+        )
     return dict(step_ms=1000 * float(np.median(step_seconds)), muon_ms=1000 * float(np.median(muon_seconds)))
 
 
