@@ -1419,8 +1419,11 @@ def softcap_ce_backward_triton(z, targets, lse, grad, cap: float) -> torch.Tenso
 
 
 # Custom ops (#1855 wraps its kernels so): torch.compile sees an opaque call with a fake, never the kernel's pointer
-# arguments (a failed mutation analysis would clone the (rows, V) logits each step: the review's defect 8d)
-@torch.library.custom_op("parameter_golf::softcap_ce", mutates_args=())
+# arguments (a failed mutation analysis would clone the (rows, V) logits each step: the review's defect 8d). Schemas
+# written out: tools/pack_code.py's minifier drops return annotations, which custom_op would infer them from.
+@torch.library.custom_op(
+    "parameter_golf::softcap_ce", mutates_args=(), schema="(Tensor z, Tensor targets, float cap) -> (Tensor, Tensor)"
+)
 def softcap_ce(z: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) per row of cap * tanh(z / cap) against targets, in fp32 whatever z's dtype."""
     if triton is not None and z.is_cuda:
@@ -1440,7 +1443,11 @@ def _(z, targets, cap):
     return z.new_empty(len(z), dtype=torch.float32), z.new_empty(len(z), dtype=torch.float32)
 
 
-@torch.library.custom_op("parameter_golf::softcap_ce_backward", mutates_args=())
+@torch.library.custom_op(
+    "parameter_golf::softcap_ce_backward",
+    mutates_args=(),
+    schema="(Tensor z, Tensor targets, Tensor lse, Tensor grad, float cap) -> Tensor",
+)
 def softcap_ce_backward(
     z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, cap: float
 ) -> torch.Tensor:
