@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import train_gpt as tg  # noqa: E402
-from quant_sweep import hessian_weighted_error  # noqa: E402
+from quant_sweep import hessian_weighted_error, roundtrip_model  # noqa: E402
 
 
 def tf32(x: torch.Tensor) -> torch.Tensor:
@@ -60,12 +59,7 @@ def both_hessians(model, run, loader, local_tokens: int) -> tuple[dict, dict]:
 def export_and_score(run, h, val, state: dict, hessians: dict, reference: dict) -> dict:
     tensors, schemes = tg.quantize_state(state, h, hessians)
     blob = tg.encode_artifact(tensors, schemes, h)
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "bench.ptz"
-        path.write_bytes(blob)
-        restored = tg.build_model(h, run)
-        tg.load_exported_state(restored, tg.read_artifact(str(path)))
-    loss, bpb = tg.evaluate(restored, run, val, h.eval_seq_len)[:2]
+    loss, bpb = tg.evaluate(roundtrip_model(run, blob), run, val, h.eval_seq_len)[:2]
     error = hessian_weighted_error(state, tensors, schemes, reference)
     return dict(tensors=tensors, bytes=len(blob), loss=loss, bpb=bpb, error=error)
 

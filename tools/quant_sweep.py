@@ -66,6 +66,16 @@ def hessian_weighted_error(state: dict, tensors: dict, schemes: dict, hessians: 
     return total
 
 
+def roundtrip_model(run, blob: bytes):
+    """A fresh model holding what an artifact of these bytes gives back when written and read from disk."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "roundtrip.ptz"
+        path.write_bytes(blob)
+        restored = tg.build_model(run.h, run)
+        tg.load_exported_state(restored, tg.read_artifact(str(path)))
+    return restored
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-id", required=True)
@@ -101,12 +111,7 @@ def main() -> int:
         blob = tg.encode_artifact(tensors, schemes, variant)
         seconds = time.perf_counter() - started
         weighted_error = hessian_weighted_error(state, tensors, schemes, hessians)
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / "sweep.ptz"
-            path.write_bytes(blob)
-            restored = tg.build_model(h, run)
-            tg.load_exported_state(restored, tg.read_artifact(str(path)))
-        loss, bpb = tg.evaluate(restored, run, val, h.eval_seq_len)[:2]
+        loss, bpb = tg.evaluate(roundtrip_model(run, blob), run, val, h.eval_seq_len)[:2]
         run.log(
             f"sweep {entry} model_bytes:{len(blob)} roundtrip_val_loss:{loss:.6f} roundtrip_val_bpb:{bpb:.6f} "
             f"gap:{bpb - pre_bpb:+.6f} hessian_weighted_error:{weighted_error:.1f} export_seconds:{seconds:.1f}"
