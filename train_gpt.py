@@ -1516,14 +1516,15 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
-def sdpa_attention(q, k, v, mask=None):
-    """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D): SDPA, native GQA, causal or DOC_ISOLATION's (B, 1, T, T)."""
+def sdpa_attention(q, k, v, boundaries=None):
+    """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D): SDPA, native GQA, causal or within DOC_ISOLATION's
+    boundaries: a (B, 1, T, T) mask (document_mask)."""
     return F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=mask,
-        is_causal=mask is None,
+        attn_mask=boundaries,
+        is_causal=boundaries is None,
         enable_gqa=q.size(2) != k.size(2),
     ).transpose(1, 2)
 
@@ -1540,7 +1541,7 @@ FLASH_INSTALL_HINT = {
 def select_attention_backend(
     requested: str, device_type: str, dtype: torch.dtype, doc_isolation: bool = False, max_segment: int = 0
 ):
-    """ATTENTION_BACKEND -> (name, fn(q, k, v[, documents])) on (B, T, H, D): "auto" = FA3 on CUDA in 16 bits, else
+    """ATTENTION_BACKEND -> (name, fn(q, k, v, boundaries=None)) on (B, T, H, D): "auto" = FA3 on CUDA in 16 bits, else
     SDPA; DOC_ISOLATION: flash's varlen kernel (#1530), SDPA with a mask; max_segment: no segment is longer (a packed
     row's Hyperparameters.segment_len), the kernel's max_seqlen. Real FA3/FA2 unverified here (no GPU)."""
     sixteen_bit = dtype in (torch.bfloat16, torch.float16)
@@ -1575,7 +1576,9 @@ def select_attention_backend(
     if doc_isolation:
         probe_varlen_kernel(kernel, torch.device(device_type), dtype, f"{setting}: {module_name}.{function}")
 
-    def flash_attention(q, k, v, cu_seqlens=None):
+    def flash_attention(q, k, v, boundaries=None):
+        """boundaries: DOC_ISOLATION's cu_seqlens of the flattened batch (RunContext.documents)."""
+        cu_seqlens = boundaries
         if cu_seqlens is None:
             out = kernel(q, k, v, causal=True)
         else:  # the batch as one flat sequence cut at every document start (and row start): #1530's VarLen
@@ -1662,8 +1665,30 @@ def padded_cu_seqlens(starts: np.ndarray, total: int) -> np.ndarray:
     return segments
 
 
+class Rotary(typing.NamedTuple):
+    """Partial RoPE's tables for a batch's positions, (1, T, 1, rope_dims/2) each (rotary_tables)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+class LayerWeights(typing.NamedTuple):
+    """A layer's six matrices: its bank slices, each a tensor or, under document LoRA, an adapted callable (linear)."""
+
+    q: typing.Any
+    k: typing.Any
+    v: typing.Any
+    out: typing.Any
+    up: typing.Any
+    down: typing.Any
+
+
+# Document LoRA's placement (#1530): every matrix of a layer but MLP up carries a per-document adapter (and the head).
+LORA_ADAPTED_WEIGHTS = ("q", "k", "v", "out", "down")
+
+
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
-    """F.linear, or a LoRA-adapted weight (a callable: GPT.adapted) applied to x."""
+    """F.linear, or a LoRA-adapted weight (a callable: BatchedLoRA.adapted) applied to x."""
     return F.linear(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
 
 
@@ -1674,10 +1699,9 @@ class BatchedLoRA:
     def __init__(self, model, rows: int, rank: int, alpha: float, seed: int):
         self.scale, self.generator = alpha / rank, torch.Generator().manual_seed(seed)
         shapes = {
-            (layer, slot): weight.shape
+            (layer, name): getattr(model.layer_weights(layer, model.banks()), name).shape
             for layer in range(model.num_layers)
-            for slot, weight in enumerate(model.layer_weights(layer, model.banks()))
-            if slot != 4
+            for name in LORA_ADAPTED_WEIGHTS
         }
         shapes["head"], device = model.token_embedding.weight.shape, model.token_embedding.weight.device
         self.index = {key: i for i, key in enumerate(shapes)}  # plain tensors below: never the GPT's parameters
@@ -1698,6 +1722,10 @@ class BatchedLoRA:
     def parameters(self) -> list[torch.Tensor]:
         return self.a + self.b
 
+    def adapted(self, key, weight: torch.Tensor):
+        """The weight with this adapter's delta, for linear(): a callable of x."""
+        return functools.partial(self.apply, key, weight)
+
     def apply(self, key, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x (rows', T, in) for the documents of self.rows."""
         i = self.index[key]
@@ -1705,7 +1733,7 @@ class BatchedLoRA:
         return F.linear(x, weight) + self.scale * ((x @ a.mT) @ b.mT)
 
 
-def rotary_tables(seq_len: int, rope_dims: int, base: float, device, ntk_len: int = 1024, context: int = 0) -> tuple:
+def rotary_tables(seq_len: int, rope_dims: int, base: float, device, ntk_len: int = 1024, context: int = 0) -> Rotary:
     """cos/sin (1, T, 1, rope_dims/2) fp32, built on every call: a table cached under inference_mode (scoring) breaks
     autograd in TTT (#549's code clones its cache for that). It costs 8 x T flops. When attention spans more than
     ntk_len tokens (context: the longest segment of a packed row, else the row) the base is NTK-rescaled (#549 builds
@@ -1715,14 +1743,15 @@ def rotary_tables(seq_len: int, rope_dims: int, base: float, device, ntk_len: in
         base = base * (context / ntk_len) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
-    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    return Rotary(angles.cos()[None, :, None, :], angles.sin()[None, :, None, :])
 
 
-def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_partial_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     """Rotate the first rope_dims dims of each head, paired (i, i + rope_dims/2); the rest pass through."""
-    half = cos.size(-1)
+    half = rotary.cos.size(-1)
     a, b, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos = rotary.cos.to(x.dtype)
+    sin = rotary.sin.to(x.dtype)
     return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
 
 
@@ -1799,20 +1828,23 @@ class CausalSelfAttention(nn.Module):
             else None
         )
 
-    def forward(self, x, q_w, k_w, v_w, out_w, rotary, value_embed=None, record=None):
+    def forward(self, x, weights: LayerWeights, rotary: Rotary | None, boundaries=None, value_embed=None, record=None):
+        """boundaries: DOC_ISOLATION's segments for the attention kernel (a mask or cu_seqlens), None: causal."""
         batch, seq, _ = x.shape
-        q = linear(x, q_w).view(batch, seq, self.num_heads, self.head_dim)
-        k, v = linear(x, k_w).view(batch, seq, self.num_kv_heads, self.head_dim), linear(x, v_w)
+        q = linear(x, weights.q).view(batch, seq, self.num_heads, self.head_dim)
+        k = linear(x, weights.k).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = linear(x, weights.v)
         if value_embed is not None:
             v = v + value_embed  # #549: VE joins V in the KV space, not the residual stream
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = rms_norm(q), rms_norm(k)  # QK-norm without weights; only q gets a learned per-head gain
         if rotary is not None:
-            q, k = apply_partial_rotary(q, *rotary[:2]), apply_partial_rotary(k, *rotary[:2])
+            q = apply_partial_rotary(q, rotary)
+            k = apply_partial_rotary(k, rotary)
         q = q * self.q_gain.to(q.dtype)[:, None]
         # The compute dtype (x's: the residual stream's) by construction, whatever autocast did on the way.
         q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
-        y = self.attention(q, k, v, *(rotary or ())[2:])  # DOC_ISOLATION's boundaries travel with the positions
+        y = self.attention(q, k, v, boundaries)
         if self.use_xsa:
             y = subtract_self_value(y, v)
         if self.output_gate is not None:
@@ -1820,7 +1852,7 @@ class CausalSelfAttention(nn.Module):
         y = y.reshape(batch, seq, -1)
         if record is not None:
             record("attn.out", y)
-        return linear(y, out_w)
+        return linear(y, weights.out)
 
 
 class Block(nn.Module):
@@ -1840,17 +1872,17 @@ class Block(nn.Module):
             self.lane_decay = nn.Parameter(torch.full((2,), 1.1))  # rho of (attention lane, MLP lane)
             self.lane_routing = nn.Parameter(torch.ones(2, 2))  # pi[branch (attn, mlp), lane (attn, mlp)]
 
-    def attention_branch(self, x, weights, rotary, value_embed, record):
+    def attention_branch(self, x, weights: LayerWeights, rotary, boundaries, value_embed, record):
         attn_in = rms_norm(x) * self.ln_scale
         if record is not None:
             record("attn.qkv", attn_in)
-        attn_out = self.attn(attn_in, *weights[:4], rotary, value_embed, record)
+        attn_out = self.attn(attn_in, weights, rotary, boundaries, value_embed, record)
         return self.attn_scale.to(x.dtype) * attn_out.to(x.dtype)  # the residual stream keeps its dtype
 
-    def mlp_branch(self, x, weights, record):
-        up_w, down_w = weights[4:]
+    def mlp_branch(self, x, weights: LayerWeights, record):
         mlp_in = rms_norm(x) * self.ln_scale
-        pre_activation, fused = F.linear(mlp_in, up_w), self.fused_kernels and torch.is_grad_enabled()
+        pre_activation = F.linear(mlp_in, weights.up)
+        fused = self.fused_kernels and torch.is_grad_enabled()
         hidden = (
             LeakyReluSquare.apply(pre_activation, self.negative_slope)
             if fused
@@ -1859,26 +1891,27 @@ class Block(nn.Module):
         if record is not None:
             record("mlp.up", mlp_in)
             record("mlp.down", hidden)
-        return self.mlp_scale.to(x.dtype) * linear(hidden, down_w).to(x.dtype)
+        return self.mlp_scale.to(x.dtype) * linear(hidden, weights.down).to(x.dtype)
 
-    def forward(self, x, x0, weights, rotary, value_embed=None, record=None):
+    def forward(self, x, x0, weights: LayerWeights, rotary: Rotary, boundaries=None, value_embed=None, record=None):
         """x: the residual stream (the (attention, MLP) lanes for two_lane). record(role, inputs), when given,
         sees the input of every matrix (GPTQ calibration)."""
         if self.residual_form == "two_lane":
-            return self.forward_lanes(x, x0, weights, rotary, value_embed, record)
+            return self.forward_lanes(x, x0, weights, rotary, boundaries, value_embed, record)
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        attn = self.attention_branch(x, weights, rotary, value_embed, record)
+        attn = self.attention_branch(x, weights, rotary, boundaries, value_embed, record)
         if self.residual_form == "gptj":
             return x + attn + self.mlp_branch(x, weights, record)
         x = x + attn
         return x + self.mlp_branch(x, weights, record)
 
-    def forward_lanes(self, lanes, x0, weights, rotary, value_embed, record):
+    def forward_lanes(self, lanes, x0, weights, rotary, boundaries, value_embed, record):
         """#1529: a = Attn(mix(L0, x0)), m = MLP(L1); L0 <- rho0 L0 + pi00 a + pi10 m; L1 <- rho1 L1 + pi01 a + pi11 m"""
         attn_lane, mlp_lane = lanes
         mix = self.resid_mix.to(attn_lane.dtype)
-        attn = self.attention_branch(mix[0] * attn_lane + mix[1] * x0, weights, rotary, value_embed, record)
+        attn_in = mix[0] * attn_lane + mix[1] * x0
+        attn = self.attention_branch(attn_in, weights, rotary, boundaries, value_embed, record)
         mlp = self.mlp_branch(mlp_lane, weights, record)
         rho, pi = self.lane_decay.to(attn.dtype), self.lane_routing.to(attn.dtype)
         return (
@@ -2019,6 +2052,11 @@ def looping_at(h: Hyperparameters, fraction: float | None) -> bool:
     return h.num_loops > 0 and (fraction is None or fraction >= h.enable_looping_at)
 
 
+def record_block_input(record, prefix: str, role: str, inputs: torch.Tensor):
+    """A block's matrix input under its full name (blocks.<layer>.<role>) for GPTQ calibration's recorder."""
+    record(prefix + role, inputs)
+
+
 class GPT(nn.Module):
     """The #549 model: a U-Net of pre-norm blocks whose matrices live in four 3-D banks [out, in] for Parallel Muon:
     qo [Q_0..Q_{L-1}, Out_0..], kv [K.., V..], mlp_up [L, hidden, d], mlp_down [L, d, hidden]."""
@@ -2063,9 +2101,8 @@ class GPT(nn.Module):
         self.bank_qmax = [2 ** (h.group_bits(group) - 1) - 1 for group in ("attn", "attn", "mlp", "mlp")]
         # soft-round sharpness: a tensor filled in place each step, so the compiled graph never changes
         self.register_buffer("soft_round_alpha", torch.ones(()) if h.soft_round_qat else None, persistent=False)
-        self.hessian_recorder = None  # GPTQ calibration: called with (name, matrix inputs) when set
-        # TTT_MODE=lora sets its adapters and pins the RoPE table (its NTK base) at EVAL_SEQ_LEN for its short rows
-        self.lora, self.rope_length = None, 0
+        # Document LoRA's short rows take the RoPE table (its NTK base) of EVAL_SEQ_LEN, where scoring would see them
+        self.adapted_rope_length = h.eval_seq_len
         self.fused_kernels, self.doc_isolation = h.fused_kernels, h.doc_isolation
         self.segment_len = h.segment_len
         self.rope_ntk_len = h.rope_ntk_len
@@ -2109,15 +2146,23 @@ class GPT(nn.Module):
     def banks(self) -> list[nn.Parameter]:
         return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
 
-    def layer_weights(self, layer: int, banks) -> tuple:
-        """(Q, K, V, Out, up, down) of a layer; with a LoRA attached, all but up carry its per-document delta."""
-        qo, kv, up, down = banks
+    def layer_weights(self, layer: int, banks, adapters: BatchedLoRA | None = None) -> LayerWeights:
+        """A layer's bank slices; with document LoRA's adapters, those of LORA_ADAPTED_WEIGHTS carry their deltas."""
+        qo_bank, kv_bank, up_bank, down_bank = banks
         n = self.num_layers
-        weights = qo[layer], kv[layer], kv[n + layer], qo[n + layer], up[layer], down[layer]
-        return tuple(w if slot == 4 else self.adapted((layer, slot), w) for slot, w in enumerate(weights))
-
-    def adapted(self, key, weight: torch.Tensor):
-        return weight if self.lora is None else functools.partial(self.lora.apply, key, weight)
+        weights = LayerWeights(
+            q=qo_bank[layer],
+            k=kv_bank[layer],
+            v=kv_bank[n + layer],
+            out=qo_bank[n + layer],
+            up=up_bank[layer],
+            down=down_bank[layer],
+        )
+        if adapters is None:
+            return weights
+        return weights._replace(
+            **{name: adapters.adapted((layer, name), getattr(weights, name)) for name in LORA_ADAPTED_WEIGHTS}
+        )
 
     def layer_order(self, looping: bool | None = None) -> list[int]:
         """The block run at each virtual layer: while looping, the looped order (repeated blocks share their bank
@@ -2141,7 +2186,11 @@ class GPT(nn.Module):
             return (lambda bank, qmax: quantize(bank)), quantize
         return functools.partial(fake_quantize_rows, alpha=alpha), None
 
-    def hidden_states(self, ids: torch.Tensor, compute_dtype: torch.dtype, documents=None) -> torch.Tensor:
+    def hidden_states(
+        self, ids: torch.Tensor, compute_dtype: torch.dtype, documents=None, adapters=None, record=None
+    ) -> torch.Tensor:
+        """The final normalized hidden states (B, T, dim). documents: the varlen kernel's segments of ids;
+        adapters: document LoRA's (BatchedLoRA); record(name, inputs): sees every matrix's input (GPTQ calibration)."""
         bank_quantizer, projection_quantizer = self.qat_quantizers()
         x = self.token_embedding(ids)
         if self.bigram_hash is not None:
@@ -2160,28 +2209,30 @@ class GPT(nn.Module):
             if self.value_embedding is not None
             else None
         )
-        rotary = [
-            t[:, : ids.size(1)]
-            for t in rotary_tables(
-                max(ids.size(1), self.rope_length),
-                self.rope_dims,
-                self.rope_base,
-                ids.device,
-                self.rope_ntk_len,
-                self.segment_len,
-            )
-        ]
-        if self.doc_isolation:  # attention never crosses a BOS (#1530); RoPE is relative: positions stay per row
-            if self.varlen and documents is None:
-                raise RuntimeError("DOC_ISOLATION through the varlen kernel needs the batch's host-built segments")
-            rotary.append(documents if self.varlen else document_mask(ids, self.segment_len))
-        x = self.run_blocks(x, banks, rotary, ve_base)
+        table_length = max(ids.size(1), self.adapted_rope_length) if adapters is not None else ids.size(1)
+        tables = rotary_tables(
+            table_length, self.rope_dims, self.rope_base, ids.device, self.rope_ntk_len, self.segment_len
+        )
+        rotary = Rotary(cos=tables.cos[:, : ids.size(1)], sin=tables.sin[:, : ids.size(1)])
+        boundaries = self.attention_boundaries(ids, documents)
+        x = self.run_blocks(x, banks, rotary, boundaries, ve_base, adapters, record)
         x = rms_norm(x)
-        if self.hessian_recorder is not None:
-            self.hessian_recorder("head", x)  # the tied embedding's input as the LM head
+        if record is not None:
+            record("head", x)  # the tied embedding's input as the LM head
         return x
 
-    def run_blocks(self, x, banks, rotary, ve_base) -> torch.Tensor:
+    def attention_boundaries(self, ids: torch.Tensor, documents):
+        """DOC_ISOLATION: attention never crosses a BOS (#1530); RoPE is relative, so positions stay per row. The
+        varlen kernel takes the batch's host-built segments (documents), SDPA a mask; None: plain causal."""
+        if not self.doc_isolation:
+            return None
+        if not self.varlen:
+            return document_mask(ids, self.segment_len)
+        if documents is None:
+            raise RuntimeError("DOC_ISOLATION through the varlen kernel needs the batch's host-built segments")
+        return documents
+
+    def run_blocks(self, x, banks, rotary: Rotary, boundaries, ve_base, adapters, record) -> torch.Tensor:
         """U-Net over the virtual layers: decoder position num_encoder+i takes encoder output num_encoder-1-i (LIFO).
         Two-lane blocks carry (attention, MLP) lanes: skips join the attention lane, the lanes' mean leaves (#1529)."""
         x0, order = x, self.layer_order()
@@ -2201,10 +2252,18 @@ class GPT(nn.Module):
             if layer in self.ve_layers:
                 scale = self.value_embedding.layer_scales[self.ve_layers.index(layer)]
                 value_embed = scale.to(x0.dtype) * ve_base
-            record = None
-            if self.hessian_recorder is not None:  # repeated blocks add up into one Hessian per matrix
-                record = lambda role, inputs, prefix=f"blocks.{layer}.": self.hessian_recorder(prefix + role, inputs)
-            x = block(x, x0, self.layer_weights(layer, banks), rotary, value_embed, record)
+            block_record = None
+            if record is not None:  # repeated blocks add up into one Hessian per matrix
+                block_record = functools.partial(record_block_input, record, f"blocks.{layer}.")
+            x = block(
+                x,
+                x0,
+                weights=self.layer_weights(layer, banks, adapters),
+                rotary=rotary,
+                boundaries=boundaries,
+                value_embed=value_embed,
+                record=block_record,
+            )
             if position < num_encoder:
                 skips.append(0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x)
         return 0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x
@@ -2217,7 +2276,7 @@ class GPT(nn.Module):
         gate = torch.sigmoid(self.skip_gates[index]).to(x.dtype)
         return gate * x + (1 - gate) * weighted
 
-    def raw_logits(self, ids: torch.Tensor, positions=None, documents=None) -> torch.Tensor:
+    def raw_logits(self, ids: torch.Tensor, positions=None, documents=None, adapters=None) -> torch.Tensor:
         """Logits (B, n, V) of the tied LM head in the compute dtype (bf16 under autocast; logits() makes them fp32;
         FUSED_KERNELS' CE reads them so, as #1855) before the soft cap at `positions`: None (all T), n (the last n:
         sliding windows score only the newest) or per-row columns (B, n) (document LoRA scores one chunk a row)."""
@@ -2226,15 +2285,16 @@ class GPT(nn.Module):
             if torch.is_autocast_enabled(ids.device.type)
             else self.token_embedding.weight.dtype
         )
-        hidden = self.hidden_states(ids, compute_dtype, documents)
+        hidden = self.hidden_states(ids, compute_dtype, documents, adapters)
         if isinstance(positions, torch.Tensor):
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
         elif positions is not None:
             hidden = hidden[:, -positions:]
-        return linear(hidden, self.adapted("head", self.token_embedding.weight))
+        head = self.token_embedding.weight
+        return linear(hidden, head if adapters is None else adapters.adapted("head", head))
 
-    def logits(self, ids: torch.Tensor, positions=None, documents=None) -> torch.Tensor:
-        raw, cap = self.raw_logits(ids, positions, documents).float(), self.logit_softcap
+    def logits(self, ids: torch.Tensor, positions=None, documents=None, adapters=None) -> torch.Tensor:
+        raw, cap = self.raw_logits(ids, positions, documents, adapters).float(), self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
 
     def forward(
@@ -2245,18 +2305,22 @@ class GPT(nn.Module):
         hints=None,
         documents=None,
         positions=None,
+        adapters=None,
     ) -> torch.Tensor:
         """Cross-entropy of targets (B, n), the next tokens of the last n of ids (B, T) or of ids at positions (B, n);
         reduction "mean", "sum" or "none" (B, n); with hints (B, n) (NGRAM_TILT) the NLLs of targets and hints
-        (2, B, n); documents: the varlen kernel's segments of ids (RunContext.documents).
+        (2, B, n); documents: the varlen kernel's segments of ids (RunContext.documents); adapters: document LoRA's
+        per-row adapters (BatchedLoRA), with their `rows` selected.
         FUSED_KERNELS: the fused soft-capped CE in training; scoring keeps eager numerics (#1787)."""
         positions = targets.size(1) if positions is None else positions
         if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
-            raw = self.raw_logits(ids, positions, documents)  # bf16 under CUDA autocast: the kernel reads it so
+            raw = self.raw_logits(
+                ids, positions, documents, adapters
+            )  # bf16 under CUDA autocast: the kernel reads it so
             return softcapped_cross_entropy(
                 raw.reshape(-1, raw.size(-1)), targets.reshape(-1), self.logit_softcap
             ).mean()
-        logits = self.logits(ids, positions, documents)
+        logits = self.logits(ids, positions, documents, adapters)
         if hints is not None:  # one log-softmax for both
             log_probs = F.log_softmax(logits, dim=-1)
             return -torch.stack((log_probs.gather(-1, targets[..., None]), log_probs.gather(-1, hints[..., None])))[
@@ -3197,13 +3261,22 @@ class NgramTilt:
         return nll.float() + log_z - beta * to_device(self.hit[targets], device)
 
 
+class ScoreSums(typing.NamedTuple):
+    """What a pass adds up (float64, all-reduced as one tensor in this order): sums, never ratios."""
+
+    nll: typing.Any  # nats of the scored targets
+    tokens: typing.Any  # scored targets
+    bytes: typing.Any  # their UTF-8 bytes
+    tilted_nll: typing.Any  # nats under NGRAM_TILT (the plain NLL without it)
+
+
 class ScoreAccumulator:
     """float64 sums of NLL (nats), scored tokens, bytes and, with NGRAM_TILT, the tilted NLL; all-reduced as sums,
     never ratios. Also the first target whose NLL is not finite: an error naming it, never a val_bpb:nan line."""
 
     def __init__(self, device, val, tilt=None):
         self.device, self.val, self.tilt = device, val, tilt
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(ScoreSums._fields), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=device)
 
     def hints(self, targets: np.ndarray) -> torch.Tensor | None:
@@ -3217,7 +3290,10 @@ class ScoreAccumulator:
         nll = scored[0] if self.tilt is not None else scored
         tilted = self.tilt.apply(nll, scored[1], targets, self.device) if self.tilt is not None else nll
         masked = lambda values: torch.where(keep, values.double(), 0.0).sum()  # noqa: E731
-        self.sums += torch.stack((masked(nll), keep.sum(dtype=torch.float64), masked(byte_counts), masked(tilted)))
+        added = ScoreSums(
+            nll=masked(nll), tokens=keep.sum(dtype=torch.float64), bytes=masked(byte_counts), tilted_nll=masked(tilted)
+        )
+        self.sums += torch.stack(added)
         bad = keep & ~(torch.isfinite(nll) & torch.isfinite(tilted))
         self.first_bad = torch.minimum(self.first_bad, torch.where(bad, index, math.inf).min())
 
@@ -3227,12 +3303,13 @@ class ScoreAccumulator:
         if distributed:
             dist.all_reduce(sums)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-        (plain, tokens, byte_total, tilt_sum), first = sums.tolist(), first_bad.item()
-        nll = tilt_sum if tilted else plain
+        totals = ScoreSums(*sums.tolist())
+        first = first_bad.item()
+        nll = totals.tilted_nll if tilted else totals.nll
         if math.isfinite(first) or not math.isfinite(nll):
             where = f"target {int(first)}" if math.isfinite(first) else "the sum"
             raise RunFault(f"the NLL is not finite at {where}: the weights are not finite or overflow", EXIT_NONFINITE)
-        return nll / tokens, nll / math.log(2) / byte_total, int(tokens), int(byte_total)
+        return nll / totals.tokens, nll / math.log(2) / totals.bytes, int(totals.tokens), int(totals.bytes)
 
 
 class SlidingWindows:
@@ -3448,26 +3525,24 @@ def prime_lora_graphs(model: GPT, run) -> int:
     lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, seed=0)
     shapes = ((3, 2 * h.ttt_lora_chunk + 1, h.ttt_lora_chunk), (2, 3, 2))  # (rows, context, scored columns)
     model.eval()
-    model.lora, model.rope_length = lora, h.eval_seq_len
-    try:
-        for train in (False, True):
-            for rows, width, scored in shapes:
-                inputs, targets, hints = (generator.integers(0, h.vocab_size, shape) for shape in ((rows, width),) * 3)
-                columns = np.sort(generator.integers(0, width, (rows, scored)), axis=1)
-                with torch.set_grad_enabled(train), run.autocast():
-                    nll = run.lora_forward(
-                        model,
-                        lora,
-                        np.arange(rows)[::-1] % h.ttt_lora_batch,
-                        to_device(inputs, run.device),
-                        to_device(np.take_along_axis(targets, columns, 1), run.device),
-                        to_device(np.take_along_axis(hints, columns, 1), run.device) if h.ngram_tilt else None,
-                        to_device(columns, run.device),
-                    )
-                if train:
-                    nll.float().mean().backward(inputs=lora.parameters())
-    finally:
-        model.lora, model.rope_length = None, 0
+    for train in (False, True):
+        for rows, width, scored in shapes:
+            inputs = generator.integers(0, h.vocab_size, (rows, width))
+            targets = generator.integers(0, h.vocab_size, (rows, width))
+            hints = generator.integers(0, h.vocab_size, (rows, width))
+            columns = np.sort(generator.integers(0, width, (rows, scored)), axis=1)
+            with torch.set_grad_enabled(train), run.autocast():
+                nll = run.lora_forward(
+                    model,
+                    lora,
+                    np.arange(rows)[::-1] % h.ttt_lora_batch,
+                    to_device(inputs, run.device),
+                    to_device(np.take_along_axis(targets, columns, 1), run.device),
+                    to_device(np.take_along_axis(hints, columns, 1), run.device) if h.ngram_tilt else None,
+                    to_device(columns, run.device),
+                )
+            if train:
+                nll.float().mean().backward(inputs=lora.parameters())
     return 2
 
 
@@ -3780,13 +3855,10 @@ class DocumentLoRATrainer:
         self.optimizer.state.clear()
         steps = -(-(docs[:, 1] - docs[:, 0]) // h.ttt_lora_chunk)
         train = self.guard.allows(projected, "the LoRA steps and phases", agreed=False)
-        self.model.lora, self.model.rope_length = self.lora, h.eval_seq_len
-        try:
-            for chunk in range(int(steps.max())):
-                rows = np.flatnonzero(steps > chunk)  # longest first: the first rows; in stream order, any
-                self.chunk_step(docs[rows], rows, chunk, train & (chunk < steps[rows] - 1))
-        finally:
-            self.model.lora, self.model.rope_length, self.lora.rows = None, 0, slice(None)
+        for chunk in range(int(steps.max())):
+            rows = np.flatnonzero(steps > chunk)  # longest first: the first rows; in stream order, any
+            self.chunk_step(docs[rows], rows, chunk, train & (chunk < steps[rows] - 1))
+        self.lora.rows = slice(None)
         self.seconds["batch"].append(time.perf_counter() - started)
         self.done.append(index)
 
@@ -3984,12 +4056,13 @@ class RunContext:
         else:
             lora.rows = slice(len(rows))
         documents = self.row_segments(*inputs.shape)
-        if not self.compile:
-            return model(inputs, targets, "none", hints, documents, columns)
-        key = (id(model), "lora")
-        if key not in self.compiled:
-            self.compiled[key] = torch.compile(model, dynamic=True, fullgraph=True)
-        return self.compiled[key](inputs, targets, "none", hints, documents, columns)
+        forward = model
+        if self.compile:
+            key = (id(model), "lora")
+            if key not in self.compiled:
+                self.compiled[key] = torch.compile(model, dynamic=True, fullgraph=True)
+            forward = self.compiled[key]
+        return forward(inputs, targets, "none", hints, documents, positions=columns, adapters=lora)
 
     def row_segments(self, rows: int, width: int) -> torch.Tensor | None:
         """The varlen segments of rows that each hold one document's tokens (document LoRA's: no BOS but at a row's
@@ -4469,16 +4542,14 @@ def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, dea
         sums[name] = sums[name] + gram if name in sums else gram
 
     model.eval()
-    model.hessian_recorder = record
     batches, started = 0, time.perf_counter()
     try:
         while batches < h.gptq_calib_batches and (batches == 0 or agreed_to_go_on(run, started, batches, deadline)):
             inputs, _, documents = loader.next_batch(local_tokens, h.train_seq_len)
             with run.autocast():
-                model.hidden_states(inputs, run.compute_dtype, documents)
+                model.hidden_states(inputs, run.compute_dtype, documents, record=record)
             batches += 1
     finally:
-        model.hessian_recorder = None
         model.train()
     if run.world_size > 1:
         for gram in sums.values():

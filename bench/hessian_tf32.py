@@ -46,13 +46,9 @@ def both_hessians(model, run, loader, local_tokens: int) -> tuple[dict, dict]:
             sums[name] = sums[name] + gram if name in sums else gram
 
     model.eval()
-    model.hessian_recorder = record
-    try:
-        for _ in range(run.h.gptq_calib_batches):
-            inputs, _, documents = loader.next_batch(local_tokens, run.h.train_seq_len)
-            model.hidden_states(inputs, run.compute_dtype, documents)
-    finally:
-        model.hessian_recorder = None
+    for _ in range(run.h.gptq_calib_batches):
+        inputs, _, documents = loader.next_batch(local_tokens, run.h.train_seq_len)
+        model.hidden_states(inputs, run.compute_dtype, documents, record=record)
     return exact, rounded
 
 

@@ -54,7 +54,6 @@ def main() -> None:
 
     docs = trainer.batches[0]
     trainer.lora.reset(True)
-    model.lora, model.rope_length = trainer.lora, h.eval_seq_len
     steps = length // chunk
     for index in range(steps - 1):  # the ledger: earlier chunks scored
         trainer.ledger.mark(int(docs[0, 0]), int(docs[0, 0]) + index * chunk)

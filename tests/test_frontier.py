@@ -141,14 +141,15 @@ def block_and_inputs(form, seed=1):
 def test_gptj_block_adds_both_branches_of_the_same_input():
     block, weights, x, x0 = block_and_inputs("gptj")
     mixed = block.resid_mix[0] * x + block.resid_mix[1] * x0
-    expected = mixed + block.attention_branch(mixed, weights, None, None, None) + block.mlp_branch(mixed, weights, None)
+    attn = block.attention_branch(mixed, weights, None, None, None, None)
+    expected = mixed + attn + block.mlp_branch(mixed, weights, None)
     assert torch.allclose(block(x, x0, weights, None), expected, atol=1e-6)
 
 
 def test_two_lane_block_routes_with_rho_and_pi():
     block, weights, l0, x0 = block_and_inputs("two_lane")
     l1 = torch.randn_like(l0)
-    a = block.attention_branch(block.resid_mix[0] * l0 + block.resid_mix[1] * x0, weights, None, None, None)
+    a = block.attention_branch(block.resid_mix[0] * l0 + block.resid_mix[1] * x0, weights, None, None, None, None)
     m = block.mlp_branch(l1, weights, None)
     rho, pi = block.lane_decay, block.lane_routing
     new0, new1 = block((l0, l1), x0, weights, None)
@@ -194,13 +195,13 @@ def test_looped_forward_runs_the_shared_blocks_in_order_and_records_physical_lay
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda module, args, i=i: order.append(i))
     recorded = []
-    model.hessian_recorder = lambda name, inputs: recorded.append(name)
+    ids, _ = tiny_batch()
     with torch.no_grad():
-        model(*tiny_batch())
+        model.hidden_states(ids, torch.float32, record=lambda name, inputs: recorded.append(name))
     assert order == [0, 1, 2, 1, 2, 1, 2, 3]
     assert {n.split(".")[1] for n in recorded if n.startswith("blocks.")} == {"0", "1", "2", "3"}
     assert sum(n == "blocks.1.attn.qkv" for n in recorded) == 3  # one Hessian per matrix, summed over passes
-    model.hessian_recorder, order[:] = None, []
+    order.clear()
     model.looping = False
     with torch.no_grad():
         model(*tiny_batch())
@@ -457,10 +458,10 @@ def test_segments_of_a_packed_row_cut_long_documents_as_1855():
 def test_rope_is_rescaled_above_its_ntk_length_only():
     """#549 NTK-rescales RoPE's base above 1024 tokens; #1855 (ROPE_NTK_LEN=0) never; a packed row's rescale is
     decided by its longest segment, not its length."""
-    plain = train_gpt.rotary_tables(2048, 16, 10000.0, "cpu", 0)[0]
-    assert torch.equal(plain[:, :1024], train_gpt.rotary_tables(1024, 16, 10000.0, "cpu")[0])
-    assert not torch.allclose(train_gpt.rotary_tables(2048, 16, 10000.0, "cpu")[0], plain)
-    assert torch.equal(train_gpt.rotary_tables(4096, 16, 10000.0, "cpu", 1024, 1024)[0][:, :2048], plain)
+    plain = train_gpt.rotary_tables(2048, 16, 10000.0, "cpu", 0).cos
+    assert torch.equal(plain[:, :1024], train_gpt.rotary_tables(1024, 16, 10000.0, "cpu").cos)
+    assert not torch.allclose(train_gpt.rotary_tables(2048, 16, 10000.0, "cpu").cos, plain)
+    assert torch.equal(train_gpt.rotary_tables(4096, 16, 10000.0, "cpu", 1024, 1024).cos[:, :2048], plain)
 
 
 # ---------------------------------------------------------------------------------------------------- preset

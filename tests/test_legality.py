@@ -285,10 +285,10 @@ def test_a_fresh_lora_is_the_base_model():
     ids = torch.randint(2, 1024, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model.logits(ids)
-        model.lora = train_gpt.BatchedLoRA(model, rows=3, rank=4, alpha=8.0, seed=0)
-        adapted = model.logits(ids)
-        model.lora.b[0].add_(0.1)  # the test can fail: a nonzero B changes the outputs
-        changed = model.logits(ids)
+        lora = train_gpt.BatchedLoRA(model, rows=3, rank=4, alpha=8.0, seed=0)
+        adapted = model.logits(ids, adapters=lora)
+        lora.b[0].add_(0.1)  # the test can fail: a nonzero B changes the outputs
+        changed = model.logits(ids, adapters=lora)
     assert torch.equal(base, adapted) and not torch.equal(base, changed)
 
 
@@ -373,12 +373,13 @@ def test_lora_rows_keep_the_scoring_windows_rope_base():
     """RoPE's NTK base follows the table length: LoRA TTT's short rows pin the table at EVAL_SEQ_LEN, so a row of
     100 tokens gets the positions a 2048-token scoring window gives its first 100 (unpinned, it would not)."""
     model = perturbed_tiny_model()
+    model.adapted_rope_length = 2048  # EVAL_SEQ_LEN
+    lora = train_gpt.BatchedLoRA(model, rows=1, rank=4, alpha=8.0, seed=0)  # B = 0: the base model's outputs
     ids = torch.randint(2, 1024, (1, 2048), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         window = model.logits(ids)[:, :100]
         unpinned = model.logits(ids[:, :100])
-        model.rope_length = 2048
-        pinned = model.logits(ids[:, :100])
+        pinned = model.logits(ids[:, :100], adapters=lora)
     assert torch.allclose(pinned, window, atol=1e-5) and not torch.allclose(unpinned, window, atol=1e-3)
 
 
@@ -564,9 +565,9 @@ def test_lora_head_runs_on_the_scored_chunk_only(tmp_path, monkeypatch, per_targ
     env = dict(LORA_ENV, TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=5)
     real_raw_logits = train_gpt.GPT.raw_logits
 
-    def recording(self, ids, positions=None, documents=None):
-        logits = real_raw_logits(self, ids, positions, documents)
-        if self.lora is not None:
+    def recording(self, ids, positions=None, documents=None, adapters=None):
+        logits = real_raw_logits(self, ids, positions, documents, adapters)
+        if adapters is not None:
             widths.append(logits.size(1))
         return logits
 
@@ -574,8 +575,8 @@ def test_lora_head_runs_on_the_scored_chunk_only(tmp_path, monkeypatch, per_targ
     chunked = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **env)
     assert widths and max(widths) <= 16 < env["TTT_LORA_CONTEXT"]
 
-    def full_width(self, ids, positions=None, documents=None):
-        logits = real_raw_logits(self, ids, None, documents)  # every position, then the chunk's columns
+    def full_width(self, ids, positions=None, documents=None, adapters=None):
+        logits = real_raw_logits(self, ids, None, documents, adapters)  # every position, then the chunk's columns
         if isinstance(positions, torch.Tensor):
             return logits.gather(1, positions[..., None].expand(-1, -1, logits.size(-1)))
         return logits if positions is None else logits[:, -positions:]

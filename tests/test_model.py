@@ -79,15 +79,15 @@ def test_xsa_removes_the_self_value_direction():
 
 def test_partial_rotary_is_a_rotation_of_the_first_dims_only():
     x = torch.randn(1, 6, 2, 16)
-    cos, sin = train_gpt.rotary_tables(6, 8, 10000.0, "cpu")
-    out = train_gpt.apply_partial_rotary(x, cos, sin)
+    rotary = train_gpt.rotary_tables(6, 8, 10000.0, "cpu")
+    out = train_gpt.apply_partial_rotary(x, rotary)
     assert torch.equal(out[..., 8:], x[..., 8:])
     assert torch.allclose(out[..., :8].norm(dim=-1), x[..., :8].norm(dim=-1), atol=1e-5)
     assert torch.equal(out[:, 0], x[:, 0])  # position 0 is not rotated
 
 
 def test_rotary_ntk_base_matches_record_at_2048():
-    cos, _ = train_gpt.rotary_tables(2048, 16, 10000.0, "cpu")
+    cos = train_gpt.rotary_tables(2048, 16, 10000.0, "cpu").cos
     base = 10000.0 * 2 ** (16 / 14)  # #549: about 22,082 at T = 2048
     inv_freq = 1.0 / base ** (torch.arange(0, 16, 2).float() / 16)
     assert torch.allclose(cos[0, 100, 0], torch.cos(100 * inv_freq), atol=1e-4)
@@ -296,7 +296,7 @@ def test_attention_inputs_and_residual_stay_bf16_when_norms_return_fp32(monkeypa
     )
     seen = []
 
-    def attention(q, k, v):
+    def attention(q, k, v, boundaries=None):
         seen.append((q.dtype, k.dtype, v.dtype))
         return train_gpt.sdpa_attention(q, k, v)
 
