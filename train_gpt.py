@@ -804,65 +804,40 @@ def no_documents(inputs: np.ndarray) -> None:
     return None
 
 
-class DistributedTokenLoader:
-    """Every rank reads the same stream; rank r keeps span r of each block (spans overlap by nothing). Batches are
-    (inputs, targets, documents): documents(host inputs) is RunContext.documents (varlen boundaries, or None)."""
+# A training loader is one block source (what a rank's micro-batch holds) feeding one TrainingLoader (the batch
+# builder: tensors, varlen boundaries, pinned copies, building ahead). Each source gives (inputs, targets) as int64
+# (rows, width) host arrays and can save and restore its place (the prefetch's rewind).
 
-    def __init__(
-        self,
-        files: list[str],
-        vocab_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        documents=no_documents,
-    ):
+
+class StreamBlocks:
+    """LOADER=stream (#549): every rank reads the same stream; rank r keeps span r of each block (spans overlap by
+    nothing), cut into rows of seq_len."""
+
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int):
         self.stream = TokenStream(files, vocab_size)
-        self.rank, self.world_size, self.device, self.documents = rank, world_size, device, documents
+        self.rank, self.world_size = rank, world_size
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
+    def take(self, local_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         span = local_tokens + 1  # the extra token is only ever a target
         block = self.stream.take(span * self.world_size)
-        local = torch.from_numpy(block[self.rank * span : (self.rank + 1) * span].astype(np.int64))
-        inputs, targets = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
-        documents = self.documents(inputs.numpy())
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
+        local = block[self.rank * span : (self.rank + 1) * span].astype(np.int64)
+        return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+
+    def state(self) -> tuple:
+        return self.stream.file_index, self.stream.tokens, self.stream.position
+
+    def restore(self, state: tuple):
+        self.stream.file_index, self.stream.tokens, self.stream.position = state
 
 
-LOADER_PREFETCH = 2  # LOADER=documents' batches built ahead on a thread (#1855: a two-deep pinned queue)
-
-
-class BuiltBatch(typing.NamedTuple):
-    """A batch built ahead: the loader's place before it (a rewind returns there), the batch or the error it met."""
-
-    state: tuple
-    batch: tuple | None
-    error: BaseException | None
-
-
-class DocumentPackingLoader:
+class PackedDocumentBlocks:
     """LOADER=documents (#1855's training loader): the shards in order from the first shard's first BOS, each rank
     taking span r of each block as the stream does, but a micro-batch is one row of the rank's tokens (segments:
-    Hyperparameters.segment_len) and a block that would run past its shard's end starts the next shard's first BOS.
-    With `prefetch` (the run's: 2, as #1855) a thread builds the batches that far ahead: shard reads, the BOS scan,
-    the varlen segments (2.4 ms a 98,304-token row here) and the copy to the device from pinned memory run off the
-    step's critical path (the second CUDA review's defect 6: every step ends in a host sync, so host work was GPU
-    idle time). The batches are the synchronous loader's; a request for another size rewinds to the first unused."""
+    Hyperparameters.segment_len) and a block that would run past its shard's end starts the next shard's first BOS."""
 
-    def __init__(
-        self,
-        files: list[str],
-        vocab_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        documents=no_documents,
-        prefetch: int = 0,
-    ):
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int):
         self.files, self.vocab_size, self.file_index = files, vocab_size, -1
-        self.rank, self.world_size, self.device, self.documents = rank, world_size, device, documents
-        self.prefetch, self.ahead = prefetch, collections.deque()  # (local_tokens, future of a BuiltBatch)
-        self.worker = concurrent.futures.ThreadPoolExecutor(1, "document-loader") if prefetch else None
+        self.rank, self.world_size = rank, world_size
         self.next_shard()
 
     def next_shard(self):
@@ -873,33 +848,7 @@ class DocumentPackingLoader:
             raise InputError(f"{self.files[self.file_index]}: no BOS (id {BOS_ID}): LOADER=documents needs documents")
         self.position = int(first_bos[0])
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
-        """(inputs, targets, documents) of one row of local_tokens tokens (seq_len: the rows' length elsewhere)."""
-        if not self.prefetch:
-            return self.build_batch(local_tokens)
-        if self.ahead and self.ahead[0][0] != local_tokens:
-            self.rewind()
-        while len(self.ahead) <= self.prefetch:
-            self.ahead.append((local_tokens, self.worker.submit(self.built_batch, local_tokens)))
-        built = self.ahead.popleft()[1].result()
-        if built.error is not None:
-            raise built.error
-        return built.batch
-
-    def rewind(self):
-        """Back to where the first batch built ahead began (its successors wait out and are dropped)."""
-        concurrent.futures.wait([future for _, future in self.ahead])
-        self.file_index, self.tokens, self.position = self.ahead[0][1].result().state
-        self.ahead.clear()
-
-    def built_batch(self, local_tokens: int) -> BuiltBatch:
-        state = (self.file_index, self.tokens, self.position)
-        try:
-            return BuiltBatch(state, self.build_batch(local_tokens), None)
-        except Exception as error:  # raised where the batch is asked for, in the training thread
-            return BuiltBatch(state, None, error)
-
-    def build_batch(self, local_tokens: int) -> tuple:
+    def take(self, local_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         span = local_tokens + 1  # the extra token is only ever a target
         for _ in range(len(self.files) + 1):
             if self.position + span * self.world_size <= len(self.tokens):
@@ -908,31 +857,25 @@ class DocumentPackingLoader:
         else:
             raise InputError(f"LOADER=documents: no training shard holds a block of {span * self.world_size} tokens")
         start = self.position + self.rank * span
-        local = torch.from_numpy(self.tokens[start : start + span].astype(np.int64))
-        if self.device.type == "cuda":
-            local = local.pin_memory()  # an asynchronous copy, which the step does not wait for
+        local = self.tokens[start : start + span].astype(np.int64)
         self.position += span * self.world_size
-        inputs, targets = local[None, :-1], local[None, 1:]
-        documents = self.documents(inputs.numpy())
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
+        return local[None, :-1], local[None, 1:]
+
+    def state(self) -> tuple:
+        return self.file_index, self.tokens, self.position
+
+    def restore(self, state: tuple):
+        self.file_index, self.tokens, self.position = state
 
 
-class ShuffledSequenceLoader:
+class ShuffledSequences:
     """LOADER=shuffled (#1394): rank r reads shards r, r+W, ...; TRAIN_SEQ_LEN+1-token sequences at a random phase, in
     random order, each from a shard drawn by its unvisited count (PCG64 seeded by SEED, rank); ids checked per batch."""
 
-    def __init__(
-        self,
-        files: list[str],
-        vocab_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
-        documents=no_documents,
-    ):
-        self.files, self.documents = files[rank::world_size] if len(files) >= world_size else files, documents
-        self.vocab_size, self.device, self.starts = vocab_size, device, []
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, seed: int):
+        self.files = files[rank::world_size] if len(files) >= world_size else files
+        self.vocab_size = vocab_size
+        self.starts = []
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
         self.shards = [
             np.memmap(f, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(f),))
@@ -943,7 +886,7 @@ class ShuffledSequenceLoader:
         phase = int(self.rng.integers(span)) if len(shard) >= 2 * span else 0
         return list(phase + span * self.rng.permutation((len(shard) - phase) // span))
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
+    def take(self, local_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         rows = []
         for _ in range(local_tokens // seq_len):
             remaining = np.array([len(s) for s in self.starts], dtype=np.float64)
@@ -955,12 +898,91 @@ class ShuffledSequenceLoader:
             shard = int(self.rng.choice(len(remaining), p=remaining / remaining.sum()))
             start = self.starts[shard].pop()
             rows.append(self.shards[shard][start : start + seq_len + 1])
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        batch = np.stack(rows).astype(np.int64)
         if int(batch.max()) >= self.vocab_size:
             raise InputError(f"training shards {self.files}: id {int(batch.max())} >= VOCAB_SIZE={self.vocab_size}")
-        inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        documents = self.documents(inputs.numpy())
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True), documents
+        return batch[:, :-1], batch[:, 1:]
+
+    def state(self) -> tuple:
+        return self.rng.bit_generator.state, [list(starts) for starts in self.starts]
+
+    def restore(self, state: tuple):
+        self.rng.bit_generator.state = state[0]
+        self.starts = [list(starts) for starts in state[1]]
+
+
+LOADER_PREFETCH = 2  # LOADER=documents' batches built ahead on a thread (#1855: a two-deep pinned queue)
+
+
+class BuiltBatch(typing.NamedTuple):
+    """A batch built ahead: the source's place before it (a rewind returns there), the batch or the error it met."""
+
+    state: tuple
+    batch: tuple | None
+    error: BaseException | None
+
+
+class TrainingLoader:
+    """Batches (inputs, targets, documents) of a block source on the device; documents(host inputs) is
+    RunContext.documents (varlen boundaries, or None). With `prefetch` (LOADER=documents: 2, as #1855) a thread
+    builds the batches that far ahead: shard reads, the BOS scan, the varlen segments (2.4 ms a 98,304-token row
+    here) and the copy to the device from pinned memory run off the step's critical path (the second CUDA review's
+    defect 6: every step ends in a host sync, so host work was GPU idle time). The batches are the synchronous
+    loader's; a request for another size (calibration) rewinds to the first unused."""
+
+    def __init__(self, source, device: torch.device, documents=no_documents, prefetch: int = 0):
+        self.source, self.device, self.documents = source, device, documents
+        self.prefetch, self.ahead = prefetch, collections.deque()  # ((local_tokens, seq_len), future of a BuiltBatch)
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, "training-loader") if prefetch else None
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
+        """(inputs, targets, documents) of local_tokens tokens: rows of seq_len, or the source's own row width."""
+        if not self.prefetch:
+            return self.build_batch(local_tokens, seq_len)
+        size = (local_tokens, seq_len)
+        if self.ahead and self.ahead[0][0] != size:
+            self.rewind()
+        while len(self.ahead) <= self.prefetch:
+            self.ahead.append((size, self.worker.submit(self.built_batch, local_tokens, seq_len)))
+        built = self.ahead.popleft()[1].result()
+        if built.error is not None:
+            raise built.error
+        return built.batch
+
+    def rewind(self):
+        """Back to where the first batch built ahead began (its successors wait out and are dropped)."""
+        concurrent.futures.wait([future for _, future in self.ahead])
+        self.source.restore(self.ahead[0][1].result().state)
+        self.ahead.clear()
+
+    def built_batch(self, local_tokens: int, seq_len: int) -> BuiltBatch:
+        state = self.source.state()
+        try:
+            return BuiltBatch(state, self.build_batch(local_tokens, seq_len), None)
+        except Exception as error:  # raised where the batch is asked for, in the training thread
+            return BuiltBatch(state, None, error)
+
+    def build_batch(self, local_tokens: int, seq_len: int) -> tuple:
+        inputs, targets = self.source.take(local_tokens, seq_len)
+        documents = self.documents(inputs)
+        pair = torch.from_numpy(np.stack((inputs, targets)))
+        if self.device.type == "cuda":
+            pair = pair.pin_memory()  # an asynchronous copy, which the step does not wait for
+        pair = pair.to(self.device, non_blocking=True)
+        return pair[0], pair[1], documents
+
+
+def training_loader(h: Hyperparameters, rank: int, world_size: int, device, documents=no_documents) -> TrainingLoader:
+    """LOADER's block source in the batch builder: the one place a run's training loader is chosen."""
+    files = shard_files(h.data_path, "train")
+    if h.loader == "shuffled":
+        source = ShuffledSequences(files, h.vocab_size, rank, world_size, h.seed)
+    elif h.loader == "documents":
+        source = PackedDocumentBlocks(files, h.vocab_size, rank, world_size)
+    else:
+        source = StreamBlocks(files, h.vocab_size, rank, world_size)
+    prefetch = LOADER_PREFETCH if h.loader == "documents" else 0
+    return TrainingLoader(source, torch.device(device), documents, prefetch)
 
 
 def load_byte_sidecar(token_files: list[str]) -> np.ndarray | None:
@@ -4250,18 +4272,8 @@ class Trainer:
         self.watch, self.interrupted = TrainingWatch(run), 0  # the signal that stopped training, if any
         model.looping = looping_at(h, 0.0)  # the plain graph first (#1855)
 
-    def new_loader(self):
-        h, run = self.h, self.run
-        files = shard_files(h.data_path, "train")
-        if h.loader == "shuffled":
-            return ShuffledSequenceLoader(
-                files, h.vocab_size, run.rank, run.world_size, run.device, h.seed, run.documents
-            )
-        if h.loader == "documents":
-            return DocumentPackingLoader(
-                files, h.vocab_size, run.rank, run.world_size, run.device, run.documents, LOADER_PREFETCH
-            )
-        return DistributedTokenLoader(files, h.vocab_size, run.rank, run.world_size, run.device, run.documents)
+    def new_loader(self) -> TrainingLoader:
+        return training_loader(self.h, self.run.rank, self.run.world_size, self.run.device, self.run.documents)
 
     def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""

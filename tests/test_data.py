@@ -105,7 +105,8 @@ def test_ranks_take_disjoint_spans_of_the_same_block(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", list(range(100)))
     files = train_gpt.shard_files(str(tmp_path), "train")
     batches = [
-        train_gpt.DistributedTokenLoader(files, 1024, r, 2, torch.device("cpu")).next_batch(8, 4) for r in range(2)
+        train_gpt.TrainingLoader(train_gpt.StreamBlocks(files, 1024, r, 2), torch.device("cpu")).next_batch(8, 4)
+        for r in range(2)
     ]
     (x0, y0, _), (x1, y1, _) = batches
     assert x0.flatten().tolist() == list(range(0, 8)) and y0.flatten().tolist() == list(range(1, 9))

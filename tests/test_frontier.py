@@ -349,8 +349,8 @@ def test_shuffled_loader_draws_whole_sequences_without_repeats(tmp_path):
     for i in range(4):
         files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
         write_shard(files[-1], np.arange(i * 1000, i * 1000 + 999) % 4096)
-    loaders = [train_gpt.ShuffledSequenceLoader(files, 4096, r, 2, torch.device("cpu"), seed=7) for r in range(2)]
-    assert loaders[0].files == files[0::2] and loaders[1].files == files[1::2]  # ranks own disjoint shards
+    loaders = [shuffled_loader(files, r, 2) for r in range(2)]
+    assert loaders[0].source.files == files[0::2] and loaders[1].source.files == files[1::2]  # disjoint shards
     seen = set()
     for _ in range(4):
         inputs, targets, _ = loaders[0].next_batch(4 * 32, 32)
@@ -359,14 +359,38 @@ def test_shuffled_loader_draws_whole_sequences_without_repeats(tmp_path):
         assert {int(v) // 1000 for v in inputs[:, 0]} <= {0, 2}
         seen.update(int(v) for v in inputs[:, 0])
     assert len(seen) == 16  # no sequence twice within a pass
-    again = train_gpt.ShuffledSequenceLoader(files, 4096, 0, 2, torch.device("cpu"), seed=7)
-    assert torch.equal(
-        again.next_batch(128, 32)[0],
-        train_gpt.ShuffledSequenceLoader(files, 4096, 0, 2, torch.device("cpu"), seed=7).next_batch(128, 32)[0],
-    )
+    again = shuffled_loader(files, 0, 2)
+    assert torch.equal(again.next_batch(128, 32)[0], shuffled_loader(files, 0, 2).next_batch(128, 32)[0])
     write_shard(files[0], [5000] * 999)
     with pytest.raises(train_gpt.InputError, match="VOCAB_SIZE"):
-        train_gpt.ShuffledSequenceLoader(files[:1], 4096, 0, 1, torch.device("cpu"), seed=7).next_batch(128, 32)
+        shuffled_loader(files[:1], 0, 1).next_batch(128, 32)
+
+
+def shuffled_loader(files, rank, world_size, prefetch=0):
+    source = train_gpt.ShuffledSequences(files, 4096, rank, world_size, seed=7)
+    return train_gpt.TrainingLoader(source, torch.device("cpu"), prefetch=prefetch)
+
+
+def test_every_source_rewinds_to_the_same_batches(tmp_path):
+    """One batch builder for every LOADER: built ahead on a thread, a size change rewinds the source to the first
+    batch not handed out, and the batches equal the synchronous loader's (stream, shuffled, documents)."""
+    files = []
+    for i in range(2):
+        tokens = np.random.default_rng(i).integers(2, 1024, 900)
+        tokens[::37] = train_gpt.BOS_ID
+        files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
+        write_shard(files[-1], tokens)
+    sources = {
+        "stream": lambda: train_gpt.StreamBlocks(files, 1024, 1, 2),
+        "shuffled": lambda: train_gpt.ShuffledSequences(files, 1024, 1, 2, seed=3),
+        "documents": lambda: train_gpt.PackedDocumentBlocks(files, 1024, 1, 2),
+    }
+    for name, source in sources.items():
+        plain = train_gpt.TrainingLoader(source(), torch.device("cpu"))
+        ahead = train_gpt.TrainingLoader(source(), torch.device("cpu"), prefetch=2)
+        for count, (tokens, seq_len) in enumerate([(64, 32)] * 5 + [(32, 32)] * 3 + [(64, 32)] * 9):
+            expected, got = plain.next_batch(tokens, seq_len), ahead.next_batch(tokens, seq_len)
+            assert all(torch.equal(a, b) for a, b in zip(expected[:2], got[:2])), (name, count)
 
 
 def test_document_packing_loader_packs_a_rank_span_from_the_first_bos_and_skips_shard_ends(tmp_path):
@@ -379,7 +403,7 @@ def test_document_packing_loader_packs_a_rank_span_from_the_first_bos_and_skips_
     files = [str(tmp_path / f"fineweb_train_{i:06d}.bin") for i in range(2)]
     write_shard(files[0], first)
     write_shard(files[1], second)
-    loaders = [train_gpt.DocumentPackingLoader(files, 1024, r, 2, torch.device("cpu")) for r in range(2)]
+    loaders = [document_loader(files, r, 2) for r in range(2)]
     rows = [[loader.next_batch(15, 256) for _ in range(4)] for loader in loaders]
     assert rows[0][0][0].shape == (1, 15) and torch.equal(rows[0][0][0][0, 1:], rows[0][0][1][0, :-1])
     assert rows[0][0][0][0, 0] == train_gpt.BOS_ID and rows[1][0][0][0, 0] == first[2 + 16]
@@ -387,7 +411,12 @@ def test_document_packing_loader_packs_a_rank_span_from_the_first_bos_and_skips_
     assert int(rows[0][3][0][0, 0]) == train_gpt.BOS_ID and int(rows[1][3][0][0, 0]) == second[5 + 16]  # 2nd shard
     write_shard(files[0], np.full(100, 5))
     with pytest.raises(train_gpt.InputError, match="no BOS"):
-        train_gpt.DocumentPackingLoader(files[:1], 1024, 0, 1, torch.device("cpu"))
+        document_loader(files[:1], 0, 1)
+
+
+def document_loader(files, rank, world_size, documents=train_gpt.no_documents, prefetch=0):
+    source = train_gpt.PackedDocumentBlocks(files, 1024, rank, world_size)
+    return train_gpt.TrainingLoader(source, torch.device("cpu"), documents, prefetch)
 
 
 def test_document_loader_builds_two_batches_ahead_on_a_thread(tmp_path):
@@ -410,7 +439,7 @@ def test_document_loader_builds_two_batches_ahead_on_a_thread(tmp_path):
         return torch.from_numpy(train_gpt.document_segments(inputs))
 
     def loader(prefetch):
-        return train_gpt.DocumentPackingLoader(shards, 1024, 1, 2, torch.device("cpu"), documents, prefetch)
+        return document_loader(shards, 1, 2, documents, prefetch)
 
     sizes = [63] * 9 + [40] * 5 + [63] * 12  # 26 batches over every shard, twice over the first
     plain, ahead = loader(0), loader(train_gpt.LOADER_PREFETCH)
@@ -418,12 +447,12 @@ def test_document_loader_builds_two_batches_ahead_on_a_thread(tmp_path):
     visited = []
     for count, size in enumerate(sizes):
         expected, got = plain.next_batch(size, 256), ahead.next_batch(size, 256)
-        visited.append(plain.file_index)
+        visited.append(plain.source.file_index)
         assert all(torch.equal(a, b) for a, b in zip(expected, got)), count
         if count == 0:
             concurrent.futures.wait([future for _, future in ahead.ahead])
             assert len(ahead.ahead) == 2 and all(future.done() for _, future in ahead.ahead)
-    assert threads == {threading.main_thread().name, next(t for t in threads if t.startswith("document-loader"))}
+    assert threads == {threading.main_thread().name, next(t for t in threads if t.startswith("training-loader"))}
     assert visited[0] == 0 and set(visited) == {0, 1, 2} and visited.index(0, visited.index(2)) > 0  # wrapped
     assert len(ahead.ahead) == 2  # the next two are built already
 

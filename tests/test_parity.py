@@ -36,8 +36,7 @@ def step1_loss(h: train_gpt.Hyperparameters) -> float:
     torch.set_num_threads(2)
     train_gpt.set_seeds(h.seed)
     model = train_gpt.GPT(h)
-    loader_class = train_gpt.DocumentPackingLoader if h.loader == "documents" else train_gpt.DistributedTokenLoader
-    loader = loader_class(train_gpt.shard_files(h.data_path, "train"), h.vocab_size, 0, 1, torch.device("cpu"))
+    loader = train_gpt.training_loader(h, rank=0, world_size=1, device="cpu")
     model.looping = train_gpt.looping_at(h, 0.0)  # as the Trainer starts: the plain graph first
     local_tokens = h.train_batch_tokens // h.grad_accum_steps
     with torch.no_grad():
