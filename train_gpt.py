@@ -129,6 +129,11 @@ class EnvReader:
             raise InputError(f"env {name}={raw!r}: expected comma-separated {kind}") from None
 
 
+# EngramLite's hash functions (ENGRAM_HASHES, in Model): orders 2 and 3 (bigram, trigram), two heads each.
+ENGRAM_MAX_ORDERS = 2
+ENGRAM_MAX_HEADS = 2
+
+
 # The seeds' variables (#549, #1089, #181, #518) deliberately not read (dead, replaced, not built): a warning when set.
 _NOT_BUILT_1089 = "#1089 head code, never in a scored run; not built here"
 DROPPED_RECORD_VARIABLES = {
@@ -620,9 +625,9 @@ class Hyperparameters:
         micro = max(self.world_size * self.grad_accum_steps * self.train_seq_len, 1)
         checks = (
             (
-                self.engram_heads > len(ENGRAM_HASHES[0]) or self.engram_orders > len(ENGRAM_HASHES),
+                self.engram_heads > ENGRAM_MAX_HEADS or self.engram_orders > ENGRAM_MAX_ORDERS,
                 f"env ENGRAM_HEADS={self.engram_heads} / ENGRAM_ORDERS={self.engram_orders}: at most "
-                f"{len(ENGRAM_HASHES[0])} heads of orders 2..{len(ENGRAM_HASHES) + 1}",
+                f"{ENGRAM_MAX_HEADS} heads of orders 2..{ENGRAM_MAX_ORDERS + 1}",
             ),
             (
                 self.num_loops and not 0 <= self.loop_start <= self.loop_end < layers,
@@ -1377,6 +1382,14 @@ class ValidationSet:
         self.tokens, self.target_bytes = tokens[: usable + 1], target_bytes[:usable]
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> device without a stream sync (a blocking copy waits for every queued kernel)."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
+BOS_ID = 1  # every challenge document starts with BOS (id 1); there is no EOS (the challenge's export)
+
+
 # Model ==============================================================================================================
 # ---- FUSED_KERNELS=1: the soft-capped CE as custom ops with written-out backwards (the CPU runs their torch math; on
 # CUDA two Triton kernels, never yet run on a GPU: TRITON_INTERPRET=1 runs them on the CPU in tests/test_frontier.py).
@@ -1818,7 +1831,6 @@ def fake_quantize_rows_record1089(weight: torch.Tensor, alpha: torch.Tensor | No
 
 DENSE_ATTN_GATE_INIT_STD = 0.01
 GATE_INPUT_DIMS = 12  # #1667/#1855: the small gates read the first 12 channels of their input
-BOS_ID = 1  # every challenge document starts with BOS (id 1); there is no EOS (the challenge's export)
 
 
 class AttentionOutputGate(nn.Module):
@@ -2011,6 +2023,7 @@ class BigramHash(nn.Module):
 
 
 # EngramLite's hashes (#1089): a row per order (bigram, trigram), a function per head; missing tokens are 0 (int64).
+# Hyperparameters bounds ENGRAM_ORDERS / ENGRAM_HEADS by ENGRAM_MAX_ORDERS / ENGRAM_MAX_HEADS: this table's shape.
 ENGRAM_HASHES = (
     (
         lambda cur, prev, pp: prev * 1009 + cur,
@@ -2675,6 +2688,617 @@ class SnapshotAverage:
             param.copy_(total / self.count)
 
 
+# Training: the run's context (device, ranks, precision, log), the timed loop, GPTQ calibration ======================
+# Graph variants of one compiled model (train, QAT, looped, two scored widths, TTT...): Dynamo's default 8 falls back.
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit():
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7: old name
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+
+
+EXPORT_WAIT_SECONDS = 3600  # how long ranks 1.. wait for rank 0's export (SIZE_FIT: up to 8 encodes of ~44 s)
+
+
+def allow_long_collectives(run, seconds: float):
+    """Raise the default group's timeout (the NCCL watchdog's) for evaluation: a LoRA phase's sync may wait on the
+    slowest rank for most of EVAL_BUDGET_SECONDS (the CUDA review, defect 6)."""
+    if run.world_size > 1 and hasattr(dist.distributed_c10d, "_set_pg_timeout"):  # torch >= 2.3
+        dist.distributed_c10d._set_pg_timeout(
+            datetime.timedelta(seconds=max(seconds, run.h.collective_timeout_seconds))
+        )
+
+
+class RunContext:
+    """Device, ranks, precision and logging for one process of a run."""
+
+    def __init__(self, h: Hyperparameters):
+        self.h = h
+        self.rank, self.world_size = h.rank, h.world_size
+        self.is_main, use_cuda = self.rank == 0, torch.cuda.is_available()
+        self.device = torch.device("cuda", h.local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+        self.log_path = Path("logs") / f"{h.run_id}.txt"
+        # One run per log (its seal covers the file), checked by every rank before the process group forms.
+        if self.log_path.exists():
+            raise InputError(f"{self.log_path}: already exists (a log holds one run); set another RUN_ID or move it")
+        if h.distributed:  # NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default) aborts at the timeout
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                device_id=self.device if use_cuda else None,
+                timeout=datetime.timedelta(seconds=h.collective_timeout_seconds),
+            )
+        # Waits that are long by design (rank 0's export: MIXED_PRECISION, SIZE_FIT, lrzip) use this gloo group
+        self.long_group = (
+            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=EXPORT_WAIT_SECONDS))
+            if h.distributed
+            else None
+        )
+        bf16 = h.compute_dtype == "bf16" or (h.compute_dtype == "auto" and use_cuda)
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
+        self.attention_name, self.attention = select_attention_backend(
+            h.attention_backend, self.device.type, self.compute_dtype, h.doc_isolation, h.segment_len
+        )
+        self.varlen = getattr(self.attention, "varlen", False)
+        self.segment_len = h.segment_len
+        self.compiled, self.final_score = {}, None  # final_score: (pass, (val_loss, val_bpb)) of the last pass
+        if self.compile:
+            raise_recompile_limit()
+        self.window_batch = max(h.val_batch_size // (self.world_size * h.grad_accum_steps * h.eval_seq_len), 1)
+        if self.is_main:
+            try:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise InputError(f"{self.log_path.parent}: cannot create the log directory ({error})") from None
+            if not os.access(self.log_path.parent, os.W_OK):
+                raise InputError(f"{self.log_path.parent}: not writable, so the run could not be logged")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
+
+    def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None, documents=None):
+        """model(inputs, targets, reduction, hints, documents), through torch.compile(fullgraph=True) when COMPILE
+        is on."""
+        if not self.compile:
+            return model(inputs, targets, reduction, hints, documents)
+        if id(model) not in self.compiled:
+            self.compiled[id(model)] = torch.compile(model, dynamic=False, fullgraph=True)
+        return self.compiled[id(model)](inputs, targets, reduction, hints, documents)
+
+    def lora_forward(self, model: GPT, lora: BatchedLoRA, rows: np.ndarray, inputs, targets, hints, columns):
+        """Per-token NLLs of document LoRA's chunk step: `rows` of the batch's adapters (B, T) inputs, scored at
+        `columns`. Compiled (COMPILE), it is one graph with dynamic shapes for every step, as #1855 compiles its TTT
+        forward (the second CUDA review's defect 4: eager, ~3,200 steps a rank, 45 % under 32k tokens, each paying
+        the launch floor); prime_lora_graphs compiles it before the eval clock. Eager, a prefix of rows is a slice."""
+        if self.compile or rows[-1] != len(rows) - 1:
+            lora.rows = to_device(rows.astype(np.int64), self.device)
+        else:
+            lora.rows = slice(len(rows))
+        documents = self.row_segments(*inputs.shape)
+        forward = model
+        if self.compile:
+            key = (id(model), "lora")
+            if key not in self.compiled:
+                self.compiled[key] = torch.compile(model, dynamic=True, fullgraph=True)
+            forward = self.compiled[key]
+        return forward(inputs, targets, "none", hints, documents, positions=columns, adapters=lora)
+
+    def row_segments(self, rows: int, width: int) -> torch.Tensor | None:
+        """The varlen segments of rows that each hold one document's tokens (document LoRA's: no BOS but at a row's
+        start): what document_segments finds in them, without scanning the tokens (None unless varlen)."""
+        if not self.varlen:
+            return None
+        step = self.segment_len or width
+        starts = (np.arange(rows)[:, None] * width + np.arange(0, width, step)[None, :]).ravel()
+        segments = to_device(padded_cu_seqlens(starts, rows * width), self.device)
+        torch._dynamo.maybe_mark_dynamic(segments, 0)
+        return segments
+
+    def documents(self, inputs: np.ndarray) -> torch.Tensor | None:
+        """The varlen kernel's cu_seqlens of a host batch of inputs (B, T) on the device (None unless DOC_ISOLATION
+        runs through FlashAttention's varlen kernel). Its length is marked dynamic: one graph for every bucket."""
+        if not self.varlen:
+            return None
+        try:
+            host = document_segments(inputs, self.segment_len)
+        except RunFault as fault:  # this rank's data alone: the others already wait in the step's collectives
+            self.leave_alone(fault)
+        segments = to_device(host, self.device)
+        torch._dynamo.maybe_mark_dynamic(segments, 0)
+        return segments
+
+    def leave_alone(self, fault: RunFault):
+        """A fault only this rank saw, in the middle of a step: with other ranks, exit now (torchrun then ends them)
+        instead of waiting at the closing barrier while they wait in a collective until the timeout (CUDA review
+        945e22d, defect 10); alone, raise it."""
+        if self.world_size == 1:
+            raise fault
+        message = f"error: rank {self.rank}: {fault}"
+        print(message, file=sys.stderr, flush=True)
+        self.log(message, console=False)
+        os._exit(fault.status)
+
+    def log(self, message: str, console: bool = True):
+        if not self.is_main:
+            return
+        if console:
+            print(message, flush=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(message + "\n")
+
+    def seal_log(self):
+        """Last line: the SHA-256 of everything above it, so a later edit shows (tools/pack_record.py checks)."""
+        if self.is_main:
+            digest = hashlib.sha256(self.log_path.read_bytes()).hexdigest()
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(f"log_sha256:{digest}\n")
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def barrier(self, long: bool = False):
+        """long: on the gloo group whose timeout covers rank 0's export (the default group's NCCL watchdog would
+        kill the waiting ranks after COLLECTIVE_TIMEOUT_SECONDS: the CUDA review, defect 6)."""
+        if self.world_size > 1:
+            dist.barrier(group=self.long_group if long else None)
+
+
+NOT_SETTINGS = ("env_names", "ignored_record_variables", "preset_values", "record_spellings")
+
+
+def log_run_header(run: RunContext, code: str):
+    """The log starts with the code and the environment, like #549's logs."""
+    run.log(code, console=False)
+    run.log("=" * 100, console=False)
+    run.log(
+        f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+        f"platform:{platform.platform()}"
+    )
+    if run.device.type == "cuda":
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            smi = "nvidia-smi unavailable"
+        run.log(f"device:cuda {torch.cuda.get_device_name(run.device)} x{run.world_size}")
+        run.log(smi, console=False)
+    else:
+        run.log(
+            f"device:cpu {platform.processor() or platform.machine()} threads:{torch.get_num_threads()} "
+            f"x{run.world_size}"
+        )
+    run.log("=" * 100, console=False)
+    h = run.h
+    run.log(f"logfile:{run.log_path} run_id:{h.run_id}")
+    run.log(f"started:{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    settings = {k: v for k, v in vars(h).items() if k not in NOT_SETTINGS}
+    run.log(f"hyperparameters {json.dumps(settings, sort_keys=True)}", console=False)
+    preset_values = ",".join(f"{k}={v}" for k, v in h.preset_values.items())
+    run.log(f"preset:{h.preset} from_preset:{preset_values or '-'}")
+    for name in h.record_spellings:
+        run.log(f"note: env {name} read as {'/'.join(RECORD_SPELLINGS[name][0])} (a record's spelling)")
+    for name in h.ignored_record_variables:
+        run.log(f"warning: env {name} is set but ignored: {DROPPED_RECORD_VARIABLES[name]}")
+    run.log(
+        f"compute_dtype:{str(run.compute_dtype).removeprefix('torch.')} attention:{run.attention_name} "
+        f"compile:{int(run.compile)} world_size:{run.world_size} grad_accum_steps:{h.grad_accum_steps}"
+    )
+
+
+def set_seeds(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(h: Hyperparameters, run: RunContext) -> GPT:
+    """Same weights on every rank: the model is built on the CPU under the seed, then moved."""
+    set_seeds(h.seed)
+    return GPT(h, attention=run.attention).to(run.device)
+
+
+WATCH_LAG = 2  # steps between a step's launch and the host reading its flags: long finished on the GPU by then
+
+
+class TrainingWatch:
+    """Non-finite losses and SIGINT/SIGTERM, agreed by all ranks at one step with no host sync per step: flags are
+    max-reduced asynchronously, copied to the host, read WATCH_LAG steps later; a repeated signal acts at once."""
+
+    def __init__(self, run: RunContext):
+        self.run, self.pending, self.handlers, self.last_finite = run, collections.deque(), {}, None
+        self.signal_number = 0  # this process's; the stop follows the ranks' maximum
+
+    def __enter__(self):
+        self.handlers = {n: signal.signal(n, self.on_signal) for n in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.handlers.items():
+            signal.signal(number, handler)
+
+    def on_signal(self, number, frame):  # torchrun follows a Ctrl-C with SIGTERM: only a repeat acts at once
+        self.signal_number = self.signal_number or number
+        signal.signal(number, self.handlers[number])
+
+    def observe(self, step: int, loss: torch.Tensor):
+        loss = loss.detach().float()
+        flags = torch.stack((loss, (~torch.isfinite(loss)).float(), torch.full_like(loss, self.signal_number)))
+        if self.run.world_size > 1:  # on CUDA wait() only orders the stream: the host goes on
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()
+        cuda = flags.device.type == "cuda"
+        host = torch.empty(3, pin_memory=cuda).copy_(flags, non_blocking=cuda)
+        self.pending.append((step, host, torch.cuda.current_stream().record_event() if cuda else None))
+
+    def stop_signal(self, step: int, flush: bool = False) -> int:
+        """The agreed signal number (0: none) from the steps up to step - WATCH_LAG (every step when flush);
+        raises RunFault at the first step whose loss was not finite on any rank."""
+        while self.pending and (flush or self.pending[0][0] <= step - WATCH_LAG):
+            observed, host, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            loss, nonfinite, number = host.tolist()
+            if nonfinite:
+                last = (
+                    f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+                    if self.last_finite
+                    else "no step before it had a finite loss"
+                )
+                raise RunFault(
+                    f"training diverged: the loss is not finite at step {observed} on some rank ({last}); "
+                    f"no artifact written, ARTIFACT_PATH untouched (lower the learning rates, e.g. "
+                    f"MATRIX_LR, or clip with GRAD_CLIP_NORM)",
+                    EXIT_NONFINITE,
+                )
+            self.last_finite = (observed, loss)
+            if number:
+                return int(number)
+        return 0
+
+
+class Trainer:
+    """The timed training loop of #549 section 11, with priming steps that are undone before the clock starts."""
+
+    def __init__(self, h: Hyperparameters, run: RunContext, model: GPT, validation=None):
+        """validation: () -> (val_loss, val_bpb) of the model, every VAL_LOSS_EVERY steps (None: never)."""
+        self.h, self.run, self.model, self.validation = h, run, model, validation
+        fused = run.device.type == "cuda"
+        self.optimizers = build_optimizers(model, h, run.compute_dtype, fused, run.rank, run.world_size)
+        bank_ids = {id(p) for p in model.banks()}
+        self.replicated_params = [p for p in model.parameters() if id(p) not in bank_ids]
+        self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
+        self.qat_start = None  # the step soft-round's alpha ramp started
+        self.watch, self.interrupted = TrainingWatch(run), 0  # the signal that stopped training, if any
+        model.looping = looping_at(h, 0.0)  # the plain graph first (#1855)
+
+    def new_loader(self) -> TrainingLoader:
+        return training_loader(self.h, self.run.rank, self.run.world_size, self.run.device, self.run.documents)
+
+    def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
+        h, run, model = self.h, self.run, self.model
+        total = torch.zeros((), device=run.device)
+        for _ in range(h.grad_accum_steps):
+            inputs, targets, documents = loader.next_batch(self.local_tokens, h.train_seq_len)
+            with run.autocast():
+                loss = run.forward(model, inputs, targets, documents=documents)
+            (loss / h.grad_accum_steps).backward()
+            total += loss.detach()
+        if h.grad_clip_scope == "local":
+            self.clip_local_gradients()
+        token_adam, muon, scalar_adam, *small_muon = self.optimizers
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * multiplier
+        muon.param_groups[0]["momentum"] = muon_momentum_at(h, step)
+        for optimizer in [muon, *small_muon]:
+            group = optimizer.param_groups[0]
+            group["weight_decay"] = group["base_weight_decay"] * wd_multiplier
+        muon.reduce_gradients()  # async reduce-scatters, largest bank first
+        replicated = self.average_replicated_gradients()  # overlaps the reduce-scatters in flight
+        shards = muon.gradient_shards()
+        scale = self.clip_scale(shards, replicated)
+        torch._foreach_mul_(replicated, scale)
+        token_adam.step()
+        scalar_adam.step()
+        for optimizer in small_muon:
+            optimizer.step()  # its gradients were clipped in place with the other replicated ones
+        muon.step(shards, scale)
+        model.zero_grad(set_to_none=True)
+        return total / h.grad_accum_steps
+
+    def average_replicated_gradients(self) -> list[torch.Tensor]:
+        """All-reduce (mean) every non-bank gradient as one flat buffer (#549: a call per tensor)."""
+        grads = []
+        for param in self.replicated_params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
+        if self.run.world_size > 1:
+            all_reduce_flat(grads, dist.ReduceOp.AVG)
+        return grads
+
+    def clip_local_gradients(self):
+        """GRAD_CLIP_SCOPE=local, #549's order: each rank clips its own gradient before any averaging."""
+        if self.h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], self.h.grad_clip_norm
+            )
+
+    def clip_scale(self, shards, replicated) -> torch.Tensor:
+        """Global-norm clip factor of the *averaged* gradient, so any world size trains one model (#549 clipped per rank
+        before averaging). Bank shards are disjoint, so squared norms add up; a tensor, no host sync."""
+        if self.h.grad_clip_norm <= 0 or self.h.grad_clip_scope == "local":
+            return torch.ones((), device=self.run.device)
+        bank_square = torch.stack([s.float().square().sum() for s in shards]).sum()
+        if self.run.world_size > 1:
+            dist.all_reduce(bank_square)
+        total = (bank_square + torch.stack([g.square().sum() for g in replicated]).sum()).sqrt()
+        return (self.h.grad_clip_norm / (total + 1e-6)).clamp(max=1.0)
+
+    def prime(self):
+        """WARMUP_STEPS real steps to compile and allocate, then weights, optimizer state and data position are restored
+        (#549 pitfall 2); compiled, the looped and late-QAT graphs get a step each: none compiles in the timed loop."""
+        h, model = self.h, self.model
+        if h.warmup_steps == 0:
+            return
+        saved_model = copy.deepcopy(model.state_dict())
+        saved_optimizers, loader = [copy.deepcopy(o.state_dict()) for o in self.optimizers], self.new_loader()
+        final_looping, variants = looping_at(h, None), [("", h.qat_enabled, model.looping)] * h.warmup_steps
+        if self.run.compile and model.looping != final_looping:
+            variants.append((":loop_graph", h.qat_enabled, final_looping))
+        if self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled:
+            variants.append((":qat_graph", True, final_looping))
+        for i, (label, qat, looping) in enumerate(variants):
+            model.qat_active, model.looping = qat, looping
+            self.step(loader, i, 1.0)
+            self.run.log(f"warmup_step{label or f':{i + 1}/{h.warmup_steps}'}")
+        model.load_state_dict(saved_model)
+        for optimizer, state in zip(self.optimizers, saved_optimizers):
+            optimizer.load_state_dict(state)
+        model.qat_active, model.looping = h.qat_enabled, variants[0][2]
+
+    def update_looping(self, step: int, fraction: float):
+        if not self.model.looping and looping_at(self.h, fraction):
+            self.model.looping = True
+            self.run.log(f"looping:enabled step:{step} fraction:{fraction:.3f} layers:{self.model.layer_order()}")
+
+    def validate(self, step: int, train_ms: float):
+        val_loss, val_bpb = self.validation()
+        self.run.log(
+            f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
+        )
+
+    def log_step(self, step: int, loss: torch.Tensor, train_ms: float):
+        h = self.h
+        if self.run.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the global batch's loss, as one process would log it
+        step_avg, tokens_per_s = train_ms / step, h.train_batch_tokens * step / (train_ms / 1000.0)
+        eta_s = (h.iterations - step) * step_avg / 1000.0
+        if h.training_seconds > 0:
+            eta_s = min(eta_s, max(h.training_seconds - train_ms / 1000.0, 0.0))
+        self.run.log(
+            f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
+            f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s"
+        )
+
+    def agreed_clock(self, local_ms: float) -> float:
+        """The training time of every rank: the MAX of their clocks, in the per-step collective that decides stopping
+        (clocks per rank fed different LR multipliers; the replicas drifted and verify_replicas failed after 600 s)."""
+        if self.h.training_seconds <= 0 or self.run.world_size == 1:
+            return local_ms
+        clock = torch.tensor([local_ms], dtype=torch.float64, device=self.run.device)
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+        return float(clock.item())
+
+    def update_qat(self, step: int, multiplier: float, agreed_ms: float):
+        """Late QAT switches on below LATE_QAT_THRESHOLD; soft-round's alpha then ramps linearly from 1 to
+        SOFT_ROUND_ALPHA_MAX over the QAT steps, their count re-estimated every step from the remaining time."""
+        h, model = self.h, self.model
+        if h.late_qat_threshold > 0 and multiplier < h.late_qat_threshold and not model.qat_active:
+            model.qat_active = True
+            self.run.log(f"late_qat:enabled step:{step} scale:{multiplier:.4f}")
+        if not model.qat_active or model.soft_round_alpha is None:
+            return
+        if self.qat_start is None:
+            self.qat_start = step
+        remaining = h.iterations - step
+        if h.training_seconds > 0 and step > 0:
+            remaining = min(remaining, (1000.0 * h.training_seconds - agreed_ms) / (agreed_ms / step))
+        done = step - self.qat_start
+        progress = min(done / max(done + remaining, 1.0), 1.0)
+        model.soft_round_alpha.fill_(1.0 + (h.soft_round_alpha_max - 1.0) * progress)
+
+    def train(self):
+        """Train, average, and return GPTQ's Hessians (None unless QUANT=gptq)."""
+        h, run, model = self.h, self.run, self.model
+        self.prime()
+        loader = self.new_loader()
+        ema = ExponentialMovingAverage(model, h.ema_decay) if h.ema_decay > 0 else None
+        swa = SnapshotAverage(model) if h.swa_enabled else None
+        agreed_ms = self.loop(loader, ema, swa)
+        if run.device.type == "cuda":
+            run.log(
+                f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
+            )
+        loop_ended = time.perf_counter()  # the training clock goes on through averaging and calibration
+        model.qat_active = False
+        model.looping = looping_at(h, None)
+        self.apply_average(ema, swa)
+        if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):  # watch saw losses
+            raise RunFault(
+                "the averaged weights are not finite although every training loss was; no artifact written, "
+                "ARTIFACT_PATH untouched",
+                EXIT_NONFINITE,
+            )
+        calibrating = h.quant == "gptq" and not self.interrupted  # the agreed signal: every rank skips alike
+        if h.quant == "gptq" and self.interrupted:  # torchrun SIGKILLs 30 s after SIGTERM (review 945e22d, defect 11)
+            run.log("gptq:hessians skipped after a signal: round-to-nearest on the searched scales, exported at once")
+        hessians = self.calibrate(loader, agreed_ms / 1000.0 - loop_ended) if calibrating else None
+        verify_replicas(run, model)  # after calibration: its collectives and batches are the last thing ranks share
+        return hessians
+
+    def loop(self, loader, ema, swa) -> float:
+        """Steps until ITERATIONS, the wallclock cap or an agreed signal; returns the agreed training ms."""
+        h, run = self.h, self.run
+        train_ms, step, stop_after, agreed_ms = 0.0, 0, None, 0.0
+        run.sync()
+        started = time.perf_counter()
+        while True:
+            last_step = step == h.iterations or (stop_after is not None and step >= stop_after)
+            if (last_step and not self.interrupted) or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+                run.sync()
+                train_ms += 1000.0 * (time.perf_counter() - started)
+                self.validate(step, agreed_ms)  # validation time is not training time (#549)
+                run.sync()
+                started = time.perf_counter()
+            if last_step:
+                break
+            multiplier = lr_multiplier(h, step, agreed_ms)  # every time-dependent decision uses agreed_ms
+            fraction = training_fraction(h, step, agreed_ms)
+            self.update_qat(step, multiplier, agreed_ms)
+            self.update_looping(step, fraction)
+            loss = self.step(loader, step, multiplier, weight_decay_multiplier(h, fraction))
+            if ema is not None:
+                ema.update()
+            step += 1
+            self.watch.observe(step, loss)
+            if swa is not None and multiplier < h.swa_threshold and step % h.swa_every == 0:
+                if swa.count == 0:
+                    run.log(f"swa:start step:{step}")
+                swa.add()
+            agreed_ms = self.agreed_clock(train_ms + 1000.0 * (time.perf_counter() - started))
+            self.interrupted = self.interrupted or self.watch.stop_signal(step)
+            if stop_after is None and (0 < h.training_seconds <= agreed_ms / 1000.0 or self.interrupted):
+                stop_after = step
+            if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0) or stop_after == step:
+                self.log_step(step, loss, agreed_ms)
+        self.watch.stop_signal(step, flush=True)  # the last steps' losses must be finite too
+        if stop_after is not None and stop_after < h.iterations:
+            cause = signal.Signals(self.interrupted).name if self.interrupted else "wallclock_cap"
+            run.log(f"stopping_early: {cause} train_time:{agreed_ms:.0f}ms step:{step}/{h.iterations}")
+        return agreed_ms
+
+    def calibrate(self, loader, clock_offset: float) -> dict[str, torch.Tensor]:
+        """GPTQ Hessians of the averaged weights on the next training batches, inside the cap (GPTQ_RESERVE_SECONDS):
+        batches stop at the cap, counted alike on every rank. clock_offset + perf_counter() = the training clock."""
+        h, run = self.h, self.run
+        run.sync()
+        started = time.perf_counter()
+        deadline = h.max_wallclock_seconds - clock_offset if h.max_wallclock_seconds > 0 else math.inf
+        with matmul_precision(tf32=h.gptq_hessian_tf32):
+            hessians, batches = collect_hessians(self.model, run, loader, self.local_tokens, deadline)
+        run.sync()
+        seconds, ended = time.perf_counter() - started, clock_offset + time.perf_counter()
+        needed = seconds / batches * h.gptq_calib_batches
+        run.log(
+            f"gptq:hessians batches:{batches}/{h.gptq_calib_batches} tokens:{batches * self.local_tokens * run.world_size} "
+            f"seconds:{seconds:.1f} per_batch:{seconds / batches:.3f}s all_batches_need:{needed:.1f}s "
+            f"reserve:{h.gptq_reserve_seconds:g}s tf32:{int(h.gptq_hessian_tf32 and run.device.type == 'cuda')} "
+            f"ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s"
+            + (" (stopped at the cap)" if batches < h.gptq_calib_batches else "")
+        )
+        if batches < h.gptq_calib_batches:
+            run.log(
+                f"WARNING: {batches} of GPTQ_CALIB_BATCHES={h.gptq_calib_batches} Hessian batches fit the cap; all "
+                f"need GPTQ_RESERVE_SECONDS >= {math.ceil(needed + 1)} at this pace"
+            )
+        if 0 < h.max_wallclock_seconds < ended:
+            run.log(
+                f"WARNING: GPTQ CALIBRATION ENDED {ended - h.max_wallclock_seconds:.1f}s AFTER THE TRAINING CAP; "
+                f"raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_BATCHES"
+            )
+        return hessians
+
+    def apply_average(self, ema, swa):
+        if swa is not None and swa.count >= max(self.h.swa_min_snapshots, 1):
+            self.run.log(f"swa:applying mean of {swa.count} snapshots (exported instead of EMA)")
+            swa.copy_to(self.model)
+        elif ema is not None:
+            if swa is not None:
+                self.run.log(
+                    f"swa:{swa.count} snapshots, fewer than SWA_MIN_SNAPSHOTS={self.h.swa_min_snapshots}; exporting EMA"
+                )
+            self.run.log(f"ema:applying EMA weights decay:{self.h.ema_decay}")
+            ema.copy_to(self.model)
+        else:
+            self.run.log("averaging:none; exporting the final weights")
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool):
+    """CUDA's fp32 matmuls with TF32 inputs or strict (RunContext turns TF32 on for training on CUDA), restored on
+    exit: GPTQ's error updates and LQER always strict, as on the CPU (the first CUDA review, defect 10); the Hessian
+    sums as GPTQ_HESSIAN_TF32 says. The CPU has no TF32: there it changes nothing."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@torch.inference_mode()
+def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, deadline: float = math.inf) -> tuple:
+    """X^T X (fp32) of every matrix's inputs over up to GPTQ_CALIB_BATCHES micro-batches, summed over ranks, and the
+    batch count: another batch only while every rank projects it to end before `deadline` (perf_counter seconds)."""
+    h, sums = run.h, {}
+
+    def record(name: str, inputs: torch.Tensor):
+        with torch.autocast(inputs.device.type, enabled=False):
+            flat = inputs.reshape(-1, inputs.size(-1)).float()
+            gram = flat.T @ flat
+        sums[name] = sums[name] + gram if name in sums else gram
+
+    model.eval()
+    batches, started = 0, time.perf_counter()
+    try:
+        while batches < h.gptq_calib_batches and (batches == 0 or agreed_to_go_on(run, started, batches, deadline)):
+            inputs, _, documents = loader.next_batch(local_tokens, h.train_seq_len)
+            with run.autocast():
+                model.hidden_states(inputs, run.compute_dtype, documents, record=record)
+            batches += 1
+    finally:
+        model.train()
+    if run.world_size > 1:
+        for gram in sums.values():
+            dist.all_reduce(gram)
+    return sums, batches
+
+
+def agreed_to_go_on(run: RunContext, started: float, done: int, deadline: float) -> bool:
+    """Whether one more batch at the mean pace so far ends before the deadline on every rank (a MAX-reduced stop)."""
+    if math.isinf(deadline):
+        return True
+    run.sync()
+    now = time.perf_counter()
+    stop = torch.tensor(float(now + (now - started) / done > deadline), device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return not stop.item()
+
+
+def verify_replicas(run: RunContext, model: GPT):
+    """Ranks stay in sync only by identical init and updates (#549 pitfall 29): compare parameter SHA-256s."""
+    digest = hashlib.sha256(
+        b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())
+    ).hexdigest()
+    digests = [digest] * run.world_size
+    if run.world_size > 1:
+        dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"replicas diverged: parameter SHA-256 per rank {digests}")
+    run.log(f"replicas:identical ranks:{run.world_size} sha256:{digests[0][:16]}")
+
+
 # Quantize and pack: int6 banks, int8 tables, fp16 small tensors; a pickle-free compressed artifact ==================
 SMALL_TENSOR_NUMEL = 65_536  # other tensors with at most this many elements are stored fp16 as-is (#549)
 BANK_ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down")
@@ -3174,6 +3798,90 @@ def plan_artifact(h: Hyperparameters) -> int:
     return overhead + int(full_raw * (len(sample_blob) - overhead) / len(sample_raw))
 
 
+def log_size_plan(run: RunContext, code: str) -> int | None:
+    """Predict the artifact (rank 0) before anything else, so an over-size configuration fails fast."""
+    if not run.is_main:
+        return None
+    h, started = run.h, time.perf_counter()
+    predicted = plan_artifact(h)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(h).parameters())
+    code_bytes = len(code.encode("utf-8"))
+    total = code_bytes + predicted
+    run.log(
+        f"size_plan params:{params} code_bytes:{code_bytes} predicted_model_bytes:{predicted} "
+        f"predicted_total_bytes:{total} cap:{SIZE_CAP_BYTES} headroom:{SIZE_CAP_BYTES - total}"
+    )
+    run.log(
+        f"size_plan:scheme quant:{h.quant} bits_mlp/attn/embed/tables:{h.quant_bits_mlp}/{h.quant_bits_attn}/"
+        f"{h.quant_bits_embed}/{h.quant_bits_tables} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
+        f"seconds:{time.perf_counter() - started:.1f}"
+    )
+    if h.mixed_precision:
+        run.log(
+            "size_plan:mixed_precision planned at the base widths; after training, groups are promoted into "
+            "the headroom the real artifact leaves (its size_plan:check error is that spending)"
+        )
+    if total > SIZE_CAP_BYTES:
+        run.log(
+            f"WARNING: PREDICTED ARTIFACT OVER THE CAP by {total - SIZE_CAP_BYTES} bytes"
+            + ("" if h.size_fit else " (SIZE_FIT=1 would prune to fit)")
+        )
+    return predicted
+
+
+def export_blob(run: RunContext, model: GPT, code_bytes: int, hessians, fast: bool) -> bytes:
+    """The artifact's bytes: quantized (MIXED_PRECISION's widths unless fast), LQER, encoded (SIZE_FIT unless fast).
+    fast, after a signal: torchrun SIGKILLs 30 s after its SIGTERM, so the base widths and lzma at preset 1."""
+    h, state = run.h, export_state(model)
+    budget = SIZE_CAP_BYTES - code_bytes
+    mixed = h.mixed_precision and hessians and not fast
+    bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if mixed else None
+    tensors, schemes = quantize_state(state, h, hessians, bits)
+    if h.lqer_top_k:
+        corrected = add_lqer_corrections(state, tensors, schemes, h)
+        run.log(f"lqer: rank {h.lqer_rank} corrections on {' '.join(corrected)}")
+    if h.size_fit and not fast:
+        return fit_to_budget(tensors, schemes, h, budget, run.log)
+    return encode_artifact(tensors, schemes, h, fast)
+
+
+def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predicted=None, fast: bool = False) -> int:
+    """Rank 0 quantizes and writes the artifact (in full fp32 matmuls), the others wait on a group whose timeout
+    covers the export; every rank reads its size back from disk. The code counted is the text this process
+    started from (not the file now on disk). Returns the total bytes."""
+    h, code_bytes = run.h, len(code.encode("utf-8"))
+    if run.is_main:
+        started = time.perf_counter()
+        with matmul_precision(tf32=False):
+            blob = export_blob(run, model, code_bytes, hessians, fast)
+        partial = Path(h.artifact_path + ".partial")  # renamed into place: never a half-written artifact
+        partial.write_bytes(blob)
+        os.replace(partial, h.artifact_path)
+        run.log(
+            f"artifact:written quant:{h.quant} compressor:{'lzma (fast: after a signal)' if fast else h.compressor} "
+            f"seconds:{time.perf_counter() - started:.1f}"
+        )
+    run.barrier(long=True)
+    model_bytes = Path(h.artifact_path).stat().st_size
+    total = code_bytes + model_bytes
+    run.log(
+        f"artifact path:{h.artifact_path} code_bytes:{code_bytes} model_bytes:{model_bytes} "
+        f"total_bytes:{total} cap:{SIZE_CAP_BYTES}"
+    )
+    if predicted is not None:
+        run.log(
+            f"size_plan:check predicted_model_bytes:{predicted} actual_model_bytes:{model_bytes} "
+            f"error:{100 * (predicted - model_bytes) / model_bytes:+.1f}%"
+        )
+    if total > SIZE_CAP_BYTES:
+        run.log(
+            f"ERROR: ARTIFACT OVER THE CAP: {total} bytes > {SIZE_CAP_BYTES} by {total - SIZE_CAP_BYTES}; "
+            f"it is written and will be evaluated, then the run exits with status 3"
+        )
+    return total
+
+
 # Evaluate ===========================================================================================================
 NGRAM_TILT_HASH = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the context hash (golden ratio)
 NGRAM_TILT_ORDERS = range(16, 7, -1)  # #1514: contexts of 8..16 tokens, the longest confident one wins
@@ -3419,11 +4127,6 @@ def window_batches(plan: SlidingWindows, indices: np.ndarray, batch: int, pad: b
             if pad and real < batch:
                 chosen = np.concatenate((chosen, np.repeat(chosen[-1:], batch - real)))
             yield int(width), chosen, real
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host array -> device without a stream sync (a blocking copy waits for every queued kernel)."""
-    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def window_nll(model, run, windows: np.ndarray, width: int, hints: torch.Tensor | None = None) -> torch.Tensor:
@@ -3984,700 +4687,6 @@ def freeze_blocks(model: GPT, count: int) -> tuple[dict[int, torch.Tensor], list
     return {key: mask[:, None, None] for key, mask in masks.items()}, frozen
 
 
-# Main: run context, logging, training loop, export, evaluation ======================================================
-# Graph variants of one compiled model (train, QAT, looped, two scored widths, TTT...): Dynamo's default 8 falls back.
-RECOMPILE_LIMIT = 64
-
-
-def raise_recompile_limit():
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7: old name
-    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-    if hasattr(config, "accumulated_recompile_limit"):
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-
-
-EXPORT_WAIT_SECONDS = 3600  # how long ranks 1.. wait for rank 0's export (SIZE_FIT: up to 8 encodes of ~44 s)
-
-
-def allow_long_collectives(run, seconds: float):
-    """Raise the default group's timeout (the NCCL watchdog's) for evaluation: a LoRA phase's sync may wait on the
-    slowest rank for most of EVAL_BUDGET_SECONDS (the CUDA review, defect 6)."""
-    if run.world_size > 1 and hasattr(dist.distributed_c10d, "_set_pg_timeout"):  # torch >= 2.3
-        dist.distributed_c10d._set_pg_timeout(
-            datetime.timedelta(seconds=max(seconds, run.h.collective_timeout_seconds))
-        )
-
-
-class RunContext:
-    """Device, ranks, precision and logging for one process of a run."""
-
-    def __init__(self, h: Hyperparameters):
-        self.h = h
-        self.rank, self.world_size = h.rank, h.world_size
-        self.is_main, use_cuda = self.rank == 0, torch.cuda.is_available()
-        self.device = torch.device("cuda", h.local_rank) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
-        self.log_path = Path("logs") / f"{h.run_id}.txt"
-        # One run per log (its seal covers the file), checked by every rank before the process group forms.
-        if self.log_path.exists():
-            raise InputError(f"{self.log_path}: already exists (a log holds one run); set another RUN_ID or move it")
-        if h.distributed:  # NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default) aborts at the timeout
-            dist.init_process_group(
-                backend="nccl" if use_cuda else "gloo",
-                device_id=self.device if use_cuda else None,
-                timeout=datetime.timedelta(seconds=h.collective_timeout_seconds),
-            )
-        # Waits that are long by design (rank 0's export: MIXED_PRECISION, SIZE_FIT, lrzip) use this gloo group
-        self.long_group = (
-            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=EXPORT_WAIT_SECONDS))
-            if h.distributed
-            else None
-        )
-        bf16 = h.compute_dtype == "bf16" or (h.compute_dtype == "auto" and use_cuda)
-        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
-        self.compile = h.compile == "1" or (h.compile == "auto" and use_cuda)
-        self.attention_name, self.attention = select_attention_backend(
-            h.attention_backend, self.device.type, self.compute_dtype, h.doc_isolation, h.segment_len
-        )
-        self.varlen = getattr(self.attention, "varlen", False)
-        self.segment_len = h.segment_len
-        self.compiled, self.final_score = {}, None  # final_score: (pass, (val_loss, val_bpb)) of the last pass
-        if self.compile:
-            raise_recompile_limit()
-        self.window_batch = max(h.val_batch_size // (self.world_size * h.grad_accum_steps * h.eval_seq_len), 1)
-        if self.is_main:
-            try:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise InputError(f"{self.log_path.parent}: cannot create the log directory ({error})") from None
-            if not os.access(self.log_path.parent, os.W_OK):
-                raise InputError(f"{self.log_path.parent}: not writable, so the run could not be logged")
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
-
-    def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None, documents=None):
-        """model(inputs, targets, reduction, hints, documents), through torch.compile(fullgraph=True) when COMPILE
-        is on."""
-        if not self.compile:
-            return model(inputs, targets, reduction, hints, documents)
-        if id(model) not in self.compiled:
-            self.compiled[id(model)] = torch.compile(model, dynamic=False, fullgraph=True)
-        return self.compiled[id(model)](inputs, targets, reduction, hints, documents)
-
-    def lora_forward(self, model: GPT, lora: BatchedLoRA, rows: np.ndarray, inputs, targets, hints, columns):
-        """Per-token NLLs of document LoRA's chunk step: `rows` of the batch's adapters (B, T) inputs, scored at
-        `columns`. Compiled (COMPILE), it is one graph with dynamic shapes for every step, as #1855 compiles its TTT
-        forward (the second CUDA review's defect 4: eager, ~3,200 steps a rank, 45 % under 32k tokens, each paying
-        the launch floor); prime_lora_graphs compiles it before the eval clock. Eager, a prefix of rows is a slice."""
-        if self.compile or rows[-1] != len(rows) - 1:
-            lora.rows = to_device(rows.astype(np.int64), self.device)
-        else:
-            lora.rows = slice(len(rows))
-        documents = self.row_segments(*inputs.shape)
-        forward = model
-        if self.compile:
-            key = (id(model), "lora")
-            if key not in self.compiled:
-                self.compiled[key] = torch.compile(model, dynamic=True, fullgraph=True)
-            forward = self.compiled[key]
-        return forward(inputs, targets, "none", hints, documents, positions=columns, adapters=lora)
-
-    def row_segments(self, rows: int, width: int) -> torch.Tensor | None:
-        """The varlen segments of rows that each hold one document's tokens (document LoRA's: no BOS but at a row's
-        start): what document_segments finds in them, without scanning the tokens (None unless varlen)."""
-        if not self.varlen:
-            return None
-        step = self.segment_len or width
-        starts = (np.arange(rows)[:, None] * width + np.arange(0, width, step)[None, :]).ravel()
-        segments = to_device(padded_cu_seqlens(starts, rows * width), self.device)
-        torch._dynamo.maybe_mark_dynamic(segments, 0)
-        return segments
-
-    def documents(self, inputs: np.ndarray) -> torch.Tensor | None:
-        """The varlen kernel's cu_seqlens of a host batch of inputs (B, T) on the device (None unless DOC_ISOLATION
-        runs through FlashAttention's varlen kernel). Its length is marked dynamic: one graph for every bucket."""
-        if not self.varlen:
-            return None
-        try:
-            host = document_segments(inputs, self.segment_len)
-        except RunFault as fault:  # this rank's data alone: the others already wait in the step's collectives
-            self.leave_alone(fault)
-        segments = to_device(host, self.device)
-        torch._dynamo.maybe_mark_dynamic(segments, 0)
-        return segments
-
-    def leave_alone(self, fault: RunFault):
-        """A fault only this rank saw, in the middle of a step: with other ranks, exit now (torchrun then ends them)
-        instead of waiting at the closing barrier while they wait in a collective until the timeout (CUDA review
-        945e22d, defect 10); alone, raise it."""
-        if self.world_size == 1:
-            raise fault
-        message = f"error: rank {self.rank}: {fault}"
-        print(message, file=sys.stderr, flush=True)
-        self.log(message, console=False)
-        os._exit(fault.status)
-
-    def log(self, message: str, console: bool = True):
-        if not self.is_main:
-            return
-        if console:
-            print(message, flush=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(message + "\n")
-
-    def seal_log(self):
-        """Last line: the SHA-256 of everything above it, so a later edit shows (tools/pack_record.py checks)."""
-        if self.is_main:
-            digest = hashlib.sha256(self.log_path.read_bytes()).hexdigest()
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(f"log_sha256:{digest}\n")
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def barrier(self, long: bool = False):
-        """long: on the gloo group whose timeout covers rank 0's export (the default group's NCCL watchdog would
-        kill the waiting ranks after COLLECTIVE_TIMEOUT_SECONDS: the CUDA review, defect 6)."""
-        if self.world_size > 1:
-            dist.barrier(group=self.long_group if long else None)
-
-
-NOT_SETTINGS = ("env_names", "ignored_record_variables", "preset_values", "record_spellings")
-
-
-def log_run_header(run: RunContext, code: str):
-    """The log starts with the code and the environment, like #549's logs."""
-    run.log(code, console=False)
-    run.log("=" * 100, console=False)
-    run.log(
-        f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"platform:{platform.platform()}"
-    )
-    if run.device.type == "cuda":
-        try:
-            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
-        except (OSError, subprocess.SubprocessError):
-            smi = "nvidia-smi unavailable"
-        run.log(f"device:cuda {torch.cuda.get_device_name(run.device)} x{run.world_size}")
-        run.log(smi, console=False)
-    else:
-        run.log(
-            f"device:cpu {platform.processor() or platform.machine()} threads:{torch.get_num_threads()} "
-            f"x{run.world_size}"
-        )
-    run.log("=" * 100, console=False)
-    h = run.h
-    run.log(f"logfile:{run.log_path} run_id:{h.run_id}")
-    run.log(f"started:{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-    settings = {k: v for k, v in vars(h).items() if k not in NOT_SETTINGS}
-    run.log(f"hyperparameters {json.dumps(settings, sort_keys=True)}", console=False)
-    preset_values = ",".join(f"{k}={v}" for k, v in h.preset_values.items())
-    run.log(f"preset:{h.preset} from_preset:{preset_values or '-'}")
-    for name in h.record_spellings:
-        run.log(f"note: env {name} read as {'/'.join(RECORD_SPELLINGS[name][0])} (a record's spelling)")
-    for name in h.ignored_record_variables:
-        run.log(f"warning: env {name} is set but ignored: {DROPPED_RECORD_VARIABLES[name]}")
-    run.log(
-        f"compute_dtype:{str(run.compute_dtype).removeprefix('torch.')} attention:{run.attention_name} "
-        f"compile:{int(run.compile)} world_size:{run.world_size} grad_accum_steps:{h.grad_accum_steps}"
-    )
-
-
-def set_seeds(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(h: Hyperparameters, run: RunContext) -> GPT:
-    """Same weights on every rank: the model is built on the CPU under the seed, then moved."""
-    set_seeds(h.seed)
-    return GPT(h, attention=run.attention).to(run.device)
-
-
-WATCH_LAG = 2  # steps between a step's launch and the host reading its flags: long finished on the GPU by then
-
-
-class TrainingWatch:
-    """Non-finite losses and SIGINT/SIGTERM, agreed by all ranks at one step with no host sync per step: flags are
-    max-reduced asynchronously, copied to the host, read WATCH_LAG steps later; a repeated signal acts at once."""
-
-    def __init__(self, run: RunContext):
-        self.run, self.pending, self.handlers, self.last_finite = run, collections.deque(), {}, None
-        self.signal_number = 0  # this process's; the stop follows the ranks' maximum
-
-    def __enter__(self):
-        self.handlers = {n: signal.signal(n, self.on_signal) for n in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc_info):
-        for number, handler in self.handlers.items():
-            signal.signal(number, handler)
-
-    def on_signal(self, number, frame):  # torchrun follows a Ctrl-C with SIGTERM: only a repeat acts at once
-        self.signal_number = self.signal_number or number
-        signal.signal(number, self.handlers[number])
-
-    def observe(self, step: int, loss: torch.Tensor):
-        loss = loss.detach().float()
-        flags = torch.stack((loss, (~torch.isfinite(loss)).float(), torch.full_like(loss, self.signal_number)))
-        if self.run.world_size > 1:  # on CUDA wait() only orders the stream: the host goes on
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True).wait()
-        cuda = flags.device.type == "cuda"
-        host = torch.empty(3, pin_memory=cuda).copy_(flags, non_blocking=cuda)
-        self.pending.append((step, host, torch.cuda.current_stream().record_event() if cuda else None))
-
-    def stop_signal(self, step: int, flush: bool = False) -> int:
-        """The agreed signal number (0: none) from the steps up to step - WATCH_LAG (every step when flush);
-        raises RunFault at the first step whose loss was not finite on any rank."""
-        while self.pending and (flush or self.pending[0][0] <= step - WATCH_LAG):
-            observed, host, event = self.pending.popleft()
-            if event is not None:
-                event.synchronize()
-            loss, nonfinite, number = host.tolist()
-            if nonfinite:
-                last = (
-                    f"the last finite loss was {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
-                    if self.last_finite
-                    else "no step before it had a finite loss"
-                )
-                raise RunFault(
-                    f"training diverged: the loss is not finite at step {observed} on some rank ({last}); "
-                    f"no artifact written, ARTIFACT_PATH untouched (lower the learning rates, e.g. "
-                    f"MATRIX_LR, or clip with GRAD_CLIP_NORM)",
-                    EXIT_NONFINITE,
-                )
-            self.last_finite = (observed, loss)
-            if number:
-                return int(number)
-        return 0
-
-
-class Trainer:
-    """The timed training loop of #549 section 11, with priming steps that are undone before the clock starts."""
-
-    def __init__(self, h: Hyperparameters, run: RunContext, model: GPT, val: ValidationSet | None):
-        self.h, self.run, self.model, self.val = h, run, model, val
-        fused = run.device.type == "cuda"
-        self.optimizers = build_optimizers(model, h, run.compute_dtype, fused, run.rank, run.world_size)
-        bank_ids = {id(p) for p in model.banks()}
-        self.replicated_params = [p for p in model.parameters() if id(p) not in bank_ids]
-        self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
-        self.qat_start = None  # the step soft-round's alpha ramp started
-        self.watch, self.interrupted = TrainingWatch(run), 0  # the signal that stopped training, if any
-        model.looping = looping_at(h, 0.0)  # the plain graph first (#1855)
-
-    def new_loader(self) -> TrainingLoader:
-        return training_loader(self.h, self.run.rank, self.run.world_size, self.run.device, self.run.documents)
-
-    def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
-        h, run, model = self.h, self.run, self.model
-        total = torch.zeros((), device=run.device)
-        for _ in range(h.grad_accum_steps):
-            inputs, targets, documents = loader.next_batch(self.local_tokens, h.train_seq_len)
-            with run.autocast():
-                loss = run.forward(model, inputs, targets, documents=documents)
-            (loss / h.grad_accum_steps).backward()
-            total += loss.detach()
-        if h.grad_clip_scope == "local":
-            self.clip_local_gradients()
-        token_adam, muon, scalar_adam, *small_muon = self.optimizers
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * multiplier
-        muon.param_groups[0]["momentum"] = muon_momentum_at(h, step)
-        for optimizer in [muon, *small_muon]:
-            group = optimizer.param_groups[0]
-            group["weight_decay"] = group["base_weight_decay"] * wd_multiplier
-        muon.reduce_gradients()  # async reduce-scatters, largest bank first
-        replicated = self.average_replicated_gradients()  # overlaps the reduce-scatters in flight
-        shards = muon.gradient_shards()
-        scale = self.clip_scale(shards, replicated)
-        torch._foreach_mul_(replicated, scale)
-        token_adam.step()
-        scalar_adam.step()
-        for optimizer in small_muon:
-            optimizer.step()  # its gradients were clipped in place with the other replicated ones
-        muon.step(shards, scale)
-        model.zero_grad(set_to_none=True)
-        return total / h.grad_accum_steps
-
-    def average_replicated_gradients(self) -> list[torch.Tensor]:
-        """All-reduce (mean) every non-bank gradient as one flat buffer (#549: a call per tensor)."""
-        grads = []
-        for param in self.replicated_params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            grads.append(param.grad)
-        if self.run.world_size > 1:
-            all_reduce_flat(grads, dist.ReduceOp.AVG)
-        return grads
-
-    def clip_local_gradients(self):
-        """GRAD_CLIP_SCOPE=local, #549's order: each rank clips its own gradient before any averaging."""
-        if self.h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.grad is not None], self.h.grad_clip_norm
-            )
-
-    def clip_scale(self, shards, replicated) -> torch.Tensor:
-        """Global-norm clip factor of the *averaged* gradient, so any world size trains one model (#549 clipped per rank
-        before averaging). Bank shards are disjoint, so squared norms add up; a tensor, no host sync."""
-        if self.h.grad_clip_norm <= 0 or self.h.grad_clip_scope == "local":
-            return torch.ones((), device=self.run.device)
-        bank_square = torch.stack([s.float().square().sum() for s in shards]).sum()
-        if self.run.world_size > 1:
-            dist.all_reduce(bank_square)
-        total = (bank_square + torch.stack([g.square().sum() for g in replicated]).sum()).sqrt()
-        return (self.h.grad_clip_norm / (total + 1e-6)).clamp(max=1.0)
-
-    def prime(self):
-        """WARMUP_STEPS real steps to compile and allocate, then weights, optimizer state and data position are restored
-        (#549 pitfall 2); compiled, the looped and late-QAT graphs get a step each: none compiles in the timed loop."""
-        h, model = self.h, self.model
-        if h.warmup_steps == 0:
-            return
-        saved_model = copy.deepcopy(model.state_dict())
-        saved_optimizers, loader = [copy.deepcopy(o.state_dict()) for o in self.optimizers], self.new_loader()
-        final_looping, variants = looping_at(h, None), [("", h.qat_enabled, model.looping)] * h.warmup_steps
-        if self.run.compile and model.looping != final_looping:
-            variants.append((":loop_graph", h.qat_enabled, final_looping))
-        if self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled:
-            variants.append((":qat_graph", True, final_looping))
-        for i, (label, qat, looping) in enumerate(variants):
-            model.qat_active, model.looping = qat, looping
-            self.step(loader, i, 1.0)
-            self.run.log(f"warmup_step{label or f':{i + 1}/{h.warmup_steps}'}")
-        model.load_state_dict(saved_model)
-        for optimizer, state in zip(self.optimizers, saved_optimizers):
-            optimizer.load_state_dict(state)
-        model.qat_active, model.looping = h.qat_enabled, variants[0][2]
-
-    def update_looping(self, step: int, fraction: float):
-        if not self.model.looping and looping_at(self.h, fraction):
-            self.model.looping = True
-            self.run.log(f"looping:enabled step:{step} fraction:{fraction:.3f} layers:{self.model.layer_order()}")
-
-    def validate(self, step: int, train_ms: float):
-        val_loss, val_bpb = evaluate(self.model, self.run, self.val, self.h.eval_seq_len)[:2]
-        self.run.log(
-            f"step:{step}/{self.h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
-        )
-
-    def log_step(self, step: int, loss: torch.Tensor, train_ms: float):
-        h = self.h
-        if self.run.world_size > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the global batch's loss, as one process would log it
-        step_avg, tokens_per_s = train_ms / step, h.train_batch_tokens * step / (train_ms / 1000.0)
-        eta_s = (h.iterations - step) * step_avg / 1000.0
-        if h.training_seconds > 0:
-            eta_s = min(eta_s, max(h.training_seconds - train_ms / 1000.0, 0.0))
-        self.run.log(
-            f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_ms:.0f}ms "
-            f"step_avg:{step_avg:.2f}ms tok_s:{tokens_per_s:.0f} eta:{eta_s:.0f}s"
-        )
-
-    def agreed_clock(self, local_ms: float) -> float:
-        """The training time of every rank: the MAX of their clocks, in the per-step collective that decides stopping
-        (clocks per rank fed different LR multipliers; the replicas drifted and verify_replicas failed after 600 s)."""
-        if self.h.training_seconds <= 0 or self.run.world_size == 1:
-            return local_ms
-        clock = torch.tensor([local_ms], dtype=torch.float64, device=self.run.device)
-        dist.all_reduce(clock, op=dist.ReduceOp.MAX)
-        return float(clock.item())
-
-    def update_qat(self, step: int, multiplier: float, agreed_ms: float):
-        """Late QAT switches on below LATE_QAT_THRESHOLD; soft-round's alpha then ramps linearly from 1 to
-        SOFT_ROUND_ALPHA_MAX over the QAT steps, their count re-estimated every step from the remaining time."""
-        h, model = self.h, self.model
-        if h.late_qat_threshold > 0 and multiplier < h.late_qat_threshold and not model.qat_active:
-            model.qat_active = True
-            self.run.log(f"late_qat:enabled step:{step} scale:{multiplier:.4f}")
-        if not model.qat_active or model.soft_round_alpha is None:
-            return
-        if self.qat_start is None:
-            self.qat_start = step
-        remaining = h.iterations - step
-        if h.training_seconds > 0 and step > 0:
-            remaining = min(remaining, (1000.0 * h.training_seconds - agreed_ms) / (agreed_ms / step))
-        done = step - self.qat_start
-        progress = min(done / max(done + remaining, 1.0), 1.0)
-        model.soft_round_alpha.fill_(1.0 + (h.soft_round_alpha_max - 1.0) * progress)
-
-    def train(self):
-        """Train, average, and return GPTQ's Hessians (None unless QUANT=gptq)."""
-        h, run, model = self.h, self.run, self.model
-        self.prime()
-        loader = self.new_loader()
-        ema = ExponentialMovingAverage(model, h.ema_decay) if h.ema_decay > 0 else None
-        swa = SnapshotAverage(model) if h.swa_enabled else None
-        agreed_ms = self.loop(loader, ema, swa)
-        if run.device.type == "cuda":
-            run.log(
-                f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB"
-            )
-        loop_ended = time.perf_counter()  # the training clock goes on through averaging and calibration
-        model.qat_active = False
-        model.looping = looping_at(h, None)
-        self.apply_average(ema, swa)
-        if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):  # watch saw losses
-            raise RunFault(
-                "the averaged weights are not finite although every training loss was; no artifact written, "
-                "ARTIFACT_PATH untouched",
-                EXIT_NONFINITE,
-            )
-        calibrating = h.quant == "gptq" and not self.interrupted  # the agreed signal: every rank skips alike
-        if h.quant == "gptq" and self.interrupted:  # torchrun SIGKILLs 30 s after SIGTERM (review 945e22d, defect 11)
-            run.log("gptq:hessians skipped after a signal: round-to-nearest on the searched scales, exported at once")
-        hessians = self.calibrate(loader, agreed_ms / 1000.0 - loop_ended) if calibrating else None
-        verify_replicas(run, model)  # after calibration: its collectives and batches are the last thing ranks share
-        return hessians
-
-    def loop(self, loader, ema, swa) -> float:
-        """Steps until ITERATIONS, the wallclock cap or an agreed signal; returns the agreed training ms."""
-        h, run = self.h, self.run
-        train_ms, step, stop_after, agreed_ms = 0.0, 0, None, 0.0
-        run.sync()
-        started = time.perf_counter()
-        while True:
-            last_step = step == h.iterations or (stop_after is not None and step >= stop_after)
-            if (last_step and not self.interrupted) or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
-                run.sync()
-                train_ms += 1000.0 * (time.perf_counter() - started)
-                self.validate(step, agreed_ms)  # validation time is not training time (#549)
-                run.sync()
-                started = time.perf_counter()
-            if last_step:
-                break
-            multiplier = lr_multiplier(h, step, agreed_ms)  # every time-dependent decision uses agreed_ms
-            fraction = training_fraction(h, step, agreed_ms)
-            self.update_qat(step, multiplier, agreed_ms)
-            self.update_looping(step, fraction)
-            loss = self.step(loader, step, multiplier, weight_decay_multiplier(h, fraction))
-            if ema is not None:
-                ema.update()
-            step += 1
-            self.watch.observe(step, loss)
-            if swa is not None and multiplier < h.swa_threshold and step % h.swa_every == 0:
-                if swa.count == 0:
-                    run.log(f"swa:start step:{step}")
-                swa.add()
-            agreed_ms = self.agreed_clock(train_ms + 1000.0 * (time.perf_counter() - started))
-            self.interrupted = self.interrupted or self.watch.stop_signal(step)
-            if stop_after is None and (0 < h.training_seconds <= agreed_ms / 1000.0 or self.interrupted):
-                stop_after = step
-            if step <= 10 or (h.train_log_every > 0 and step % h.train_log_every == 0) or stop_after == step:
-                self.log_step(step, loss, agreed_ms)
-        self.watch.stop_signal(step, flush=True)  # the last steps' losses must be finite too
-        if stop_after is not None and stop_after < h.iterations:
-            cause = signal.Signals(self.interrupted).name if self.interrupted else "wallclock_cap"
-            run.log(f"stopping_early: {cause} train_time:{agreed_ms:.0f}ms step:{step}/{h.iterations}")
-        return agreed_ms
-
-    def calibrate(self, loader, clock_offset: float) -> dict[str, torch.Tensor]:
-        """GPTQ Hessians of the averaged weights on the next training batches, inside the cap (GPTQ_RESERVE_SECONDS):
-        batches stop at the cap, counted alike on every rank. clock_offset + perf_counter() = the training clock."""
-        h, run = self.h, self.run
-        run.sync()
-        started = time.perf_counter()
-        deadline = h.max_wallclock_seconds - clock_offset if h.max_wallclock_seconds > 0 else math.inf
-        with matmul_precision(tf32=h.gptq_hessian_tf32):
-            hessians, batches = collect_hessians(self.model, run, loader, self.local_tokens, deadline)
-        run.sync()
-        seconds, ended = time.perf_counter() - started, clock_offset + time.perf_counter()
-        needed = seconds / batches * h.gptq_calib_batches
-        run.log(
-            f"gptq:hessians batches:{batches}/{h.gptq_calib_batches} tokens:{batches * self.local_tokens * run.world_size} "
-            f"seconds:{seconds:.1f} per_batch:{seconds / batches:.3f}s all_batches_need:{needed:.1f}s "
-            f"reserve:{h.gptq_reserve_seconds:g}s tf32:{int(h.gptq_hessian_tf32 and run.device.type == 'cuda')} "
-            f"ended_at:{ended:.1f}s cap:{h.max_wallclock_seconds:.0f}s"
-            + (" (stopped at the cap)" if batches < h.gptq_calib_batches else "")
-        )
-        if batches < h.gptq_calib_batches:
-            run.log(
-                f"WARNING: {batches} of GPTQ_CALIB_BATCHES={h.gptq_calib_batches} Hessian batches fit the cap; all "
-                f"need GPTQ_RESERVE_SECONDS >= {math.ceil(needed + 1)} at this pace"
-            )
-        if 0 < h.max_wallclock_seconds < ended:
-            run.log(
-                f"WARNING: GPTQ CALIBRATION ENDED {ended - h.max_wallclock_seconds:.1f}s AFTER THE TRAINING CAP; "
-                f"raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_BATCHES"
-            )
-        return hessians
-
-    def apply_average(self, ema, swa):
-        if swa is not None and swa.count >= max(self.h.swa_min_snapshots, 1):
-            self.run.log(f"swa:applying mean of {swa.count} snapshots (exported instead of EMA)")
-            swa.copy_to(self.model)
-        elif ema is not None:
-            if swa is not None:
-                self.run.log(
-                    f"swa:{swa.count} snapshots, fewer than SWA_MIN_SNAPSHOTS={self.h.swa_min_snapshots}; exporting EMA"
-                )
-            self.run.log(f"ema:applying EMA weights decay:{self.h.ema_decay}")
-            ema.copy_to(self.model)
-        else:
-            self.run.log("averaging:none; exporting the final weights")
-
-
-@contextlib.contextmanager
-def matmul_precision(tf32: bool):
-    """CUDA's fp32 matmuls with TF32 inputs or strict (RunContext turns TF32 on for training on CUDA), restored on
-    exit: GPTQ's error updates and LQER always strict, as on the CPU (the first CUDA review, defect 10); the Hessian
-    sums as GPTQ_HESSIAN_TF32 says. The CPU has no TF32: there it changes nothing."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@torch.inference_mode()
-def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, deadline: float = math.inf) -> tuple:
-    """X^T X (fp32) of every matrix's inputs over up to GPTQ_CALIB_BATCHES micro-batches, summed over ranks, and the
-    batch count: another batch only while every rank projects it to end before `deadline` (perf_counter seconds)."""
-    h, sums = run.h, {}
-
-    def record(name: str, inputs: torch.Tensor):
-        with torch.autocast(inputs.device.type, enabled=False):
-            flat = inputs.reshape(-1, inputs.size(-1)).float()
-            gram = flat.T @ flat
-        sums[name] = sums[name] + gram if name in sums else gram
-
-    model.eval()
-    batches, started = 0, time.perf_counter()
-    try:
-        while batches < h.gptq_calib_batches and (batches == 0 or agreed_to_go_on(run, started, batches, deadline)):
-            inputs, _, documents = loader.next_batch(local_tokens, h.train_seq_len)
-            with run.autocast():
-                model.hidden_states(inputs, run.compute_dtype, documents, record=record)
-            batches += 1
-    finally:
-        model.train()
-    if run.world_size > 1:
-        for gram in sums.values():
-            dist.all_reduce(gram)
-    return sums, batches
-
-
-def agreed_to_go_on(run: RunContext, started: float, done: int, deadline: float) -> bool:
-    """Whether one more batch at the mean pace so far ends before the deadline on every rank (a MAX-reduced stop)."""
-    if math.isinf(deadline):
-        return True
-    run.sync()
-    now = time.perf_counter()
-    stop = torch.tensor(float(now + (now - started) / done > deadline), device=run.device)
-    if run.world_size > 1:
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-    return not stop.item()
-
-
-def verify_replicas(run: RunContext, model: GPT):
-    """Ranks stay in sync only by identical init and updates (#549 pitfall 29): compare parameter SHA-256s."""
-    digest = hashlib.sha256(
-        b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())
-    ).hexdigest()
-    digests = [digest] * run.world_size
-    if run.world_size > 1:
-        dist.all_gather_object(digests, digest)
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"replicas diverged: parameter SHA-256 per rank {digests}")
-    run.log(f"replicas:identical ranks:{run.world_size} sha256:{digests[0][:16]}")
-
-
-def log_size_plan(run: RunContext, code: str) -> int | None:
-    """Predict the artifact (rank 0) before anything else, so an over-size configuration fails fast."""
-    if not run.is_main:
-        return None
-    h, started = run.h, time.perf_counter()
-    predicted = plan_artifact(h)
-    with torch.device("meta"):
-        params = sum(p.numel() for p in GPT(h).parameters())
-    code_bytes = len(code.encode("utf-8"))
-    total = code_bytes + predicted
-    run.log(
-        f"size_plan params:{params} code_bytes:{code_bytes} predicted_model_bytes:{predicted} "
-        f"predicted_total_bytes:{total} cap:{SIZE_CAP_BYTES} headroom:{SIZE_CAP_BYTES - total}"
-    )
-    run.log(
-        f"size_plan:scheme quant:{h.quant} bits_mlp/attn/embed/tables:{h.quant_bits_mlp}/{h.quant_bits_attn}/"
-        f"{h.quant_bits_embed}/{h.quant_bits_tables} compressor:{h.compressor} byte_shuffle:{int(h.byte_shuffle)} "
-        f"seconds:{time.perf_counter() - started:.1f}"
-    )
-    if h.mixed_precision:
-        run.log(
-            "size_plan:mixed_precision planned at the base widths; after training, groups are promoted into "
-            "the headroom the real artifact leaves (its size_plan:check error is that spending)"
-        )
-    if total > SIZE_CAP_BYTES:
-        run.log(
-            f"WARNING: PREDICTED ARTIFACT OVER THE CAP by {total - SIZE_CAP_BYTES} bytes"
-            + ("" if h.size_fit else " (SIZE_FIT=1 would prune to fit)")
-        )
-    return predicted
-
-
-def export_blob(run: RunContext, model: GPT, code_bytes: int, hessians, fast: bool) -> bytes:
-    """The artifact's bytes: quantized (MIXED_PRECISION's widths unless fast), LQER, encoded (SIZE_FIT unless fast).
-    fast, after a signal: torchrun SIGKILLs 30 s after its SIGTERM, so the base widths and lzma at preset 1."""
-    h, state = run.h, export_state(model)
-    budget = SIZE_CAP_BYTES - code_bytes
-    mixed = h.mixed_precision and hessians and not fast
-    bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if mixed else None
-    tensors, schemes = quantize_state(state, h, hessians, bits)
-    if h.lqer_top_k:
-        corrected = add_lqer_corrections(state, tensors, schemes, h)
-        run.log(f"lqer: rank {h.lqer_rank} corrections on {' '.join(corrected)}")
-    if h.size_fit and not fast:
-        return fit_to_budget(tensors, schemes, h, budget, run.log)
-    return encode_artifact(tensors, schemes, h, fast)
-
-
-def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predicted=None, fast: bool = False) -> int:
-    """Rank 0 quantizes and writes the artifact (in full fp32 matmuls), the others wait on a group whose timeout
-    covers the export; every rank reads its size back from disk. The code counted is the text this process
-    started from (not the file now on disk). Returns the total bytes."""
-    h, code_bytes = run.h, len(code.encode("utf-8"))
-    if run.is_main:
-        started = time.perf_counter()
-        with matmul_precision(tf32=False):
-            blob = export_blob(run, model, code_bytes, hessians, fast)
-        partial = Path(h.artifact_path + ".partial")  # renamed into place: never a half-written artifact
-        partial.write_bytes(blob)
-        os.replace(partial, h.artifact_path)
-        run.log(
-            f"artifact:written quant:{h.quant} compressor:{'lzma (fast: after a signal)' if fast else h.compressor} "
-            f"seconds:{time.perf_counter() - started:.1f}"
-        )
-    run.barrier(long=True)
-    model_bytes = Path(h.artifact_path).stat().st_size
-    total = code_bytes + model_bytes
-    run.log(
-        f"artifact path:{h.artifact_path} code_bytes:{code_bytes} model_bytes:{model_bytes} "
-        f"total_bytes:{total} cap:{SIZE_CAP_BYTES}"
-    )
-    if predicted is not None:
-        run.log(
-            f"size_plan:check predicted_model_bytes:{predicted} actual_model_bytes:{model_bytes} "
-            f"error:{100 * (predicted - model_bytes) / model_bytes:+.1f}%"
-        )
-    if total > SIZE_CAP_BYTES:
-        run.log(
-            f"ERROR: ARTIFACT OVER THE CAP: {total} bytes > {SIZE_CAP_BYTES} by {total - SIZE_CAP_BYTES}; "
-            f"it is written and will be evaluated, then the run exits with status 3"
-        )
-    return total
-
-
 def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") -> "PassScore":
     """Run one pass, log it (rounded with the time, then _exact lines); return evaluate_fn's result."""
     run.sync()
@@ -4756,6 +4765,9 @@ def start_ttt(run: RunContext, model: GPT, val: ValidationSet, eval_started: flo
         f"params_unfrozen={total - frozen} params_frozen={frozen}"
     )
     return ttt.run_schedule(score_first_schedule(ttt.num_chunks))
+
+
+# Main: check the inputs, train and write the artifact, score it =====================================================
 
 
 def check_before_training(h: Hyperparameters) -> int:
@@ -4851,7 +4863,7 @@ def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int
             f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
             f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f} seed:{h.seed}"
         )
-        trainer = Trainer(h, run, model, val)
+        trainer = Trainer(h, run, model, validation=lambda: evaluate(model, run, val, h.eval_seq_len)[:2])
         with trainer.watch:  # a signal stops training; the artifact is still written
             hessians = trainer.train()
             # before any evaluation; after a signal the fast way (torchrun's SIGKILL follows its SIGTERM in 30 s)

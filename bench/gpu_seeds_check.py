@@ -61,7 +61,7 @@ def main() -> int:
     print(f"device {run.device} dtype {run.compute_dtype} compile {run.compile} attention {run.attention_name}")
     model = tg.build_model(h, run)
     print(f"params {sum(p.numel() for p in model.parameters())}")
-    trainer = tg.Trainer(h, run, model, val=None)
+    trainer = tg.Trainer(h, run, model)
     print(f"prime: {timed(trainer.prime, run.device):.1f}s (plain + soft-round QAT graphs)")
     primed = counters["stats"]["unique_graphs"]
     loader = trainer.new_loader()

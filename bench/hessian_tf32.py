@@ -69,7 +69,7 @@ def main() -> int:
     started = time.perf_counter()
     val = tg.ValidationSet(h, tg.load_tokenizer(h.tokenizer_path, h.vocab_size))
     model = tg.build_model(h, run)
-    trainer = tg.Trainer(h, run, model, val)
+    trainer = tg.Trainer(h, run, model, lambda: tg.evaluate(model, run, val, h.eval_seq_len)[:2])
     trainer.train()
     state = tg.export_state(model)
     exact, rounded = both_hessians(model, run, trainer.new_loader(), trainer.local_tokens)

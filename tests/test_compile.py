@@ -52,7 +52,7 @@ def test_one_warmup_step_primes_the_plain_and_the_qat_graph(tmp_path, monkeypatc
     torch._dynamo.reset()
     run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1, **features)
     model = train_gpt.build_model(run.h, run)
-    trainer = train_gpt.Trainer(run.h, run, model, val=None)
+    trainer = train_gpt.Trainer(run.h, run, model)
     trainer.prime()
     primed = compiled_graphs()
     assert primed >= 2
@@ -88,7 +88,7 @@ def test_warmup_primes_the_looped_graph_before_the_clock(tmp_path, monkeypatch, 
     torch._dynamo.reset()
     run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1, **FRONTIER)
     model = train_gpt.build_model(run.h, run)
-    trainer = train_gpt.Trainer(run.h, run, model, val=None)
+    trainer = train_gpt.Trainer(run.h, run, model)
     assert not model.looping
     trainer.prime()
     primed = compiled_graphs()

@@ -131,7 +131,7 @@ def clipped_step(tmp_path, monkeypatch, dataset, **overrides):
     h = train_gpt.Hyperparameters(env)
     run = train_gpt.RunContext(h)
     model = train_gpt.build_model(h, run)
-    trainer = train_gpt.Trainer(h, run, model, val=None)
+    trainer = train_gpt.Trainer(h, run, model)
     loader = trainer.new_loader()
     for step in range(2):  # Muon and Adam are scale-invariant in their first step: the second shows the clip
         trainer.step(loader, step, 1.0)

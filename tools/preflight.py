@@ -134,7 +134,7 @@ def check_training(run: tg.RunContext, steps: int) -> dict:
     h = run.h
     model = tg.build_model(h, run)
     report("model", f"params {sum(p.numel() for p in model.parameters())}")
-    trainer = tg.Trainer(h, run, model, val=None)
+    trainer = tg.Trainer(h, run, model)
     trainer.local_tokens = h.train_batch_tokens // (h.ranks * h.grad_accum_steps)
     lengths = document_lengths(h)[0] if h.doc_isolation else None
     trainer.new_loader = lambda: RandomBatches(

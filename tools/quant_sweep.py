@@ -96,7 +96,7 @@ def main() -> int:
         hessians = saved["hessians"]
         run.log(f"quant_sweep: loaded trained weights and Hessians from {args.load_state}")
     else:
-        hessians = tg.Trainer(h, run, model, val).train()
+        hessians = tg.Trainer(h, run, model, lambda: tg.evaluate(model, run, val, h.eval_seq_len)[:2]).train()
     state = tg.export_state(model)
     if args.save_state:
         torch.save({"state": state, "hessians": hessians}, args.save_state)
