@@ -66,7 +66,10 @@ class EnvReader:
     environment comes from the preset, then from the default (an explicitly set variable always wins)."""
 
     def __init__(self, environ):
-        self.environ, self.preset, self.names, self.from_preset = environ, {}, [], {}
+        self.environ = environ
+        self.preset = {}
+        self.names = []
+        self.from_preset = {}
 
     def _get(self, name, default):
         self.names.append(name)
@@ -396,7 +399,8 @@ class Hyperparameters:
         self._read_optimizer(env)
         self._read_export(env)
         self._read_evaluation(env)
-        self.env_names, self.preset_values = tuple(env.names), dict(env.from_preset)
+        self.env_names = tuple(env.names)
+        self.preset_values = dict(env.from_preset)
         self.record_spellings = sorted(n for n in RECORD_SPELLINGS if environ.get(n, "").strip())
         self.ignored_record_variables = sorted(n for n in DROPPED_RECORD_VARIABLES if n in environ)
         for name, reason in REFUSED_RECORD_VARIABLES.items():
@@ -584,7 +588,9 @@ class Hyperparameters:
 
     def validate(self):
         """Refuse settings that cannot work together: the first failing check, naming its variables."""
-        head_dim, chunk, layers = self.model_dim // self.num_heads, self.ttt_chunk_tokens, self.num_layers
+        head_dim = self.model_dim // self.num_heads
+        chunk = self.ttt_chunk_tokens
+        layers = self.num_layers
         bad_ve = [i for i in self.ve_layers if not 0 <= i < layers] if self.ve_enabled else []
         checks = (
             (
@@ -729,7 +735,9 @@ class Hyperparameters:
 
 
 # Data: challenge shards, the training stream, validation tokens and bytes-per-token accounting ======================
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_BYTES = 256 * 4
 CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE ALLCAPS CAPNEXT ESC: the record's pieces 4-7 (data/caseops.py)
 
 
@@ -787,8 +795,10 @@ class TokenStream:
     """The training shards read strictly in order, wrapping after the last one (#549: no shuffling)."""
 
     def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.vocab_size = files, vocab_size
-        self.file_index, self.position = 0, 0
+        self.files = files
+        self.vocab_size = vocab_size
+        self.file_index = 0
+        self.position = 0
         self.tokens = load_data_shard(files[0], vocab_size)
 
     def take(self, count: int) -> np.ndarray:
@@ -796,7 +806,8 @@ class TokenStream:
         while count > 0:
             if self.position == len(self.tokens):
                 self.file_index = (self.file_index + 1) % len(self.files)
-                self.tokens, self.position = load_data_shard(self.files[self.file_index], self.vocab_size), 0
+                self.tokens = load_data_shard(self.files[self.file_index], self.vocab_size)
+                self.position = 0
             piece = self.tokens[self.position : self.position + count]
             pieces.append(piece)
             self.position += len(piece)
@@ -820,7 +831,8 @@ class StreamBlocks:
 
     def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int):
         self.stream = TokenStream(files, vocab_size)
-        self.rank, self.world_size = rank, world_size
+        self.rank = rank
+        self.world_size = world_size
 
     def take(self, local_tokens: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         span = local_tokens + 1  # the extra token is only ever a target
@@ -841,8 +853,11 @@ class PackedDocumentBlocks:
     Hyperparameters.segment_len) and a block that would run past its shard's end starts the next shard's first BOS."""
 
     def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int):
-        self.files, self.vocab_size, self.file_index = files, vocab_size, -1
-        self.rank, self.world_size = rank, world_size
+        self.files = files
+        self.vocab_size = vocab_size
+        self.file_index = -1
+        self.rank = rank
+        self.world_size = world_size
         self.next_shard()
 
     def next_shard(self):
@@ -936,8 +951,11 @@ class TrainingLoader:
     loader's; a request for another size (calibration) rewinds to the first unused."""
 
     def __init__(self, source, device: torch.device, documents=no_documents, prefetch: int = 0):
-        self.source, self.device, self.documents = source, device, documents
-        self.prefetch, self.ahead = prefetch, collections.deque()  # ((local_tokens, seq_len), future of a BuiltBatch)
+        self.source = source
+        self.device = device
+        self.documents = documents
+        self.prefetch = prefetch
+        self.ahead = collections.deque()  # ((local_tokens, seq_len), future of a BuiltBatch)
         self.worker = concurrent.futures.ThreadPoolExecutor(1, "training-loader") if prefetch else None
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
@@ -1022,11 +1040,14 @@ def load_tokenizer(path: str, vocab_size: int):
 def piece_tables(processor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per id: bytes without a leading '▁', whether it has one, whether it is a boundary (control/unknown/unused)."""
     size = processor.vocab_size()
-    base, leading_space, boundary = np.zeros(size, np.int64), np.zeros(size, np.bool_), np.ones(size, np.bool_)
+    base = np.zeros(size, np.int64)
+    leading_space = np.zeros(size, np.bool_)
+    boundary = np.ones(size, np.bool_)
     for token in range(size):
         if processor.is_control(token) or processor.is_unknown(token) or processor.is_unused(token):
             continue
-        boundary[token], piece = False, processor.id_to_piece(token)
+        boundary[token] = False
+        piece = processor.id_to_piece(token)
         leading_space[token] = piece.startswith("\u2581") and not processor.is_byte(token)
         base[token] = 1 if processor.is_byte(token) else len(piece[int(leading_space[token]) :].encode("utf-8"))
     return base, leading_space, boundary
@@ -1133,12 +1154,14 @@ class NormalizationImages:
     def __init__(self, processor):
         points = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
         normalized = processor.normalize([self.MARK + c + self.MARK for c in points])
-        self.fewest, images = {}, {}
+        self.fewest = {}
+        images = {}
         if any(marked.count(self.MARK) != 2 for marked in normalized[:128]):
             raise InputError("the tokenizer's normalizer changes U+E000: the sidecar audit cannot read its images")
         changed = [(c, m[1:-1]) for c, m in zip(points, normalized) if len(m) != 3 or m[1] != c]
         for char, image in changed:
-            image, size = image.replace("\u2581", " "), len(char.encode("utf-8"))
+            image = image.replace("\u2581", " ")
+            size = len(char.encode("utf-8"))
             # an image led by a space loses it after whitespace or at a document's start ('\n῁' -> ' ̈͂')
             for form in (image, image[1:]) if image.startswith(" ") else (image,):
                 if len(form) == 1 and size < len(form.encode("utf-8")):
@@ -1174,7 +1197,8 @@ class SidecarUnits(typing.NamedTuple):
 def sidecar_units(processor, tokens, target_bytes, operators: str, images: NormalizationImages) -> SidecarUnits:
     """A unit per target, except a character spelled by byte-fallback pieces: one unit on its last piece (the others
     '' and 0), charged the pieces' sum once check_sidecar checked where they put it; BOS and operators decode to ''."""
-    targets, charged = tokens[1:], target_bytes.copy()
+    targets = tokens[1:]
+    charged = target_bytes.copy()
     pieces = [piece_text(processor, token, operators) for token in range(processor.vocab_size())]
     texts = np.array(pieces, dtype=object)[targets]
     decoded = np.array([len(t.encode("utf-8")) for t in pieces])[targets]
@@ -1182,15 +1206,24 @@ def sidecar_units(processor, tokens, target_bytes, operators: str, images: Norma
     _, leading_space, boundary = piece_tables(processor)
     dropped = leading_space[targets] & boundary[tokens[:-1]]  # a space #549's table counts 0 (a dummy prefix)
     for index in np.flatnonzero(dropped):
-        texts[index], decoded[index], needs[index] = texts[index][1:], decoded[index] - 1, needs[index] - 1
+        texts[index] = texts[index][1:]
+        decoded[index] = decoded[index] - 1
+        needs[index] = needs[index] - 1
     for index in escaped_operators(processor, targets, operators):  # ESC + operator: the character as text
-        texts[index], decoded[index], needs[index] = (processor.id_to_piece(int(targets[index])), 3, 3)
+        texts[index] = processor.id_to_piece(int(targets[index]))
+        decoded[index] = 3
+        needs[index] = 3
     for first, last in byte_fallback_characters(processor, targets):
         spelled = bytes(int(processor.id_to_piece(int(t))[3:5], 16) for t in targets[first : last + 1])
         char = spelled.decode("utf-8", "replace")  # an invalid sequence: U+FFFD, which the normalizer never leaves
-        texts[first:last], decoded[first:last], needs[first:last] = "", 0, 0
-        texts[last], decoded[last], needs[last] = char, len(spelled), min(images.char_bytes(char), len(spelled))
-        charged[last], charged[first:last] = charged[first : last + 1].sum(), 0
+        texts[first:last] = ""
+        decoded[first:last] = 0
+        needs[first:last] = 0
+        texts[last] = char
+        decoded[last] = len(spelled)
+        needs[last] = min(images.char_bytes(char), len(spelled))
+        charged[last] = charged[first : last + 1].sum()
+        charged[first:last] = 0
     return SidecarUnits(texts, charged, decoded, needs, leading_space[targets] & ~dropped)
 
 
@@ -1211,7 +1244,8 @@ def escaped_operators(processor, targets: np.ndarray, operators: str) -> list[in
     if not operators:
         return []
     ids = [processor.piece_to_id(c) for c in operators]
-    escaped, previous = [], -1
+    escaped = []
+    previous = -1
     for index in np.flatnonzero(np.isin(targets, ids)):
         if previous == index - 1 and targets[previous] == ids[-1] and (not escaped or escaped[-1] != previous):
             escaped.append(int(index))
@@ -1260,8 +1294,11 @@ def deficit_windows(needy: np.ndarray, texts, document_ends: np.ndarray, starts:
     window = None
     for unit in needy:
         document = int(np.searchsorted(starts, unit, side="right")) - 1
-        first, end = int(starts[document]), int(document_ends[document])
-        left, right, chars = unit, unit + 1, 0
+        first = int(starts[document])
+        end = int(document_ends[document])
+        left = unit
+        right = unit + 1
+        chars = 0
         while left > first and chars < longest:
             left, chars = left - 1, chars + len(texts[left - 1])
         chars = 0
@@ -1293,7 +1330,8 @@ def check_sidecar(processor, tokens, target_bytes, operators: str, starts) -> di
             )
     images = NormalizationImages(processor)
     units = sidecar_units(processor, tokens, target_bytes, operators, images)
-    texts, charged = units.texts, units.charged
+    texts = units.texts
+    charged = units.charged
     document_ends = np.r_[starts[1:], len(targets)]
     needy = (charged < units.needs) | ((units.decoded == 0) & (charged > 0))  # "" charged: no image can end there
     for left, right, at_start, at_end, document in deficit_windows(
@@ -1353,7 +1391,8 @@ def byte_fallback_characters(processor, targets: np.ndarray):
     for token in range(processor.vocab_size()):
         if processor.is_byte(token):
             byte_value[token] = int(processor.id_to_piece(token)[3:5], 16)
-    values, index = byte_value[targets], np.flatnonzero(byte_value[targets] >= 0xC0)
+    values = byte_value[targets]
+    index = np.flatnonzero(byte_value[targets] >= 0xC0)
     for first in index:
         length = 2 + int(values[first] >= 0xE0) + int(values[first] >= 0xF0)
         last = first + length - 1
@@ -1368,7 +1407,8 @@ class ValidationSet:
     def __init__(self, h: Hyperparameters, processor):
         files = shard_files(h.data_path, "val")
         tokens = np.concatenate([load_data_shard(f, h.vocab_size) for f in files])
-        sidecar, operators = load_byte_sidecar(files), caseops_operators(processor)
+        sidecar = load_byte_sidecar(files)
+        operators = caseops_operators(processor)
         check_tokenizer(processor, h.tokenizer_path, operators, sidecar is not None)
         target_bytes = sidecar[1:] if sidecar is not None else lookup_target_bytes(processor, tokens)
         self.audit = audit_bytes(processor, tokens, target_bytes, operators if sidecar is not None else "")
@@ -1379,7 +1419,8 @@ class ValidationSet:
                 f"validation set {os.path.join(h.data_path, 'fineweb_val_*.bin')} has {len(tokens)} "
                 f"tokens: fewer than one sequence of EVAL_SEQ_LEN={h.eval_seq_len} plus one"
             )
-        self.tokens, self.target_bytes = tokens[: usable + 1], target_bytes[:usable]
+        self.tokens = tokens[: usable + 1]
+        self.target_bytes = target_bytes[:usable]
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -1409,7 +1450,9 @@ if triton is not None:
     def softcap_ce_forward_rows(z_ptr, target_ptr, loss_ptr, lse_ptr, cols, cap, block: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         target = tl.load(target_ptr + row)
-        running_max, running_sum, target_value = -float("inf"), 0.0, 0.0
+        running_max = -float("inf")
+        running_sum = 0.0
+        target_value = 0.0
         for start in range(0, cols, block):
             offsets = start + tl.arange(0, block)
             mask = offsets < cols
@@ -1427,7 +1470,9 @@ if triton is not None:
     @triton.jit
     def softcap_ce_backward_rows(z_ptr, target_ptr, lse_ptr, grad_ptr, dz_ptr, cols, cap, block: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        target, lse, grad = tl.load(target_ptr + row), tl.load(lse_ptr + row), tl.load(grad_ptr + row)
+        target = tl.load(target_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        grad = tl.load(grad_ptr + row)
         for start in range(0, cols, block):
             offsets = start + tl.arange(0, block)
             mask = offsets < cols
@@ -1542,7 +1587,9 @@ class LeakyReluSquare(torch.autograd.Function):
 
 
 BIGRAM_HASH_MULTIPLIERS = (36313, 27191)
-BIGRAM_INIT_SCALE, VE_INIT_SCALE, VE_EMBED_INIT_STD = 0.05, 0.1, 0.01
+BIGRAM_INIT_SCALE = 0.05
+VE_INIT_SCALE = 0.1
+VE_EMBED_INIT_STD = 0.01
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1732,13 +1779,15 @@ class BatchedLoRA:
     the LM head: W x + (alpha/r) B_d A_d x for row d. A ~ U(+-1/sqrt(in)), B = 0: a fresh adapter is the base model."""
 
     def __init__(self, model, rows: int, rank: int, alpha: float, seed: int):
-        self.scale, self.generator = alpha / rank, torch.Generator().manual_seed(seed)
+        self.scale = alpha / rank
+        self.generator = torch.Generator().manual_seed(seed)
         shapes = {
             (layer, name): getattr(model.layer_weights(layer, model.banks()), name).shape
             for layer in range(model.num_layers)
             for name in LORA_ADAPTED_WEIGHTS
         }
-        shapes["head"], device = model.token_embedding.weight.shape, model.token_embedding.weight.device
+        shapes["head"] = model.token_embedding.weight.shape
+        device = model.token_embedding.weight.device
         self.index = {key: i for i, key in enumerate(shapes)}  # plain tensors below: never the GPT's parameters
         self.rows = slice(None)  # the batch rows still scoring: a slice (longest first) or an index tensor
         self.a = [torch.empty(rows, rank, s[1], device=device, requires_grad=True) for s in shapes.values()]
@@ -1764,7 +1813,8 @@ class BatchedLoRA:
     def apply(self, key, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x (rows', T, in) for the documents of self.rows."""
         i = self.index[key]
-        a, b = self.a[i][self.rows].to(x.dtype), self.b[i][self.rows].to(x.dtype)
+        a = self.a[i][self.rows].to(x.dtype)
+        b = self.b[i][self.rows].to(x.dtype)
         return F.linear(x, weight) + self.scale * ((x @ a.mT) @ b.mT)
 
 
@@ -1784,7 +1834,9 @@ def rotary_tables(seq_len: int, rope_dims: int, base: float, device, ntk_len: in
 def apply_partial_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     """Rotate the first rope_dims dims of each head, paired (i, i + rope_dims/2); the rest pass through."""
     half = rotary.cos.size(-1)
-    a, b, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    a = x[..., :half]
+    b = x[..., half : 2 * half]
+    rest = x[..., 2 * half :]
     cos = rotary.cos.to(x.dtype)
     sin = rotary.sin.to(x.dtype)
     return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
@@ -1794,7 +1846,8 @@ def subtract_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA: remove from each head's output its component along the token's own value vector (GQA-aware)."""
     batch, seq, heads, dim = y.shape
     kv_heads = v.size(2)
-    y, direction = y.view(batch, seq, kv_heads, heads // kv_heads, dim), F.normalize(v, dim=-1).unsqueeze(3)
+    y = y.view(batch, seq, kv_heads, heads // kv_heads, dim)
+    direction = F.normalize(v, dim=-1).unsqueeze(3)
     y = y - (y * direction).sum(-1, keepdim=True) * direction
     return y.view(batch, seq, heads, dim)
 
@@ -1839,7 +1892,8 @@ class AttentionOutputGate(nn.Module):
 
     def __init__(self, kind: str, dim: int, heads: int, sparse_scale: float):
         super().__init__()
-        self.kind, self.sparse_scale = kind, sparse_scale
+        self.kind = kind
+        self.sparse_scale = sparse_scale
         self.width = dim if kind == "dense" else min(GATE_INPUT_DIMS, dim)
         self.weight = nn.Parameter(torch.zeros(heads, self.width))
 
@@ -1853,9 +1907,12 @@ class AttentionOutputGate(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, h: Hyperparameters, use_xsa: bool, attention):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
+        self.num_heads = h.num_heads
+        self.num_kv_heads = h.num_kv_heads
+        self.head_dim = h.head_dim
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.use_xsa, self.attention = use_xsa, attention
+        self.use_xsa = use_xsa
+        self.attention = attention
         self.output_gate = (
             AttentionOutputGate(h.attn_out_gate, h.model_dim, h.num_heads, h.sparse_attn_gate_scale)
             if h.attn_out_gate != "none"
@@ -1877,7 +1934,9 @@ class CausalSelfAttention(nn.Module):
             k = apply_partial_rotary(k, rotary)
         q = q * self.q_gain.to(q.dtype)[:, None]
         # The compute dtype (x's: the residual stream's) by construction, whatever autocast did on the way.
-        q, k, v = q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
+        q = q.to(x.dtype)
+        k = k.to(x.dtype)
+        v = v.to(x.dtype)
         y = self.attention(q, k, v, boundaries)
         if self.use_xsa:
             y = subtract_self_value(y, v)
@@ -1895,8 +1954,10 @@ class Block(nn.Module):
 
     def __init__(self, h: Hyperparameters, layer: int, attention):
         super().__init__()
-        dim, self.attn = h.model_dim, CausalSelfAttention(h, layer >= h.num_layers - h.xsa_last_n, attention)
-        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
+        dim = h.model_dim
+        self.attn = CausalSelfAttention(h, layer >= h.num_layers - h.xsa_last_n, attention)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
         self.negative_slope = h.mlp_negative_slope
@@ -1947,7 +2008,8 @@ class Block(nn.Module):
         attn_in = mix[0] * attn_lane + mix[1] * x0
         attn = self.attention_branch(attn_in, weights, rotary, boundaries, value_embed, record)
         mlp = self.mlp_branch(mlp_lane, weights, record)
-        rho, pi = self.lane_decay.to(attn.dtype), self.lane_routing.to(attn.dtype)
+        rho = self.lane_decay.to(attn.dtype)
+        pi = self.lane_routing.to(attn.dtype)
         return (
             rho[0] * attn_lane + pi[0, 0] * attn + pi[1, 0] * mlp,
             rho[1] * mlp_lane + pi[0, 1] * attn + pi[1, 1] * mlp,
@@ -1960,7 +2022,8 @@ class SmearGate(nn.Module):
 
     def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
-        self.gate, self.bos_mask = nn.Parameter(torch.zeros(dim)), bos_mask
+        self.gate = nn.Parameter(torch.zeros(dim))
+        self.bos_mask = bos_mask
 
     def forward(self, x, ids):
         g = torch.sigmoid(self.gate).to(x.dtype)
@@ -1977,7 +2040,8 @@ class InputSmearGate(nn.Module):
     def __init__(self, dim: int, bos_mask: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(min(GATE_INPUT_DIMS, dim)))
-        self.strength, self.bos_mask = nn.Parameter(torch.zeros(())), bos_mask
+        self.strength = nn.Parameter(torch.zeros(()))
+        self.bos_mask = bos_mask
 
     def forward(self, x, ids):
         gate = self.strength.to(x.dtype) * torch.sigmoid(x[..., : self.weight.numel()] @ self.weight.to(x.dtype))
@@ -2000,13 +2064,15 @@ def project(x: torch.Tensor, projection: nn.Linear | None, fake_quantize=None) -
 
 
 class BigramHash(nn.Module):
-    """Hashed (previous, current) token embedding projected to the model width (#549 section 5.7). With
+    """Hashed (previous, current) token embedding projected to the model width (#549). With
     DOC_ISOLATION (isolate) a BOS takes position 0's bucket: no hash reads across a document start."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int, isolate: bool = False):
         super().__init__()
-        self.buckets, self.isolate = buckets, isolate
-        self.embed, self.proj = nn.Embedding(buckets, dim), optional_projection(dim, model_dim)
+        self.buckets = buckets
+        self.isolate = isolate
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = optional_projection(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(BIGRAM_INIT_SCALE))
 
     def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -2044,7 +2110,10 @@ class EngramLite(nn.Module):
 
     def __init__(self, buckets: int, heads: int, orders: int, dim_per_head: int, model_dim: int, isolate: bool = False):
         super().__init__()
-        self.buckets, self.heads, self.orders, self.isolate = buckets, heads, orders, isolate
+        self.buckets = buckets
+        self.heads = heads
+        self.orders = orders
+        self.isolate = isolate
         self.embed = nn.Embedding(orders * heads * buckets, dim_per_head)
         with torch.no_grad():
             self.embed.weight.normal_(std=ENGRAM_EMBED_INIT_STD)
@@ -2055,7 +2124,8 @@ class EngramLite(nn.Module):
     def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, orders * heads) rows of the shared table."""
         cur = ids.to(torch.int64)
-        prev, pp = F.pad(cur[:, :-1], (1, 0)), F.pad(cur[:, :-2], (2, 0))
+        prev = F.pad(cur[:, :-1], (1, 0))
+        pp = F.pad(cur[:, :-2], (2, 0))
         if self.isolate:
             prev, pp = torch.where(cur == BOS_ID, 0, prev), torch.where((cur == BOS_ID) | (prev == BOS_ID), 0, pp)
         slots = [hashes[head](cur, prev, pp) for hashes in ENGRAM_HASHES[: self.orders] for head in range(self.heads)]
@@ -2074,7 +2144,8 @@ class ValueEmbedding(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         with torch.no_grad():  # drawn here, before the projection's default init, in #549's order (parity D2)
             self.embed.weight.normal_(std=VE_EMBED_INIT_STD)
-        self.proj, self.scale = optional_projection(dim, kv_dim), nn.Parameter(torch.tensor(VE_INIT_SCALE))
+        self.proj = optional_projection(dim, kv_dim)
+        self.scale = nn.Parameter(torch.tensor(VE_INIT_SCALE))
         self.layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in range(num_layers)])
 
     def forward(self, ids, fake_quantize=None):
@@ -2098,10 +2169,15 @@ class GPT(nn.Module):
 
     def __init__(self, h: Hyperparameters, attention=sdpa_attention):
         super().__init__()
-        dim, layers = h.model_dim, h.num_layers
-        kv_dim, hidden = h.num_kv_heads * h.head_dim, int(h.mlp_mult * dim)
-        self.num_layers, self.logit_softcap, self.vocab_size = layers, h.logit_softcap, h.vocab_size
-        self.rope_dims, self.rope_base = h.rope_dims or h.head_dim, h.rope_base
+        dim = h.model_dim
+        layers = h.num_layers
+        kv_dim = h.num_kv_heads * h.head_dim
+        hidden = int(h.mlp_mult * dim)
+        self.num_layers = layers
+        self.logit_softcap = h.logit_softcap
+        self.vocab_size = h.vocab_size
+        self.rope_dims = h.rope_dims or h.head_dim
+        self.rope_base = h.rope_base
         self.token_embedding = nn.Embedding(h.vocab_size, dim)
         isolate = h.doc_isolation
         self.bigram_hash = BigramHash(h.bigram_vocab_size, h.bigram_dim, dim, isolate) if h.bigram_vocab_size else None
@@ -2120,7 +2196,8 @@ class GPT(nn.Module):
         self.mlp_up_bank = nn.Parameter(torch.empty(layers, hidden, dim))
         self.mlp_down_bank = nn.Parameter(torch.empty(layers, dim, hidden))
         self.blocks = nn.ModuleList([Block(h, i, attention) for i in range(layers)])
-        layers, loop = list(range(self.num_layers)), list(range(h.loop_start, h.loop_end + 1))
+        layers = list(range(self.num_layers))
+        loop = list(range(h.loop_start, h.loop_end + 1))
         # NUM_LOOPS: LOOP_START..LOOP_END run 1 + NUM_LOOPS times (#1855: 0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10)
         self.num_loops, self.looped_order = (
             h.num_loops,
@@ -2138,7 +2215,8 @@ class GPT(nn.Module):
         self.register_buffer("soft_round_alpha", torch.ones(()) if h.soft_round_qat else None, persistent=False)
         # Document LoRA's short rows take the RoPE table (its NTK base) of EVAL_SEQ_LEN, where scoring would see them
         self.adapted_rope_length = h.eval_seq_len
-        self.fused_kernels, self.doc_isolation = h.fused_kernels, h.doc_isolation
+        self.fused_kernels = h.fused_kernels
+        self.doc_isolation = h.doc_isolation
         self.segment_len = h.segment_len
         self.rope_ntk_len = h.rope_ntk_len
         self.varlen = getattr(attention, "varlen", False)  # DOC_ISOLATION through FA's varlen kernel
@@ -2146,7 +2224,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, h: Hyperparameters):
-        """#549 section 6: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens. Every random
+        """#549: orthogonal Q/K/V/up and small projections, zero Out/down, N(0, 0.005) tokens. Every random
         draw, here and in the constructors, comes in the record's order (INIT_ORDER), so the same SEED gives its
         weights: record549 draws each layer's Q, K, V, up in turn; record1855 first its SmearGate Linear's (then
         zeroed), then Q, K, V of every layer, then every up."""
@@ -2163,7 +2241,8 @@ class GPT(nn.Module):
             nn.init.orthogonal_(matrix)
         self.qo_bank[layers:].zero_()
         if h.mimetic_vo_init > 0:  # #1089: each query head's Out rows = -scale * its KV head's V rows (no RNG draw)
-            group, dim = h.num_heads // h.num_kv_heads, self.qo_bank.size(-1)
+            group = h.num_heads // h.num_kv_heads
+            dim = self.qo_bank.size(-1)
             values = self.kv_bank[layers:].view(layers, h.num_kv_heads, h.head_dim, dim)
             self.qo_bank[layers:] = -h.mimetic_vo_init * values.repeat_interleave(group, dim=1).reshape(layers, -1, dim)
         self.mlp_down_bank.zero_()
@@ -2270,14 +2349,17 @@ class GPT(nn.Module):
     def run_blocks(self, x, banks, rotary: Rotary, boundaries, ve_base, adapters, record) -> torch.Tensor:
         """U-Net over the virtual layers: decoder position num_encoder+i takes encoder output num_encoder-1-i (LIFO).
         Two-lane blocks carry (attention, MLP) lanes: skips join the attention lane, the lanes' mean leaves (#1529)."""
-        x0, order = x, self.layer_order()
-        num_encoder, skips = len(order) // 2, []
+        x0 = x
+        order = self.layer_order()
+        num_encoder = len(order) // 2
+        skips = []
         for position, layer in enumerate(order):
             block = self.blocks[layer]
             if (block.residual_form == "two_lane") != isinstance(x, tuple):  # split into lanes, or merge them
                 x = (x, x) if block.residual_form == "two_lane" else 0.5 * (x[0] + x[1])
             if position >= num_encoder and skips:
-                skip, index = skips.pop(), position - num_encoder
+                skip = skips.pop()
+                index = position - num_encoder
                 x = (
                     (self.join_skip(x[0], skip, index), x[1])
                     if isinstance(x, tuple)
@@ -2329,7 +2411,8 @@ class GPT(nn.Module):
         return linear(hidden, head if adapters is None else adapters.adapted("head", head))
 
     def logits(self, ids: torch.Tensor, positions=None, documents=None, adapters=None) -> torch.Tensor:
-        raw, cap = self.raw_logits(ids, positions, documents, adapters).float(), self.logit_softcap
+        raw = self.raw_logits(ids, positions, documents, adapters).float()
+        cap = self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
 
     def forward(
@@ -2417,7 +2500,8 @@ def turbo_orthogonalize(update: torch.Tensor, steps: int, eps: float = 1e-7) -> 
         x = x.mT
     gram = x @ x.mT
     scale = 1.0 / (gram.abs().sum(dim=-1).sqrt() + eps)
-    x, gram = scale[..., :, None] * x, scale[..., :, None] * gram * scale[..., None, :]
+    x = scale[..., :, None] * x
+    gram = scale[..., :, None] * gram * scale[..., None, :]
     for k in range(steps):
         if k > 0:
             gram = x @ x.mT
@@ -2476,9 +2560,13 @@ class BankMuon(torch.optim.Optimizer):
             banks, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay, base_weight_decay=weight_decay)
         )
         self.eq_r = eq_r
-        self.backend_steps, self.comm_dtype = backend_steps, comm_dtype
-        self.orthogonalize, self.post_norm, self.decay_after_update = ORTHOGONALIZERS[ns], post_norm, decay_after_update
-        self.rank, self.world_size = rank, world_size
+        self.backend_steps = backend_steps
+        self.comm_dtype = comm_dtype
+        self.orthogonalize = ORTHOGONALIZERS[ns]
+        self.post_norm = post_norm
+        self.decay_after_update = decay_after_update
+        self.rank = rank
+        self.world_size = world_size
         self.order = sorted(banks, key=lambda bank: bank.numel(), reverse=True)  # biggest transfers first
         self.reductions = {}
 
@@ -2522,7 +2610,9 @@ class BankMuon(torch.optim.Optimizer):
             self.reduce_gradients()
             shards = self.gradient_shards()
         group = self.param_groups[0]
-        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        lr = group["lr"]
+        momentum = group["momentum"]
+        weight_decay = group["weight_decay"]
         pending = None
         for bank, shard in zip(self.order, shards):
             gradient = shard.float() * grad_scale
@@ -2541,7 +2631,8 @@ class BankMuon(torch.optim.Optimizer):
                 gathered = self._buffer(bank, "full_update", orthogonal.size(0) * self.world_size, self.comm_dtype)
                 work = all_gather_into(gathered, shard, async_op=True)
             else:
-                gathered, work = orthogonal, None
+                gathered = orthogonal
+                work = None
             if pending is not None:
                 self._apply(*pending, lr, weight_decay)
             pending = (bank, gathered, work)
@@ -2569,9 +2660,10 @@ SMALL_MATRIX_SUFFIXES = ("bigram_hash.proj.weight", "value_embedding.proj.weight
 
 
 def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fused: bool, rank=0, world_size=1):
-    """#549 section 9.1: Muon (banks), AdamW (token tables), AdamW (the rest); SMALL_MATRIX_OPTIMIZER=muon adds #1089's
+    """#549: Muon (banks), AdamW (token tables), AdamW (the rest); SMALL_MATRIX_OPTIMIZER=muon adds #1089's
     unsharded Muon for the small projections (momentum without warmup, on already-averaged gradients)."""
-    named, bank_ids = list(model.named_parameters()), {id(p) for p in model.banks()}
+    named = list(model.named_parameters())
+    bank_ids = {id(p) for p in model.banks()}
     tables = [p for n, p in named if n.endswith(TOKEN_TABLE_SUFFIXES)]
     small = [p for n, p in named if n.endswith(SMALL_MATRIX_SUFFIXES)] if h.small_matrix_optimizer == "muon" else []
     taken = bank_ids | {id(p) for p in tables + small}
@@ -2610,9 +2702,10 @@ def build_optimizers(model: GPT, h: Hyperparameters, comm_dtype: torch.dtype, fu
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """1, then linear down to LR_FLOOR over the warmdown: WARMDOWN_ITERS steps' worth of measured step time before the
-    cap (#549 section 10) or WARMDOWN_FRAC of it; without a cap, the last iterations (or that fraction)."""
+    cap (#549) or WARMDOWN_FRAC of it; without a cap, the last iterations (or that fraction)."""
     if h.training_seconds <= 0:
-        warmdown, remaining = h.warmdown_frac * h.iterations or h.warmdown_iters, h.iterations - step
+        warmdown = h.warmdown_frac * h.iterations or h.warmdown_iters
+        remaining = h.iterations - step
     else:
         warmdown = h.warmdown_frac * 1000.0 * h.training_seconds or h.warmdown_iters * elapsed_ms / max(step, 1)
         remaining = max(1000.0 * h.training_seconds - elapsed_ms, 0.0)
@@ -2654,7 +2747,8 @@ class ExponentialMovingAverage:
     """fp32 shadow of every parameter: shadow <- decay * shadow + (1 - decay) * param, every step."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.params = decay, list(model.parameters())
+        self.decay = decay
+        self.params = list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -2671,7 +2765,9 @@ class SnapshotAverage:
     """Uniform mean of snapshots taken every SWA_EVERY steps once the LR multiplier is below SWA_THRESHOLD."""
 
     def __init__(self, model: nn.Module):
-        self.params, self.sum, self.count = list(model.parameters()), None, 0
+        self.params = list(model.parameters())
+        self.sum = None
+        self.count = 0
 
     @torch.no_grad()
     def add(self):
@@ -2718,12 +2814,15 @@ class RunContext:
 
     def __init__(self, h: Hyperparameters):
         self.h = h
-        self.rank, self.world_size = h.rank, h.world_size
-        self.is_main, use_cuda = self.rank == 0, torch.cuda.is_available()
+        self.rank = h.rank
+        self.world_size = h.world_size
+        self.is_main = self.rank == 0
+        use_cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", h.local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.log_path = Path("logs") / f"{h.run_id}.txt"
         # One run per log (its seal covers the file), checked by every rank before the process group forms.
         if self.log_path.exists():
@@ -2748,7 +2847,8 @@ class RunContext:
         )
         self.varlen = getattr(self.attention, "varlen", False)
         self.segment_len = h.segment_len
-        self.compiled, self.final_score = {}, None  # final_score: (pass, (val_loss, val_bpb)) of the last pass
+        self.compiled = {}
+        self.final_score = None  # (pass, (val_loss, val_bpb)) of the last pass
         if self.compile:
             raise_recompile_limit()
         self.window_batch = max(h.val_batch_size // (self.world_size * h.grad_accum_steps * h.eval_seq_len), 1)
@@ -2912,7 +3012,10 @@ class TrainingWatch:
     max-reduced asynchronously, copied to the host, read WATCH_LAG steps later; a repeated signal acts at once."""
 
     def __init__(self, run: RunContext):
-        self.run, self.pending, self.handlers, self.last_finite = run, collections.deque(), {}, None
+        self.run = run
+        self.pending = collections.deque()
+        self.handlers = {}
+        self.last_finite = None
         self.signal_number = 0  # this process's; the stop follows the ranks' maximum
 
     def __enter__(self):
@@ -2963,18 +3066,22 @@ class TrainingWatch:
 
 
 class Trainer:
-    """The timed training loop of #549 section 11, with priming steps that are undone before the clock starts."""
+    """The timed training loop of #549, with priming steps that are undone before the clock starts."""
 
     def __init__(self, h: Hyperparameters, run: RunContext, model: GPT, validation=None):
         """validation: () -> (val_loss, val_bpb) of the model, every VAL_LOSS_EVERY steps (None: never)."""
-        self.h, self.run, self.model, self.validation = h, run, model, validation
+        self.h = h
+        self.run = run
+        self.model = model
+        self.validation = validation
         fused = run.device.type == "cuda"
         self.optimizers = build_optimizers(model, h, run.compute_dtype, fused, run.rank, run.world_size)
         bank_ids = {id(p) for p in model.banks()}
         self.replicated_params = [p for p in model.parameters() if id(p) not in bank_ids]
         self.local_tokens = h.train_batch_tokens // (run.world_size * h.grad_accum_steps)
         self.qat_start = None  # the step soft-round's alpha ramp started
-        self.watch, self.interrupted = TrainingWatch(run), 0  # the signal that stopped training, if any
+        self.watch = TrainingWatch(run)
+        self.interrupted = 0  # the signal that stopped training, if any
         model.looping = looping_at(h, 0.0)  # the plain graph first (#1855)
 
     def new_loader(self) -> TrainingLoader:
@@ -2982,7 +3089,9 @@ class Trainer:
 
     def step(self, loader, step: int, multiplier: float, wd_multiplier: float = 1.0) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean training loss."""
-        h, run, model = self.h, self.run, self.model
+        h = self.h
+        run = self.run
+        model = self.model
         total = torch.zeros((), device=run.device)
         for _ in range(h.grad_accum_steps):
             inputs, targets, documents = loader.next_batch(self.local_tokens, h.train_seq_len)
@@ -3044,25 +3153,30 @@ class Trainer:
 
     def prime(self):
         """WARMUP_STEPS real steps to compile and allocate, then weights, optimizer state and data position are restored
-        (#549 pitfall 2); compiled, the looped and late-QAT graphs get a step each: none compiles in the timed loop."""
-        h, model = self.h, self.model
+        (#549 primes so); compiled, the looped and late-QAT graphs get a step each: none compiles in the timed loop."""
+        h = self.h
+        model = self.model
         if h.warmup_steps == 0:
             return
         saved_model = copy.deepcopy(model.state_dict())
-        saved_optimizers, loader = [copy.deepcopy(o.state_dict()) for o in self.optimizers], self.new_loader()
-        final_looping, variants = looping_at(h, None), [("", h.qat_enabled, model.looping)] * h.warmup_steps
+        saved_optimizers = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        loader = self.new_loader()
+        final_looping = looping_at(h, None)
+        variants = [("", h.qat_enabled, model.looping)] * h.warmup_steps
         if self.run.compile and model.looping != final_looping:
             variants.append((":loop_graph", h.qat_enabled, final_looping))
         if self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled:
             variants.append((":qat_graph", True, final_looping))
         for i, (label, qat, looping) in enumerate(variants):
-            model.qat_active, model.looping = qat, looping
+            model.qat_active = qat
+            model.looping = looping
             self.step(loader, i, 1.0)
             self.run.log(f"warmup_step{label or f':{i + 1}/{h.warmup_steps}'}")
         model.load_state_dict(saved_model)
         for optimizer, state in zip(self.optimizers, saved_optimizers):
             optimizer.load_state_dict(state)
-        model.qat_active, model.looping = h.qat_enabled, variants[0][2]
+        model.qat_active = h.qat_enabled
+        model.looping = variants[0][2]
 
     def update_looping(self, step: int, fraction: float):
         if not self.model.looping and looping_at(self.h, fraction):
@@ -3080,7 +3194,8 @@ class Trainer:
         h = self.h
         if self.run.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the global batch's loss, as one process would log it
-        step_avg, tokens_per_s = train_ms / step, h.train_batch_tokens * step / (train_ms / 1000.0)
+        step_avg = train_ms / step
+        tokens_per_s = h.train_batch_tokens * step / (train_ms / 1000.0)
         eta_s = (h.iterations - step) * step_avg / 1000.0
         if h.training_seconds > 0:
             eta_s = min(eta_s, max(h.training_seconds - train_ms / 1000.0, 0.0))
@@ -3101,7 +3216,8 @@ class Trainer:
     def update_qat(self, step: int, multiplier: float, agreed_ms: float):
         """Late QAT switches on below LATE_QAT_THRESHOLD; soft-round's alpha then ramps linearly from 1 to
         SOFT_ROUND_ALPHA_MAX over the QAT steps, their count re-estimated every step from the remaining time."""
-        h, model = self.h, self.model
+        h = self.h
+        model = self.model
         if h.late_qat_threshold > 0 and multiplier < h.late_qat_threshold and not model.qat_active:
             model.qat_active = True
             self.run.log(f"late_qat:enabled step:{step} scale:{multiplier:.4f}")
@@ -3118,7 +3234,9 @@ class Trainer:
 
     def train(self):
         """Train, average, and return GPTQ's Hessians (None unless QUANT=gptq)."""
-        h, run, model = self.h, self.run, self.model
+        h = self.h
+        run = self.run
+        model = self.model
         self.prime()
         loader = self.new_loader()
         ema = ExponentialMovingAverage(model, h.ema_decay) if h.ema_decay > 0 else None
@@ -3148,8 +3266,12 @@ class Trainer:
 
     def loop(self, loader, ema, swa) -> float:
         """Steps until ITERATIONS, the wallclock cap or an agreed signal; returns the agreed training ms."""
-        h, run = self.h, self.run
-        train_ms, step, stop_after, agreed_ms = 0.0, 0, None, 0.0
+        h = self.h
+        run = self.run
+        train_ms = 0.0
+        step = 0
+        stop_after = None
+        agreed_ms = 0.0
         run.sync()
         started = time.perf_counter()
         while True:
@@ -3190,14 +3312,16 @@ class Trainer:
     def calibrate(self, loader, clock_offset: float) -> dict[str, torch.Tensor]:
         """GPTQ Hessians of the averaged weights on the next training batches, inside the cap (GPTQ_RESERVE_SECONDS):
         batches stop at the cap, counted alike on every rank. clock_offset + perf_counter() = the training clock."""
-        h, run = self.h, self.run
+        h = self.h
+        run = self.run
         run.sync()
         started = time.perf_counter()
         deadline = h.max_wallclock_seconds - clock_offset if h.max_wallclock_seconds > 0 else math.inf
         with matmul_precision(tf32=h.gptq_hessian_tf32):
             hessians, batches = collect_hessians(self.model, run, loader, self.local_tokens, deadline)
         run.sync()
-        seconds, ended = time.perf_counter() - started, clock_offset + time.perf_counter()
+        seconds = time.perf_counter() - started
+        ended = clock_offset + time.perf_counter()
         needed = seconds / batches * h.gptq_calib_batches
         run.log(
             f"gptq:hessians batches:{batches}/{h.gptq_calib_batches} tokens:{batches * self.local_tokens * run.world_size} "
@@ -3250,7 +3374,8 @@ def matmul_precision(tf32: bool):
 def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, deadline: float = math.inf) -> tuple:
     """X^T X (fp32) of every matrix's inputs over up to GPTQ_CALIB_BATCHES micro-batches, summed over ranks, and the
     batch count: another batch only while every rank projects it to end before `deadline` (perf_counter seconds)."""
-    h, sums = run.h, {}
+    h = run.h
+    sums = {}
 
     def record(name: str, inputs: torch.Tensor):
         with torch.autocast(inputs.device.type, enabled=False):
@@ -3259,7 +3384,8 @@ def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, dea
         sums[name] = sums[name] + gram if name in sums else gram
 
     model.eval()
-    batches, started = 0, time.perf_counter()
+    batches = 0
+    started = time.perf_counter()
     try:
         while batches < h.gptq_calib_batches and (batches == 0 or agreed_to_go_on(run, started, batches, deadline)):
             inputs, _, documents = loader.next_batch(local_tokens, h.train_seq_len)
@@ -3287,7 +3413,7 @@ def agreed_to_go_on(run: RunContext, started: float, done: int, deadline: float)
 
 
 def verify_replicas(run: RunContext, model: GPT):
-    """Ranks stay in sync only by identical init and updates (#549 pitfall 29): compare parameter SHA-256s."""
+    """Ranks stay in sync only by identical init and updates (no DDP wrapper, as #549): compare parameter SHA-256s."""
     digest = hashlib.sha256(
         b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())
     ).hexdigest()
@@ -3303,8 +3429,10 @@ def verify_replicas(run: RunContext, model: GPT):
 SMALL_TENSOR_NUMEL = 65_536  # other tensors with at most this many elements are stored fp16 as-is (#549)
 BANK_ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down")
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # #549's clip candidates ("GPTQ-lite")
-GPTQ_BLOCK_SIZE, GPTQ_DAMP = 128, 0.01  # as #609/#1089
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGAF", 1
+GPTQ_BLOCK_SIZE = 128  # as #609/#1089
+GPTQ_DAMP = 0.01  # as #609/#1089
+ARTIFACT_MAGIC = b"PGAF"
+ARTIFACT_VERSION = 1
 SIZE_CAP_BYTES = 16_000_000
 # The planner's stand-in for trained weights, Student-t with these degrees of freedom: #549's configuration predicts
 # 15.87 MB against its logged 15.79-15.90 MB (Gaussian: 18.8 MB; trained weights are heavy-tailed).
@@ -3356,19 +3484,25 @@ def hessian_name(name: str) -> str:
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-lite: symmetric per-row round-to-nearest to +-(2^(bits-1) - 1); each row picks the clip quantile of
     |w| with the lowest squared error (#549 picks one per tensor). Scales are fp16-rounded before use."""
-    qmax, weight = 2 ** (bits - 1) - 1, weight.float()
+    qmax = 2 ** (bits - 1) - 1
+    weight = weight.float()
     clips = torch.quantile(weight.abs(), torch.tensor(CLIP_QUANTILES, device=weight.device), dim=1)
-    best_q, best_scale, best_error = None, None, None
+    best_q = None
+    best_scale = None
+    best_error = None
     for clip in clips:
         scale = (clip / qmax).clamp_min(1e-8).half().float()
         q = (weight / scale[:, None]).round().clamp(-qmax, qmax)
         error = (q * scale[:, None] - weight).square().sum(dim=1)
         if best_q is None:
-            best_q, best_scale, best_error = q, scale, error
+            best_q = q
+            best_scale = scale
+            best_error = error
         else:
             better = error < best_error
             best_q = torch.where(better[:, None], q, best_q)
-            best_scale, best_error = torch.where(better, scale, best_scale), torch.minimum(error, best_error)
+            best_scale = torch.where(better, scale, best_scale)
+            best_error = torch.minimum(error, best_error)
     return best_q.to(torch.int8), best_scale.half()
 
 
@@ -3381,21 +3515,25 @@ def sd_clip_scale(weight: torch.Tensor, sigmas: float, qmax: int) -> torch.Tenso
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
     """Full-Hessian GPTQ (Frantar et al.) on given row scales: columns by descending Hessian diagonal, each one's error
     pushed onto the rest through the upper Cholesky factor of H^-1, blocks of 128 with lazy updates."""
-    w, h = weight.float().clone(), hessian.float().clone()
+    w = weight.float().clone()
+    h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, order], h[order][:, order]
+    w = w[:, order]
+    h = h[order][:, order]
     for attempt in range(4):  # a non-positive-definite H gets 10x more damping
         damped = h + GPTQ_DAMP * 10**attempt * torch.diag(h).mean() * torch.eye(len(h), device=h.device)
         factor, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             break
-    upper, q = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), torch.zeros_like(w)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    q = torch.zeros_like(w)
     for first in range(0, w.size(1), GPTQ_BLOCK_SIZE):
         last = min(first + GPTQ_BLOCK_SIZE, w.size(1))
-        block, errors = w[:, first:last].clone(), torch.zeros(w.size(0), last - first, device=w.device)
+        block = w[:, first:last].clone()
+        errors = torch.zeros(w.size(0), last - first, device=w.device)
         for j in range(last - first):
             q[:, first + j] = (block[:, j] / scale).round().clamp(-qmax, qmax)
             error = (block[:, j] - q[:, first + j] * scale) / upper[first + j, first + j]
@@ -3424,11 +3562,13 @@ def quantize_tensor(name: str, value: torch.Tensor, group: str, bits: int, h: Hy
 
 def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=None, bits=None):
     """Each tensor at its group's width (QUANT_BITS_*, or `bits` by name); returns (tensors, schemes)."""
-    tensors, schemes = {}, {}
+    tensors = {}
+    schemes = {}
     for name, value in state.items():
         group = quantization_group(name, value)
         if group is None:
-            tensors[name], schemes[name] = value.half(), "fp16"
+            tensors[name] = value.half()
+            schemes[name] = "fp16"
             continue
         width = (bits or {}).get(name, h.group_bits(group))
         tensors[name + ".q"], tensors[name + ".scale"] = quantize_tensor(name, value, group, width, h, hessians)
@@ -3465,10 +3605,12 @@ def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -
                 if width == base
                 else quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
             )
-            stored[n + ".q"], stored[n + ".scale"] = q, scale
+            stored[n + ".q"] = q
+            stored[n + ".scale"] = scale
         return len(compress(pack_tensors(stored, {}), h.compressor))
 
-    bits, promoted = {}, []
+    bits = {}
+    promoted = []
     for rank, (_sensitivity, names) in enumerate(sensitivity_groups(state, hessians)):
         base = h.group_bits(quantization_group(names[0], state[names[0]]))
         base_bytes = group_bytes(names, base, base)
@@ -3490,7 +3632,8 @@ def lqer_factors(error: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
     """LQER asymmetric (#1797): E ~ A B from a rank-r SVD of the quantization error; A = U_r S_r stored int2 in
     [-2, 1] with one fp16 scale max|A|/1.5, B = V_r^T int4 in [-8, 7] with an fp16 scale max|g|/7.5 per group."""
     u, s, vh = torch.linalg.svd(error.float(), full_matrices=False)
-    a, b = u[:, :rank] * s[:rank], vh[:rank]
+    a = u[:, :rank] * s[:rank]
+    b = vh[:rank]
     a_scale = (a.abs().max() / 1.5).clamp_min(1e-12).half().reshape(1)
     groups = F.pad(b.reshape(-1), (0, -b.numel() % LQER_GROUP)).view(-1, LQER_GROUP)
     b_scale = (groups.abs().amax(dim=1) / 7.5).clamp_min(1e-12).half()
@@ -3536,7 +3679,9 @@ def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) 
 
 def pack_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
     """A plain container (never pickle): u64 header length, JSON index, then raw little-endian tensor bytes."""
-    index, blobs, offset = [], [], 0
+    index = []
+    blobs = []
+    offset = 0
     for name, tensor in tensors.items():
         blob = tensor.detach().contiguous().cpu().numpy().tobytes()
         index.append(
@@ -3558,7 +3703,8 @@ def unpack_tensors(raw: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     """Parse a container; anything else (a pickle, a torch.save zip) is refused without being executed."""
     try:
         (header_len,) = struct.unpack_from("<Q", raw)
-        header, body = json.loads(raw[8 : 8 + header_len]), memoryview(raw)[8 + header_len :]
+        header = json.loads(raw[8 : 8 + header_len])
+        body = memoryview(raw)[8 + header_len :]
         tensors = {}
         for entry in header["tensors"]:
             dtype = {"int8": torch.int8, "int16": torch.int16, "float16": torch.float16, "float32": torch.float32}[
@@ -3578,7 +3724,8 @@ def byte_shuffle(raw: bytes, stride: int) -> bytes:
 
 
 def byte_unshuffle(data: bytes, stride: int) -> bytes:
-    array, out = np.frombuffer(data, dtype=np.uint8), np.empty(len(data), dtype=np.uint8)
+    array = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(len(data), dtype=np.uint8)
     start = 0
     for i in range(stride):
         count = len(range(i, len(data), stride))
@@ -3590,7 +3737,8 @@ def byte_unshuffle(data: bytes, stride: int) -> bytes:
 def run_lrzip(data: bytes, unpack: bool) -> bytes:
     """The lrzip program (ZPAQ at level 9, as #1855) through temporary files."""
     with tempfile.TemporaryDirectory() as folder:
-        source, target = Path(folder) / ("data.lrz" if unpack else "data"), Path(folder) / "out"
+        source = Path(folder) / ("data.lrz" if unpack else "data")
+        target = Path(folder) / "out"
         source.write_bytes(data)
         mode = ["-d"] if unpack else ["-z", "-L", "9"]
         result = subprocess.run(["lrzip", "-q", "-f", *mode, "-o", str(target), str(source)], capture_output=True)
@@ -3636,7 +3784,8 @@ def similarity_order(rows: torch.Tensor) -> torch.Tensor:
     distances are computed where the rows are (the GPU's cdist) and copied to the host once; the chain runs on
     the host (a device tensor there synced once per row, and its mask on the CPU crashed: the CUDA review)."""
     distance = torch.cdist(rows.float()[None], rows.float()[None], p=1)[0].cpu().numpy()
-    distance[:, 0], order = np.inf, [0]
+    distance[:, 0] = np.inf
+    order = [0]
     for _ in range(len(rows) - 1):
         order.append(int(distance[order[-1]].argmin()))
         distance[:, order[-1]] = np.inf  # visited: never chosen again
@@ -3646,7 +3795,8 @@ def similarity_order(rows: torch.Tensor) -> torch.Tensor:
 def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) -> bytes:
     """COMPRESSOR=lrzip (#1855): quantized matrices grouped by role across layers, column-major, the rows of
     SIMILARITY_SORTED_ROLES in similarity order (int16 permutation), each group lrzip'd; the rest one brotli blob."""
-    groups, rest = {}, {}
+    groups = {}
+    rest = {}
     for name, tensor in tensors.items():
         base = name.removesuffix(".q")
         if base == name or schemes.get(base, "fp16") == "fp16":
@@ -3655,7 +3805,8 @@ def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) ->
         role = base.split(".", 2)[2] if is_bank_matrix(base) else base
         if role in SIMILARITY_SORTED_ROLES and len(tensor) < 2**15:
             order = similarity_order(tensor)
-            rest[base + ".row_order"], tensor = order.to(torch.int16), tensor[order]
+            rest[base + ".row_order"] = order.to(torch.int16)
+            tensor = tensor[order]
         groups.setdefault(role, {})[name] = tensor.T.contiguous()
     parts = [(role, compress(pack_tensors(group, {}), "lrzip")) for role, group in groups.items()]
     parts.append(("rest", compress(pack_tensors(rest, dict(schemes=schemes)), "brotli")))
@@ -3665,9 +3816,12 @@ def encode_grouped(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) ->
 
 def decode_grouped(body: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     (index_len,) = struct.unpack_from("<I", body)
-    offset, tensors, meta = 4 + index_len, {}, {}
+    offset = 4 + index_len
+    tensors = {}
+    meta = {}
     for role, length in json.loads(body[4:offset]):
-        blob, offset = body[offset : offset + length], offset + length
+        blob = body[offset : offset + length]
+        offset = offset + length
         if role == "rest":
             part, meta = unpack_tensors(decompress(blob, "brotli"))
             tensors.update(part)
@@ -3685,9 +3839,11 @@ def encode_artifact(
     """Container -> optional byte shuffle -> compressor, behind a self-describing, checksummed header. fast: lzma at
     preset 1, whatever COMPRESSOR says (seconds, not the tens lzma 9, brotli 11 or lrzip take)."""
     raw = pack_tensors(tensors, dict(schemes=schemes))
-    compressor, transform = "lzma" if fast else h.compressor, "byte_shuffle2" if h.byte_shuffle else "none"
+    compressor = "lzma" if fast else h.compressor
+    transform = "byte_shuffle2" if h.byte_shuffle else "none"
     if compressor == "lrzip":
-        transform, body = "grouped", encode_grouped(tensors, schemes)
+        transform = "grouped"
+        body = encode_grouped(tensors, schemes)
     else:
         body = compress(byte_shuffle(raw, 2) if h.byte_shuffle else raw, compressor, fast)
     header = json.dumps(
@@ -3724,7 +3880,8 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
         if header.get("transform") == "grouped":
             tensors, meta = decode_grouped(body)
         else:
-            raw, shuffled = decompress(body, header["compressor"]), header.get("transform") == "byte_shuffle2"
+            raw = decompress(body, header["compressor"])
+            shuffled = header.get("transform") == "byte_shuffle2"
             tensors, meta = unpack_tensors(byte_unshuffle(raw, 2) if shuffled else raw)
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
@@ -3734,17 +3891,22 @@ def read_artifact(path: str) -> dict[str, torch.Tensor]:
 def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> bytes:
     """SIZE_FIT: zero quantized values with |q| <= SIZE_FIT_LEVELS (#609: 1; #1089: 2), cheapest s^2 q^2 first, until
     the artifact fits: bisection on the count to 1/64 of the candidates (7 encodes); still over, the run says so."""
-    blob, names = encode_artifact(tensors, schemes, h), [n for n, scheme in schemes.items() if scheme != "fp16"]
-    costs, owners, positions = [], [], []
+    blob = encode_artifact(tensors, schemes, h)
+    names = [n for n, scheme in schemes.items() if scheme != "fp16"]
+    costs = []
+    owners = []
+    positions = []
     for index, name in enumerate(names):
-        q, scale = tensors[name + ".q"], tensors[name + ".scale"].float()
+        q = tensors[name + ".q"]
+        scale = tensors[name + ".scale"].float()
         magnitude = q.abs().reshape(-1)
         candidates = ((magnitude >= 1) & (magnitude <= h.size_fit_levels)).nonzero().squeeze(1)
         costs.append((scale.repeat_interleave(q.size(1))[candidates] * magnitude[candidates]).square())
         owners.append(torch.full_like(candidates, index))
         positions.append(candidates)
     order = torch.argsort(torch.cat(costs))
-    owners, positions = torch.cat(owners)[order], torch.cat(positions)[order]
+    owners = torch.cat(owners)[order]
+    positions = torch.cat(positions)[order]
 
     def pruned(count: int) -> bytes:
         trial = dict(tensors)
@@ -3758,7 +3920,9 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
 
     count = 0
     if len(blob) > budget:
-        low, high = 0, len(order)  # invariant: pruning `low` is too big, pruning `high` fits (if anything does)
+        # invariant: pruning `low` is too big, pruning `high` fits (if anything does)
+        low = 0
+        high = len(order)
         blob = pruned(high)
         while high - low > max(len(order) // 64, 1) and len(blob) <= budget:
             middle = (low + high) // 2
@@ -3766,7 +3930,8 @@ def fit_to_budget(tensors, schemes, h: Hyperparameters, budget: int, log) -> byt
             if len(trial) > budget:
                 low = middle
             else:
-                high, blob = middle, trial
+                high = middle
+                blob = trial
         count = high
     log(
         f"size_fit: pruned {count} of {len(order)} values with |q|<={h.size_fit_levels} "
@@ -3792,7 +3957,8 @@ def plan_artifact(h: Hyperparameters) -> int:
         add_lqer_corrections(stand_in, tensors, schemes, h)
     quantized = {n + suffix for n, scheme in schemes.items() if scheme != "fp16" for suffix in (".q", ".scale")}
     sample = {n: t[::8] if n in quantized else t for n, t in tensors.items()}
-    sample_raw, sample_blob = pack_tensors(sample, dict(schemes=schemes)), encode_artifact(sample, schemes, h)
+    sample_raw = pack_tensors(sample, dict(schemes=schemes))
+    sample_blob = encode_artifact(sample, schemes, h)
     overhead = 8 + struct.unpack_from("<I", sample_blob, 4)[0]
     full_raw = len(pack_tensors(tensors, dict(schemes=schemes)))
     return overhead + int(full_raw * (len(sample_blob) - overhead) / len(sample_raw))
@@ -3802,7 +3968,8 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
     """Predict the artifact (rank 0) before anything else, so an over-size configuration fails fast."""
     if not run.is_main:
         return None
-    h, started = run.h, time.perf_counter()
+    h = run.h
+    started = time.perf_counter()
     predicted = plan_artifact(h)
     with torch.device("meta"):
         params = sum(p.numel() for p in GPT(h).parameters())
@@ -3833,7 +4000,8 @@ def log_size_plan(run: RunContext, code: str) -> int | None:
 def export_blob(run: RunContext, model: GPT, code_bytes: int, hessians, fast: bool) -> bytes:
     """The artifact's bytes: quantized (MIXED_PRECISION's widths unless fast), LQER, encoded (SIZE_FIT unless fast).
     fast, after a signal: torchrun SIGKILLs 30 s after its SIGTERM, so the base widths and lzma at preset 1."""
-    h, state = run.h, export_state(model)
+    h = run.h
+    state = export_state(model)
     budget = SIZE_CAP_BYTES - code_bytes
     mixed = h.mixed_precision and hessians and not fast
     bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if mixed else None
@@ -3850,7 +4018,8 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
     """Rank 0 quantizes and writes the artifact (in full fp32 matmuls), the others wait on a group whose timeout
     covers the export; every rank reads its size back from disk. The code counted is the text this process
     started from (not the file now on disk). Returns the total bytes."""
-    h, code_bytes = run.h, len(code.encode("utf-8"))
+    h = run.h
+    code_bytes = len(code.encode("utf-8"))
     if run.is_main:
         started = time.perf_counter()
         with matmul_precision(tf32=False):
@@ -3885,7 +4054,7 @@ def write_artifact(run: RunContext, model: GPT, code: str, hessians=None, predic
 # Evaluate ===========================================================================================================
 NGRAM_TILT_HASH = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the context hash (golden ratio)
 NGRAM_TILT_ORDERS = range(16, 7, -1)  # #1514: contexts of 8..16 tokens, the longest confident one wins
-# (lowest order of a group, minimum confidence, minimum count of the hint): #1514's ngram_tilt.py (gap_specs 3.20)
+# (lowest order of a group, minimum confidence, minimum count of the hint): #1514's ngram_tilt.py
 NGRAM_TILT_GROUPS = ((14, 0.50, 2), (11, 0.60, 2), (8, 0.70, 3))
 
 
@@ -3899,7 +4068,8 @@ def ngram_hint_counts(tokens: np.ndarray, order: int, scoring_rank: np.ndarray |
     """Target i's (context tokens[i-order+1..i]) most frequent earlier follower, its count and the context's, read
     before i joins the counts (ties: first to reach a count). "Earlier" is stream order, or with scoring_rank (each
     target's place in a pass's scoring order) that order, contexts then cut at the target's document start."""
-    num_targets, count = len(tokens) - 1, len(tokens) - order
+    num_targets = len(tokens) - 1
+    count = len(tokens) - order
     hint, hint_count, context_count = (
         np.full(num_targets, -1),
         np.zeros(num_targets, np.int64),
@@ -3920,7 +4090,9 @@ def ngram_hint_counts(tokens: np.ndarray, order: int, scoring_rank: np.ndarray |
     nexts = tokens[order:].astype(np.int64)
     by_rank = np.argsort(scoring_rank[targets], kind="stable") if scoring_rank is not None else np.arange(count)
     leader, leader_count, seen = leading_followers(keys[by_rank], nexts[by_rank])
-    hint[targets[by_rank]], hint_count[targets[by_rank]], context_count[targets[by_rank]] = leader, leader_count, seen
+    hint[targets[by_rank]] = leader
+    hint_count[targets[by_rank]] = leader_count
+    context_count[targets[by_rank]] = seen
     return hint, hint_count, context_count
 
 
@@ -3931,16 +4103,22 @@ def leading_followers(keys: np.ndarray, nexts: np.ndarray) -> tuple[np.ndarray, 
     pairs = keys * NGRAM_TILT_HASH + nexts.astype(np.uint64)  # (context, next token), hashed again
     by_pair = np.argsort(pairs, kind="stable")  # stable: each pair's occurrences in order
     pair_keys = pairs[by_pair]
-    new_pair, seen = np.r_[True, pair_keys[1:] != pair_keys[:-1]], np.empty(count, np.int64)
+    new_pair = np.r_[True, pair_keys[1:] != pair_keys[:-1]]
+    seen = np.empty(count, np.int64)
     seen[by_pair] = segment_offsets(new_pair) + 1  # the pair's occurrences so far, this one included
     by_context = np.argsort(keys, kind="stable")
-    sorted_keys, counts, sorted_nexts = keys[by_context], seen[by_context], nexts[by_context]
-    new_context, index = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]], np.arange(count)
+    sorted_keys = keys[by_context]
+    counts = seen[by_context]
+    sorted_nexts = nexts[by_context]
+    new_context = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+    index = np.arange(count)
     offset = np.cumsum(new_context) * (count + 1)  # keeps the running maximum inside each context
     best = np.maximum.accumulate(counts + offset) - offset
     leader = np.maximum.accumulate(np.where(new_context | (best > np.r_[0, best[:-1]]), index, 0))
     before = np.maximum(index - 1, 0)  # the counts before an occurrence: after the previous one of its context
-    hint, hint_count, context_count = np.empty(count, np.int64), np.empty(count, np.int64), np.empty(count, np.int64)
+    hint = np.empty(count, np.int64)
+    hint_count = np.empty(count, np.int64)
+    context_count = np.empty(count, np.int64)
     hint[by_context] = np.where(new_context, -1, sorted_nexts[leader[before]])
     hint_count[by_context] = np.where(new_context, 0, best[before])
     context_count[by_context] = segment_offsets(new_context)
@@ -3953,7 +4131,8 @@ class NgramTilt:
     Built for one pass's scoring order (scoring_rank; None: the stream's), which its hints never look past."""
 
     def __init__(self, tokens: np.ndarray, beta: float, run, scoring_rank: np.ndarray | None = None):
-        started, orders = time.perf_counter(), NGRAM_TILT_ORDERS[run.rank :: run.world_size]
+        started = time.perf_counter()
+        orders = NGRAM_TILT_ORDERS[run.rank :: run.world_size]
         # numpy's sorts release the GIL: two orders at a time (62M tokens: 47 s each here, both in 51 s, 19.5 GiB)
         with concurrent.futures.ThreadPoolExecutor(min(max(len(orders), 1), 2)) as pool:
             codes = pool.map(lambda order: self.confident_hints(tokens, order, scoring_rank), orders)
@@ -3964,7 +4143,8 @@ class NgramTilt:
             packed = reduced.cpu().numpy()
         self.hint = np.where(packed > 0, (packed >> 16) & 0xFFFFFFFF, -1)
         self.beta = (beta * (packed & 0xFFFF) / 65535).astype(np.float32)  # 0 where there is no hint
-        self.hit, self.seconds = self.hint == tokens[1:], time.perf_counter() - started
+        self.hit = self.hint == tokens[1:]
+        self.seconds = time.perf_counter() - started
         run.log(
             f"ngram_tilt: order:{'stream' if scoring_rank is None else 'scoring'} seconds:{self.seconds:.1f} "
             f"hinted:{(self.hint >= 0).mean():.4f} hint_correct:"
@@ -4005,7 +4185,9 @@ class ScoreAccumulator:
     never ratios. Also the first target whose NLL is not finite: an error naming it, never a val_bpb:nan line."""
 
     def __init__(self, device, val, tilt=None):
-        self.device, self.val, self.tilt = device, val, tilt
+        self.device = device
+        self.val = val
+        self.tilt = tilt
         self.sums = torch.zeros(len(ScoreSums._fields), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=device)
 
@@ -4015,8 +4197,10 @@ class ScoreAccumulator:
 
     def add(self, scored: torch.Tensor, targets: np.ndarray, keep: np.ndarray):
         """NLL (B, w) of targets (B, w) (indices), with the tilt (2, B, w) of targets and hints; masked sums, no sync."""
-        keep, index = to_device(keep, self.device), to_device(targets.astype(np.float64), self.device)
-        byte_counts, scored = to_device(self.val.target_bytes[targets], self.device), scored.detach()
+        keep = to_device(keep, self.device)
+        index = to_device(targets.astype(np.float64), self.device)
+        byte_counts = to_device(self.val.target_bytes[targets], self.device)
+        scored = scored.detach()
         nll = scored[0] if self.tilt is not None else scored
         tilted = self.tilt.apply(nll, scored[1], targets, self.device) if self.tilt is not None else nll
         masked = lambda values: torch.where(keep, values.double(), 0.0).sum()  # noqa: E731
@@ -4029,7 +4213,8 @@ class ScoreAccumulator:
 
     def result(self, distributed: bool, tilted: bool = False) -> tuple[float, float, int, int]:
         """(val_loss, val_bpb, tokens, bytes) of the model's scores, or of the tilted ones."""
-        sums, first_bad = self.sums.clone(), self.first_bad.clone()
+        sums = self.sums.clone()
+        first_bad = self.first_bad.clone()
         if distributed:
             dist.all_reduce(sums)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
@@ -4049,8 +4234,11 @@ class SlidingWindows:
     def __init__(self, num_targets: int, seq_len: int, stride: int):
         count = 1 + max(-(-(num_targets - seq_len) // stride), 0)
         self.score_hi = np.minimum(seq_len + stride * np.arange(count), num_targets)
-        self.score_lo, self.starts = np.concatenate(([0], self.score_hi[:-1])), self.score_hi - seq_len
-        self.seq_len, self.stride, self.num_targets = seq_len, stride, num_targets
+        self.score_lo = np.concatenate(([0], self.score_hi[:-1]))
+        self.starts = self.score_hi - seq_len
+        self.seq_len = seq_len
+        self.stride = stride
+        self.num_targets = num_targets
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -4069,11 +4257,13 @@ class ScoreLedger:
     check_training() raises before an update on an unscored target, audit() demands exactly one scoring each."""
 
     def __init__(self, num_targets: int, run):
-        self.run, self.num_targets = run, num_targets
+        self.run = run
+        self.num_targets = num_targets
         self.local = np.zeros(num_targets, dtype=np.uint8)
         self.scored = np.zeros(num_targets, dtype=np.uint8)  # global counts of synced ranges
         self.chunks = {}  # chunk -> [highest scored target, highest trained target or -1]
-        self.trained, self.highest_scored = np.zeros(num_targets, dtype=np.bool_), -1
+        self.trained = np.zeros(num_targets, dtype=np.bool_)
+        self.highest_scored = -1
 
     def mark(self, lo: int, hi: int):
         self.local[lo:hi] += 1
@@ -4140,7 +4330,8 @@ def window_nll(model, run, windows: np.ndarray, width: int, hints: torch.Tensor 
 
 def sequences_loss(model, run, tokens: np.ndarray, seq_len: int) -> torch.Tensor:
     """Summed NLL of n * seq_len + 1 host tokens read as n sequences: TTT's training call, shared with priming."""
-    device_tokens, documents = to_device(tokens, run.device), run.documents(tokens[:-1].reshape(-1, seq_len))
+    device_tokens = to_device(tokens, run.device)
+    documents = run.documents(tokens[:-1].reshape(-1, seq_len))
     with run.autocast():
         return run.forward(
             model,
@@ -4176,7 +4367,8 @@ def evaluate(model: GPT, run, val: ValidationSet, stride: int, tilt=None) -> "Pa
     num_targets = len(val.tokens) - 1
     plan = SlidingWindows(num_targets, run.h.eval_seq_len, stride)
     mine = np.array_split(np.arange(len(plan)), run.world_size)[run.rank]
-    scores, ledger = ScoreAccumulator(run.device, val, tilt), ScoreLedger(num_targets, run)
+    scores = ScoreAccumulator(run.device, val, tilt)
+    ledger = ScoreLedger(num_targets, run)
     was_training = model.training
     score_windows(model, run, val, plan, mine, scores, ledger)
     model.train(was_training)
@@ -4202,7 +4394,8 @@ def ttt_rows(h: Hyperparameters, rank: int, world_size: int) -> list[int]:
 def stream_passes(h: Hyperparameters) -> tuple[bool, bool, bool]:
     """(the sliding pass runs, SGD TTT runs, the stream-order tilt is built): TTT scores every target anyway, so
     EVAL_SLIDING=0 leaves it the time; the tilt follows each pass's order (document LoRA builds its own)."""
-    sliding, sgd_ttt = h.eval_sliding or not h.ttt_enabled, h.ttt_enabled and h.ttt_mode == "sgd"
+    sliding = h.eval_sliding or not h.ttt_enabled
+    sgd_ttt = h.ttt_enabled and h.ttt_mode == "sgd"
     return sliding, sgd_ttt, h.ngram_tilt and (sliding or sgd_ttt)
 
 
@@ -4217,7 +4410,8 @@ def scoring_graphs(h: Hyperparameters) -> list[tuple[int, bool]]:
 def prime_eval_graphs(model: GPT, run, rows: list[int] | None = None) -> int:
     """Compile every eval graph on random tokens before the artifact loads and the eval clock starts (#1855; never val
     tokens): scoring at both widths and TTT's training shapes (gradients dropped, no step). Returns the count."""
-    h, generator = run.h, np.random.default_rng(0)
+    h = run.h
+    generator = np.random.default_rng(0)
 
     def random_tokens(*shape: int) -> np.ndarray:
         return generator.integers(0, h.vocab_size, shape)
@@ -4246,7 +4440,8 @@ def prime_lora_graphs(model: GPT, run) -> int:
     """COMPILE: document LoRA's dynamic-shape graph, scoring alone and scoring with a LoRA step's backward, on random
     tokens through a throw-away adapter (#1855 warms its compiled TTT forward so, before its timer). Each is run at
     two shapes, so any guard a shape adds is met here, not on the eval clock. Returns the count of variants."""
-    h, generator = run.h, np.random.default_rng(1)
+    h = run.h
+    generator = np.random.default_rng(1)
     lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, seed=0)
     shapes = ((3, 2 * h.ttt_lora_chunk + 1, h.ttt_lora_chunk), (2, 3, 2))  # (rows, context, scored columns)
     model.eval()
@@ -4280,22 +4475,28 @@ def score_first_schedule(num_chunks: int):
 
 
 class TestTimeTrainer:
-    """Legal score-first TTT (#549 section 15.3): SGD on already-scored chunks, cosine LR over chunks, with
+    """Legal score-first TTT (#549): SGD on already-scored chunks, cosine LR over chunks, with
     the ledger checking every update and a budget guard that stops training, never scoring."""
 
     def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float, tilt=None):
         h = self.h = run.h
-        self.model, self.run, self.val, self.tokens = model, run, val, val.tokens
+        self.model = model
+        self.run = run
+        self.val = val
+        self.tokens = val.tokens
         self.num_targets = len(val.tokens) - 1
         self.plan = SlidingWindows(self.num_targets, h.eval_seq_len, h.eval_stride)
         self.num_chunks = -(-self.num_targets // h.ttt_chunk_tokens)
-        self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, val, tilt)
+        self.ledger = ScoreLedger(self.num_targets, run)
+        self.scores = ScoreAccumulator(run.device, val, tilt)
         self.bank_masks, self.frozen = freeze_blocks(model, h.ttt_freeze_blocks)
         frozen_ids = {id(p) for p in self.frozen}
         self.params = [p for p in model.parameters() if id(p) not in frozen_ids]
         self.optimizer = ttt_optimizer(model, self.params, h)
-        self.eval_started, self.guard = eval_started, BudgetGuard(run, eval_started)
-        self.score_seconds, self.train_seconds = [], []
+        self.eval_started = eval_started
+        self.guard = BudgetGuard(run, eval_started)
+        self.score_seconds = []
+        self.train_seconds = []
 
     def frozen_parameters(self) -> int:
         """Entries TTT never changes: frozen blocks' own parameters plus their masked bank slices."""
@@ -4316,9 +4517,12 @@ class TestTimeTrainer:
 
     def train(self, chunk: int):
         """TTT_EPOCHS passes over the chunk's sequences, each step's TTT_BATCH_SEQS split evenly over ranks."""
-        h, run, model = self.h, self.run, self.model
+        h = self.h
+        run = self.run
+        model = self.model
         lo, hi = self.chunk_range(chunk)
-        seq_len, num_seqs = h.train_seq_len, (hi - lo) // h.train_seq_len
+        seq_len = h.train_seq_len
+        num_seqs = (hi - lo) // h.train_seq_len
         for group in self.optimizer.param_groups:
             group["lr"] = (
                 group["lr_mult"] * h.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(self.num_chunks - 1, 1)))
@@ -4408,10 +4612,13 @@ class BudgetGuard:
     check is a collective on every rank, even one already stopped by a local check (it then stops them all)."""
 
     def __init__(self, run, eval_started: float):
-        self.run, self.eval_started, self.stopped = run, eval_started, False
+        self.run = run
+        self.eval_started = eval_started
+        self.stopped = False
 
     def allows(self, projected: float, dropping: str, agreed: bool = True) -> bool:
-        elapsed, budget = time.perf_counter() - self.eval_started, self.run.h.eval_budget_seconds
+        elapsed = time.perf_counter() - self.eval_started
+        budget = self.run.h.eval_budget_seconds
         mine = ">" if elapsed + projected > budget else ""  # this rank's own verdict
         over = torch.tensor(float(self.stopped or bool(mine)), device=self.run.device)
         if agreed and self.run.world_size > 1:
@@ -4457,9 +4664,12 @@ def lora_batches(docs: np.ndarray, max_documents: int, max_tokens: int, context:
     longest row, at most TTT_LORA_CONTEXT) hold at most TTT_LORA_BATCH_TOKENS tokens: activations grow with those.
     The frontier holds 657 KiB per row token for backward (logs/bench_lora_memory.txt): #1855's 64 x 2,048 rows
     project to 88 GiB, over an 80 GB H100; 65,536 to ~47 GiB. Rows adapt independently: the cut costs time only."""
-    widths, batches, first = np.minimum(docs[:, 1] - docs[:, 0], context), [], 0
+    widths = np.minimum(docs[:, 1] - docs[:, 0], context)
+    batches = []
+    first = 0
     while first < len(docs):
-        end, longest = first + 1, widths[first]
+        end = first + 1
+        longest = widths[first]
         while (
             end < min(first + max_documents, len(docs)) and (end - first + 1) * max(longest, widths[end]) <= max_tokens
         ):
@@ -4484,7 +4694,8 @@ def balanced_owners(costs: np.ndarray, phase_ends: list[int], world_size: int) -
     """The rank of each batch: within each phase the costliest batch first to the least loaded rank (ties: the lower
     rank), so no rank waits at a phase's sync for long (round robin gave rank 0 every phase's longest batch). A rank
     still scores its batches in index order: the scoring order the tilt counts in is unchanged."""
-    owner, bounds = np.zeros(len(costs), np.int64), [0, *phase_ends, len(costs)]
+    owner = np.zeros(len(costs), np.int64)
+    bounds = [0, *phase_ends, len(costs)]
     for first, end in zip(bounds[:-1], bounds[1:]):
         load = np.zeros(world_size)
         for index in first + np.argsort(-costs[first:end], kind="stable"):
@@ -4512,7 +4723,9 @@ def lora_step_layout(first: np.ndarray, lo: np.ndarray, hi: np.ndarray, compiled
     which would compile on the eval clock; padding rows and columns are never kept, so scores do not change."""
     least = 2 if compiled else 1
     source_rows = np.minimum(np.arange(max(len(lo), least)), len(lo) - 1)
-    first, lo, hi = first[source_rows], lo[source_rows], hi[source_rows]
+    first = first[source_rows]
+    lo = lo[source_rows]
+    hi = hi[source_rows]
     context = first[:, None] + np.arange(max(int((hi - first).max()), least))
     context = np.where(context < hi[:, None], context, (hi - 1)[:, None])
     chunk_columns = (lo - first)[:, None] + np.arange(max(int((hi - lo).max()), least))
@@ -4529,7 +4742,10 @@ class DocumentLoRATrainer:
 
     def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float):
         h = self.h = run.h
-        self.model, self.run, self.val, self.num_targets = model, run, val, len(val.tokens) - 1
+        self.model = model
+        self.run = run
+        self.val = val
+        self.num_targets = len(val.tokens) - 1
         docs = lora_document_order(document_spans(val.tokens), h.ttt_lora_order)
         self.batches = lora_batches(docs, h.ttt_lora_batch, h.ttt_lora_batch_tokens, h.ttt_lora_context)
         tilt = (
@@ -4542,7 +4758,8 @@ class DocumentLoRATrainer:
         )
         self.phase_ends = phase_ends(self.batches, h.phased_ttt_prefix_docs, h.ttt_phases)
         self.owner = balanced_owners(self.costs, self.phase_ends, run.world_size)
-        self.ledger, self.scores = ScoreLedger(self.num_targets, run), ScoreAccumulator(run.device, val, tilt)
+        self.ledger = ScoreLedger(self.num_targets, run)
+        self.scores = ScoreAccumulator(run.device, val, tilt)
         self.lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed + run.rank)
         self.optimizer = torch.optim.AdamW(
             self.lora.parameters(),
@@ -4551,7 +4768,9 @@ class DocumentLoRATrainer:
             eps=1e-10,
             weight_decay=h.ttt_lora_wd,
         )
-        self.guard, self.seconds, self.done = BudgetGuard(run, eval_started), {"batch": [], "phase": []}, []
+        self.guard = BudgetGuard(run, eval_started)
+        self.seconds = {"batch": [], "phase": []}
+        self.done = []
 
     def run_schedule(self) -> PassScore:
         """Phase by phase: this rank's batches (balanced by cost), a full ledger sync, then the phase's SGD."""
@@ -4575,7 +4794,9 @@ class DocumentLoRATrainer:
 
     def score_batch(self, index: int, projected: float):
         """A fresh adapter (B = 0; A warm-started or redrawn, optimizer state cleared), then chunk after chunk."""
-        started, h, docs = time.perf_counter(), self.h, self.batches[index]
+        started = time.perf_counter()
+        h = self.h
+        docs = self.batches[index]
         self.lora.reset(h.ttt_lora_warm_start_a)
         self.optimizer.state.clear()
         steps = -(-(docs[:, 1] - docs[:, 0]) // h.ttt_lora_chunk)
@@ -4590,7 +4811,9 @@ class DocumentLoRATrainer:
     def chunk_step(self, docs: np.ndarray, rows: np.ndarray, chunk: int, train_rows: np.ndarray):
         """Score each document's chunk (docs: the batch's `rows` still scoring), then one LoRA step on train_rows'
         chunks: one forward, scores read first."""
-        h, run, tokens = self.h, self.run, self.val.tokens
+        h = self.h
+        run = self.run
+        tokens = self.val.tokens
         lo = docs[:, 0] + chunk * h.ttt_lora_chunk
         hi = np.minimum(lo + h.ttt_lora_chunk, docs[:, 1])
         first = np.maximum(docs[:, 0], hi - h.ttt_lora_context)
@@ -4605,7 +4828,8 @@ class DocumentLoRATrainer:
                 self.scores.hints(padded.targets),
                 to_device(padded.columns, run.device),
             )[..., : len(docs), :]
-        targets, keep = padded.targets[: len(docs)], padded.keep[: len(docs)]
+        targets = padded.targets[: len(docs)]
+        keep = padded.keep[: len(docs)]
         self.scores.add(scored, targets, keep)
         nll = scored[0] if self.scores.tilt is not None else scored  # the step's loss keeps its graph
         for a, b in zip(lo, hi):
@@ -4624,7 +4848,11 @@ class DocumentLoRATrainer:
     def train_base(self, docs: np.ndarray, phase: int):
         """One SGD epoch (TTT_PHASE_LR, TTT_MOMENTUM, TTT_GRAD_CLIP) on the base weights over these scored documents
         in TRAIN_SEQ_LEN rows (padding masked: no row crosses a document), TTT_BATCH_SEQS rows a step over ranks."""
-        started, h, run, model, tokens = time.perf_counter(), self.h, self.run, self.model, self.val.tokens
+        started = time.perf_counter()
+        h = self.h
+        run = self.run
+        model = self.model
+        tokens = self.val.tokens
         rows = np.array(
             [(a, min(a + h.train_seq_len, end)) for start, end in docs for a in range(start, end, h.train_seq_len)]
         )
@@ -4758,7 +4986,8 @@ def start_ttt(run: RunContext, model: GPT, val: ValidationSet, eval_started: flo
         )
         return ttt.run_schedule()
     ttt = TestTimeTrainer(model, run, val, eval_started, tilt)
-    frozen, total = ttt.frozen_parameters(), sum(p.numel() for p in model.parameters())
+    frozen = ttt.frozen_parameters()
+    total = sum(p.numel() for p in model.parameters())
     run.log(
         f"ttt:start chunks={ttt.num_chunks} chunk_tokens={h.ttt_chunk_tokens} windows={len(ttt.plan)} "
         f"stride={h.eval_stride} lr={h.ttt_lr} epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} "
@@ -4852,7 +5081,8 @@ def main() -> int:
 
 def run_phases(run: RunContext, code: str, val: ValidationSet, predicted) -> int:
     """Train and write the artifact (unless EVAL_ONLY), then score the artifact read back from disk."""
-    h, total_bytes = run.h, 0
+    h = run.h
+    total_bytes = 0
     if h.eval_only:
         run.log(f"eval_only: evaluating {h.artifact_path} without training")
     else:

@@ -70,7 +70,7 @@ PR1089_SCORED = {
 }
 # #181's 1.1190 run (its PR page): #549 with 2048 bigram buckets and TTT freezing 2 blocks.
 PR181_RUN = {"bigram_vocab_size": 2048, "ttt_freeze_blocks": 2, "ttt_enabled": True, "ttt_lr": 0.002, "ttt_epochs": 3}
-# #518 (section 3): BigramHash 2048, zstd, TTT AdamW lr 5e-4, mlp.fc x0.5, mlp.proj x3, clip 1; score-first here.
+# #518: BigramHash 2048, zstd, TTT AdamW lr 5e-4, mlp.fc x0.5, mlp.proj x3, clip 1; score-first here.
 PR518_LEGAL = {
     "bigram_vocab_size": 2048,
     "compressor": "zstd",

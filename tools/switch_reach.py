@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How far a switch reaches into train_gpt.py: the functions outside Hyperparameters that read its attribute
 (h.<name>, model.<name>, ...), by qualified name; Hyperparameters' own reads (the env read, cross-checks of settings)
-are listed apart. A switch is read once and dispatched once (DEVELOPERS.md): its reach should stay small.
+are listed apart. A switch is read once and dispatched once (the house style): its reach should stay small.
 
     python3 tools/switch_reach.py                       # DOC_ISOLATION, NUM_LOOPS, TTT_MODE, NGRAM_TILT
     python3 tools/switch_reach.py COMPRESSOR QUANT
