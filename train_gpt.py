@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100: bf16, FlashAttention, compile, NCCL
     python3 train_gpt.py                                        # CPU: fp32, SDPA, eager, one process
 
-Every knob is an environment variable read once in Hyperparameters (README has the table). Data flow:
+Every knob is an environment variable read once in Hyperparameters (docs/CONFIG.md has the table). Data flow:
 shards -> model -> Muon (banks) + AdamW training under a wallclock cap -> EMA/SWA -> int6/int8 export ->
 compressed artifact written to disk -> artifact read back and evaluated. Comments cite the record a choice
 comes from ("#549" = the merged 1.1194 record this reproduces) and its measured delta where one exists.

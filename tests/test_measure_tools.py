@@ -180,3 +180,20 @@ def test_the_gpu_frontier_check_runs_dry_on_the_cpu():
     assert re.findall(r"^stage (\w+): (ok|FAIL)", result.stdout, re.M) == [(name, "ok") for name in names]
     assert "fixed_call graphs:1 " in result.stdout
     assert "call_before_the_fix refused(Unsupported: autograd.Function.apply: duplicate tensor input)" in result.stdout
+
+
+def test_switch_reach_follows_a_renamed_value():
+    """tools/switch_reach.py counts where a switch's value is read under another name: DOC_ISOLATION copied into
+    `isolate` (the hashed tables) and into the attention's `varlen` (RunContext's boundaries), but not a value the
+    switch only chose (NGRAM_TILT's tilt object)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import switch_reach
+
+    source = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    isolation = switch_reach.reach(source, "DOC_ISOLATION")
+    assert {"BigramHash.bucket_ids", "GPT.attention_boundaries", "RunContext.documents"} <= set(isolation)
+    assert len([name for name in isolation if not name.startswith("Hyperparameters.")]) >= 8
+    tiny = "def f(h):\n    isolate = h.doc_isolation\n    g(isolate)\n\ndef g(flag):\n    return flag\n\ndef k(h):\n    return 1\n"
+    assert switch_reach.reach(tiny, "DOC_ISOLATION") == ["f", "g"]
