@@ -122,8 +122,30 @@ def clean_environment() -> dict:
     return env
 
 
+# The running test's `e2e` mark (set by the autouse fixture below): a process launch from a test without it is an
+# error, so `pytest -m "not e2e"` stays the quick suite (pytest.ini).
+RUNNING_TEST = {"e2e": False}
+
+
+@pytest.fixture(autouse=True)
+def e2e_mark_of_the_running_test(request):
+    RUNNING_TEST["e2e"] = request.node.get_closest_marker("e2e") is not None
+    yield
+    RUNNING_TEST["e2e"] = False
+
+
+def require_e2e_mark(what: str):
+    if not RUNNING_TEST["e2e"]:
+        raise AssertionError(f"{what}: a test that launches processes carries @pytest.mark.e2e (pytest.ini)")
+
+
 def run_script(cwd: Path, env_overrides: dict, args=(), timeout=600, nproc: int = 1, script=None):
-    """Run train_gpt.py (or torchrun with nproc ranks) in cwd; returns the CompletedProcess."""
+    """Run train_gpt.py (or torchrun with nproc ranks) in cwd; returns the CompletedProcess. Only from e2e tests."""
+    require_e2e_mark(f"run_script({script or 'train_gpt.py'})")
+    return launch_script(cwd, env_overrides, args, timeout, nproc, script)
+
+
+def launch_script(cwd: Path, env_overrides: dict, args=(), timeout=600, nproc: int = 1, script=None):
     env = clean_environment()
     env.update({k: str(v) for k, v in env_overrides.items()})
     script = str(script or REPO / "train_gpt.py")
@@ -132,6 +154,73 @@ def run_script(cwd: Path, env_overrides: dict, args=(), timeout=600, nproc: int 
     else:
         command = [sys.executable, script]
     return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Session fixtures that launch runs: only e2e tests may use them (checked at collection below).
+PROCESS_FIXTURES = ("tiny_artifact", "tiny_runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if set(PROCESS_FIXTURES) & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("e2e") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests using {PROCESS_FIXTURES} must carry @pytest.mark.e2e: {unmarked}")
+
+
+def short_validation_copy(directory: Path, dataset: str, tokens: int) -> str:
+    """The dataset's first train shard (linked) with its validation shard cut to `tokens` tokens: evaluation, most
+    of a tiny run's time, stays cheap."""
+    import build_sample
+    import train_gpt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "fineweb_train_000000.bin").symlink_to(f"{dataset}/fineweb_train_000000.bin")
+    val = train_gpt.load_data_shard(f"{dataset}/fineweb_val_000000.bin", 1 << 16)[:tokens]
+    build_sample.write_shard(directory / "fineweb_val_000000.bin", val)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, fineweb_or_sample):
+    """One tiny trained run (TINY_ENV) on real FineWeb text (its first 65,537 validation tokens; TTT in chunks of
+    16,384), shared by the test that checks a whole run and the one that re-scores its artifact: (folder, env, log
+    text); the artifact is folder/out/model.ptz."""
+    dataset, tokenizer = fineweb_or_sample
+    folder = tmp_path_factory.mktemp("tiny_artifact")
+    data = short_validation_copy(folder / "data", dataset, 65_537)
+    env = dict(
+        TINY_ENV, DATA_PATH=data, TOKENIZER_PATH=tokenizer, ARTIFACT_PATH="out/model.ptz", TTT_CHUNK_TOKENS=16384
+    )
+    trained = launch_script(folder, dict(env, RUN_ID="e2e"), timeout=600)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    return folder, env, read_log(folder, "e2e")
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, sample_data):
+    """Three 4-step runs on the KJV sample (its first 16,385 validation tokens), shared by the packing tests: the readable script at seeds 1337 and 42,
+    and the packed script (tools/pack_code.py) at seed 1337. A dict: "seed1337", "seed42", "packed" (log paths),
+    "packed_code" (the packed script)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import pack_code
+
+    dataset, tokenizer = sample_data
+    root = tmp_path_factory.mktemp("tiny_runs")
+    data = short_validation_copy(root / "kjv_sp1024", dataset, 16_385)  # the dataset's name kept: logs name it
+    env = dict(TINY_ENV, DATA_PATH=data, TOKENIZER_PATH=tokenizer, ITERATIONS=4, TTT_CHUNK_TOKENS=4096)
+    packed = root / "packed" / "train_gpt.py"
+    packed.parent.mkdir()
+    packed.write_text(pack_code.pack((REPO / "train_gpt.py").read_text()))
+    runs = {"seed1337": (1337, None), "seed42": (42, None), "packed": (1337, packed)}
+    logs = {"packed_code": packed}
+    for run_id, (seed, script) in runs.items():
+        result = launch_script(root, dict(env, SEED=seed, RUN_ID=run_id), timeout=300, script=script)
+        assert result.returncode == 0, result.stderr[-2000:]
+        logs[run_id] = root / "logs" / f"{run_id}.txt"
+    return logs
 
 
 def read_log(cwd: Path, run_id: str) -> str:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 import re
 
 from conftest import REPO, TINY_ENV, assert_final_score, parse_metric, read_log, run_script
 
 
-def test_tiny_run_end_to_end(tmp_path, fineweb_or_sample):
-    dataset, tokenizer = fineweb_or_sample
-    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, RUN_ID="e2e", ARTIFACT_PATH="out/model.ptz")
-    result = run_script(tmp_path, env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = read_log(tmp_path, "e2e")
+@pytest.mark.e2e
+def test_tiny_run_end_to_end(tiny_artifact):
+    """The shared tiny run (conftest.tiny_artifact): its log holds the code, the curve fell, the artifact's bytes
+    are the ones on disk, every pass logged its exact score, the log is sealed."""
+    folder, _, log = tiny_artifact
     code = (REPO / "train_gpt.py").read_text(encoding="utf-8")
     assert log.startswith(code)  # the log holds the exact code that ran
     assert re.search(r"^python:\S+ torch:\S+", log, re.M) and re.search(r"^device:cpu", log, re.M)
@@ -25,7 +26,7 @@ def test_tiny_run_end_to_end(tmp_path, fineweb_or_sample):
     ]
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
     artifact = parse_metric(log, "artifact")
-    model_bytes = (tmp_path / "out" / "model.ptz").stat().st_size
+    model_bytes = (folder / "out" / "model.ptz").stat().st_size
     assert artifact["model_bytes"] == model_bytes and artifact["code_bytes"] == len(code.encode("utf-8"))
     assert artifact["total_bytes"] == model_bytes + artifact["code_bytes"] and artifact["cap"] == 16_000_000
     roundtrip = parse_metric(log, "final_int6_roundtrip")
@@ -45,6 +46,7 @@ def test_tiny_run_end_to_end(tmp_path, fineweb_or_sample):
     assert abs(exact["val_bpb"] - parse_metric(log, "DIAGNOSTIC post_average")["val_bpb"]) < 0.05
 
 
+@pytest.mark.e2e
 def test_tiny_run_with_gptq(tmp_path, sample_data):
     """QUANT=gptq end to end: Hessians on training data inside the cap, then GPTQ, then the roundtrip."""
     dataset, tokenizer = sample_data

@@ -199,39 +199,31 @@ def test_eval_graphs_are_primed_on_random_tokens_without_touching_the_weights(tm
     assert all(p.grad is None for p in model.parameters()) and not model.training
 
 
-def test_end_to_end_with_ttt_and_eval_only_rerun(tmp_path, sample_data):
-    dataset, tokenizer = sample_data
-    env = dict(
-        TINY_ENV,
-        EVAL_STRIDE=16,
-        TTT_CHUNK_TOKENS=16384,
-        DATA_PATH=dataset,
-        TOKENIZER_PATH=tokenizer,
-        ARTIFACT_PATH="model.ptz",
-    )
-    trained = run_script(tmp_path, dict(env, RUN_ID="train"), timeout=600)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    log = read_log(tmp_path, "train")
+@pytest.mark.e2e
+def test_end_to_end_with_ttt_and_eval_only_rerun(tiny_artifact):
+    """The shared tiny run's passes, then EVAL_ONLY on its artifact read back: the same exact scores, no training;
+    with EVAL_SLIDING=0 no sliding pass and TTT's score unchanged (it scores every target itself)."""
+    folder, env, log = tiny_artifact
     for label in ("final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"):
         assert parse_metric(log, label)["val_bpb"] > 0 and parse_metric(log, label + "_exact")["val_bpb"] > 0
-    assert parse_metric(log, "final_int6_sliding_window")["stride"] == 16
+    assert parse_metric(log, "final_int6_sliding_window")["stride"] == int(env["EVAL_STRIDE"])
     targets = int(parse_metric(log, "val_loader:shards")["tokens"])
     assert re.search(rf"^ttt_audit ok: chunks=\d+ tokens_scored={targets} tokens_trained=\d+$", log, re.M)
-    again = run_script(tmp_path, dict(env, RUN_ID="again", EVAL_ONLY=1), timeout=600)
+    again = run_script(folder, dict(env, RUN_ID="again", EVAL_ONLY=1), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    rerun = read_log(tmp_path, "again")
-    assert "eval_only: evaluating model.ptz without training" in rerun
+    rerun = read_log(folder, "again")
+    assert "eval_only: evaluating out/model.ptz without training" in rerun
     assert not re.search(r"^step:\d+/\d+ train_loss", rerun, re.M)
     for label in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
         assert parse_metric(rerun, label) == parse_metric(log, label), label
-    # EVAL_SLIDING=0: no sliding pass, TTT's score unchanged (it scores every target itself)
-    lean = run_script(tmp_path, dict(env, RUN_ID="lean", EVAL_ONLY=1, EVAL_SLIDING=0), timeout=600)
+    lean = run_script(folder, dict(env, RUN_ID="lean", EVAL_ONLY=1, EVAL_SLIDING=0), timeout=600)
     assert lean.returncode == 0, lean.stderr[-3000:]
-    lean_log = read_log(tmp_path, "lean")
+    lean_log = read_log(folder, "lean")
     assert "final_int6_sliding_window" not in lean_log.split("eval_only: evaluating", 1)[1]
     assert parse_metric(lean_log, "legal_ttt_exact") == parse_metric(log, "legal_ttt_exact")
 
 
+@pytest.mark.e2e
 def test_eval_only_needs_an_artifact(tmp_path, sample_data):
     dataset, tokenizer = sample_data
     result = run_script(

@@ -18,7 +18,16 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, TINY_ENV, clean_environment, parse_metric, read_log, run_script, tiny_hyperparameters
+from conftest import (
+    REPO,
+    TINY_ENV,
+    clean_environment,
+    parse_metric,
+    read_log,
+    require_e2e_mark,
+    run_script,
+    tiny_hyperparameters,
+)
 
 
 def tiny_env(sample_data, **overrides) -> dict:
@@ -30,6 +39,7 @@ def tiny_env(sample_data, **overrides) -> dict:
 
 def launch(cwd: Path, env: dict, ranks: int = 1) -> list[subprocess.Popen]:
     """train_gpt.py as `ranks` processes wired by hand (as torchrun would), so a test can signal one of them."""
+    require_e2e_mark("launch")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -72,6 +82,7 @@ def wait_for_step(cwd: Path, run_id: str, step: int, timeout: float = 240):
     raise AssertionError(f"step {step} never logged")
 
 
+@pytest.mark.e2e
 def test_a_diverged_loss_stops_the_run_without_an_artifact(tmp_path, sample_data):
     result = run_script(tmp_path, tiny_env(sample_data, MATRIX_LR=1e30, ITERATIONS=40, RUN_ID="nan"), timeout=300)
     assert result.returncode == train_gpt.EXIT_NONFINITE == 4
@@ -88,6 +99,7 @@ def test_a_diverged_loss_stops_the_run_without_an_artifact(tmp_path, sample_data
     )
 
 
+@pytest.mark.e2e
 def test_a_diverged_loss_stops_every_rank_at_the_same_step(tmp_path, sample_data):
     result = run_script(
         tmp_path, tiny_env(sample_data, MATRIX_LR=1e30, ITERATIONS=40, RUN_ID="nan2"), nproc=2, timeout=300
@@ -97,6 +109,7 @@ def test_a_diverged_loss_stops_every_rank_at_the_same_step(tmp_path, sample_data
     assert "error: training diverged" in read_log(tmp_path, "nan2")
 
 
+@pytest.mark.e2e
 def test_sigint_writes_the_averaged_artifact_and_eval_only_scores_it(tmp_path, sample_data):
     env = tiny_env(sample_data, ITERATIONS=5000, RUN_ID="interrupted")
     [process] = launch(tmp_path, env)
@@ -116,6 +129,7 @@ def test_sigint_writes_the_averaged_artifact_and_eval_only_scores_it(tmp_path, s
     assert math.isfinite(parse_metric(read_log(tmp_path, "scored"), "legal_ttt_exact")["val_bpb"])
 
 
+@pytest.mark.e2e
 def test_a_signal_skips_gptq_calibration_and_exports_at_once(tmp_path, sample_data):
     """QUANT=gptq: after SIGTERM the Hessians are not collected (16 batches of the frontier took 24-32 s of the 30 s
     torchrun allows; review 945e22d, defect 11): round-to-nearest on the searched scales, the fast artifact."""
@@ -130,6 +144,7 @@ def test_a_signal_skips_gptq_calibration_and_exports_at_once(tmp_path, sample_da
     assert "artifact:written quant:gptq compressor:lzma (fast: after a signal)" in log
 
 
+@pytest.mark.e2e
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, sample_data):
     processes = launch(tmp_path, tiny_env(sample_data, ITERATIONS=5000, RUN_ID="term"), ranks=2)
     wait_for_step(tmp_path, "term", 3)
@@ -142,6 +157,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, sample_data):
     assert (tmp_path / "final_model.int6.ptz").stat().st_size > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
 def test_a_dead_or_hung_rank_ends_the_run_within_the_timeout(tmp_path, sample_data, fault):
     """SIGKILL: the survivor's next collective fails at once; SIGSTOP (a hang): it fails after
@@ -164,6 +180,7 @@ def test_a_dead_or_hung_rank_ends_the_run_within_the_timeout(tmp_path, sample_da
     assert "a collective failed" in read_log(tmp_path, "dead")
 
 
+@pytest.mark.e2e
 def test_a_fault_one_rank_sees_mid_step_ends_the_run_at_once(tmp_path, sample_data):
     """CUDA review 945e22d, defect 10: rank 0 alone cannot fit its batch's varlen segments. It exits at once with the
     reason and torchrun ends rank 1, which waits in the step's collective; before, rank 0 waited at the closing
@@ -176,6 +193,7 @@ def test_a_fault_one_rank_sees_mid_step_ends_the_run_at_once(tmp_path, sample_da
     assert seconds < 90, f"{seconds:.0f} s: the ranks waited for the collective timeout"
 
 
+@pytest.mark.e2e
 def test_a_long_export_does_not_time_out_the_waiting_ranks(tmp_path, sample_data):
     """Rank 0's export outlasts COLLECTIVE_TIMEOUT_SECONDS (5 s here; MIXED_PRECISION took 94 s on the H200): rank 1
     waits on the long gloo group and the run ends normally (on the default group it died with exit 5)."""
@@ -189,6 +207,7 @@ def test_a_long_export_does_not_time_out_the_waiting_ranks(tmp_path, sample_data
     assert "final_int6_roundtrip_exact" in log
 
 
+@pytest.mark.e2e
 def test_inputs_are_checked_before_the_clock_starts(tmp_path, sample_data):
     import build_sample
 
@@ -212,6 +231,7 @@ def test_inputs_are_checked_before_the_clock_starts(tmp_path, sample_data):
     assert "step:" not in run_part(read_log(tmp_path, "unwritable"))
 
 
+@pytest.mark.e2e
 def test_a_wrong_data_path_is_reported_before_anything_slow(tmp_path, sample_data):
     """At the default shape (whose size plan takes seconds) a DATA_PATH with no shards exits 2 before the size plan,
     the model or the clock: under 3 s, or under 1 s more than importing torch where that alone takes over 2 s."""
@@ -230,6 +250,7 @@ def test_a_wrong_data_path_is_reported_before_anything_slow(tmp_path, sample_dat
     assert seconds < max(3.0, imports + 1.0), f"{seconds:.1f} s to report a wrong DATA_PATH (imports {imports:.1f} s)"
 
 
+@pytest.mark.e2e
 def test_a_non_finite_score_is_an_error_naming_the_pass_and_window(tmp_path, sample_data):
     env = tiny_env(sample_data, RUN_ID="nan_eval", EVAL_ONLY=1)
     h = tiny_hyperparameters(**{k: v for k, v in env.items() if k in TINY_ENV})

@@ -208,6 +208,7 @@ def test_looped_forward_runs_the_shared_blocks_in_order_and_records_physical_lay
     assert order == [0, 1, 2, 3]
 
 
+@pytest.mark.e2e
 def test_looping_switches_on_at_its_training_fraction_and_for_evaluation(tmp_path, sample_data):
     dataset, tokenizer = sample_data
     env = dict(
@@ -583,6 +584,7 @@ FRONTIER_TINY = dict(
 )
 
 
+@pytest.mark.e2e
 def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample_data):
     """Every frontier part on at once (looping switched on mid-run, two lanes, gates, Polar Express + MuonEq-R,
     WD taper, #1855's packing loader, document isolation, GPTQ + SDClip + LQER, brotli, phased document LoRA TTT with its
@@ -633,6 +635,7 @@ def record_caseops_cut(folder, documents: int = 20):
     return folder, RECORD_CASEOPS_TOKENIZER, int(entries[:cut].astype(np.int64).sum())
 
 
+@pytest.mark.e2e
 def test_frontier_caseops_trains_and_evaluates_on_the_records_export(tmp_path):
     """PRESET=frontier_caseops at a tiny shape on the data #1855's own script wrote, unchanged but cut to 20
     validation documents, with its normalizing tokenizer: the audit accepts it, logging counted (sidecar) and
@@ -660,6 +663,7 @@ def test_frontier_caseops_trains_and_evaluates_on_the_records_export(tmp_path):
     assert_final_score(log, "legal_ttt_tilt")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("export", ["whole_sample", "nfkc_stress"])
 def test_frontier_caseops_starts_and_trains_on_every_legitimate_export(tmp_path, request, export):
     """PRESET=frontier_caseops at a tiny shape starts on the record's export of all 3,100 sample documents (3,000
@@ -787,6 +791,7 @@ def test_fused_softcapped_cross_entropy_matches_the_eager_path_and_its_gradient(
     assert low_grad.dtype == torch.bfloat16 and torch.allclose(low_grad.double(), expected, atol=2e-2)
 
 
+@pytest.mark.e2e
 def test_triton_softcapped_ce_kernels_match_the_torch_math_in_the_interpreter():
     """FUSED_KERNELS' two Triton kernels (never run on a GPU), executed by Triton's interpreter on the CPU
     (TRITON_INTERPRET=1, in a subprocess: the flag is read when the kernels are defined): loss, LSE and gradient
@@ -815,6 +820,7 @@ def test_triton_softcapped_ce_kernels_match_the_torch_math_in_the_interpreter():
         assert float(grad) < (1e-6 if dtype == "float32" else 1e-2), (dtype, cols)
 
 
+@pytest.mark.e2e
 def test_triton_softcapped_ce_kernels_assemble_for_hopper_without_spills():
     """The same kernels lowered by Triton and assembled by its bundled ptxas for sm_90a, no GPU needed
     (bench/triton_ce_ptxas.py): they compile for the real target, not only for the interpreter, at bf16 and fp32

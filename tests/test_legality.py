@@ -383,6 +383,7 @@ def test_lora_rows_keep_the_scoring_windows_rope_base():
     assert torch.allclose(pinned, window, atol=1e-5) and not torch.allclose(unpinned, window, atol=1e-3)
 
 
+@pytest.mark.e2e
 def test_budget_guard_agrees_across_ranks_after_a_local_stop(tmp_path):
     """A rank whose own LoRA projection stopped its updates still joins the next agreed check (before a phase),
     which then stops every rank: skipping the collective there hung the other rank (found on 2 gloo ranks)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import re
 
 import subprocess
@@ -10,6 +12,7 @@ import sys
 from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
 
 
+@pytest.mark.e2e
 def test_planner_check_reports_both_approximations(tmp_path):
     env = dict(TINY_ENV, DATA_PATH="/nonexistent", TOKENIZER_PATH="/nonexistent", MODEL_DIM=128)
     result = run_script(tmp_path, env, ["--run-id", "check"], timeout=300, script=REPO / "tools" / "planner_check.py")
@@ -29,6 +32,7 @@ def test_planner_check_reports_both_approximations(tmp_path):
     assert log.strip().splitlines()[-1].startswith("log_sha256:")
 
 
+@pytest.mark.e2e
 def test_quant_sweep_scores_each_setting_on_the_same_weights(tmp_path, sample_data):
     dataset, tokenizer = sample_data
     env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=4, TTT_ENABLED=0)
@@ -163,6 +167,7 @@ def test_every_results_row_names_the_commit_that_wrote_its_log():
             assert p1_table.annotate(text) == text, f"{name}: run bench/p1_table.py --annotate {name}"
 
 
+@pytest.mark.e2e
 def test_the_gpu_frontier_check_runs_dry_on_the_cpu():
     """bench/gpu_frontier_check.py --dry-run (the second CUDA review's defect 3): every stage of the one GPU script,
     in the review's order, at a tiny shape on the CPU with the FA3-shaped stand-in; the call before the fix refused."""
@@ -197,3 +202,16 @@ def test_switch_reach_follows_a_renamed_value():
     assert len([name for name in isolation if not name.startswith("Hyperparameters.")]) >= 8
     tiny = "def f(h):\n    isolate = h.doc_isolation\n    g(isolate)\n\ndef g(flag):\n    return flag\n\ndef k(h):\n    return 1\n"
     assert switch_reach.reach(tiny, "DOC_ISOLATION") == ["f", "g"]
+
+
+def test_the_size_table_is_current():
+    """docs/ARTIFACT.md's size table is what tools/size_table.py makes of the DRY_RUN logs (bench/dry_runs.sh), and
+    the logs' code is today's: the readable code's bytes in the default plan are train_gpt.py's."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import size_table
+
+    assert size_table.annotate(REPO / "docs" / "ARTIFACT.md", check=True) == 0
+    code_bytes = len((REPO / "train_gpt.py").read_text(encoding="utf-8").encode("utf-8"))
+    assert size_table.plan("default", "readable")["code"] == code_bytes

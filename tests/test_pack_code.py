@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_ENV, parse_metric, read_log, run_script
+from conftest import REPO, parse_metric
 
 sys.path.insert(0, str(REPO / "tools"))
 import pack_code  # noqa: E402
@@ -39,21 +39,11 @@ def test_pack_then_verify(tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("OK:")
 
 
-def test_packed_script_runs_identically(tmp_path, sample_data):
-    dataset, tokenizer = sample_data
-    packed_dir = tmp_path / "packed"
-    packed_dir.mkdir()
-    packed = packed_dir / "train_gpt.py"
-    packed.write_text(pack_code.pack((REPO / "train_gpt.py").read_text()))
-    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=4, TTT_CHUNK_TOKENS=16384)
-    readable, compact = tmp_path / "readable", tmp_path / "compact"
-    readable.mkdir()
-    compact.mkdir()
-    assert run_script(readable, dict(env, RUN_ID="r"), timeout=300).returncode == 0
-    result = run_script(compact, dict(env, RUN_ID="p"), timeout=300, script=packed)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log_readable, log_packed = read_log(readable, "r"), read_log(compact, "p")
-    assert parse_metric(log_packed, "artifact")["code_bytes"] == packed.stat().st_size  # the packed bytes count
+@pytest.mark.e2e
+def test_packed_script_runs_identically(tiny_runs):
+    """The packed script (conftest.tiny_runs) trains and scores as the readable one, and logs its own bytes."""
+    log_readable, log_packed = (tiny_runs[name].read_text(encoding="utf-8") for name in ("seed1337", "packed"))
+    assert parse_metric(log_packed, "artifact")["code_bytes"] == tiny_runs["packed_code"].stat().st_size
     for label in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
         assert parse_metric(log_packed, label) == parse_metric(log_readable, label), label
 

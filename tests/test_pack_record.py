@@ -11,31 +11,21 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_ENV, parse_metric, run_script
+from conftest import REPO, parse_metric
 
 sys.path.insert(0, str(REPO / "tools"))
-import pack_code  # noqa: E402
 import pack_record  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def run_logs(tmp_path_factory, sample_data):
-    """Logs of two tiny real runs (seeds 1337 and 42) and of one run of the packed code."""
-    dataset, tokenizer = sample_data
-    root = tmp_path_factory.mktemp("runs")
-    env = dict(TINY_ENV, DATA_PATH=dataset, TOKENIZER_PATH=tokenizer, ITERATIONS=4, TTT_CHUNK_TOKENS=16384)
-    logs = {}
-    for seed in (1337, 42):
-        result = run_script(root, dict(env, SEED=seed, RUN_ID=f"seed{seed}"), timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        logs[seed] = root / "logs" / f"seed{seed}.txt"
-    packed = root / "packed" / "train_gpt.py"
-    packed.parent.mkdir()
-    packed.write_text(pack_code.pack((REPO / "train_gpt.py").read_text()))
-    result = run_script(root, dict(env, RUN_ID="packed"), timeout=300, script=packed)
-    assert result.returncode == 0, result.stderr[-2000:]
-    logs["packed"], logs["packed_code"] = root / "logs" / "packed.txt", packed
-    return logs
+def run_logs(tiny_runs):
+    """Logs of two tiny real runs (seeds 1337 and 42) and of one run of the packed code (conftest.tiny_runs)."""
+    return {
+        1337: tiny_runs["seed1337"],
+        42: tiny_runs["seed42"],
+        "packed": tiny_runs["packed"],
+        "packed_code": tiny_runs["packed_code"],
+    }
 
 
 def pack(tmp_path, *logs, extra=()):
@@ -55,6 +45,7 @@ def pack(tmp_path, *logs, extra=()):
     )
 
 
+@pytest.mark.e2e
 def test_packs_a_folder_from_the_logs(tmp_path, run_logs, capsys):
     assert (
         pack(
@@ -93,11 +84,13 @@ def test_packs_a_folder_from_the_logs(tmp_path, run_logs, capsys):
     assert "zstandard" not in requirements and "brotli" not in requirements  # lzma: the standard library
 
 
+@pytest.mark.e2e
 def test_a_cpu_run_is_not_a_record(tmp_path, run_logs, capsys):
     assert pack(tmp_path, run_logs[1337]) == 2
     assert "not a record run: ran on cpu x1, not 8 CUDA GPUs" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_the_packed_code_is_verified_and_packed(tmp_path, run_logs):
     assert pack(tmp_path, run_logs["packed"], extra=["--allow-non-record", "--code", str(run_logs["packed_code"])]) == 0
     folder = next((tmp_path / "records").iterdir())
@@ -139,6 +132,7 @@ def reseal(text: str) -> str:
         (lambda t: t.rstrip("\n").rpartition("\n")[0] + "\n", "no final log_sha256 line"),
     ],
 )
+@pytest.mark.e2e
 def test_doctored_or_invalid_logs_are_refused(tmp_path, run_logs, capsys, edit, message):
     doctored = tmp_path / "doctored.txt"
     doctored.write_text(edit(run_logs[1337].read_text()))
@@ -146,6 +140,7 @@ def test_doctored_or_invalid_logs_are_refused(tmp_path, run_logs, capsys, edit, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_logs_of_other_code_are_refused(tmp_path, run_logs, capsys):
     other = tmp_path / "train_gpt.py"
     other.write_text((REPO / "train_gpt.py").read_text().replace("0.997", "0.996"))
@@ -166,9 +161,10 @@ def test_the_expected_validation_tokens_follow_the_vocabulary(tmp_path):
     assert pack_record.expected_val_tokens("fineweb10B_sp4096", 2048, tmp_path)[0] is None
 
 
+@pytest.mark.e2e
 def test_a_sample_run_is_labelled_by_its_validation_set(run_logs):
     run = pack_record.parse_log(run_logs[1337], (REPO / "train_gpt.py").read_text(encoding="utf-8"))
-    assert "validated on 60 documents, not the challenge's 50,000" in run.non_record
+    assert "validated on 12 documents, not the challenge's 50,000" in run.non_record  # conftest.tiny_runs' cut
     assert any(note.startswith("the scored token count of 'kjv_sp1024' cannot be checked") for note in run.non_record)
 
 

@@ -11,12 +11,14 @@ import pytest
 
 import train_gpt
 
-from conftest import REPO, TINY_ENV, clean_environment
+from conftest import REPO, TINY_ENV, clean_environment, require_e2e_mark
 
 PREFLIGHT = REPO / "tools" / "preflight.py"
 
 
 def preflight(tmp_path, args=(), **overrides):
+    """tools/preflight.py in a process: it builds, compiles and times the run's graphs (an e2e test's work)."""
+    require_e2e_mark("tools/preflight.py")
     env = clean_environment()
     env.update(TINY_ENV)
     env.update(NUM_LAYERS="2", VE_LAYERS="1", XSA_LAST_N="1", MAX_WALLCLOCK_SECONDS="600")
@@ -31,6 +33,7 @@ def preflight(tmp_path, args=(), **overrides):
     )
 
 
+@pytest.mark.e2e
 def test_preflight_compiles_every_graph_and_projects_the_run(tmp_path):
     result = preflight(tmp_path, COMPILE=1, QUANT="gptq", TTT_BATCH_SEQS=3, TTT_CHUNK_TOKENS=256)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,6 +65,7 @@ def test_preflight_compiles_every_graph_and_projects_the_run(tmp_path):
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
 
 
+@pytest.mark.e2e
 def test_preflight_primes_and_times_the_looped_graph(tmp_path):
     result = preflight(tmp_path, COMPILE=1, NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, TTT_ENABLED=0)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -76,6 +80,7 @@ def test_preflight_primes_and_times_the_looped_graph(tmp_path):
     assert out.rstrip().endswith("preflight result: ok: every check passed")
 
 
+@pytest.mark.e2e
 def test_preflight_fails_on_an_attention_kernel_that_cannot_run(tmp_path):
     result = preflight(tmp_path, ATTENTION_BACKEND="fa3")
     assert result.returncode == 2
@@ -85,6 +90,7 @@ def test_preflight_fails_on_an_attention_kernel_that_cannot_run(tmp_path):
     )
 
 
+@pytest.mark.e2e
 def test_preflight_fails_on_an_artifact_over_the_cap(tmp_path):
     code = tmp_path / "huge_train_gpt.py"
     code.write_bytes(b"#" * 16_000_001)
@@ -94,6 +100,7 @@ def test_preflight_fails_on_an_artifact_over_the_cap(tmp_path):
     assert "preflight FAIL size: RuntimeError: the predicted artifact is over the 16,000,000-byte cap" in result.stderr
 
 
+@pytest.mark.e2e
 def test_preflight_projects_document_lora_ttt_and_the_tilt(tmp_path):
     """COMPILE=1: document LoRA runs compiled (primed with the scoring graphs) and its phases eager; nothing may
     compile after priming (the CUDA review's defect 8: the SGD chunk was timed through an unprimed compiled graph,
@@ -133,6 +140,7 @@ def write_documents_shard(folder, lengths):
     build_sample.write_shard(folder / "fineweb_train_000000.bin", tokens)
 
 
+@pytest.mark.e2e
 def test_preflight_passes_for_the_frontier_preset_with_its_lora_memory_and_real_lengths(tmp_path):
     """PRESET=frontier at a tiny shape: the LoRA projection draws 50,000 documents from the training shard's length
     distribution (here 100 and 2,100 tokens, mean 600), batches them as the trainer does, and reports the pass's peak memory; a limit below it fails the check."""
