@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "bench"))
 import compare_logs  # noqa: E402
+import logparse  # noqa: E402
 import p1_table  # noqa: E402
 
 SEEDS = (1337, 42, 2024)
@@ -88,8 +89,7 @@ def tables() -> str:
 
 def with_tables(text: str) -> str:
     """text with the tables between MARKS."""
-    head, rest = text.split(MARKS[0], 1)
-    return head + MARKS[0] + "\n" + tables() + "\n" + MARKS[1] + rest.split(MARKS[1], 1)[1]
+    return logparse.with_block(text, MARKS, tables())
 
 
 def main() -> None:

@@ -201,9 +201,9 @@ def tiny_artifact(tmp_path_factory, fineweb_or_sample):
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, sample_data):
-    """Three 4-step runs on the KJV sample (its first 16,385 validation tokens), shared by the packing tests: the readable script at seeds 1337 and 42,
-    and the packed script (tools/pack_code.py) at seed 1337. A dict: "seed1337", "seed42", "packed" (log paths),
-    "packed_code" (the packed script)."""
+    """Three 4-step runs on the KJV sample (its first 16,385 validation tokens), shared by the packing tests: the
+    readable script at seeds 1337 and 42, and the packed script (tools/pack_code.py) at seed 1337. A dict: "seed1337",
+    "seed42", "packed" (log paths), "packed_code" (the packed script)."""
     sys.path.insert(0, str(REPO / "tools"))
     import pack_code
 

@@ -200,7 +200,17 @@ def test_switch_reach_follows_a_renamed_value():
     isolation = switch_reach.reach(source, "DOC_ISOLATION")
     assert {"BigramHash.bucket_ids", "GPT.attention_boundaries", "RunContext.documents"} <= set(isolation)
     assert len([name for name in isolation if not name.startswith("Hyperparameters.")]) >= 8
-    tiny = "def f(h):\n    isolate = h.doc_isolation\n    g(isolate)\n\ndef g(flag):\n    return flag\n\ndef k(h):\n    return 1\n"
+    tiny = "\n".join(
+        [
+            "def f(h):",
+            "    isolate = h.doc_isolation",
+            "    g(isolate)",
+            "def g(flag):",
+            "    return flag",
+            "def k(h):",
+            "    return 1",
+        ]
+    )
     assert switch_reach.reach(tiny, "DOC_ISOLATION") == ["f", "g"]
 
 

@@ -30,9 +30,10 @@ def test_dry_run_prints_one_plan_line_without_data(tmp_path):
 
 
 # Measured on this machine (logs/planner_vs_3step_full_size.txt): a 3-step CPU run of the full-size default model
-# gave an artifact of 18,664,262 bytes against a plan of 15,869,851 (plan 15.0 % low). Early weights are nearly Gaussian; the planner models
-# long-trained, heavy-tailed weights (fitted to #549's logged size). The bound is that measurement plus margin; this
-# test's cheaper shape (8 micro-batches of 32 tokens a step) measured 18,319,726 against 15,868,804 (13.4 % low).
+# gave an artifact of 18,664,262 bytes against a plan of 15,869,851 (plan 15.0 % low). Early weights are nearly
+# Gaussian; the planner models long-trained, heavy-tailed weights (fitted to #549's logged size). The bound is that
+# measurement plus margin; this test's cheaper shape (8 micro-batches of 32 tokens a step) measured 18,319,726
+# against 15,868,804 (13.4 % low).
 SHORT_RUN_TOLERANCE = 0.20
 
 

@@ -18,3 +18,11 @@ def validation_counts(text: str) -> tuple[int, int] | None:
     """(tokens, bytes) of the validation set the run scored, from its `val_loader:shards` line."""
     found = re.findall(r"^val_loader:shards \S+ tokens:(\d+) bytes:(\d+)\b", text, re.M)
     return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
+def with_block(text: str, marks: tuple[str, str], block: str) -> str:
+    """text with `block` between its two marker lines (a table generated from logs into a doc), the markers kept."""
+    if marks[0] not in text or marks[1] not in text:
+        raise ValueError(f"no {marks[0]} ... {marks[1]} block")
+    head, rest = text.split(marks[0], 1)
+    return f"{head}{marks[0]}\n{block}\n{marks[1]}{rest.split(marks[1], 1)[1]}"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """How far a switch reaches into train_gpt.py: the functions outside Hyperparameters that read its value, by
 qualified name, following the value where it is renamed: stored under another attribute (self.varlen = ...h.x...)
-or a local name, passed as an argument (keyword or by position to a function of the file) and read under the parameter's name.
-Hyperparameters' own reads (the env read, cross-checks of settings) are listed apart. A switch is read once and
+or a local name, passed as an argument (keyword or by position to a function of the file) and read under the
+parameter's name. Hyperparameters' own reads (the env read, cross-checks of settings) are listed apart. A switch is read once and
 dispatched once (the house style): its reach should stay small. Only copies are followed (a value chosen by the
 switch is its dispatch); an attribute of the same name elsewhere counts too: the count is an upper bound.
 
