@@ -137,6 +137,22 @@ ENGRAM_MAX_ORDERS = 2
 ENGRAM_MAX_HEADS = 2
 
 
+# Document LoRA's adapters (TTT_LORA_PLACEMENT, BatchedLoRA): the record's names (#1855's TTT_{Q,K,V,O,MLP}_LORA),
+# in its draw order
+LORA_TARGETS = ("q", "v", "k", "mlp", "o")
+# TTT_RECIPE=name: defaults of the document-LoRA TTT's own switches, below explicit variables and the preset's
+TTT_RECIPES = {
+    "ours": {},
+    # #1855's phased document-LoRA TTT as scored (docs/EVALUATION.md): its adapters, their draws, its queue, its phases
+    "record1855": {
+        "TTT_LORA_PLACEMENT": "record1855",
+        "TTT_LORA_INIT": "record1855",
+        "TTT_LORA_ORDER": "record1855",
+        "TTT_PHASE_MODE": "record1855",
+    },
+}
+
+
 # The seeds' variables (#549, #1089, #181, #518) deliberately not read (dead, replaced, not built): a warning when set.
 _NOT_BUILT_1089 = "#1089 head code, never in a scored run; not built here"
 DROPPED_RECORD_VARIABLES = {
@@ -222,6 +238,15 @@ RECORD_SPELLINGS = {
             "TTT_BETA2": ("TTT_LORA_BETA2",),
             "PHASED_TTT_NUM_PHASES": ("TTT_PHASES",),
             "GLOBAL_TTT_MOMENTUM": ("TTT_MOMENTUM",),
+            "GLOBAL_TTT_LR": ("TTT_PHASE_LR",),
+            "GLOBAL_TTT_GRAD_CLIP": ("TTT_GRAD_CLIP",),
+            "GLOBAL_TTT_BATCH_SEQS": ("TTT_BATCH_SEQS",),
+            "GLOBAL_TTT_CHUNK_TOKENS": ("TTT_PHASE_CHUNK_TOKENS",),
+            "GLOBAL_TTT_EPOCHS": ("TTT_PHASE_EPOCHS",),
+            "GLOBAL_TTT_WARMUP_CHUNKS": ("TTT_PHASE_WARMUP_CHUNKS",),
+            "GLOBAL_TTT_WARMUP_START_LR": ("TTT_PHASE_WARMUP_START_LR",),
+            "TTT_WARM_START_A": ("TTT_LORA_WARM_START_A",),
+            "TTT_BETA1": ("TTT_LORA_BETA1",),
         }.items()
     },
 }
@@ -336,6 +361,7 @@ PRESETS = {
         "BYTE_SHUFFLE": "1",
         "DOC_ISOLATION": "1",
         "TTT_MODE": "lora",
+        "TTT_RECIPE": "record1855",
         "TTT_LORA_RANK": "80",
         "NGRAM_TILT": "1",
         "EVAL_SLIDING": "0",
@@ -351,8 +377,9 @@ PRESETS["frontier_sp8192"] = dict(
     DATA_PATH="./data/datasets/fineweb10B_sp8192",
     TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model",
 )
-PRESETS["frontier_caseops"] = dict(
+PRESETS["frontier_caseops"] = dict(  # #1855 end to end: its data, its training, its TTT (no n-gram tilt)
     PRESETS["frontier_sp8192"],
+    NGRAM_TILT="0",
     DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
     TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
 )
@@ -553,6 +580,8 @@ class Hyperparameters:
         """Evaluation: sliding window, legal TTT (#549's run used it), its budget, eval-only. TTT_OPTIMIZER adamw:
         #518's (betas 0.9/0.999). TTT_LR_MULTS: the qo, kv, mlp_up, mlp_down banks (#518: 1,1,0.5,3). TTT_MODE lora:
         phased document LoRA TTT with #1855's values; NGRAM_TILT: #1514's causal token-only tilt."""
+        self.ttt_recipe = env.choice("TTT_RECIPE", "ours", tuple(TTT_RECIPES))
+        env.preset = {**TTT_RECIPES[self.ttt_recipe], **env.preset}  # the preset's own values win over the recipe's
         self.eval_stride = env.int("EVAL_STRIDE", 64, 1)
         self.ttt_epochs = env.int("TTT_EPOCHS", 3, 0)
         self.ttt_chunk_tokens = env.int("TTT_CHUNK_TOKENS", 32768, 1)
@@ -574,17 +603,40 @@ class Hyperparameters:
         self.ttt_lora_beta2 = env.float("TTT_LORA_BETA2", 0.99, 0.0, 0.9999)
         self.phased_ttt_prefix_docs = env.int("PHASED_TTT_PREFIX_DOCS", 2500, 0)
         self.ttt_phase_lr = env.float("TTT_PHASE_LR", 0.001, 0.0)
+        self.ttt_lora_seed = env.int("TTT_LORA_SEED", None)  # unset: SEED
+        self.ttt_phase_chunk_tokens = env.int("TTT_PHASE_CHUNK_TOKENS", 32768, 1)
+        self.ttt_phase_epochs = env.int("TTT_PHASE_EPOCHS", 1, 0)
+        self.ttt_phase_warmup_chunks = env.int("TTT_PHASE_WARMUP_CHUNKS", 0, 0)
+        self.ttt_phase_warmup_start_lr = env.float("TTT_PHASE_WARMUP_START_LR", 0.0, 0.0)
+        self.ttt_phase_slices = env.int("TTT_PHASE_SLICES", 0, 0)
+        self.ttt_lora_placement = env.choice("TTT_LORA_PLACEMENT", "ours", ("ours", "record1855"))
+        self.ttt_lora_init = env.choice("TTT_LORA_INIT", "ours", ("ours", "record1855"))
+        self.ttt_phase_mode = env.choice("TTT_PHASE_MODE", "ours", ("ours", "record1855"))
+        # #1855 switches K, O and MLP adapters (Q and V always on); #1953's TTT_MASK sets Q's and V's defaults
+        self.ttt_mask = env.choice("TTT_MASK", "all", ("all", "baseline_all", "no_q", "no_v", "no_qv"))
+        self.ttt_q_lora = env.flag("TTT_Q_LORA", self.ttt_mask not in ("no_q", "no_qv"))
+        self.ttt_k_lora = env.flag("TTT_K_LORA", True)
+        self.ttt_v_lora = env.flag("TTT_V_LORA", self.ttt_mask not in ("no_v", "no_qv"))
+        self.ttt_o_lora = env.flag("TTT_O_LORA", True)
+        self.ttt_mlp_lora = env.flag("TTT_MLP_LORA", True)
         self.ngram_tilt_beta = env.float("NGRAM_TILT_BETA", 2.0, 0.0)
         self.eval_budget_seconds = env.float("EVAL_BUDGET_SECONDS", 600.0, 0.0)
         self.ttt_optimizer = env.choice("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"))
         self.ttt_mode = env.choice("TTT_MODE", "sgd", ("sgd", "lora"))
-        self.ttt_lora_order = env.choice("TTT_LORA_ORDER", "length", ("length", "stream"))
+        self.ttt_lora_order = env.choice("TTT_LORA_ORDER", "length", ("length", "stream", "record1855"))
         self.ttt_enabled = env.flag("TTT_ENABLED", True)
         self.ttt_lora_warm_start_a = env.flag("TTT_LORA_WARM_START_A", True)
         self.ngram_tilt = env.flag("NGRAM_TILT", False)
         self.eval_only = env.flag("EVAL_ONLY", False)
         self.eval_sliding = env.flag("EVAL_SLIDING", True)
         self.ttt_lr_mults = env.float_list("TTT_LR_MULTS", "1,1,1,1")
+
+    @property
+    def ttt_lora_targets(self) -> tuple[str, ...]:
+        """The adapted targets in LORA_TARGETS' order: TTT_{Q,K,V,O,MLP}_LORA."""
+        switched = {"q": self.ttt_q_lora, "k": self.ttt_k_lora, "v": self.ttt_v_lora}
+        switched.update(o=self.ttt_o_lora, mlp=self.ttt_mlp_lora)
+        return tuple(name for name in LORA_TARGETS if switched[name])
 
     def validate(self):
         """Refuse settings that cannot work together: the first failing check, naming its variables."""
@@ -1755,7 +1807,9 @@ class Rotary(typing.NamedTuple):
 
 
 class LayerWeights(typing.NamedTuple):
-    """A layer's six matrices: its bank slices, each a tensor or, under document LoRA, an adapted callable (linear)."""
+    """A layer's six matrices: its bank slices, each a tensor or, under document LoRA, an adapted callable (linear);
+    and TTT_LORA_PLACEMENT=record1855's branch adapters: callables of a branch's normalized input whose result adds
+    to the branch's output (#1855's o and mlp adapters), None elsewhere."""
 
     q: typing.Any
     k: typing.Any
@@ -1763,10 +1817,12 @@ class LayerWeights(typing.NamedTuple):
     out: typing.Any
     up: typing.Any
     down: typing.Any
+    attention_adapter: typing.Any = None
+    mlp_adapter: typing.Any = None
 
 
-# Document LoRA's placement (#1530): every matrix of a layer but MLP up carries a per-document adapter (and the head).
-LORA_ADAPTED_WEIGHTS = ("q", "k", "v", "out", "down")
+# placement "ours" (#1530): per physical layer, o adapts Out on its own input and mlp adapts MLP down (up never)
+OURS_ADAPTED_WEIGHTS = {"q": "q", "k": "k", "v": "v", "o": "out", "mlp": "down"}
 
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
@@ -1775,18 +1831,31 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 class BatchedLoRA:
-    """TTT_MODE=lora (#1530): one rank-r adapter per document of a batch on every layer's Q, K, V, Out, MLP down and
-    the LM head: W x + (alpha/r) B_d A_d x for row d. A ~ U(+-1/sqrt(in)), B = 0: a fresh adapter is the base model."""
+    """TTT_MODE=lora (#1530): one rank-r adapter per document (row) of a batch: (alpha/r) B_d A_d x for row d, with
+    A ~ U(+-1/sqrt(in)) and B = 0 (a fresh adapter is the base model), on `targets` (LORA_TARGETS) and the LM head.
+    placement "ours": per physical layer on the matrices' own inputs (OURS_ADAPTED_WEIGHTS). "record1855" (#1855):
+    per virtual layer (each repeat of a looped block its own), Q/K/V on the attention's normalized input, o (d->d)
+    on that input added to the attention's output, mlp (d->d) on the MLP's normalized input added to its output.
+    init "ours" draws A with rand from Generator(seed) in key order; "record1855" with uniform_ in #1855's order
+    (head, then q, v, k, mlp, o of every slot), as its global CPU generator does (bitwise for the same seed)."""
 
-    def __init__(self, model, rows: int, rank: int, alpha: float, seed: int):
+    def __init__(
+        self,
+        model,
+        rows: int,
+        rank: int,
+        alpha: float,
+        seed: int,
+        placement="ours",
+        targets=LORA_TARGETS,
+        init="ours",
+        generator: torch.Generator | None = None,
+    ):
         self.scale = alpha / rank
-        self.generator = torch.Generator().manual_seed(seed)
-        shapes = {
-            (layer, name): getattr(model.layer_weights(layer, model.banks()), name).shape
-            for layer in range(model.num_layers)
-            for name in LORA_ADAPTED_WEIGHTS
-        }
-        shapes["head"] = model.token_embedding.weight.shape
+        self.placement = placement
+        self.init = init
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        shapes = lora_shapes(model, placement, targets)
         device = model.token_embedding.weight.device
         self.index = {key: i for i, key in enumerate(shapes)}  # plain tensors below: never the GPT's parameters
         self.rows = slice(None)  # the batch rows still scoring: a slice (longest first) or an index tensor
@@ -1794,28 +1863,78 @@ class BatchedLoRA:
         self.b = [torch.zeros(rows, s[0], rank, device=device, requires_grad=True) for s in shapes.values()]
         self.reset(warm_start_a=False)
 
+    @property
+    def num_rows(self) -> int:
+        return self.a[0].size(0)
+
     @torch.no_grad()
     def reset(self, warm_start_a: bool):
         """A fresh adapter for the next batch: B = 0; A drawn again unless warm-started (#1787: A kept)."""
         for a, b in zip(self.a, self.b):
             b.zero_()
-            if not warm_start_a:
-                bound = a.size(-1) ** -0.5
+            if warm_start_a:
+                continue
+            bound = a.size(-1) ** -0.5
+            if self.init == "record1855":  # #1855 draws on the CPU, then moves A to the device
+                a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=self.generator))
+            else:
                 a.copy_(torch.rand(a.shape, generator=self.generator).mul_(2 * bound).sub_(bound))
 
     def parameters(self) -> list[torch.Tensor]:
         return self.a + self.b
 
+    def layer(self, weights: LayerWeights, layer: int, position: int) -> LayerWeights:
+        """A layer's weights with this adapter: block `layer` at virtual layer `position`."""
+        if self.placement == "ours":
+            adapted = {
+                name: self.adapted((layer, name), getattr(weights, name))
+                for name in OURS_ADAPTED_WEIGHTS.values()
+                if (layer, name) in self.index
+            }
+            return weights._replace(**adapted)
+        adapted = {name: self.adapted((position, name), getattr(weights, name)) for name in "qkv"}
+        branches = {"attention_adapter": (position, "o"), "mlp_adapter": (position, "mlp")}
+        adapted.update({field: self.delta_of(key) for field, key in branches.items()})
+        return weights._replace(**{name: value for name, value in adapted.items() if value is not None})
+
     def adapted(self, key, weight: torch.Tensor):
-        """The weight with this adapter's delta, for linear(): a callable of x."""
-        return functools.partial(self.apply, key, weight)
+        """The weight with this adapter's delta, for linear(): a callable of x (the weight itself without one)."""
+        return functools.partial(self.apply, key, weight) if key in self.index else weight
+
+    def delta_of(self, key):
+        """The adapter's delta alone, a callable of x (None without one)."""
+        return functools.partial(self.delta, key) if key in self.index else None
 
     def apply(self, key, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight) + self.delta(key, x)
+
+    def delta(self, key, x: torch.Tensor) -> torch.Tensor:
         """x (rows', T, in) for the documents of self.rows."""
         i = self.index[key]
         a = self.a[i][self.rows].to(x.dtype)
         b = self.b[i][self.rows].to(x.dtype)
-        return F.linear(x, weight) + self.scale * ((x @ a.mT) @ b.mT)
+        return self.scale * ((x @ a.mT) @ b.mT)
+
+
+def lora_shapes(model, placement: str, targets) -> dict:
+    """Each adapter's (out, in) by key, in its placement's draw order (BatchedLoRA)."""
+    if placement == "ours":
+        names = [OURS_ADAPTED_WEIGHTS[target] for target in LORA_TARGETS if target in targets]
+        names = [name for name in ("q", "k", "v", "out", "down") if name in names]  # the placement's own order
+        shapes = {
+            (layer, name): getattr(model.layer_weights(layer, model.banks()), name).shape
+            for layer in range(model.num_layers)
+            for name in names
+        }
+        shapes["head"] = model.token_embedding.weight.shape
+        return shapes
+    dim = model.token_embedding.weight.size(1)
+    kv_dim = model.kv_bank.size(1)
+    out = {"q": dim, "k": kv_dim, "v": kv_dim, "o": dim, "mlp": dim}
+    slots = len(model.layer_order(True))
+    shapes = {"head": model.token_embedding.weight.shape}
+    shapes.update({(slot, name): (out[name], dim) for name in LORA_TARGETS if name in targets for slot in range(slots)})
+    return shapes
 
 
 def rotary_tables(seq_len: int, rope_dims: int, base: float, device, ntk_len: int = 1024, context: int = 0) -> Rotary:
@@ -1972,6 +2091,8 @@ class Block(nn.Module):
         if record is not None:
             record("attn.qkv", attn_in)
         attn_out = self.attn(attn_in, weights, rotary, boundaries, value_embed, record)
+        if weights.attention_adapter is not None:  # #1855's o adapter reads the attention's input
+            attn_out = attn_out + weights.attention_adapter(attn_in)
         return self.attn_scale.to(x.dtype) * attn_out.to(x.dtype)  # the residual stream keeps its dtype
 
     def mlp_branch(self, x, weights: LayerWeights, record):
@@ -1986,7 +2107,10 @@ class Block(nn.Module):
         if record is not None:
             record("mlp.up", mlp_in)
             record("mlp.down", hidden)
-        return self.mlp_scale.to(x.dtype) * linear(hidden, weights.down).to(x.dtype)
+        mlp_out = linear(hidden, weights.down)
+        if weights.mlp_adapter is not None:  # #1855's mlp adapter: d -> d beside the whole MLP
+            mlp_out = mlp_out + weights.mlp_adapter(mlp_in)
+        return self.mlp_scale.to(x.dtype) * mlp_out.to(x.dtype)
 
     def forward(self, x, x0, weights: LayerWeights, rotary: Rotary, boundaries=None, value_embed=None, record=None):
         """x: the residual stream (the (attention, MLP) lanes for two_lane). record(role, inputs), when given,
@@ -2260,22 +2384,17 @@ class GPT(nn.Module):
     def banks(self) -> list[nn.Parameter]:
         return [self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank]
 
-    def layer_weights(self, layer: int, banks, adapters: BatchedLoRA | None = None) -> LayerWeights:
-        """A layer's bank slices; with document LoRA's adapters, those of LORA_ADAPTED_WEIGHTS carry their deltas."""
+    def layer_weights(self, layer: int, banks) -> LayerWeights:
+        """A layer's bank slices."""
         qo_bank, kv_bank, up_bank, down_bank = banks
         n = self.num_layers
-        weights = LayerWeights(
+        return LayerWeights(
             q=qo_bank[layer],
             k=kv_bank[layer],
             v=kv_bank[n + layer],
             out=qo_bank[n + layer],
             up=up_bank[layer],
             down=down_bank[layer],
-        )
-        if adapters is None:
-            return weights
-        return weights._replace(
-            **{name: adapters.adapted((layer, name), getattr(weights, name)) for name in LORA_ADAPTED_WEIGHTS}
         )
 
     def layer_order(self, looping: bool | None = None) -> list[int]:
@@ -2372,10 +2491,13 @@ class GPT(nn.Module):
             block_record = None
             if record is not None:  # repeated blocks add up into one Hessian per matrix
                 block_record = functools.partial(record_block_input, record, f"blocks.{layer}.")
+            weights = self.layer_weights(layer, banks)
+            if adapters is not None:
+                weights = adapters.layer(weights, layer, position)
             x = block(
                 x,
                 x0,
-                weights=self.layer_weights(layer, banks, adapters),
+                weights=weights,
                 rotary=rotary,
                 boundaries=boundaries,
                 value_embed=value_embed,
@@ -2866,11 +2988,15 @@ class RunContext:
     def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None, documents=None):
         """model(inputs, targets, reduction, hints, documents), through torch.compile(fullgraph=True) when COMPILE
         is on."""
-        if not self.compile:
-            return model(inputs, targets, reduction, hints, documents)
-        if id(model) not in self.compiled:
-            self.compiled[id(model)] = torch.compile(model, dynamic=False, fullgraph=True)
-        return self.compiled[id(model)](inputs, targets, reduction, hints, documents)
+        forward = self.compiled_model(model, dynamic=False) if self.compile else model
+        return forward(inputs, targets, reduction, hints, documents)
+
+    def compiled_model(self, model: GPT, dynamic: bool):
+        """The model through torch.compile(fullgraph=True), one compiled wrapper per model and shape mode."""
+        key = (id(model), dynamic)
+        if key not in self.compiled:
+            self.compiled[key] = torch.compile(model, dynamic=dynamic, fullgraph=True)
+        return self.compiled[key]
 
     def lora_forward(self, model: GPT, lora: BatchedLoRA, rows: np.ndarray, inputs, targets, hints, columns):
         """Per-token NLLs of document LoRA's chunk step: `rows` of the batch's adapters (B, T) inputs, scored at
@@ -2882,12 +3008,7 @@ class RunContext:
         else:
             lora.rows = slice(len(rows))
         documents = self.row_segments(*inputs.shape)
-        forward = model
-        if self.compile:
-            key = (id(model), "lora")
-            if key not in self.compiled:
-                self.compiled[key] = torch.compile(model, dynamic=True, fullgraph=True)
-            forward = self.compiled[key]
+        forward = self.compiled_model(model, dynamic=True) if self.compile else model
         return forward(inputs, targets, "none", hints, documents, positions=columns, adapters=lora)
 
     def row_segments(self, rows: int, width: int) -> torch.Tensor | None:
@@ -4442,7 +4563,7 @@ def prime_lora_graphs(model: GPT, run) -> int:
     two shapes, so any guard a shape adds is met here, not on the eval clock. Returns the count of variants."""
     h = run.h
     generator = np.random.default_rng(1)
-    lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, seed=0)
+    lora = new_adapter(model, h, h.ttt_lora_batch, torch.Generator().manual_seed(0))  # the pass's own shapes
     shapes = ((3, 2 * h.ttt_lora_chunk + 1, h.ttt_lora_chunk), (2, 3, 2))  # (rows, context, scored columns)
     model.eval()
     for train in (False, True):
@@ -4652,6 +4773,38 @@ def lora_document_order(spans: np.ndarray, order: str) -> np.ndarray:
     return spans[np.argsort(spans[:, 0] - spans[:, 1], kind="stable")] if order == "length" else spans
 
 
+def record1855_queue(spans: np.ndarray, batch: int) -> list[np.ndarray]:
+    """TTT_LORA_ORDER=record1855 (#1855's queue): the documents by ascending length (stable), cut into batches of
+    TTT_LORA_BATCH from the short end (the remainder batch holds the longest), the batches by descending longest
+    document (stable), each batch's rows ascending. No token cap: chunk steps split rows for memory, exactly."""
+    ascending = spans[np.argsort(spans[:, 1] - spans[:, 0], kind="stable")]
+    batches = [ascending[first : first + batch] for first in range(0, len(ascending), batch)]
+    longest = np.array([int((docs[:, 1] - docs[:, 0]).max()) for docs in batches])
+    return [batches[index] for index in np.argsort(-longest, kind="stable")]
+
+
+def lora_queue(spans: np.ndarray, h: Hyperparameters) -> list[np.ndarray]:
+    """Document LoRA's batches in scoring order (TTT_LORA_ORDER)."""
+    if h.ttt_lora_order == "record1855":
+        return record1855_queue(spans, h.ttt_lora_batch)
+    docs = lora_document_order(spans, h.ttt_lora_order)
+    return lora_batches(docs, h.ttt_lora_batch, h.ttt_lora_batch_tokens, h.ttt_lora_context)
+
+
+def row_groups(widths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Consecutive rows into groups of at most max_tokens padded tokens (at least one row each): a chunk step's
+    forwards for memory, their gradients summed into one optimizer step (rows adapt independently: exact)."""
+    groups = []
+    first = 0
+    while first < len(widths):
+        end = first + 1
+        while end < len(widths) and (end - first + 1) * int(widths[first : end + 1].max()) <= max_tokens:
+            end += 1
+        groups.append(np.arange(first, end))
+        first = end
+    return groups
+
+
 def scoring_ranks(docs: np.ndarray, num_targets: int) -> np.ndarray:
     """Each target's place when the documents are scored in this order, each from its first target on."""
     rank = np.empty(num_targets, np.int64)
@@ -4688,6 +4841,47 @@ def phase_ends(batches: list[np.ndarray], prefix_docs: int, phases: int) -> list
     boundaries = [prefix_docs * k // phases for k in range(1, phases + 1)]
     ends = {int(np.searchsorted(scored, boundary)) + 1 for boundary in boundaries if boundary > 0}
     return sorted(end for end in ends if end < len(batches))
+
+
+def record1855_pauses(batches: list[np.ndarray], prefix_docs: int, phases: int) -> tuple[list[int], list[int]]:
+    """TTT_PHASE_MODE=record1855 (#1855's pause rule on one process): boundary k = P * k // phases with P =
+    min(documents, PHASED_TTT_PREFIX_DOCS); a pause after the first batch by whose end boundary k is reached, at
+    most one a batch. Returns (the batch each phase follows, its boundary); none after the last batch (nothing left
+    to score) and none when P is 0."""
+    prefix = min(sum(map(len, batches)), prefix_docs)
+    boundaries = [prefix * k // phases for k in range(1, phases + 1)] if prefix else []
+    ends = []
+    scored = 0
+    for index, batch in enumerate(batches):
+        scored += len(batch)
+        if len(ends) < len(boundaries) and scored >= boundaries[len(ends)]:
+            ends.append(index + 1)
+    kept = [end for end in ends if end < len(batches)]
+    return kept, boundaries[: len(kept)]
+
+
+def record1855_phase_documents(scored: np.ndarray, boundary: int) -> np.ndarray:
+    """#1855's global-SGD set: every document scored so far (all phases'), by ascending length (ties in stream
+    order: its sort by (ascending batch, row)), the shortest `boundary` of them."""
+    order = np.lexsort((scored[:, 0], scored[:, 1] - scored[:, 0]))
+    return scored[order[:boundary]]
+
+
+def phase_stream(tokens: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """#1855's global-SGD stream: each document's tokens through the next document's BOS (a BOS -> BOS target at
+    every join), in the set's order."""
+    return np.concatenate([tokens[a : b + 1] for a, b in docs])
+
+
+def phase_stream_lr(h: Hyperparameters, chunk: int, num_chunks: int) -> float:
+    """#1855's global-SGD LR at a chunk: a linear warmup over TTT_PHASE_WARMUP_CHUNKS from its start LR, then a
+    cosine from TTT_PHASE_LR to 0 over the phase's chunks."""
+    warmup = max(0, min(h.ttt_phase_warmup_chunks, num_chunks - 1))
+    if chunk < warmup:
+        start = h.ttt_phase_warmup_start_lr
+        return start + (h.ttt_phase_lr - start) * chunk / max(warmup - 1, 1)
+    progress = max(chunk - warmup, 0) / max(num_chunks - 1 - warmup, 1)
+    return h.ttt_phase_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def balanced_owners(costs: np.ndarray, phase_ends: list[int], world_size: int) -> np.ndarray:
@@ -4734,11 +4928,32 @@ def lora_step_layout(first: np.ndarray, lo: np.ndarray, hi: np.ndarray, compiled
     return LoRAStepLayout(context, columns, np.take_along_axis(context, columns, 1), keep, source_rows)
 
 
+def new_adapter(model: GPT, h: Hyperparameters, rows: int, generator: torch.Generator) -> BatchedLoRA:
+    """A document-LoRA adapter of `rows` rows as the run places and draws them (TTT_LORA_PLACEMENT, TTT_LORA_INIT)."""
+    return BatchedLoRA(
+        model,
+        rows,
+        h.ttt_lora_rank,
+        h.ttt_lora_alpha,
+        seed=0,
+        placement=h.ttt_lora_placement,
+        targets=h.ttt_lora_targets,
+        init=h.ttt_lora_init,
+        generator=generator,
+    )
+
+
+def adapter_optimizer(lora: BatchedLoRA, h: Hyperparameters) -> torch.optim.Optimizer:
+    """#1855's adapter AdamW: TTT_LORA_LR, betas (TTT_LORA_BETA1, TTT_LORA_BETA2), eps 1e-10, decay TTT_LORA_WD."""
+    betas = (h.ttt_lora_beta1, h.ttt_lora_beta2)
+    return torch.optim.AdamW(lora.parameters(), h.ttt_lora_lr, betas, eps=1e-10, weight_decay=h.ttt_lora_wd)
+
+
 class DocumentLoRATrainer:
     """TTT_MODE=lora (#1530 -> #1855), docs/EVALUATION.md: documents in TTT_LORA_ORDER into batches, one BatchedLoRA
     per batch, each document's chunks scored then trained on in turn; TTT_PHASES global SGD passes on scored
-    documents. Batch k's scores depend on batches < k only (warm-started A, phases), so the scoring order is the
-    batches' then the rows': NGRAM_TILT's hints are counted in exactly that order (score-first in its own order)."""
+    documents (TTT_PHASE_MODE). Batch k's scores depend on batches < k only (warm-started A, phases), so the scoring
+    order is the batches' then the rows': NGRAM_TILT's hints are counted in exactly that order."""
 
     def __init__(self, model: GPT, run, val: ValidationSet, eval_started: float):
         h = self.h = run.h
@@ -4746,8 +4961,8 @@ class DocumentLoRATrainer:
         self.run = run
         self.val = val
         self.num_targets = len(val.tokens) - 1
-        docs = lora_document_order(document_spans(val.tokens), h.ttt_lora_order)
-        self.batches = lora_batches(docs, h.ttt_lora_batch, h.ttt_lora_batch_tokens, h.ttt_lora_context)
+        self.batches = lora_queue(document_spans(val.tokens), h)
+        docs = np.concatenate(self.batches)
         tilt = (
             NgramTilt(val.tokens, h.ngram_tilt_beta, run, scoring_ranks(docs, self.num_targets))
             if h.ngram_tilt
@@ -4756,18 +4971,18 @@ class DocumentLoRATrainer:
         self.costs = np.array(
             [lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in self.batches]
         )
-        self.phase_ends = phase_ends(self.batches, h.phased_ttt_prefix_docs, h.ttt_phases)
+        if h.ttt_phase_mode == "record1855":
+            self.phase_ends, self.phase_sizes = record1855_pauses(self.batches, h.phased_ttt_prefix_docs, h.ttt_phases)
+        else:
+            self.phase_ends = phase_ends(self.batches, h.phased_ttt_prefix_docs, h.ttt_phases)
         self.owner = balanced_owners(self.costs, self.phase_ends, run.world_size)
         self.ledger = ScoreLedger(self.num_targets, run)
         self.scores = ScoreAccumulator(run.device, val, tilt)
-        self.lora = BatchedLoRA(model, h.ttt_lora_batch, h.ttt_lora_rank, h.ttt_lora_alpha, h.seed + run.rank)
-        self.optimizer = torch.optim.AdamW(
-            self.lora.parameters(),
-            h.ttt_lora_lr,
-            (h.ttt_lora_beta1, h.ttt_lora_beta2),
-            eps=1e-10,
-            weight_decay=h.ttt_lora_wd,
-        )
+        # TTT_LORA_INIT=ours: Generator(seed + rank); record1855: one seed on every rank, as #1855's global generator
+        seed = h.seed if h.ttt_lora_seed is None else h.ttt_lora_seed
+        self.generator = torch.Generator().manual_seed(seed + (run.rank if h.ttt_lora_init == "ours" else 0))
+        self.lora = new_adapter(model, h, h.ttt_lora_batch, self.generator)
+        self.optimizer = adapter_optimizer(self.lora, h)
         self.guard = BudgetGuard(run, eval_started)
         self.seconds = {"batch": [], "phase": []}
         self.done = []
@@ -4782,9 +4997,21 @@ class DocumentLoRATrainer:
             if end < len(self.batches) and self.guard.allows(
                 self.projected(end, len(self.phase_ends) - phase), f"the phases from {phase + 1} on and the LoRA steps"
             ):
-                self.train_base(np.concatenate(self.batches[first:end]), phase)
+                self.train_phase(phase, first, end)
             first = end
         return pass_score(self.scores, self.run, self.ledger.audit())
+
+    def train_phase(self, phase: int, first: int, end: int):
+        """TTT_PHASE_MODE: ours trains on this phase's batches in rows; record1855 on #1855's cumulative set as one
+        stream, then draws a new shared adapter (TTT_LORA_INIT=record1855, as #1855 after every phase)."""
+        if self.h.ttt_phase_mode == "ours":
+            self.train_base(np.concatenate(self.batches[first:end]), phase)
+        else:
+            scored = np.concatenate(self.batches[:end])
+            self.train_stream(record1855_phase_documents(scored, self.phase_sizes[phase]), phase)
+        if self.h.ttt_lora_init == "record1855":
+            self.lora = new_adapter(self.model, self.h, self.h.ttt_lora_batch, self.generator)
+            self.optimizer = adapter_optimizer(self.lora, self.h)
 
     def projected(self, index: int, phases: int) -> float:
         """Seconds of this rank's batches from index on (measured s/token) plus `phases` phases at their mean."""
@@ -4792,45 +5019,62 @@ class DocumentLoRATrainer:
         mine = self.costs[index:][self.owner[index:] == self.run.rank]
         return rate * mine.sum() + phases * (float(np.mean(self.seconds["phase"])) if self.seconds["phase"] else 0.0)
 
+    def batch_adapter(self, rows: int) -> tuple[BatchedLoRA, torch.optim.Optimizer]:
+        """The batch's adapter and optimizer: the shared one with B = 0 (A warm-started or redrawn) and a cleared
+        state; under TTT_LORA_INIT=record1855 a batch of another size gets a throw-away one (#1855's remainder)."""
+        if self.h.ttt_lora_init == "record1855" and rows != self.lora.num_rows:
+            lora = new_adapter(self.model, self.h, rows, self.generator)
+            return lora, adapter_optimizer(lora, self.h)
+        self.lora.reset(self.h.ttt_lora_warm_start_a)
+        self.optimizer.state.clear()
+        return self.lora, self.optimizer
+
     def score_batch(self, index: int, projected: float):
-        """A fresh adapter (B = 0; A warm-started or redrawn, optimizer state cleared), then chunk after chunk."""
+        """A fresh adapter, then chunk after chunk."""
         started = time.perf_counter()
         h = self.h
         docs = self.batches[index]
-        self.lora.reset(h.ttt_lora_warm_start_a)
-        self.optimizer.state.clear()
+        lora, optimizer = self.batch_adapter(len(docs))
         steps = -(-(docs[:, 1] - docs[:, 0]) // h.ttt_lora_chunk)
         train = self.guard.allows(projected, "the LoRA steps and phases", agreed=False)
         for chunk in range(int(steps.max())):
-            rows = np.flatnonzero(steps > chunk)  # longest first: the first rows; in stream order, any
-            self.chunk_step(docs[rows], rows, chunk, train & (chunk < steps[rows] - 1))
-        self.lora.rows = slice(None)
+            rows = np.flatnonzero(steps > chunk)
+            train_rows = train & (chunk < steps[rows] - 1)
+            self.chunk_step(lora, docs[rows], rows, chunk, train_rows)
+            if train_rows.any():
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lora.rows = slice(None)
         self.seconds["batch"].append(time.perf_counter() - started)
         self.done.append(index)
 
-    def chunk_step(self, docs: np.ndarray, rows: np.ndarray, chunk: int, train_rows: np.ndarray):
-        """Score each document's chunk (docs: the batch's `rows` still scoring), then one LoRA step on train_rows'
-        chunks: one forward, scores read first."""
+    def chunk_step(self, lora: BatchedLoRA, docs: np.ndarray, rows: np.ndarray, chunk: int, train_rows: np.ndarray):
+        """Score each document's chunk (docs: the batch's `rows` still scoring), then the LoRA gradient of
+        train_rows' chunks (the caller steps): one forward a group of rows (TTT_LORA_BATCH_TOKENS), scores first."""
         h = self.h
-        run = self.run
-        tokens = self.val.tokens
         lo = docs[:, 0] + chunk * h.ttt_lora_chunk
         hi = np.minimum(lo + h.ttt_lora_chunk, docs[:, 1])
         first = np.maximum(docs[:, 0], hi - h.ttt_lora_context)
+        for group in row_groups(hi - first, h.ttt_lora_batch_tokens):
+            self.group_step(lora, rows[group], first[group], lo[group], hi[group], train_rows[group])
+
+    def group_step(self, lora, rows, first, lo, hi, train_rows):
+        """One forward of these rows' context: scored, then (train_rows) backward into the adapter."""
+        run = self.run
+        tokens = self.val.tokens
         padded = lora_step_layout(first, lo, hi, run.compile)
         with torch.set_grad_enabled(bool(train_rows.any())), run.autocast():
             scored = run.lora_forward(
                 self.model,
-                self.lora,
+                lora,
                 rows[padded.source_rows],
                 to_device(tokens[padded.context].astype(np.int64), run.device),
                 to_device(tokens[padded.targets + 1].astype(np.int64), run.device),
                 self.scores.hints(padded.targets),
                 to_device(padded.columns, run.device),
-            )[..., : len(docs), :]
-        targets = padded.targets[: len(docs)]
-        keep = padded.keep[: len(docs)]
-        self.scores.add(scored, targets, keep)
+            )[..., : len(rows), :]
+        keep = padded.keep[: len(rows)]
+        self.scores.add(scored, padded.targets[: len(rows)], keep)
         nll = scored[0] if self.scores.tilt is not None else scored  # the step's loss keeps its graph
         for a, b in zip(lo, hi):
             self.ledger.mark(int(a), int(b))
@@ -4841,9 +5085,7 @@ class DocumentLoRATrainer:
             # Only the adapters get gradients: the base weights' would cost ~50 % more backward and pile up into
             # the phases' SGD steps (the CUDA review's defect 3)
             loss = (torch.where(trained, nll, 0.0).sum(1) / trained.sum(1).clamp_min(1)).sum()
-            loss.backward(inputs=self.lora.parameters())
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward(inputs=lora.parameters())
 
     def train_base(self, docs: np.ndarray, phase: int):
         """One SGD epoch (TTT_PHASE_LR, TTT_MOMENTUM, TTT_GRAD_CLIP) on the base weights over these scored documents
@@ -4885,6 +5127,63 @@ class DocumentLoRATrainer:
             f"  ttt_phase [{phase + 1}/{len(self.phase_ends)}] docs={len(docs)} rows={len(rows)} "
             f"seconds={self.seconds['phase'][-1]:.1f} elapsed={time.perf_counter() - self.guard.eval_started:.1f}s"
         )
+
+    def train_stream(self, docs: np.ndarray, phase: int):
+        """TTT_PHASE_MODE=record1855 (#1855's global SGD): these documents' tokens (each through the next document's
+        BOS) as one stream cut into TTT_PHASE_CHUNK_TOKENS chunks, the last never trained on; a chunk's EVAL_SEQ_LEN
+        rows in TTT_PHASE_SLICES contiguous slices (0: one a rank, as #1855), each run packed (segments at every BOS
+        and every TRAIN_SEQ_LEN: #1855 cuts at EVAL_SEQ_LEN, equal in its runs); loss the mean over slices of each
+        slice's mean CE, TTT_BATCH_SEQS rows a step; cosine LR per chunk (phase_stream_lr), clip, SGD + momentum."""
+        started = time.perf_counter()
+        h = self.h
+        run = self.run
+        model = self.model
+        for a, b in docs:
+            self.ledger.check_training(phase, int(a), int(b))
+        stream = phase_stream(self.val.tokens, docs)
+        num_chunks = -(-(len(stream) - 1) // h.ttt_phase_chunk_tokens)
+        slices = h.ttt_phase_slices or run.world_size
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD(params, lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
+        model.zero_grad(set_to_none=True)
+        model.train()
+        steps = 0
+        for chunk in range(num_chunks - 1):
+            lo = chunk * h.ttt_phase_chunk_tokens
+            rows = (min(lo + h.ttt_phase_chunk_tokens, len(stream) - 1) - lo) // h.eval_seq_len
+            bounds = [rows * s // slices for s in range(slices + 1)]
+            blocks = -(-max(np.diff(bounds)) // h.ttt_batch_seqs)
+            for group in optimizer.param_groups:
+                group["lr"] = phase_stream_lr(h, chunk, num_chunks)
+            for _ in range(h.ttt_phase_epochs if rows > 0 else 0):
+                for block in range(blocks):
+                    for s in range(run.rank, slices, run.world_size):
+                        row = bounds[s] + block * h.ttt_batch_seqs
+                        end = min(row + h.ttt_batch_seqs, bounds[s + 1])
+                        if row < end:
+                            self.stream_loss(stream[lo + row * h.eval_seq_len : lo + end * h.eval_seq_len + 1], slices)
+                    sgd_step(run, params, optimizer)
+                    steps += 1
+        model.eval()
+        self.seconds["phase"].append(time.perf_counter() - started)
+        run.log(
+            f"  ttt_phase [{phase + 1}/{len(self.phase_ends)}] docs={len(docs)} tokens={len(stream)} "
+            f"chunks={num_chunks} steps={steps} seconds={self.seconds['phase'][-1]:.1f} "
+            f"elapsed={time.perf_counter() - self.guard.eval_started:.1f}s"
+        )
+
+    def stream_loss(self, piece: np.ndarray, slices: int):
+        """Backward of one packed slice's mean CE / slices (the inputs piece[:-1], their next tokens)."""
+        run = self.run
+        inputs = piece[None, :-1].astype(np.int64)
+        with run.autocast():
+            loss = self.model(
+                to_device(inputs, run.device),
+                to_device(piece[None, 1:].astype(np.int64), run.device),
+                "mean",
+                documents=run.documents(inputs),
+            )
+        (loss / slices).backward()
 
 
 TTT_ADAMW_BETAS = (0.9, 0.999)  # #518's TTT AdamW (weight decay 0)
@@ -4982,7 +5281,10 @@ def start_ttt(run: RunContext, model: GPT, val: ValidationSet, eval_started: flo
             f"ttt:start mode=lora order={h.ttt_lora_order} documents={sum(map(len, ttt.batches))} "
             f"batches={len(ttt.batches)} "
             f"phase_ends={ttt.phase_ends} rank={h.ttt_lora_rank} chunk={h.ttt_lora_chunk} "
-            f"context={h.ttt_lora_context} lr={h.ttt_lora_lr} phase_lr={h.ttt_phase_lr}"
+            f"context={h.ttt_lora_context} lr={h.ttt_lora_lr} phase_lr={h.ttt_phase_lr} "
+            f"recipe={h.ttt_recipe} placement={h.ttt_lora_placement} targets={','.join(h.ttt_lora_targets)} "
+            f"mask={h.ttt_mask} init={h.ttt_lora_init} "
+            f"phase_mode={h.ttt_phase_mode} adapter_params={sum(p[0].numel() for p in ttt.lora.parameters())}"
         )
         return ttt.run_schedule()
     ttt = TestTimeTrainer(model, run, val, eval_started, tilt)

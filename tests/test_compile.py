@@ -130,7 +130,8 @@ def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch, tilt):
     assert compiled_graphs() == primed
 
 
-def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["ours", "record1855"])  # record1855: branch adapters, redraws, a remainder batch
+def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch, recipe):
     """PRESET=frontier's evaluation (EVAL_SLIDING=0, the tilt, document LoRA TTT): the roundtrip's unhinted graph is
     the only scoring graph and is primed (before, the tilt primed only a hinted one: a recompile on the eval clock).
     The LoRA pass runs compiled with dynamic shapes (the second CUDA review's defect 4; it ran eager), primed on
@@ -151,6 +152,8 @@ def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatc
         TTT_PHASES=1,
         PHASED_TTT_PREFIX_DOCS=3,
         TTT_BATCH_SEQS=2,
+        TTT_RECIPE=recipe,
+        TTT_PHASE_CHUNK_TOKENS=128,
     )
     assert train_gpt.scoring_graphs(run.h) == [(64, False)]
     model = train_gpt.build_model(run.h, run)
@@ -165,7 +168,7 @@ def test_frontier_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatc
     lora.h.eval_budget_seconds = float("inf")
     compiled = lora.run_schedule()
     assert compiled.audit.startswith("chunks=")
-    assert (id(model), "lora") in run.compiled  # the chunk steps went through the compiled model
+    assert (id(model), True) in run.compiled  # the chunk steps went through the dynamic-shape compiled model
     assert compiled_graphs() == primed
     steps = [-(-(batch[:, 1] - batch[:, 0]) // 16) for batch in lora.batches]
     assert any(len(set(s.tolist())) > 1 for s in steps)  # steps with a lone row (padded to two under compile)

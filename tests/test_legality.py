@@ -609,3 +609,49 @@ def test_lora_batches_bound_their_padded_tokens_and_phases_count_documents():
     scored = np.cumsum([len(b) for b in batches])
     assert [int(scored[end - 1]) >= 50 * k > int(scored[end - 2]) for k, end in zip((1, 2, 3), ends)] == [True] * 3
     assert train_gpt.phase_ends(unbounded, 0, 3) == []
+
+
+RECORD1855_LORA_ENV = dict(TILTED_LORA_ENV, TTT_RECIPE="record1855", TTT_LORA_BATCH_TOKENS=10**6)
+
+
+def test_record1855_ttt_is_score_first_in_its_queue_order(tmp_path, monkeypatch, per_target_scores):
+    """#1855's queue scores the 40-token first document in its last batch; its cumulative phase trains on the
+    shortest 5 of the 6 documents scored by then (the 120-token one dropped). Rewriting that first document leaves
+    every score before it bit-identical (tilt, warm A, redraws and the phase included)."""
+    stream = varied_documents_stream()
+    phases = []
+    real = train_gpt.DocumentLoRATrainer.train_stream
+
+    def recording(self, docs, phase):
+        phases.append([int(end - start) for start, end in docs])
+        return real(self, docs, phase)
+
+    monkeypatch.setattr(train_gpt.DocumentLoRATrainer, "train_stream", recording)
+    before = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **RECORD1855_LORA_ENV)
+    assert phases == [[70, 80, 90, 100, 110]]
+    after = scores_of(
+        lora_pass(), rewritten(stream, (0, 40)), tmp_path / "b", monkeypatch, per_target_scores, **RECORD1855_LORA_ENV
+    )
+    queue = train_gpt.record1855_queue(train_gpt.document_spans(stream), 2)
+    order = [tuple(d) for batch in queue for d in batch]
+    assert order.index((0, 40)) == len(order) - 1
+    earlier = [t for start, end in order[:-2] for t in range(start, end)]
+    assert len(earlier) > 600 and [t for t in earlier if before[t] != after[t]] == []
+    assert any(before[t] != after[t] for t in range(0, 40))  # the test can fail: the document itself changed
+
+
+def test_record1855_rows_split_for_memory_score_the_same(tmp_path, monkeypatch, per_target_scores):
+    """TTT_LORA_BATCH_TOKENS splits a chunk step's rows into forwards whose gradients add into one AdamW step: the
+    same scores as one forward (a step per group would advance Adam's count and change them)."""
+    stream = varied_documents_stream()
+    whole = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **RECORD1855_LORA_ENV)
+    split = scores_of(
+        lora_pass(),
+        stream,
+        tmp_path / "b",
+        monkeypatch,
+        per_target_scores,
+        **dict(RECORD1855_LORA_ENV, TTT_LORA_BATCH_TOKENS=48),
+    )
+    assert sorted(whole) == sorted(split) == list(range(len(stream) - 1))
+    assert max(abs(whole[t] - split[t]) for t in whole) < 1e-5
