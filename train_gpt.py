@@ -701,6 +701,14 @@ class Hyperparameters:
                 f"env TTT_LR_MULTS={self.ttt_lr_mults}: expected 4 numbers (qo, kv, mlp_up, mlp_down banks)",
             ),
             (
+                self.ttt_mode == "lora"
+                and self.ttt_phase_mode == "record1855"
+                and self.ttt_phases > 0
+                and not self.doc_isolation,
+                "env TTT_PHASE_MODE=record1855 packs documents into one sequence (#1855 cuts attention at every BOS): "
+                "it needs DOC_ISOLATION=1",
+            ),
+            (
                 self.ttt_lora_context < self.ttt_lora_chunk,
                 f"env TTT_LORA_CONTEXT={self.ttt_lora_context} < TTT_LORA_CHUNK={self.ttt_lora_chunk}",
             ),
@@ -2420,10 +2428,18 @@ class GPT(nn.Module):
         return functools.partial(fake_quantize_rows, alpha=alpha), None
 
     def hidden_states(
-        self, ids: torch.Tensor, compute_dtype: torch.dtype, documents=None, adapters=None, record=None
+        self,
+        ids: torch.Tensor,
+        compute_dtype: torch.dtype,
+        documents=None,
+        adapters=None,
+        record=None,
+        segment_len=None,
     ) -> torch.Tensor:
         """The final normalized hidden states (B, T, dim). documents: the varlen kernel's segments of ids;
-        adapters: document LoRA's (BatchedLoRA); record(name, inputs): sees every matrix's input (GPTQ calibration)."""
+        adapters: document LoRA's (BatchedLoRA); record(name, inputs): sees every matrix's input (GPTQ calibration);
+        segment_len: DOC_ISOLATION's segment cap (None: the model's)."""
+        segment_len = self.segment_len if segment_len is None else segment_len
         bank_quantizer, projection_quantizer = self.qat_quantizers()
         x = self.token_embedding(ids)
         if self.bigram_hash is not None:
@@ -2443,24 +2459,22 @@ class GPT(nn.Module):
             else None
         )
         table_length = max(ids.size(1), self.adapted_rope_length) if adapters is not None else ids.size(1)
-        tables = rotary_tables(
-            table_length, self.rope_dims, self.rope_base, ids.device, self.rope_ntk_len, self.segment_len
-        )
+        tables = rotary_tables(table_length, self.rope_dims, self.rope_base, ids.device, self.rope_ntk_len, segment_len)
         rotary = Rotary(cos=tables.cos[:, : ids.size(1)], sin=tables.sin[:, : ids.size(1)])
-        boundaries = self.attention_boundaries(ids, documents)
+        boundaries = self.attention_boundaries(ids, documents, segment_len)
         x = self.run_blocks(x, banks, rotary, boundaries, ve_base, adapters, record)
         x = rms_norm(x)
         if record is not None:
             record("head", x)  # the tied embedding's input as the LM head
         return x
 
-    def attention_boundaries(self, ids: torch.Tensor, documents):
+    def attention_boundaries(self, ids: torch.Tensor, documents, segment_len: int):
         """DOC_ISOLATION: attention never crosses a BOS (#1530); RoPE is relative, so positions stay per row. The
         varlen kernel takes the batch's host-built segments (documents), SDPA a mask; None: plain causal."""
         if not self.doc_isolation:
             return None
         if not self.varlen:
-            return document_mask(ids, self.segment_len)
+            return document_mask(ids, segment_len)
         if documents is None:
             raise RuntimeError("DOC_ISOLATION through the varlen kernel needs the batch's host-built segments")
         return documents
@@ -2515,7 +2529,7 @@ class GPT(nn.Module):
         gate = torch.sigmoid(self.skip_gates[index]).to(x.dtype)
         return gate * x + (1 - gate) * weighted
 
-    def raw_logits(self, ids: torch.Tensor, positions=None, documents=None, adapters=None) -> torch.Tensor:
+    def raw_logits(self, ids: torch.Tensor, positions=None, documents=None, adapters=None, segment_len=None):
         """Logits (B, n, V) of the tied LM head in the compute dtype (bf16 under autocast; logits() makes them fp32;
         FUSED_KERNELS' CE reads them so, as #1855) before the soft cap at `positions`: None (all T), n (the last n:
         sliding windows score only the newest) or per-row columns (B, n) (document LoRA scores one chunk a row)."""
@@ -2524,7 +2538,7 @@ class GPT(nn.Module):
             if torch.is_autocast_enabled(ids.device.type)
             else self.token_embedding.weight.dtype
         )
-        hidden = self.hidden_states(ids, compute_dtype, documents, adapters)
+        hidden = self.hidden_states(ids, compute_dtype, documents, adapters, segment_len=segment_len)
         if isinstance(positions, torch.Tensor):
             hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
         elif positions is not None:
@@ -2532,8 +2546,8 @@ class GPT(nn.Module):
         head = self.token_embedding.weight
         return linear(hidden, head if adapters is None else adapters.adapted("head", head))
 
-    def logits(self, ids: torch.Tensor, positions=None, documents=None, adapters=None) -> torch.Tensor:
-        raw = self.raw_logits(ids, positions, documents, adapters).float()
+    def logits(self, ids: torch.Tensor, positions=None, documents=None, adapters=None, segment_len=None):
+        raw = self.raw_logits(ids, positions, documents, adapters, segment_len).float()
         cap = self.logit_softcap
         return cap * torch.tanh(raw / cap) if cap > 0 else raw
 
@@ -2546,21 +2560,23 @@ class GPT(nn.Module):
         documents=None,
         positions=None,
         adapters=None,
+        segment_len=None,
     ) -> torch.Tensor:
         """Cross-entropy of targets (B, n), the next tokens of the last n of ids (B, T) or of ids at positions (B, n);
         reduction "mean", "sum" or "none" (B, n); with hints (B, n) (NGRAM_TILT) the NLLs of targets and hints
         (2, B, n); documents: the varlen kernel's segments of ids (RunContext.documents); adapters: document LoRA's
-        per-row adapters (BatchedLoRA), with their `rows` selected.
+        per-row adapters (BatchedLoRA), with their `rows` selected; segment_len: DOC_ISOLATION's cap on a segment
+        for this call (None: the model's, Hyperparameters.segment_len; #1855's phase SGD cuts at EVAL_SEQ_LEN).
         FUSED_KERNELS: the fused soft-capped CE in training; scoring keeps eager numerics (#1787)."""
         positions = targets.size(1) if positions is None else positions
         if self.fused_kernels and self.training and reduction == "mean" and self.logit_softcap > 0:
             raw = self.raw_logits(
-                ids, positions, documents, adapters
+                ids, positions, documents, adapters, segment_len
             )  # bf16 under CUDA autocast: the kernel reads it so
             return softcapped_cross_entropy(
                 raw.reshape(-1, raw.size(-1)), targets.reshape(-1), self.logit_softcap
             ).mean()
-        logits = self.logits(ids, positions, documents, adapters)
+        logits = self.logits(ids, positions, documents, adapters, segment_len)
         if hints is not None:  # one log-softmax for both
             log_probs = F.log_softmax(logits, dim=-1)
             return -torch.stack((log_probs.gather(-1, targets[..., None]), log_probs.gather(-1, hints[..., None])))[
@@ -3022,13 +3038,13 @@ class RunContext:
         torch._dynamo.maybe_mark_dynamic(segments, 0)
         return segments
 
-    def documents(self, inputs: np.ndarray) -> torch.Tensor | None:
+    def documents(self, inputs: np.ndarray, segment_len: int | None = None) -> torch.Tensor | None:
         """The varlen kernel's cu_seqlens of a host batch of inputs (B, T) on the device (None unless DOC_ISOLATION
         runs through FlashAttention's varlen kernel). Its length is marked dynamic: one graph for every bucket."""
         if not self.varlen:
             return None
         try:
-            host = document_segments(inputs, self.segment_len)
+            host = document_segments(inputs, self.segment_len if segment_len is None else segment_len)
         except RunFault as fault:  # this rank's data alone: the others already wait in the step's collectives
             self.leave_alone(fault)
         segments = to_device(host, self.device)
@@ -5132,7 +5148,7 @@ class DocumentLoRATrainer:
         """TTT_PHASE_MODE=record1855 (#1855's global SGD): these documents' tokens (each through the next document's
         BOS) as one stream cut into TTT_PHASE_CHUNK_TOKENS chunks, the last never trained on; a chunk's EVAL_SEQ_LEN
         rows in TTT_PHASE_SLICES contiguous slices (0: one a rank, as #1855), each run packed (segments at every BOS
-        and every TRAIN_SEQ_LEN: #1855 cuts at EVAL_SEQ_LEN, equal in its runs); loss the mean over slices of each
+        and every EVAL_SEQ_LEN from each segment's start); loss the mean over slices of each
         slice's mean CE, TTT_BATCH_SEQS rows a step; cosine LR per chunk (phase_stream_lr), clip, SGD + momentum."""
         started = time.perf_counter()
         h = self.h
@@ -5176,12 +5192,14 @@ class DocumentLoRATrainer:
         """Backward of one packed slice's mean CE / slices (the inputs piece[:-1], their next tokens)."""
         run = self.run
         inputs = piece[None, :-1].astype(np.int64)
+        cap = self.h.eval_seq_len  # #1855 cuts the packed slice at every BOS and every EVAL_SEQ_LEN from each
         with run.autocast():
             loss = self.model(
                 to_device(inputs, run.device),
                 to_device(piece[None, 1:].astype(np.int64), run.device),
                 "mean",
-                documents=run.documents(inputs),
+                documents=run.documents(inputs, cap),
+                segment_len=cap,
             )
         (loss / slices).backward()
 

@@ -566,8 +566,8 @@ def test_lora_head_runs_on_the_scored_chunk_only(tmp_path, monkeypatch, per_targ
     env = dict(LORA_ENV, TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=5)
     real_raw_logits = train_gpt.GPT.raw_logits
 
-    def recording(self, ids, positions=None, documents=None, adapters=None):
-        logits = real_raw_logits(self, ids, positions, documents, adapters)
+    def recording(self, ids, positions=None, documents=None, adapters=None, segment_len=None):
+        logits = real_raw_logits(self, ids, positions, documents, adapters, segment_len)
         if adapters is not None:
             widths.append(logits.size(1))
         return logits
@@ -576,8 +576,10 @@ def test_lora_head_runs_on_the_scored_chunk_only(tmp_path, monkeypatch, per_targ
     chunked = scores_of(lora_pass(), stream, tmp_path / "a", monkeypatch, per_target_scores, **env)
     assert widths and max(widths) <= 16 < env["TTT_LORA_CONTEXT"]
 
-    def full_width(self, ids, positions=None, documents=None, adapters=None):
-        logits = real_raw_logits(self, ids, None, documents, adapters)  # every position, then the chunk's columns
+    def full_width(self, ids, positions=None, documents=None, adapters=None, segment_len=None):
+        logits = real_raw_logits(
+            self, ids, None, documents, adapters, segment_len
+        )  # every position, then the chunk's columns
         if isinstance(positions, torch.Tensor):
             return logits.gather(1, positions[..., None].expand(-1, -1, logits.size(-1)))
         return logits if positions is None else logits[:, -positions:]
@@ -611,7 +613,7 @@ def test_lora_batches_bound_their_padded_tokens_and_phases_count_documents():
     assert train_gpt.phase_ends(unbounded, 0, 3) == []
 
 
-RECORD1855_LORA_ENV = dict(TILTED_LORA_ENV, TTT_RECIPE="record1855", TTT_LORA_BATCH_TOKENS=10**6)
+RECORD1855_LORA_ENV = dict(TILTED_LORA_ENV, TTT_RECIPE="record1855", TTT_LORA_BATCH_TOKENS=10**6, DOC_ISOLATION=1)
 
 
 def test_record1855_ttt_is_score_first_in_its_queue_order(tmp_path, monkeypatch, per_target_scores):

@@ -164,7 +164,7 @@ def draws_of(tmp_path, monkeypatch, tokens, **overrides) -> list[tuple[int, int]
     monkeypatch.setattr(train_gpt, "new_adapter", recording)
     monkeypatch.setattr(train_gpt.DocumentLoRATrainer, "chunk_step", lambda *args: None)
     monkeypatch.setattr(train_gpt.DocumentLoRATrainer, "train_stream", lambda *args: None)
-    env = dict(TTT_MODE="lora", TTT_RECIPE="record1855", TTT_LORA_RANK=4, TTT_PHASES=3, **overrides)
+    env = dict(TTT_MODE="lora", TTT_RECIPE="record1855", TTT_LORA_RANK=4, TTT_PHASES=3, DOC_ISOLATION=1, **overrides)
     run, model, val = setup(tmp_path, monkeypatch, tokens, **env)
     trainer = train_gpt.DocumentLoRATrainer(model, run, val, time.perf_counter())
     for index, _ in enumerate(trainer.batches):
@@ -193,3 +193,28 @@ def test_record1855_redraws_where_1855_does(tmp_path, monkeypatch):
 def small_vocabulary(tokens: np.ndarray) -> np.ndarray:
     """The tiny model's 1,024 tokens, BOS kept where it is and nowhere else."""
     return np.where(tokens == train_gpt.BOS_ID, train_gpt.BOS_ID, 2 + tokens % 1022).astype(tokens.dtype)
+
+
+def test_the_phase_sgd_cuts_attention_at_eval_seq_len_whatever_the_loader():
+    """#1855's packed slices are cut at every BOS and every EVAL_SEQ_LEN from each segment's start: a call's
+    segment_len does it on a model whose own segments are uncapped (LOADER=stream)."""
+    from conftest import tiny_hyperparameters
+
+    torch.manual_seed(0)
+    model = train_gpt.GPT(tiny_hyperparameters(DOC_ISOLATION=1)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    assert model.segment_len == 0
+    ids = torch.randint(2, 1024, (1, 40), generator=torch.Generator().manual_seed(1))
+    ids[0, 0] = train_gpt.BOS_ID
+    with torch.no_grad():
+        whole = model(ids[:, :-1], ids[:, 1:], "none")
+        capped = model(ids[:, :-1], ids[:, 1:], "none", segment_len=16)
+    assert torch.equal(whole[:, :16], capped[:, :16]) and not torch.allclose(whole[:, 16:], capped[:, 16:])
+
+
+def test_record1855_phases_need_document_isolation():
+    with pytest.raises(train_gpt.InputError, match="DOC_ISOLATION=1"):
+        train_gpt.Hyperparameters(dict(TTT_MODE="lora", TTT_RECIPE="record1855", DOC_ISOLATION="0"))
+    train_gpt.Hyperparameters(dict(TTT_MODE="lora", TTT_RECIPE="record1855", DOC_ISOLATION="0", TTT_PHASES="0"))
