@@ -613,8 +613,9 @@ def test_frontier_preset_trains_identical_replicas_on_two_ranks(tmp_path, sample
     assert re.search(r"^looping:enabled step:3 ", log, re.M)
     assert re.search(r"^replicas:identical ranks:2 sha256:[0-9a-f]{16}$", log, re.M)
     assert re.search(r"^lqer: rank 4 corrections on \S+ \S+$", log, re.M)
-    assert re.search(r"^ttt:start mode=lora order=length documents=60 batches=8 phase_ends=\[2, 3, 4\] ", log, re.M)
-    assert len(re.findall(r"^  ttt_phase \[\d/3\] docs=\d+ rows=\d+ ", log, re.M)) == 3
+    # #1855's queue: the 4-document remainder first, then 7 batches of 8; pauses at 12 >= 10, 20 >= 20, 36 >= 30 scored
+    assert re.search(r"^ttt:start mode=lora order=record1855 documents=60 batches=8 phase_ends=\[2, 3, 5\] ", log, re.M)
+    assert len(re.findall(r"^  ttt_phase \[\d/3\] docs=(10|20|30) tokens=\d+ chunks=\d+ steps=\d+ ", log, re.M)) == 3
     assert re.search(r"^legal_ttt_tilt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
     assert re.search(r"^ttt_audit ok: ", log, re.M)
     assert_final_score(log, "legal_ttt_tilt")  # LoRA TTT with the tilt: the tilted pass is the score
@@ -639,7 +640,7 @@ def record_caseops_cut(folder, documents: int = 20):
 def test_frontier_caseops_trains_and_evaluates_on_the_records_export(tmp_path):
     """PRESET=frontier_caseops at a tiny shape on the data #1855's own script wrote, unchanged but cut to 20
     validation documents, with its normalizing tokenizer: the audit accepts it, logging counted (sidecar) and
-    decoded totals, and the phased LoRA TTT with the tilt scores every target."""
+    decoded totals, and #1855's phased LoRA TTT (no tilt, as #1855) scores every target."""
     dataset, tokenizer, original_bytes = record_caseops_cut(tmp_path / "data")
     env = dict(
         TINY_ENV,
@@ -657,10 +658,10 @@ def test_frontier_caseops_trains_and_evaluates_on_the_records_export(tmp_path):
         r"^val_bytes:sidecar counted:(\d+) decoded:(\d+) documents:20 .* normalized_documents:(\d+)", log, re.M
     )
     assert audit and int(audit[1]) == original_bytes and int(audit[2]) != original_bytes
-    assert re.search(r"^ttt:start mode=lora order=length documents=20 ", log, re.M)
-    assert re.search(r"^ngram_tilt: order:scoring ", log, re.M) and "ngram_tilt: order:stream" not in log
-    assert re.search(r"^legal_ttt_tilt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
-    assert_final_score(log, "legal_ttt_tilt")
+    assert re.search(r"^ttt:start mode=lora order=record1855 documents=20 .* recipe=record1855 ", log, re.M)
+    assert not re.search(r"^ngram_tilt: ", log, re.M)
+    assert re.search(r"^legal_ttt_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)
+    assert_final_score(log, "legal_ttt")
 
 
 @pytest.mark.e2e

@@ -166,10 +166,10 @@ def test_preflight_passes_for_the_frontier_preset_with_its_lora_memory_and_real_
         re.M,
     )
     assert lora, out
-    assert int(lora[3]) == 50_000 // 4  # every row is TTT_LORA_CONTEXT=64 wide: 4 a batch under 256 tokens, not 8
+    assert int(lora[3]) == 50_000 // 8  # #1855's queue (the preset's): no token cap, TTT_LORA_BATCH=8 a batch
     memory = re.search(
         r"^preflight eval: document LoRA peak memory ([\d,]+) MiB \(CPU estimate: weights \+ tensors "
-        r"saved for backward, fp32; a batch of 4 rows of 64 tokens\), limit 75 GiB$",
+        r"saved for backward, fp32; a forward of 4 rows of 64 tokens\), limit 75 GiB$",
         out,
         re.M,
     )

@@ -297,7 +297,7 @@ def time_lora_batch(run: tg.RunContext, model, batches: int) -> dict:
         lora_per_step=per_step,
         lora_per_token=per_token,
         lora_how="compiled" if run.compile else "eager",
-        lora_rows=len(docs),
+        lora_rows=min(len(docs), max(h.ttt_lora_batch_tokens // h.ttt_lora_context, 1)),  # rows a forward holds
         lora_peak=memory.peak,
         lora_peak_how=memory.how,
         phase_per_token=phase_seconds / int((docs[:, 1] - docs[:, 0]).sum()),
@@ -448,7 +448,7 @@ def report_lora_projection(h: tg.Hyperparameters, timing: dict) -> float:
     report(
         "eval",
         f"document LoRA peak memory {timing['lora_peak'] / 2**20:,.0f} MiB ({timing['lora_peak_how']}; a "
-        f"batch of {timing['lora_rows']} rows of {h.ttt_lora_context} tokens), limit "
+        f"forward of {timing['lora_rows']} rows of {h.ttt_lora_context} tokens), limit "
         f"{h.lora_memory_limit_gib:g} GiB",
     )
     if timing["lora_peak"] > limit:
