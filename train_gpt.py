@@ -1894,16 +1894,11 @@ class BatchedLoRA:
     def layer(self, weights: LayerWeights, layer: int, position: int) -> LayerWeights:
         """A layer's weights with this adapter: block `layer` at virtual layer `position`."""
         if self.placement == "ours":
-            adapted = {
-                name: self.adapted((layer, name), getattr(weights, name))
-                for name in OURS_ADAPTED_WEIGHTS.values()
-                if (layer, name) in self.index
-            }
-            return weights._replace(**adapted)
-        adapted = {name: self.adapted((position, name), getattr(weights, name)) for name in "qkv"}
-        branches = {"attention_adapter": (position, "o"), "mlp_adapter": (position, "mlp")}
-        adapted.update({field: self.delta_of(key) for field, key in branches.items()})
-        return weights._replace(**{name: value for name, value in adapted.items() if value is not None})
+            names = OURS_ADAPTED_WEIGHTS.values()
+            return weights._replace(**{name: self.adapted((layer, name), getattr(weights, name)) for name in names})
+        adapted = {name: self.adapted((position, name), getattr(weights, name)) for name in ("q", "k", "v")}
+        branches = dict(attention_adapter=self.delta_of((position, "o")), mlp_adapter=self.delta_of((position, "mlp")))
+        return weights._replace(**adapted, **branches)
 
     def adapted(self, key, weight: torch.Tensor):
         """The weight with this adapter's delta, for linear(): a callable of x (the weight itself without one)."""
@@ -1927,8 +1922,7 @@ class BatchedLoRA:
 def lora_shapes(model, placement: str, targets) -> dict:
     """Each adapter's (out, in) by key, in its placement's draw order (BatchedLoRA)."""
     if placement == "ours":
-        names = [OURS_ADAPTED_WEIGHTS[target] for target in LORA_TARGETS if target in targets]
-        names = [name for name in ("q", "k", "v", "out", "down") if name in names]  # the placement's own order
+        names = [name for target, name in OURS_ADAPTED_WEIGHTS.items() if target in targets]  # q, k, v, out, down
         shapes = {
             (layer, name): getattr(model.layer_weights(layer, model.banks()), name).shape
             for layer in range(model.num_layers)
