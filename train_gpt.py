@@ -206,6 +206,13 @@ DROPPED_RECORD_VARIABLES = {
         "a feature #549 disabled in its run",
     ),
     "CASEOPS_ENABLED": "the byte sidecar is used whenever DATA_PATH holds one (#2071 scored CaseOps without it)",
+    "ASYM_LOGIT_RESCALE": "#1923's two softcap scalars never receive a gradient in any record that carries them (#1923, "
+    "#1945, #1953, #2014, #2135): they stay at 30, the symmetric softcap (docs/CONFIG.md)",
+    "COMPILE_SHAPE_WARMUP": "every TRAIN_SEQ_SCHEDULE stage's shape (and the looped one) is primed whenever COMPILE is on",
+    **dict.fromkeys(
+        ("TTT_SHORT_DOC_LEN", "TTT_SHORT_CHUNK_SIZE"),
+        "#2014 reads them only when TTT_SHORT_SCORE_FIRST_STEPS is empty: write them as its LEN:CHUNK",
+    ),
 }
 # Record variables whose feature breaks the challenge's rules: setting them on is an error, not a warning.
 REFUSED_RECORD_VARIABLES = {
@@ -383,6 +390,83 @@ PRESETS["frontier_caseops"] = dict(  # #1855 end to end: its data, its training,
     DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
     TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
 )
+# #2014 (1.05759, the accepted leaderboard's #1855-lineage head): #1855 + #1908's AWQ-lite + #1953's TTT mask, LR
+# multiplier and QK gain + its progressive context and short-document chunks, as its seed-42 log's hyperparameters
+PRESETS["frontier_2014"] = dict(
+    PRESETS["frontier_caseops"],
+    TRAIN_SEQ_LEN="3072",
+    TRAIN_SEQ_SCHEDULE="1024@0.100,2048@0.700,3072@1.000",
+    TRAIN_SEQ_SCHEDULE_MODE="wallclock",
+    SEQ_CHANGE_WARMUP_STEPS="32",
+    SEQ_CHANGE_SKIP_PREFETCHED="1",
+    QK_GAIN_INIT="5.25",
+    GPTQ_RESERVE_SECONDS="4",
+    AWQ_LITE_ENABLED="1",
+    AWQ_LITE_BITS="8",
+    AWQ_LITE_GROUP_TOP_K="1",
+    AWQ_LITE_GROUP_SIZE="64",
+    EVAL_SEQ_LEN="3072",
+    EVAL_STRIDE="1536",
+    EVAL_INCLUDE_TAIL="1",
+    TTT_LORA_CONTEXT="3072",
+    TTT_LORA_BATCH="24",
+    TTT_LORA_BATCH_TOKENS="73728",  # its 24 rows of 3,072 in one forward, as #2014 runs them
+    TTT_LORA_CHUNK="48",
+    TTT_SHORT_SCORE_FIRST_ENABLED="1",
+    TTT_SHORT_SCORE_FIRST_STEPS="256:8,2000:24",
+    TTT_MASK="no_qv",
+    TTT_LOCAL_LR_MULT="0.75",
+    TTT_PHASES="1",
+    PHASED_TTT_PREFIX_DOCS="2500",
+)
+
+
+def parse_pairs(name: str, raw: str, separator: str, example: str) -> list[tuple[str, str]]:
+    """A LIST of "A<separator>B" items, comma-separated (#2014's schedules), as string pairs; a malformed item is an
+    error naming the variable."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        first, found, second = item.partition(separator)
+        if not found:
+            raise InputError(f"env {name}={raw!r}: item {item!r} is not A{separator}B (e.g. {example})")
+        pairs.append((first.strip(), second.strip()))
+    return pairs
+
+
+def parse_train_seq_schedule(raw: str) -> tuple[tuple[float, int], ...]:
+    """TRAIN_SEQ_SCHEDULE "LEN@FRACTION,..." (#2014) -> ((fraction, seq_len), ...) by fraction (stable); a last stage
+    short of 1.0 holds to the end, as #2014's parse_train_seq_schedule. Empty: () (TRAIN_SEQ_LEN throughout)."""
+    stages = []
+    for seq_len, fraction in parse_pairs("TRAIN_SEQ_SCHEDULE", raw, "@", "1024@0.1,2048@0.7,3072@1.0"):
+        try:
+            stage = (float(fraction), int(seq_len))
+        except ValueError:
+            raise InputError(f"env TRAIN_SEQ_SCHEDULE={raw!r}: {seq_len}@{fraction} is not LENGTH@FRACTION") from None
+        if stage[1] <= 0 or not 0.0 < stage[0] <= 1.0:
+            raise InputError(
+                f"env TRAIN_SEQ_SCHEDULE={raw!r}: {seq_len}@{fraction}: a length > 0 at a fraction in (0, 1]"
+            )
+        stages.append(stage)
+    stages.sort(key=lambda stage: stage[0])
+    if stages and stages[-1][0] < 1.0:
+        stages.append((1.0, stages[-1][1]))
+    return tuple(stages)
+
+
+def parse_short_chunks(raw: str) -> tuple[tuple[int, int], ...]:
+    """TTT_SHORT_SCORE_FIRST_STEPS "DOC_LEN:CHUNK,..." (#2014) -> ((doc_len, chunk), ...) by document length."""
+    steps = []
+    for doc_len, chunk in parse_pairs("TTT_SHORT_SCORE_FIRST_STEPS", raw, ":", "256:8,2000:24"):
+        try:
+            step = (int(doc_len), int(chunk))
+        except ValueError:
+            raise InputError(
+                f"env TTT_SHORT_SCORE_FIRST_STEPS={raw!r}: {doc_len}:{chunk} is not DOC_LEN:CHUNK"
+            ) from None
+        if min(step) <= 0:
+            raise InputError(f"env TTT_SHORT_SCORE_FIRST_STEPS={raw!r}: {doc_len}:{chunk}: both must be positive")
+        steps.append(step)
+    return tuple(sorted(steps, key=lambda step: step[0]))
 
 
 def resolve_record_spellings(environ) -> dict:
@@ -448,6 +532,12 @@ class Hyperparameters:
         self.warmdown_iters = env.int("WARMDOWN_ITERS", 3500, 0)
         self.train_batch_tokens = env.int("TRAIN_BATCH_TOKENS", 786_432, 1)
         self.train_seq_len = env.int("TRAIN_SEQ_LEN", 2048, 2)
+        # #2014's progressive context: stage = the first with progress <= its fraction; SEQ_CHANGE_WARMUP_STEPS re-warm
+        # the LR after each change; SEQ_CHANGE_SKIP_PREFETCHED drops the batches built ahead, as #2014's loader does
+        self.train_seq_schedule = parse_train_seq_schedule(env.text("TRAIN_SEQ_SCHEDULE", ""))
+        self.train_seq_schedule_mode = env.choice("TRAIN_SEQ_SCHEDULE_MODE", "wallclock", ("wallclock", "step"))
+        self.seq_change_warmup_steps = env.int("SEQ_CHANGE_WARMUP_STEPS", 0, 0)
+        self.seq_change_skip_prefetched = env.flag("SEQ_CHANGE_SKIP_PREFETCHED", False)
         self.eval_seq_len = env.int("EVAL_SEQ_LEN", 2048, 2)
         self.val_batch_size = env.int("VAL_BATCH_SIZE", 524_288, 1)
         self.val_loss_every = env.int("VAL_LOSS_EVERY", 4000, 0)
@@ -566,6 +656,12 @@ class Hyperparameters:
         self.quant_clip_sigmas_attn = env.float("QUANT_CLIP_SIGMAS_ATTN", 0.0, 0.0)
         self.quant_clip_sigmas_embed = env.float("QUANT_CLIP_SIGMAS_EMBED", 0.0, 0.0)
         self.gptq_reserve_seconds = env.float("GPTQ_RESERVE_SECONDS", 8.0, 0.0)
+        # AWQ-lite (#1908, in #1945 -> #2014): the top-K 64-column groups by sum(act_rms * mean|W|) over all matrices
+        # quantized below AWQ_LITE_BITS get that width inside the same GPTQ sweep (-0.00027 BPB, 3 seeds, step-matched)
+        self.awq_lite_enabled = env.flag("AWQ_LITE_ENABLED", False)
+        self.awq_lite_bits = env.int("AWQ_LITE_BITS", 8)
+        self.awq_lite_group_top_k = env.int("AWQ_LITE_GROUP_TOP_K", 1, 1)
+        self.awq_lite_group_size = env.int("AWQ_LITE_GROUP_SIZE", 64, 1)
         # X^T X in TF32 (fp32 sums), as every record computed it (#549, #1089, #1855, #2014: TF32 on globally; #2014's
         # 16 batches took 4.1 s on 8xH100); strict fp32 fit ~4 of 16 in 8 s (review 945e22d, defect 7)
         self.gptq_hessian_tf32 = env.flag("GPTQ_HESSIAN_TF32", True)
@@ -621,6 +717,15 @@ class Hyperparameters:
         self.ttt_mlp_lora = env.flag("TTT_MLP_LORA", True)
         self.ngram_tilt_beta = env.float("NGRAM_TILT_BETA", 2.0, 0.0)
         self.eval_budget_seconds = env.float("EVAL_BUDGET_SECONDS", 600.0, 0.0)
+        # records: the clock runs from the scored pass's start (the accepted records' count: docs/EVALUATION.md);
+        # artifact: from the artifact's read, diagnostic passes included (stricter)
+        self.eval_clock = env.choice("EVAL_CLOCK", "records", ("records", "artifact"))
+        self.eval_include_tail = env.flag("EVAL_INCLUDE_TAIL", False)  # #2014: score every target, not whole rows
+        # #1953: the adapters' AdamW lr is TTT_LORA_LR x this (the phase SGD's is not); #2014: a batch whose longest
+        # document (targets + 1 tokens, #2014's doc_len) is <= DOC_LEN scores in chunks of CHUNK
+        self.ttt_local_lr_mult = env.float("TTT_LOCAL_LR_MULT", 1.0, 0.0)
+        self.ttt_short_score_first_enabled = env.flag("TTT_SHORT_SCORE_FIRST_ENABLED", False)
+        self.ttt_short_score_first_steps = parse_short_chunks(env.text("TTT_SHORT_SCORE_FIRST_STEPS", ""))
         self.ttt_optimizer = env.choice("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"))
         self.ttt_mode = env.choice("TTT_MODE", "sgd", ("sgd", "lora"))
         self.ttt_lora_order = env.choice("TTT_LORA_ORDER", "length", ("length", "stream", "record1855"))
@@ -669,13 +774,16 @@ class Hyperparameters:
                 f"env EVAL_STRIDE={self.eval_stride}: must divide EVAL_SEQ_LEN={self.eval_seq_len}",
             ),
             (
-                self.ttt_enabled and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)),
+                self.ttt_enabled
+                and self.ttt_mode == "sgd"
+                and (chunk % self.eval_stride or chunk < max(self.eval_seq_len, self.train_seq_len)),
                 f"env TTT_CHUNK_TOKENS={chunk}: must be a multiple of EVAL_STRIDE={self.eval_stride} and >= EVAL_SEQ_LEN "
                 f"and TRAIN_SEQ_LEN, so no scoring window straddles two chunks",
             ),
         )
         raise_first_failed(checks)
         self.validate_layers_and_ranks()
+        self.validate_schedules()
         self.validate_export()
 
     def validate_layers_and_ranks(self):
@@ -725,6 +833,30 @@ class Hyperparameters:
         )
         raise_first_failed(checks)
 
+    def validate_schedules(self):
+        """TRAIN_SEQ_SCHEDULE and TTT_SHORT_SCORE_FIRST_*: #2014's rules (its validate_train_seq_plan_compatibility)."""
+        local_tokens = self.train_batch_tokens // (self.world_size * self.grad_accum_steps)
+        lengths = [seq_len for _, seq_len in self.train_seq_schedule]
+        misfits = [seq_len for seq_len in lengths if local_tokens % seq_len]
+        checks = (
+            (
+                lengths and max(lengths) != self.train_seq_len,
+                f"env TRAIN_SEQ_SCHEDULE's longest stage ({max(lengths or [0])}) must equal TRAIN_SEQ_LEN="
+                f"{self.train_seq_len} (the evaluation, calibration and priming length)",
+            ),
+            (
+                misfits,
+                f"env TRAIN_SEQ_SCHEDULE: stages {misfits} do not divide the {local_tokens}-token micro-batch "
+                f"(TRAIN_BATCH_TOKENS / (WORLD_SIZE * {self.grad_accum_steps}))",
+            ),
+            (
+                self.ttt_short_score_first_enabled and not self.ttt_short_score_first_steps,
+                "env TTT_SHORT_SCORE_FIRST_ENABLED=1 needs TTT_SHORT_SCORE_FIRST_STEPS (DOC_LEN:CHUNK,..., e.g. "
+                "256:8,2000:24; #2014's TTT_SHORT_DOC_LEN=L TTT_SHORT_CHUNK_SIZE=C is L:C)",
+            ),
+        )
+        raise_first_failed(checks)
+
     def validate_export(self):
         for group in ("mlp", "attn", "embed", "tables"):
             bits = self.group_bits(group)
@@ -746,6 +878,13 @@ class Hyperparameters:
                 "env MIXED_PRECISION=1 needs QUANT=gptq (its Hessians rank the groups) and base widths "
                 f"QUANT_BITS_MLP/ATTN <= 6 (they are promoted by up to 2 bits); got QUANT={self.quant}, "
                 f"{self.quant_bits_mlp}/{self.quant_bits_attn}"
+            )
+        if self.awq_lite_enabled and (self.quant != "gptq" or self.mixed_precision or not 2 <= self.awq_lite_bits <= 8):
+            raise InputError(
+                f"env AWQ_LITE_ENABLED=1 needs QUANT=gptq (its calibration measures the activations), "
+                f"MIXED_PRECISION=0 (the group is chosen at the final widths; not built together) and "
+                f"AWQ_LITE_BITS in 2..8; got QUANT={self.quant}, MIXED_PRECISION={int(self.mixed_precision)}, "
+                f"AWQ_LITE_BITS={self.awq_lite_bits}"
             )
         if self.quant == "gptq" and 0 < self.max_wallclock_seconds <= self.gptq_reserve_seconds:
             raise InputError(
@@ -875,7 +1014,7 @@ class TokenStream:
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def no_documents(inputs: np.ndarray) -> None:
+def no_documents(inputs: np.ndarray, segment_len: int | None = None) -> None:
     """RunContext.documents without varlen document isolation: the model needs no boundaries from the host."""
     return None
 
@@ -1010,21 +1149,32 @@ class TrainingLoader:
     defect 6: every step ends in a host sync, so host work was GPU idle time). The batches are the synchronous
     loader's; a request for another size (calibration) rewinds to the first unused."""
 
-    def __init__(self, source, device: torch.device, documents=no_documents, prefetch: int = 0):
+    def __init__(
+        self, source, device: torch.device, documents=no_documents, prefetch: int = 0, packed=False, skip_stale=False
+    ):
+        """packed: one row of the rank's tokens (LOADER=documents), whose segments end every seq_len tokens;
+        skip_stale (SEQ_CHANGE_SKIP_PREFETCHED): batches built ahead for another seq_len are dropped, not rewound
+        (#2014's loader clears its two-deep queue at a stage change: their tokens are skipped)."""
         self.source = source
         self.device = device
         self.documents = documents
         self.prefetch = prefetch
+        self.packed = packed
+        self.skip_stale = skip_stale
         self.ahead = collections.deque()  # ((local_tokens, seq_len), future of a BuiltBatch)
         self.worker = concurrent.futures.ThreadPoolExecutor(1, "training-loader") if prefetch else None
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple:
-        """(inputs, targets, documents) of local_tokens tokens: rows of seq_len, or the source's own row width."""
+        """(inputs, targets, documents) of local_tokens tokens: rows of seq_len, or one row cut every seq_len."""
         if not self.prefetch:
             return self.build_batch(local_tokens, seq_len)
         size = (local_tokens, seq_len)
         if self.ahead and self.ahead[0][0] != size:
-            self.rewind()
+            if self.skip_stale and self.ahead[0][0][0] == local_tokens:
+                concurrent.futures.wait([future for _, future in self.ahead])
+                self.ahead.clear()
+            else:
+                self.rewind()
         while len(self.ahead) <= self.prefetch:
             self.ahead.append((size, self.worker.submit(self.built_batch, local_tokens, seq_len)))
         built = self.ahead.popleft()[1].result()
@@ -1047,7 +1197,7 @@ class TrainingLoader:
 
     def build_batch(self, local_tokens: int, seq_len: int) -> tuple:
         inputs, targets = self.source.take(local_tokens, seq_len)
-        documents = self.documents(inputs)
+        documents = self.documents(inputs, seq_len) if self.packed else self.documents(inputs)
         pair = torch.from_numpy(np.stack((inputs, targets)))
         if self.device.type == "cuda":
             pair = pair.pin_memory()  # an asynchronous copy, which the step does not wait for
@@ -1064,8 +1214,9 @@ def training_loader(h: Hyperparameters, rank: int, world_size: int, device, docu
         source = PackedDocumentBlocks(files, h.vocab_size, rank, world_size)
     else:
         source = StreamBlocks(files, h.vocab_size, rank, world_size)
-    prefetch = LOADER_PREFETCH if h.loader == "documents" else 0
-    return TrainingLoader(source, torch.device(device), documents, prefetch)
+    packed = h.loader == "documents"
+    prefetch = LOADER_PREFETCH if packed else 0
+    return TrainingLoader(source, torch.device(device), documents, prefetch, packed, h.seq_change_skip_prefetched)
 
 
 def load_byte_sidecar(token_files: list[str]) -> np.ndarray | None:
@@ -1461,8 +1612,9 @@ def byte_fallback_characters(processor, targets: np.ndarray):
 
 
 class ValidationSet:
-    """The validation stream (whole EVAL_SEQ_LEN sequences plus one token) and each target's bytes: the sidecar's
-    original bytes when the shards have one (CaseOps), else #549's lookup table; audited at load."""
+    """The validation stream (whole EVAL_SEQ_LEN sequences plus one token; EVAL_INCLUDE_TAIL: all of it, as #2014) and
+    each target's bytes: the sidecar's original bytes when the shards have one (CaseOps), else #549's lookup table;
+    audited at load."""
 
     def __init__(self, h: Hyperparameters, processor):
         files = shard_files(h.data_path, "val")
@@ -1474,6 +1626,8 @@ class ValidationSet:
         self.audit = audit_bytes(processor, tokens, target_bytes, operators if sidecar is not None else "")
         self.source = "sidecar" if sidecar is not None else "lookup"
         usable = (len(tokens) - 1) // h.eval_seq_len * h.eval_seq_len
+        if h.eval_include_tail and usable > 0:
+            usable = len(tokens) - 1
         if usable <= 0:
             raise InputError(
                 f"validation set {os.path.join(h.data_path, 'fineweb_val_*.bin')} has {len(tokens)} "
@@ -2851,6 +3005,21 @@ def training_fraction(h: Hyperparameters, step: int, elapsed_ms: float) -> float
     return elapsed_ms / (1000.0 * h.training_seconds) if h.training_seconds > 0 else step / max(h.iterations, 1)
 
 
+def schedule_progress(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """TRAIN_SEQ_SCHEDULE's progress in [0, 1]: training_fraction, or step / ITERATIONS under its mode "step"."""
+    fraction = step / max(h.iterations, 1) if h.train_seq_schedule_mode == "step" else None
+    return min(max(training_fraction(h, step, elapsed_ms) if fraction is None else fraction, 0.0), 1.0)
+
+
+def train_seq_len_at(h: Hyperparameters, progress: float) -> int:
+    """The training context at this progress: the first stage whose fraction is >= it (#2014's
+    current_train_seq_len); TRAIN_SEQ_LEN without a schedule."""
+    for fraction, seq_len in h.train_seq_schedule:
+        if progress <= fraction:
+            return seq_len
+    return h.train_seq_len
+
+
 def weight_decay_multiplier(h: Hyperparameters, fraction: float) -> float:
     """WD taper (#1729): 1 until WD_TAPER_START, then linear to WD_TAPER_FINAL at the end of training."""
     if fraction <= h.wd_taper_start or h.wd_taper_start >= 1.0:
@@ -2995,11 +3164,11 @@ class RunContext:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
-    def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None, documents=None):
-        """model(inputs, targets, reduction, hints, documents), through torch.compile(fullgraph=True) when COMPILE
-        is on."""
+    def forward(self, model: GPT, inputs, targets, reduction="mean", hints=None, documents=None, segment_len=None):
+        """model(inputs, targets, reduction, hints, documents, segment_len=), through torch.compile(fullgraph=True)
+        when COMPILE is on (a segment_len is a constant of its graph: TRAIN_SEQ_SCHEDULE's stages are primed)."""
         forward = self.compiled_model(model, dynamic=False) if self.compile else model
-        return forward(inputs, targets, reduction, hints, documents)
+        return forward(inputs, targets, reduction, hints, documents, segment_len=segment_len)
 
     def compiled_model(self, model: GPT, dynamic: bool):
         """The model through torch.compile(fullgraph=True), one compiled wrapper per model and shape mode."""
@@ -3213,6 +3382,8 @@ class Trainer:
         self.qat_start = None  # the step soft-round's alpha ramp started
         self.watch = TrainingWatch(run)
         self.interrupted = 0  # the signal that stopped training, if any
+        self.seq_len = train_seq_len_at(h, 0.0)  # TRAIN_SEQ_SCHEDULE's stage (TRAIN_SEQ_LEN without one)
+        self.rewarm_start = None  # the step of the last stage change, while SEQ_CHANGE_WARMUP_STEPS re-warm the LR
         model.looping = looping_at(h, 0.0)  # the plain graph first (#1855)
 
     def new_loader(self) -> TrainingLoader:
@@ -3224,10 +3395,11 @@ class Trainer:
         run = self.run
         model = self.model
         total = torch.zeros((), device=run.device)
+        segment_len = self.seq_len if h.loader == "documents" else None  # a packed row's segments follow the stage
         for _ in range(h.grad_accum_steps):
-            inputs, targets, documents = loader.next_batch(self.local_tokens, h.train_seq_len)
+            inputs, targets, documents = loader.next_batch(self.local_tokens, self.seq_len)
             with run.autocast():
-                loss = run.forward(model, inputs, targets, documents=documents)
+                loss = run.forward(model, inputs, targets, documents=documents, segment_len=segment_len)
             (loss / h.grad_accum_steps).backward()
             total += loss.detach()
         if h.grad_clip_scope == "local":
@@ -3292,22 +3464,59 @@ class Trainer:
         saved_model = copy.deepcopy(model.state_dict())
         saved_optimizers = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         loader = self.new_loader()
-        final_looping = looping_at(h, None)
-        variants = [("", h.qat_enabled, model.looping)] * h.warmup_steps
-        if self.run.compile and model.looping != final_looping:
-            variants.append((":loop_graph", h.qat_enabled, final_looping))
-        if self.run.compile and h.late_qat_threshold > 0 and not h.qat_enabled:
-            variants.append((":qat_graph", True, final_looping))
-        for i, (label, qat, looping) in enumerate(variants):
+        first = (h.qat_enabled, model.looping, self.seq_len)
+        variants = [("", *first)] * h.warmup_steps + (self.graph_variants() if self.run.compile else [])
+        for i, (label, qat, looping, seq_len) in enumerate(variants):
             model.qat_active = qat
             model.looping = looping
+            self.seq_len = seq_len
             self.step(loader, i, 1.0)
             self.run.log(f"warmup_step{label or f':{i + 1}/{h.warmup_steps}'}")
         model.load_state_dict(saved_model)
         for optimizer, state in zip(self.optimizers, saved_optimizers):
             optimizer.load_state_dict(state)
-        model.qat_active = h.qat_enabled
-        model.looping = variants[0][2]
+        model.qat_active, model.looping, self.seq_len = first
+
+    def graph_variants(self) -> list[tuple]:
+        """The compiled graphs training meets after the first, as (label, qat, looping, seq_len): each
+        TRAIN_SEQ_SCHEDULE stage (one stage of TRAIN_SEQ_LEN without it) plain and, if looping starts by its end,
+        looped (#2014's COMPILE_SHAPE_WARMUP "auto"); then late QAT's graph at the last stage."""
+        h = self.h
+        seen = [(h.qat_enabled, self.model.looping, self.seq_len)]
+        variants = []
+        begins = 0.0
+        for ends, seq_len in h.train_seq_schedule or ((1.0, h.train_seq_len),):
+            for looping in dict.fromkeys((looping_at(h, begins), looping_at(h, ends))):
+                graph = (h.qat_enabled, looping, seq_len)
+                if graph not in seen:
+                    seen.append(graph)
+                    variants.append((f":graph_seq{seq_len}{'_looped' if looping else ''}", *graph))
+            begins = ends
+        if h.late_qat_threshold > 0 and not h.qat_enabled:
+            variants.append((":qat_graph", True, looping_at(h, None), h.train_seq_len))
+        return variants
+
+    def update_seq_len(self, step: int, agreed_ms: float):
+        """TRAIN_SEQ_SCHEDULE: move to the stage of this step's progress; a change after step 0 re-warms the LR."""
+        h = self.h
+        progress = schedule_progress(h, step, agreed_ms)
+        seq_len = train_seq_len_at(h, progress)
+        if seq_len == self.seq_len:
+            return
+        self.seq_len = seq_len
+        self.run.log(f"growth_stage:seq_len:{seq_len} progress:{progress:.3f} step:{step}")
+        if h.seq_change_warmup_steps > 0 and step > 0:
+            self.rewarm_start = step
+            self.run.log(f"growth_stage_rewarmup:start step:{step} steps:{h.seq_change_warmup_steps} seq_len:{seq_len}")
+
+    def rewarm_factor(self, step: int) -> float:
+        """(k + 1) / SEQ_CHANGE_WARMUP_STEPS on the k-th step after a stage change, then 1 (#2014)."""
+        if self.rewarm_start is None:
+            return 1.0
+        factor = min((step - self.rewarm_start + 1) / self.h.seq_change_warmup_steps, 1.0)
+        if factor >= 1.0:
+            self.rewarm_start = None
+        return factor
 
     def update_looping(self, step: int, fraction: float):
         if not self.model.looping and looping_at(self.h, fraction):
@@ -3403,6 +3612,9 @@ class Trainer:
         step = 0
         stop_after = None
         agreed_ms = 0.0
+        if h.train_seq_schedule:
+            stages = ",".join(f"{seq_len}@{fraction:.3f}" for fraction, seq_len in h.train_seq_schedule)
+            run.log(f"train_seq_schedule:{stages} mode:{h.train_seq_schedule_mode} seq_len:{self.seq_len}")
         run.sync()
         started = time.perf_counter()
         while True:
@@ -3419,7 +3631,9 @@ class Trainer:
             fraction = training_fraction(h, step, agreed_ms)
             self.update_qat(step, multiplier, agreed_ms)
             self.update_looping(step, fraction)
-            loss = self.step(loader, step, multiplier, weight_decay_multiplier(h, fraction))
+            self.update_seq_len(step, agreed_ms)
+            lr = multiplier * self.rewarm_factor(step)
+            loss = self.step(loader, step, lr, weight_decay_multiplier(h, fraction))
             if ema is not None:
                 ema.update()
             step += 1
@@ -3501,18 +3715,29 @@ def matmul_precision(tf32: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@torch.inference_mode()
-def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, deadline: float = math.inf) -> tuple:
-    """X^T X (fp32) of every matrix's inputs over up to GPTQ_CALIB_BATCHES micro-batches, summed over ranks, and the
-    batch count: another batch only while every rank projects it to end before `deadline` (perf_counter seconds)."""
-    h = run.h
-    sums = {}
+class InputGrams(dict):
+    """Calibration's name -> X^T X (fp32) of a matrix's inputs, summed over batches, ranks and a looped block's calls;
+    `rows`: name -> the input rows summed into it, so diag / rows is each input column's mean square (AWQ-lite's)."""
 
-    def record(name: str, inputs: torch.Tensor):
+    def __init__(self):
+        super().__init__()
+        self.rows = {}
+
+    def add(self, name: str, inputs: torch.Tensor):
         with torch.autocast(inputs.device.type, enabled=False):
             flat = inputs.reshape(-1, inputs.size(-1)).float()
             gram = flat.T @ flat
-        sums[name] = sums[name] + gram if name in sums else gram
+        self[name] = self[name] + gram if name in self else gram
+        self.rows[name] = self.rows.get(name, 0) + flat.size(0)
+
+
+@torch.inference_mode()
+def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, deadline: float = math.inf) -> tuple:
+    """X^T X (fp32) of every matrix's inputs over up to GPTQ_CALIB_BATCHES micro-batches, summed over ranks
+    (InputGrams), and the batch count: another batch only while every rank projects it to end before `deadline`
+    (perf_counter seconds)."""
+    h = run.h
+    sums = InputGrams()
 
     model.eval()
     batches = 0
@@ -3521,13 +3746,14 @@ def collect_hessians(model: GPT, run: RunContext, loader, local_tokens: int, dea
         while batches < h.gptq_calib_batches and (batches == 0 or agreed_to_go_on(run, started, batches, deadline)):
             inputs, _, documents = loader.next_batch(local_tokens, h.train_seq_len)
             with run.autocast():
-                model.hidden_states(inputs, run.compute_dtype, documents, record=record)
+                model.hidden_states(inputs, run.compute_dtype, documents, record=sums.add)
             batches += 1
     finally:
         model.train()
     if run.world_size > 1:
         for gram in sums.values():
             dist.all_reduce(gram)
+        sums.rows = {name: rows * run.world_size for name, rows in sums.rows.items()}  # every rank's batch is alike
     return sums, batches
 
 
@@ -3638,14 +3864,31 @@ def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
 
 
 def sd_clip_scale(weight: torch.Tensor, sigmas: float, qmax: int) -> torch.Tensor:
-    """SDClip (#1394): row scale k*std(row)/qmax, fp16-rounded; a larger k, a smaller artifact."""
-    return (sigmas * weight.float().std(dim=1, unbiased=False) / qmax).clamp_min(1e-8).half().float()
+    """SDClip (#1394): row scale k*std(row)/qmax, fp16-rounded; a larger k, a smaller artifact. The sample std
+    (n - 1), as every record computes it (#1855/#2014's gptq_quantize_weight: W.std(dim=1))."""
+    return (sigmas * weight.float().std(dim=1) / qmax).clamp_min(1e-8).half().float()
+
+
+class FineColumns(typing.NamedTuple):
+    """AWQ-lite's protected columns of a matrix: their mask (cols,), their row scales and their qmax."""
+
+    mask: torch.Tensor
+    scale: torch.Tensor
+    qmax: int
+
+
+def round_columns(columns: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Symmetric round-to-nearest of (rows, n) columns on per-row scales, clamped to +-qmax."""
+    return (columns / scale[:, None]).round().clamp(-qmax, qmax)
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int, fine: FineColumns | None = None
+) -> torch.Tensor:
     """Full-Hessian GPTQ (Frantar et al.) on given row scales: columns by descending Hessian diagonal, each one's error
-    pushed onto the rest through the upper Cholesky factor of H^-1, blocks of 128 with lazy updates."""
+    pushed onto the rest through the upper Cholesky factor of H^-1, blocks of 128 with lazy updates. `fine`
+    (AWQ-lite, #1908): those columns on their own scale and qmax inside the same sweep, their error propagated alike."""
     w = weight.float().clone()
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
@@ -3661,40 +3904,104 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
             break
     upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
     q = torch.zeros_like(w)
+    is_fine = fine.mask[order].tolist() if fine is not None else [False] * w.size(1)  # host list: no sync a column
     for first in range(0, w.size(1), GPTQ_BLOCK_SIZE):
         last = min(first + GPTQ_BLOCK_SIZE, w.size(1))
         block = w[:, first:last].clone()
         errors = torch.zeros(w.size(0), last - first, device=w.device)
         for j in range(last - first):
-            q[:, first + j] = (block[:, j] / scale).round().clamp(-qmax, qmax)
-            error = (block[:, j] - q[:, first + j] * scale) / upper[first + j, first + j]
+            step, top = (fine.scale, fine.qmax) if is_fine[first + j] else (scale, qmax)
+            q[:, first + j] = round_columns(block[:, j : j + 1], step, top)[:, 0]
+            error = (block[:, j] - q[:, first + j] * step) / upper[first + j, first + j]
             block[:, j:] -= error[:, None] * upper[first + j, first + j : last][None, :]
             errors[:, j] = error
         w[:, last:] -= errors @ upper[first:last, last:]
     return q[:, torch.argsort(order)].to(torch.int8)
 
 
-def quantize_tensor(name: str, value: torch.Tensor, group: str, bits: int, h: Hyperparameters, hessians=None):
-    """One tensor at `bits`: GPTQ-lite, or with QUANT=gptq full GPTQ where a Hessian exists (round-to-nearest
-    elsewhere) on GPTQ-lite's searched row scales, or on SDClip scales when QUANT_CLIP_SIGMAS_* > 0."""
+def quantize_tensor(
+    name: str, value: torch.Tensor, group: str, bits: int, h: Hyperparameters, hessians=None, fine_starts=()
+) -> dict[str, torch.Tensor]:
+    """One tensor at `bits` -> its stored tensors by suffix (".q", ".scale"): GPTQ-lite, or with QUANT=gptq full GPTQ
+    where a Hessian exists (round-to-nearest elsewhere) on GPTQ-lite's searched row scales, or on SDClip scales when
+    QUANT_CLIP_SIGMAS_* > 0. fine_starts: AWQ-lite's groups, at AWQ_LITE_BITS on the same clip, stored as #1908 stores
+    them (".awq_start" int16 starts, ".awq_scale" fp16 per row, ".awq_size" int16)."""
     qmax = 2 ** (bits - 1) - 1
     if h.quant != "gptq":
-        return quantize_rows(value, bits)
+        q, scale = quantize_rows(value, bits)
+        return {".q": q, ".scale": scale}
     sigmas = h.group_clip_sigmas(group)
     scale = sd_clip_scale(value, sigmas, qmax) if sigmas > 0 else quantize_rows(value, bits)[1].float()
+    fine = awq_fine_columns(value, fine_starts, scale, qmax, sigmas, h) if fine_starts else None
     hessian = (hessians or {}).get(hessian_name(name))
-    q = (
-        gptq_quantize(value, hessian, scale, qmax)
-        if hessian is not None
-        else (value / scale[:, None]).round().clamp(-qmax, qmax).to(torch.int8)
-    )
-    return q, scale.half()
+    if hessian is not None:
+        q = gptq_quantize(value, hessian, scale, qmax, fine)
+    else:
+        q = round_columns(value.float(), scale, qmax)
+        if fine is not None:
+            q[:, fine.mask] = round_columns(value.float()[:, fine.mask], fine.scale, fine.qmax)
+    stored = {".q": q.to(torch.int8), ".scale": scale.half()}
+    if fine is not None:
+        stored[".awq_start"] = torch.tensor(list(fine_starts), dtype=torch.int16)
+        stored[".awq_scale"] = fine.scale.half()
+        stored[".awq_size"] = torch.tensor(h.awq_lite_group_size, dtype=torch.int16)
+    return stored
+
+
+def awq_fine_columns(value, starts, scale, qmax: int, sigmas: float, h: Hyperparameters) -> FineColumns:
+    """AWQ-lite's columns: the groups at `starts` on AWQ_LITE_BITS' grid over the same clip (SDClip: k*std/qmax_hi,
+    #1908's s_hi; searched: the row's clip / qmax_hi)."""
+    fine_qmax = 2 ** (h.awq_lite_bits - 1) - 1
+    mask = torch.zeros(value.size(1), dtype=torch.bool, device=value.device)
+    for start in starts:
+        mask[start : start + h.awq_lite_group_size] = True
+    fine_scale = sd_clip_scale(value, sigmas, fine_qmax) if sigmas > 0 else (scale * qmax / fine_qmax).half().float()
+    return FineColumns(mask, fine_scale, fine_qmax)
+
+
+def activation_rms(hessians, name: str, cols: int) -> torch.Tensor | None:
+    """Each input column's RMS over calibration (sqrt(diag(X^T X) / rows)); ones without calibration (the size
+    planner); None for a matrix calibration did not see."""
+    if hessians is None:
+        return torch.ones(cols)
+    gram = hessians.get(hessian_name(name))
+    if gram is None:
+        return None
+    rows = getattr(hessians, "rows", {}).get(hessian_name(name), 1)
+    return (torch.diagonal(gram).float() / rows).sqrt()
+
+
+def awq_lite_groups(state, h: Hyperparameters, hessians=None, bits=None) -> dict[str, list[int]]:
+    """AWQ-lite (#1908): every AWQ_LITE_GROUP_SIZE-column group of the matrices over 65,536 entries quantized below
+    AWQ_LITE_BITS, scored by the sum over its columns of act_rms x mean|W|; the AWQ_LITE_GROUP_TOP_K best of the whole
+    model (#1908 sorts globally; its READMEs' "per matrix" is not its code) -> name: group starts. In #1953's and
+    #2014's logs the one group is always tok_emb's."""
+    if not h.awq_lite_enabled:
+        return {}
+    candidates = []
+    for name, value in state.items():
+        group = quantization_group(name, value)
+        if group is None or value.numel() <= SMALL_TENSOR_NUMEL:
+            continue
+        rms = activation_rms(hessians, name, value.size(1))
+        if rms is None or (bits or {}).get(name, h.group_bits(group)) >= h.awq_lite_bits:
+            continue
+        saliency = rms.to(value.device) * value.float().abs().mean(dim=0)
+        size = h.awq_lite_group_size
+        scores = saliency[: value.size(1) // size * size].view(-1, size).sum(dim=1)
+        candidates += [(score, name, index * size) for index, score in enumerate(scores.tolist())]
+    chosen = {}
+    for _, name, start in sorted(candidates, key=lambda candidate: -candidate[0])[: h.awq_lite_group_top_k]:
+        chosen.setdefault(name, []).append(start)
+    return chosen
 
 
 def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=None, bits=None):
-    """Each tensor at its group's width (QUANT_BITS_*, or `bits` by name); returns (tensors, schemes)."""
+    """Each tensor at its group's width (QUANT_BITS_*, or `bits` by name), AWQ-lite's groups finer ("+awq" in the
+    scheme); returns (tensors, schemes)."""
     tensors = {}
     schemes = {}
+    fine = awq_lite_groups(state, h, hessians, bits)
     for name, value in state.items():
         group = quantization_group(name, value)
         if group is None:
@@ -3702,8 +4009,9 @@ def quantize_state(state: dict[str, torch.Tensor], h: Hyperparameters, hessians=
             schemes[name] = "fp16"
             continue
         width = (bits or {}).get(name, h.group_bits(group))
-        tensors[name + ".q"], tensors[name + ".scale"] = quantize_tensor(name, value, group, width, h, hessians)
-        schemes[name] = f"int{width}"
+        stored = quantize_tensor(name, value, group, width, h, hessians, fine.get(name, ()))
+        tensors.update({name + suffix: tensor for suffix, tensor in stored.items()})
+        schemes[name] = f"int{width}" + ("+awq" if name in fine else "")
     return tensors, schemes
 
 
@@ -3731,13 +4039,12 @@ def allocate_mixed_bits(state, h: Hyperparameters, hessians, budget: int, log) -
     def group_bytes(names: list[str], width: int, base: int) -> int:
         stored = {}
         for n in names:  # the base width was quantized above: reuse it rather than run GPTQ again
-            q, scale = (
-                (tensors[n + ".q"], tensors[n + ".scale"])
-                if width == base
-                else quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
-            )
-            stored[n + ".q"] = q
-            stored[n + ".scale"] = scale
+            if width == base:
+                stored[n + ".q"] = tensors[n + ".q"]
+                stored[n + ".scale"] = tensors[n + ".scale"]
+            else:
+                quantized = quantize_tensor(n, state[n], quantization_group(n, state[n]), width, h, hessians)
+                stored.update({n + suffix: tensor for suffix, tensor in quantized.items()})
         return len(compress(pack_tensors(stored, {}), h.compressor))
 
     bits = {}
@@ -3803,6 +4110,11 @@ def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str]) 
             continue
         q = tensors[name + ".q"]
         state[name] = q.float() * tensors[name + ".scale"].float()[:, None]
+        if "+awq" in scheme:  # AWQ-lite's groups on their own row scales
+            size = int(tensors[name + ".awq_size"])
+            fine_scale = tensors[name + ".awq_scale"].float()[:, None]
+            for start in tensors[name + ".awq_start"].tolist():
+                state[name][:, start : start + size] = q[:, start : start + size].float() * fine_scale
         if scheme.endswith("+lqer"):
             state[name] += lqer_product(tensors, name, q.size(1))
     return state
@@ -4086,7 +4398,8 @@ def plan_artifact(h: Hyperparameters) -> int:
     tensors, schemes = quantize_state(stand_in, h)
     if h.lqer_top_k:
         add_lqer_corrections(stand_in, tensors, schemes, h)
-    quantized = {n + suffix for n, scheme in schemes.items() if scheme != "fp16" for suffix in (".q", ".scale")}
+    per_row = (".q", ".scale", ".awq_scale")
+    quantized = {n + suffix for n, scheme in schemes.items() if scheme != "fp16" for suffix in per_row}
     sample = {n: t[::8] if n in quantized else t for n, t in tensors.items()}
     sample_raw = pack_tensors(sample, dict(schemes=schemes))
     sample_blob = encode_artifact(sample, schemes, h)
@@ -4772,6 +5085,18 @@ def lora_step_tokens(docs: np.ndarray, chunk: int, context: int) -> np.ndarray:
     return active.sum(1) * np.where(active, np.minimum(ends, context), 0).max(1)
 
 
+def lora_chunk(h: Hyperparameters, docs: np.ndarray) -> int:
+    """The chunk a LoRA batch scores in: TTT_LORA_CHUNK, or under TTT_SHORT_SCORE_FIRST_ENABLED the first
+    TTT_SHORT_SCORE_FIRST_STEPS chunk whose DOC_LEN holds the batch's longest document, counted as #2014 counts it
+    (its targets + 1 tokens). A smaller chunk only scores sooner after training: still score-first."""
+    if h.ttt_short_score_first_enabled:
+        longest = int((docs[:, 1] - docs[:, 0]).max()) + 1
+        for doc_len, chunk in h.ttt_short_score_first_steps:
+            if longest <= doc_len:
+                return chunk
+    return h.ttt_lora_chunk
+
+
 def lora_batch_tokens(docs: np.ndarray, chunk: int, context: int) -> int:
     """Tokens a LoRA batch runs through the model (the budget guard's cost and the ranks' balance)."""
     return int(lora_step_tokens(docs, chunk, context).sum())
@@ -4954,9 +5279,11 @@ def new_adapter(model: GPT, h: Hyperparameters, rows: int, generator: torch.Gene
 
 
 def adapter_optimizer(lora: BatchedLoRA, h: Hyperparameters) -> torch.optim.Optimizer:
-    """#1855's adapter AdamW: TTT_LORA_LR, betas (TTT_LORA_BETA1, TTT_LORA_BETA2), eps 1e-10, decay TTT_LORA_WD."""
+    """#1855's adapter AdamW: TTT_LORA_LR x TTT_LOCAL_LR_MULT (#1953), betas (TTT_LORA_BETA1, TTT_LORA_BETA2), eps
+    1e-10, decay TTT_LORA_WD."""
     betas = (h.ttt_lora_beta1, h.ttt_lora_beta2)
-    return torch.optim.AdamW(lora.parameters(), h.ttt_lora_lr, betas, eps=1e-10, weight_decay=h.ttt_lora_wd)
+    lr = h.ttt_lora_lr * h.ttt_local_lr_mult
+    return torch.optim.AdamW(lora.parameters(), lr, betas, eps=1e-10, weight_decay=h.ttt_lora_wd)
 
 
 class DocumentLoRATrainer:
@@ -4978,8 +5305,9 @@ class DocumentLoRATrainer:
             if h.ngram_tilt
             else None
         )
+        self.chunks = [lora_chunk(h, batch) for batch in self.batches]
         self.costs = np.array(
-            [lora_batch_tokens(batch, h.ttt_lora_chunk, h.ttt_lora_context) for batch in self.batches]
+            [lora_batch_tokens(batch, chunk, h.ttt_lora_context) for batch, chunk in zip(self.batches, self.chunks)]
         )
         if h.ttt_phase_mode == "record1855":
             self.phase_ends, self.phase_sizes = record1855_pauses(self.batches, h.phased_ttt_prefix_docs, h.ttt_phases)
@@ -5042,15 +5370,15 @@ class DocumentLoRATrainer:
     def score_batch(self, index: int, projected: float):
         """A fresh adapter, then chunk after chunk."""
         started = time.perf_counter()
-        h = self.h
         docs = self.batches[index]
         lora, optimizer = self.batch_adapter(len(docs))
-        steps = -(-(docs[:, 1] - docs[:, 0]) // h.ttt_lora_chunk)
+        size = self.chunks[index]
+        steps = -(-(docs[:, 1] - docs[:, 0]) // size)
         train = self.guard.allows(projected, "the LoRA steps and phases", agreed=False)
         for chunk in range(int(steps.max())):
             rows = np.flatnonzero(steps > chunk)
             train_rows = train & (chunk < steps[rows] - 1)
-            self.chunk_step(lora, docs[rows], rows, chunk, train_rows)
+            self.chunk_step(lora, docs[rows], rows, chunk, train_rows, size)
             if train_rows.any():
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -5058,12 +5386,13 @@ class DocumentLoRATrainer:
         self.seconds["batch"].append(time.perf_counter() - started)
         self.done.append(index)
 
-    def chunk_step(self, lora: BatchedLoRA, docs: np.ndarray, rows: np.ndarray, chunk: int, train_rows: np.ndarray):
-        """Score each document's chunk (docs: the batch's `rows` still scoring), then the LoRA gradient of
-        train_rows' chunks (the caller steps): one forward a group of rows (TTT_LORA_BATCH_TOKENS), scores first."""
+    def chunk_step(self, lora: BatchedLoRA, docs: np.ndarray, rows: np.ndarray, chunk: int, train_rows, size: int):
+        """Score each document's chunk `chunk` of `size` targets (docs: the batch's `rows` still scoring), then the
+        LoRA gradient of train_rows' chunks (the caller steps): one forward a group of rows (TTT_LORA_BATCH_TOKENS),
+        scores first."""
         h = self.h
-        lo = docs[:, 0] + chunk * h.ttt_lora_chunk
-        hi = np.minimum(lo + h.ttt_lora_chunk, docs[:, 1])
+        lo = docs[:, 0] + chunk * size
+        hi = np.minimum(lo + size, docs[:, 1])
         first = np.maximum(docs[:, 0], hi - h.ttt_lora_context)
         for group in row_groups(hi - first, h.ttt_lora_batch_tokens):
             self.group_step(lora, rows[group], first[group], lo[group], hi[group], train_rows[group])
@@ -5245,7 +5574,8 @@ def evaluate_pass(run: RunContext, label: str, evaluate_fn, suffix: str = "") ->
 
 
 def evaluate_artifact(run: RunContext, val: ValidationSet):
-    """Every scored pass runs on the artifact read back from disk. The eval budget starts at that read."""
+    """Every scored pass runs on the artifact read back from disk. The eval clock (EVAL_CLOCK, EvalClock) starts at
+    that read, or as the accepted records start theirs."""
     h = run.h
     phase_started = time.perf_counter()  # the eval phase's wall time, logged beside the eval clock's
     model = build_model(h, run)
@@ -5257,12 +5587,15 @@ def evaluate_artifact(run: RunContext, val: ValidationSet):
             f"before the artifact is loaded and the eval clock starts"
         )
     allow_long_collectives(run, h.eval_budget_seconds + 60)
-    eval_started = time.perf_counter()
+    clock = EvalClock(run)
     load_exported_state(model, read_artifact(h.artifact_path))
-    run.log(f"eval:artifact loaded path:{h.artifact_path} seconds:{time.perf_counter() - eval_started:.1f}")
-    evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val, h.eval_seq_len))
+    run.log(f"eval:artifact loaded path:{h.artifact_path} seconds:{clock.seconds():.1f}")
     sliding, _, stream_tilt = stream_passes(h)
-    tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run) if stream_tilt else None  # on the eval clock
+    clock.start_if(not (sliding or h.ttt_enabled or stream_tilt), "the roundtrip pass (the scored one)")
+    evaluate_pass(run, "final_int6_roundtrip", lambda: evaluate(model, run, val, h.eval_seq_len))
+    clock.start_if(stream_tilt, "the n-gram tilt's hints, which the scored pass uses")
+    tilt = NgramTilt(val.tokens, h.ngram_tilt_beta, run) if stream_tilt else None
+    clock.start_if(sliding and not h.ttt_enabled, "the sliding pass (the scored one)")
     if sliding:
         evaluate_pass(
             run,
@@ -5271,17 +5604,45 @@ def evaluate_artifact(run: RunContext, val: ValidationSet):
             suffix=f" stride:{h.eval_stride}",
         )
     if h.ttt_enabled:
-        audit = evaluate_pass(run, "legal_ttt", lambda: start_ttt(run, model, val, eval_started, tilt)).audit
+        clock.start_if(not stream_tilt, "the TTT pass (the scored one)")
+        audit = evaluate_pass(run, "legal_ttt", lambda: start_ttt(run, model, val, clock.started, tilt)).audit
         run.log(f"ttt_audit ok: {audit}")
     name, (val_loss, val_bpb) = run.final_score
     run.log(f"final_score pass:{name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")  # the one line tools read
-    total_s = time.perf_counter() - eval_started
-    # Records leave compile warmup off the eval clock (#1855: a convention); the phase's wall time is logged too
+    total_s = clock.seconds()
     run.log(
-        f"eval:total seconds:{total_s:.1f} budget:{h.eval_budget_seconds:.0f}"
+        f"eval:total seconds:{total_s:.1f} budget:{h.eval_budget_seconds:.0f} clock:{h.eval_clock}"
         + (" OVER BUDGET" if total_s > h.eval_budget_seconds else "")
+        + f" off_clock_seconds:{clock.off_clock:.1f}"
         + f" phase_seconds_with_priming:{time.perf_counter() - phase_started:.1f}"
     )
+
+
+class EvalClock:
+    """EVAL_BUDGET_SECONDS' clock. EVAL_CLOCK=artifact: from the artifact's read, every pass after it counted.
+    records: as the accepted records count (#1855/#2014's logs: their timer begins after decompression, the
+    diagnostic quantized pass and the TTT compile warm-up; #2135's counts its n-gram precompute): it restarts at the
+    first work the scored pass needs, and what ran before is logged as off_clock_seconds."""
+
+    def __init__(self, run: RunContext):
+        self.run = run
+        self.started = time.perf_counter()
+        self.off_clock = 0.0
+        self.restarted = run.h.eval_clock == "artifact"
+
+    def start_if(self, condition: bool, reason: str):
+        """EVAL_CLOCK=records: start the clock now, once, if `condition` (the scored pass's work begins here)."""
+        if self.restarted or not condition:
+            return
+        self.run.sync()
+        now = time.perf_counter()
+        self.off_clock = now - self.started
+        self.started = now
+        self.restarted = True
+        self.run.log(f"eval:clock started at {reason}; {self.off_clock:.1f}s before it off the clock, as the records")
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def start_ttt(run: RunContext, model: GPT, val: ValidationSet, eval_started: float, tilt) -> PassScore:

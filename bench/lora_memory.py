@@ -59,7 +59,7 @@ def main() -> None:
         trainer.ledger.mark(int(docs[0, 0]), int(docs[0, 0]) + index * chunk)
     started = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        trainer.chunk_step(docs, np.arange(len(docs)), steps - 2, np.ones(len(docs), bool))
+        trainer.chunk_step(trainer.lora, docs, np.arange(len(docs)), steps - 2, np.ones(len(docs), bool), chunk)
     row_tokens = len(docs) * context
     per_token = sum(saved.values()) / row_tokens
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Markdown tables of the presets against the records' own code, from the logs of bench/parity_run.sh:
 
-    python3 bench/parity_table.py            # pr1089 vs #1089 and frontier_caseops vs #1855, seeds 1337 / 42 / 2024
+    python3 bench/parity_table.py            # pr1089 vs #1089, frontier_caseops vs #1855, frontier_2014 vs #2014
     python3 bench/parity_table.py --write    # the same, into docs/RESULTS.md between its markers
 
 A row per seed with both logs: the step-1 train_loss of each code, the steps both logged, the first step whose
@@ -32,6 +32,11 @@ PRESETS = {
     "frontier_caseops": (
         "rec1855",
         "#1855",
+        (("post_average", "post-average"), ("roundtrip", "quantized"), ("legal_ttt", "phased LoRA TTT")),
+    ),
+    "frontier_2014": (
+        "rec2014",
+        "#2014",
         (("post_average", "post-average"), ("roundtrip", "quantized"), ("legal_ttt", "phased LoRA TTT")),
     ),
 }

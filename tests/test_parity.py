@@ -39,8 +39,11 @@ def step1_loss(h: train_gpt.Hyperparameters) -> float:
     loader = train_gpt.training_loader(h, rank=0, world_size=1, device="cpu")
     model.looping = train_gpt.looping_at(h, 0.0)  # as the Trainer starts: the plain graph first
     local_tokens = h.train_batch_tokens // h.grad_accum_steps
+    seq_len = train_gpt.train_seq_len_at(h, 0.0)  # TRAIN_SEQ_SCHEDULE's first stage
+    segment_len = seq_len if h.loader == "documents" else None
     with torch.no_grad():
-        losses = [model(*loader.next_batch(local_tokens, h.train_seq_len)[:2]) for _ in range(h.grad_accum_steps)]
+        batches = [loader.next_batch(local_tokens, seq_len)[:2] for _ in range(h.grad_accum_steps)]
+        losses = [model(*batch, segment_len=segment_len) for batch in batches]
     return torch.stack(losses).mean().item()
 
 
@@ -139,3 +142,24 @@ def test_the_record_orders_differ_only_in_order():
     assert torch.allclose(b.mlp_up_bank[0] @ b.mlp_up_bank[0].T, torch.eye(b.mlp_up_bank.size(1)), atol=1e-5) or (
         torch.allclose(b.mlp_up_bank[0].T @ b.mlp_up_bank[0], torch.eye(b.mlp_up_bank.size(2)), atol=1e-5)
     )
+
+
+# PRESET=frontier_2014 against #2014's code at bench/parity_run.sh's frontier_2014 shape: the record's schedule scaled
+# to it (64/128/256 by step), so step 1 runs 64-token segments (logs/p1/parity_frontier_2014_rec2014_s*.txt). #2014
+# adds #1923's two softcap scalars, which never receive a gradient (docs/CONFIG.md): 2 parameters more than #1855.
+FRONTIER_2014_TINY = dict(
+    FRONTIER_CASEOPS_TINY,
+    PRESET="frontier_2014",
+    TRAIN_SEQ_SCHEDULE="64@0.1,128@0.7,256@1.0",
+    TRAIN_SEQ_SCHEDULE_MODE="step",
+    SEQ_CHANGE_WARMUP_STEPS=2,
+    EVAL_STRIDE=128,
+)
+PEER_2014_STEP1_LOSS = {1337: 9.0059, 42: 9.0058, 2024: 9.0103}
+
+
+@pytest.mark.parametrize("seed", sorted(PEER_2014_STEP1_LOSS))
+def test_frontier_2014_step1_loss_is_2014s(seed):
+    env = dict(FRONTIER_2014_TINY, SEED=seed, DATA_PATH=RECORD_CASEOPS_DATASET, TOKENIZER_PATH=RECORD_CASEOPS_TOKENIZER)
+    assert train_gpt.Hyperparameters({k: str(v) for k, v in env.items()}).qk_gain_init == 5.25
+    assert_record_step1(env, PEER_1855_PARAMETERS - PEER_1855_UNUSED, PEER_2014_STEP1_LOSS[seed])  # #2014 less 2

@@ -426,7 +426,7 @@ def report_lora_projection(h: tg.Hyperparameters, timing: dict) -> float:
     drawn = np.random.default_rng(0).choice(lengths, CHALLENGE_DOCUMENTS)
     ends = np.cumsum(drawn)
     batches = tg.lora_queue(np.stack((ends - drawn, ends), 1), h)  # TTT_LORA_ORDER's batches, as the trainer's
-    step_tokens = np.concatenate([tg.lora_step_tokens(b, h.ttt_lora_chunk, h.ttt_lora_context) for b in batches])
+    step_tokens = np.concatenate([tg.lora_step_tokens(b, tg.lora_chunk(h, b), h.ttt_lora_context) for b in batches])
     processed = int(step_tokens.sum())
     # the real step mix: batches are balanced over ranks by tokens, so each rank gets about 1/ranks of the steps
     lora = (timing["lora_per_step"] * len(step_tokens) + timing["lora_per_token"] * processed) / h.ranks
