@@ -419,6 +419,15 @@ PRESETS["frontier_2014"] = dict(
     TTT_PHASES="1",
     PHASED_TTT_PREFIX_DOCS="2500",
 )
+# #2014's run with its evaluation re-spent (bench/lora_balance.py, docs/EVALUATION.md): balance saves nothing at its
+# settings (its counter already idles 0.0 %), but documents over 4,000 tokens re-read up to 3,072 tokens of context
+# for each 48-target chunk; chunks of 64 there save ~53 s of the projected 573, spent on #1925's 3,500 prefix documents
+PRESETS["frontier_next"] = dict(
+    PRESETS["frontier_2014"],
+    TTT_LORA_CHUNK="64",
+    TTT_SHORT_SCORE_FIRST_STEPS="256:8,2000:24,4000:48",
+    PHASED_TTT_PREFIX_DOCS="3500",
+)
 
 
 def parse_pairs(name: str, raw: str, separator: str, example: str) -> list[tuple[str, str]]:
@@ -510,6 +519,7 @@ class Hyperparameters:
         self._read_optimizer(env)
         self._read_export(env)
         self._read_evaluation(env)
+        self._read_document_lora(env)
         self.env_names = tuple(env.names)
         self.preset_values = dict(env.from_preset)
         self.record_spellings = sorted(n for n in RECORD_SPELLINGS if environ.get(n, "").strip())
@@ -705,6 +715,25 @@ class Hyperparameters:
         self.ttt_phase_warmup_chunks = env.int("TTT_PHASE_WARMUP_CHUNKS", 0, 0)
         self.ttt_phase_warmup_start_lr = env.float("TTT_PHASE_WARMUP_START_LR", 0.0, 0.0)
         self.ttt_phase_slices = env.int("TTT_PHASE_SLICES", 0, 0)
+        self.ngram_tilt_beta = env.float("NGRAM_TILT_BETA", 2.0, 0.0)
+        self.eval_budget_seconds = env.float("EVAL_BUDGET_SECONDS", 600.0, 0.0)
+        # records: the clock runs from the scored pass's start (the accepted records' count: docs/EVALUATION.md);
+        # artifact: from the artifact's read, diagnostic passes included (stricter)
+        self.eval_clock = env.choice("EVAL_CLOCK", "records", ("records", "artifact"))
+        self.eval_include_tail = env.flag("EVAL_INCLUDE_TAIL", False)  # #2014: score every target, not whole rows
+        self.ttt_optimizer = env.choice("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"))
+        self.ttt_mode = env.choice("TTT_MODE", "sgd", ("sgd", "lora"))
+        self.ttt_lora_order = env.choice("TTT_LORA_ORDER", "length", ("length", "stream", "record1855"))
+        self.ttt_enabled = env.flag("TTT_ENABLED", True)
+        self.ttt_lora_warm_start_a = env.flag("TTT_LORA_WARM_START_A", True)
+        self.ngram_tilt = env.flag("NGRAM_TILT", False)
+        self.eval_only = env.flag("EVAL_ONLY", False)
+        self.eval_sliding = env.flag("EVAL_SLIDING", True)
+        self.ttt_lr_mults = env.float_list("TTT_LR_MULTS", "1,1,1,1")
+
+    def _read_document_lora(self, env: EnvReader):
+        """Document LoRA's (TTT_MODE=lora) recipe switches: #1855's placement, draws, phases and adapters, #1953's and
+        #2014's additions."""
         self.ttt_lora_placement = env.choice("TTT_LORA_PLACEMENT", "ours", ("ours", "record1855"))
         self.ttt_lora_init = env.choice("TTT_LORA_INIT", "ours", ("ours", "record1855"))
         self.ttt_phase_mode = env.choice("TTT_PHASE_MODE", "ours", ("ours", "record1855"))
@@ -715,26 +744,11 @@ class Hyperparameters:
         self.ttt_v_lora = env.flag("TTT_V_LORA", self.ttt_mask not in ("no_v", "no_qv"))
         self.ttt_o_lora = env.flag("TTT_O_LORA", True)
         self.ttt_mlp_lora = env.flag("TTT_MLP_LORA", True)
-        self.ngram_tilt_beta = env.float("NGRAM_TILT_BETA", 2.0, 0.0)
-        self.eval_budget_seconds = env.float("EVAL_BUDGET_SECONDS", 600.0, 0.0)
-        # records: the clock runs from the scored pass's start (the accepted records' count: docs/EVALUATION.md);
-        # artifact: from the artifact's read, diagnostic passes included (stricter)
-        self.eval_clock = env.choice("EVAL_CLOCK", "records", ("records", "artifact"))
-        self.eval_include_tail = env.flag("EVAL_INCLUDE_TAIL", False)  # #2014: score every target, not whole rows
         # #1953: the adapters' AdamW lr is TTT_LORA_LR x this (the phase SGD's is not); #2014: a batch whose longest
         # document (targets + 1 tokens, #2014's doc_len) is <= DOC_LEN scores in chunks of CHUNK
         self.ttt_local_lr_mult = env.float("TTT_LOCAL_LR_MULT", 1.0, 0.0)
         self.ttt_short_score_first_enabled = env.flag("TTT_SHORT_SCORE_FIRST_ENABLED", False)
         self.ttt_short_score_first_steps = parse_short_chunks(env.text("TTT_SHORT_SCORE_FIRST_STEPS", ""))
-        self.ttt_optimizer = env.choice("TTT_OPTIMIZER", "sgd", ("sgd", "adamw"))
-        self.ttt_mode = env.choice("TTT_MODE", "sgd", ("sgd", "lora"))
-        self.ttt_lora_order = env.choice("TTT_LORA_ORDER", "length", ("length", "stream", "record1855"))
-        self.ttt_enabled = env.flag("TTT_ENABLED", True)
-        self.ttt_lora_warm_start_a = env.flag("TTT_LORA_WARM_START_A", True)
-        self.ngram_tilt = env.flag("NGRAM_TILT", False)
-        self.eval_only = env.flag("EVAL_ONLY", False)
-        self.eval_sliding = env.flag("EVAL_SLIDING", True)
-        self.ttt_lr_mults = env.float_list("TTT_LR_MULTS", "1,1,1,1")
 
     @property
     def ttt_lora_targets(self) -> tuple[str, ...]:
@@ -4450,6 +4464,9 @@ def export_blob(run: RunContext, model: GPT, code_bytes: int, hessians, fast: bo
     mixed = h.mixed_precision and hessians and not fast
     bits = allocate_mixed_bits(state, h, hessians, budget, run.log) if mixed else None
     tensors, schemes = quantize_state(state, h, hessians, bits)
+    awq = {name: tensors[name + ".awq_start"].tolist() for name, scheme in schemes.items() if "+awq" in scheme}
+    if awq:
+        run.log(f"awq_lite: int{h.awq_lite_bits} groups of {h.awq_lite_group_size} columns at {awq}")
     if h.lqer_top_k:
         corrected = add_lqer_corrections(state, tensors, schemes, h)
         run.log(f"lqer: rank {h.lqer_rank} corrections on {' '.join(corrected)}")

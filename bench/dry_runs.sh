@@ -16,6 +16,7 @@ configs=(
   "frontier_vocab4096:PRESET=frontier VOCAB_SIZE=4096"
   "frontier_vocab8192:PRESET=frontier VOCAB_SIZE=8192"
   "frontier_sp8192:PRESET=frontier_sp8192"
+  "frontier_2014:PRESET=frontier_2014"
 )
 for config in "${configs[@]}"; do
   name=${config%%:*}

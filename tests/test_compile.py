@@ -100,6 +100,28 @@ def test_warmup_primes_the_looped_graph_before_the_clock(tmp_path, monkeypatch, 
     assert compiled_graphs() == primed
 
 
+@pytest.mark.parametrize("loader", ["stream", "documents"])
+def test_warmup_primes_every_stage_of_the_sequence_schedule(tmp_path, monkeypatch, sample_data, loader):
+    """TRAIN_SEQ_SCHEDULE (#2014): each stage's graph (rows of its length, or a packed row's segments cut at it) plain
+    and, from ENABLE_LOOPING_AT on, looped, and late QAT's, all compiled by prime(): nothing in the timed loop."""
+    torch._dynamo.reset()
+    schedule = dict(TRAIN_SEQ_SCHEDULE="32@0.3,64@1.0", NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, LOADER=loader)
+    isolation = dict(DOC_ISOLATION=1) if loader == "documents" else {}
+    run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1, **schedule, **isolation)
+    model = train_gpt.build_model(run.h, run)
+    trainer = train_gpt.Trainer(run.h, run, model)
+    labels = [label for label, *_ in trainer.graph_variants()]
+    assert labels == [":graph_seq64", ":graph_seq64_looped", ":qat_graph"]
+    trainer.prime()
+    primed = compiled_graphs()
+    assert trainer.seq_len == 32 and not model.looping
+    loader_ = trainer.new_loader()
+    for step, (seq_len, looping, qat) in enumerate(((32, 0, 0), (64, 0, 0), (64, 1, 0), (64, 1, 1))):
+        trainer.seq_len, model.looping, model.qat_active = seq_len, bool(looping), bool(qat)
+        trainer.step(loader_, step, 1.0)
+    assert compiled_graphs() == primed
+
+
 @pytest.mark.parametrize("tilt", [0, 1])
 def test_evaluation_compiles_nothing_after_priming(tmp_path, monkeypatch, tilt):
     """Scoring (roundtrip, sliding) and TTT (its scoring and training) run on graphs primed on random tokens, with

@@ -225,3 +225,25 @@ def test_the_size_table_is_current():
     assert size_table.annotate(REPO / "docs" / "ARTIFACT.md", check=True) == 0
     code_bytes = len((REPO / "train_gpt.py").read_text(encoding="utf-8").encode("utf-8"))
     assert size_table.plan("default", "readable")["code"] == code_bytes
+
+
+def test_lora_balance_fits_2014s_log_and_projects_frontier_next_within_it():
+    """bench/lora_balance.py: fitted on #2014's queue, #2014's counter scheme reproduces the log's 572.4 s of TTT
+    (269.0 + 27.6 + 275.8) to 0.5 s; frontier_next, balanced as ours, projects no longer than that."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import lora_balance
+    import train_gpt
+
+    spans = lora_balance.record_spans()
+    assert len(spans) == 50_000 and abs((spans[:, 1] - spans[:, 0]).mean() - 957) < 30  # 47,853,343 / 50,000
+    queues = {
+        name: lora_balance.QueueCosts(train_gpt.Hyperparameters(dict(PRESET=name)), spans)
+        for name in ("frontier_2014", "frontier_next")
+    }
+    beta, delta, gamma = lora_balance.fit(queues["frontier_2014"])
+    record = lora_balance.project("frontier_2014", queues["frontier_2014"], beta, delta, gamma)
+    assert abs(record["counter"] - 572.4) < 0.5
+    assert (
+        lora_balance.project("frontier_next", queues["frontier_next"], beta, delta, gamma)["balanced"]
+        <= record["counter"]
+    )

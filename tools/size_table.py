@@ -49,6 +49,12 @@ CONFIGS = (
         "BigramHash and VE kept: why #1218/#1394 dropped the hashed tables",
     ),
     ("frontier_sp8192", "`PRESET=frontier_sp8192` = `frontier_caseops`", "no BigramHash, no VE"),
+    (
+        "frontier_2014",
+        "`PRESET=frontier_2014` = `frontier_next`",
+        "#2014's export: `frontier_caseops` plus AWQ-lite's one int8 group (64 columns of the embedding, "
+        "fp16 row scales); frontier_next changes only the evaluation",
+    ),
 )
 PLAN = re.compile(
     r"^size_plan params:(\d+) code_bytes:(\d+) predicted_model_bytes:(\d+) predicted_total_bytes:(\d+) "
