@@ -175,6 +175,15 @@ def test_awq_artifact_round_trips(tmp_path):
     assert error[:, start : start + 64].mean() < error[:, :start].mean() / 4  # 127 levels instead of 63
 
 
+def test_the_size_planner_counts_the_awq_group():
+    """DRY_RUN's plan quantizes the stand-in weights as configured: the int8 group and its per-row scales cost
+    bytes (the 1,024 x 128 embedding is the one candidate over 65,536 entries)."""
+    shape = dict(MODEL_DIM=128, QUANT="gptq", QUANT_BITS_EMBED=7, QUANT_CLIP_SIGMAS_EMBED=14, COMPRESSOR="brotli")
+    plain = train_gpt.plan_artifact(tiny_hyperparameters(**shape))
+    with_group = train_gpt.plan_artifact(tiny_hyperparameters(AWQ_LITE_ENABLED=1, **shape))
+    assert with_group > plain
+
+
 @pytest.mark.parametrize(
     "values, message",
     [(dict(AWQ_LITE_ENABLED=1), "QUANT=gptq"), (dict(AWQ_LITE_ENABLED=1, QUANT="gptq", MIXED_PRECISION=1), "MIXED")],

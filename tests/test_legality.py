@@ -335,6 +335,20 @@ def test_lora_ttt_scores_ignore_the_future(tmp_path, monkeypatch, per_target_sco
     assert_past_unchanged(before, after, p, len(original) - 1)
 
 
+@pytest.mark.parametrize("p", [130, 555])
+def test_short_document_chunks_are_still_score_first(tmp_path, monkeypatch, per_target_scores, p):
+    """#2014's short-document chunks (TTT_SHORT_SCORE_FIRST_STEPS): chunks of 8 instead of 16 on every batch here,
+    more adapter steps, and still no score before p moves when everything after p changes."""
+    env = dict(LORA_ENV, TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="100000:8")
+    original = repetitive_stream()
+    perturbed = perturbed_after(original, p)
+    before = scores_of(lora_pass(), original, tmp_path / "a", monkeypatch, per_target_scores, **env)
+    after = scores_of(lora_pass(), perturbed, tmp_path / "b", monkeypatch, per_target_scores, **env)
+    plain = scores_of(lora_pass(), original, tmp_path / "c", monkeypatch, per_target_scores, **LORA_ENV)
+    assert_past_unchanged(before, after, p, len(original) - 1)
+    assert before != plain  # the chunks did change: the test can fail
+
+
 def test_lora_ttt_trains_and_phases_see_only_scored_documents(tmp_path, monkeypatch, per_target_scores):
     """The phase trains on exactly the documents scored before its boundary. Changing a document changes no score
     of a document scored before it or beside it in its batch (the processing order: longest first, batches of 2),
