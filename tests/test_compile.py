@@ -100,14 +100,12 @@ def test_warmup_primes_the_looped_graph_before_the_clock(tmp_path, monkeypatch, 
     assert compiled_graphs() == primed
 
 
-@pytest.mark.parametrize("loader", ["stream", "documents"])
-def test_warmup_primes_every_stage_of_the_sequence_schedule(tmp_path, monkeypatch, sample_data, loader):
-    """TRAIN_SEQ_SCHEDULE (#2014): each stage's graph (rows of its length, or a packed row's segments cut at it) plain
-    and, from ENABLE_LOOPING_AT on, looped, and late QAT's, all compiled by prime(): nothing in the timed loop."""
+def test_warmup_primes_every_stage_of_the_sequence_schedule(tmp_path, monkeypatch, sample_data):
+    """TRAIN_SEQ_SCHEDULE (#2014) on #2014's packed loader: each stage's graph (its row's segments cut at the stage)
+    plain and, from ENABLE_LOOPING_AT on, looped, and late QAT's, all compiled by prime(): nothing in the timed loop."""
     torch._dynamo.reset()
-    schedule = dict(TRAIN_SEQ_SCHEDULE="32@0.3,64@1.0", NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, LOADER=loader)
-    isolation = dict(DOC_ISOLATION=1) if loader == "documents" else {}
-    run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1, **schedule, **isolation)
+    schedule = dict(TRAIN_SEQ_SCHEDULE="32@0.3,64@1.0", NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, LOADER="documents")
+    run = make_run(tmp_path, monkeypatch, DATA_PATH=sample_data[0], WARMUP_STEPS=1, DOC_ISOLATION=1, **schedule)
     model = train_gpt.build_model(run.h, run)
     trainer = train_gpt.Trainer(run.h, run, model)
     labels = [label for label, *_ in trainer.graph_variants()]
