@@ -27,8 +27,7 @@ case $preset in
     peer=rec1089
     shape=(DATA_PATH=$data/fineweb_sample_sp1024 TOKENIZER_PATH=$tokenizers/fineweb_1024_bpe.model VOCAB_SIZE=1024
       VE_LAYERS=4,5 VE_DIM=64 NGRAM_BUCKETS=1536 EVAL_STRIDE=64 WARMDOWN_ITERS=7 VAL_BATCH_SIZE=65536) ;;
-  frontier_caseops)
-    peer=rec1855
+  frontier_caseops|frontier_2014)
     # #1855's scored run's own overrides (its README), which its code defaults do not hold
     "$repo/.venv/bin/python" "$repo/bench/parity_val_cut.py" "$data/fineweb_sample_caseops_record" \
       "$data/fineweb_sample_caseops_record_val20" 20 >/dev/null
@@ -41,29 +40,20 @@ case $preset in
       BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5
       GATED_ATTN_QUANT_GATE=1 SPARSE_ATTN_GATE_ENABLED=1 GATE_WINDOW=12 SMEAR_GATE_ENABLED=1 LQER_ENABLED=1
       LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64 LQER_TOP_K=3 COMPRESSOR=brotli
-      NGRAM_TILT=0 TTT_CHUNK_TOKENS=4096 EVAL_BUDGET_SECONDS=100000) ;;
-  frontier_2014)
-    peer=rec2014
-    # #1855's shape and overrides as above, then #2014's scored run's settings scaled to it
-    # (shared/peers/README.md's tiny run): the 1024@0.1,2048@0.7,3072@1.0 schedule as 64/128/256 by step (every stage
-    # divides the 1,024-token micro-batch), 2 re-warm steps (32 of ~4,885 scale to less than one), one phase.
-    # EVAL_STRIDE=128 only satisfies ours' check (it must divide EVAL_SEQ_LEN); neither code slides here.
-    "$repo/.venv/bin/python" "$repo/bench/parity_val_cut.py" "$data/fineweb_sample_caseops_record" \
-      "$data/fineweb_sample_caseops_record_val20" 20 >/dev/null
-    shape=(DATA_PATH=$data/fineweb_sample_caseops_record_val20
-      TOKENIZER_PATH=$tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model VOCAB_SIZE=8192
-      VAL_BATCH_TOKENS=2048 CASEOPS_ENABLED=1 NUM_LOOPS=2 LOOP_START=2 LOOP_END=3 PARALLEL_START_LAYER=4 TTT_EVAL_SEQ_LEN=256
-      TTT_BATCH_SIZE=4 PHASED_TTT_PREFIX_DOCS=12 PHASED_TTT_NUM_PHASES=1 GLOBAL_TTT_CHUNK_TOKENS=4096
-      EMBED_BITS=7 MATRIX_LR=0.026 MIN_LR=0.1 MLP_CLIP_SIGMAS=11.5 ATTN_CLIP_SIGMAS=13.0 EMBED_CLIP_SIGMAS=14.0
-      GRAD_CLIP_NORM=0.3 TTT_CHUNK_SIZE=48 MUON_BACKEND_STEPS=5 GLOBAL_TTT_MOMENTUM=0.9 WARMDOWN_FRAC=0.85
-      BETA2=0.99 TTT_BETA2=0.99 TTT_WEIGHT_DECAY=0.5 TTT_LORA_RANK=80 SPARSE_ATTN_GATE_SCALE=0.5
-      GATED_ATTN_QUANT_GATE=1 SPARSE_ATTN_GATE_ENABLED=1 GATE_WINDOW=12 SMEAR_GATE_ENABLED=1 LQER_ENABLED=1
-      LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64 LQER_TOP_K=3 COMPRESSOR=brotli
-      TRAIN_SEQ_SCHEDULE=64@0.1,128@0.7,256@1.0 TRAIN_SEQ_SCHEDULE_MODE=step SEQ_CHANGE_WARMUP_STEPS=2
-      COMPILE_SHAPE_WARMUP=1 QK_GAIN_INIT=5.25 AWQ_LITE_ENABLED=1 AWQ_LITE_BITS=8 AWQ_LITE_GROUP_TOP_K=1
-      AWQ_LITE_GROUP_SIZE=64 ASYM_LOGIT_RESCALE=1 EVAL_INCLUDE_TAIL=1 TTT_MASK=no_qv TTT_LOCAL_LR_MULT=0.75
-      TTT_SHORT_SCORE_FIRST_ENABLED=1 TTT_SHORT_SCORE_FIRST_STEPS=256:8,2000:24 EVAL_STRIDE=128
-      NGRAM_TILT=0 TTT_CHUNK_TOKENS=4096 EVAL_BUDGET_SECONDS=100000) ;;
+      NGRAM_TILT=0 TTT_CHUNK_TOKENS=4096 EVAL_BUDGET_SECONDS=100000)
+    peer=rec1855
+    if [[ $preset == frontier_2014 ]]; then
+      # then #2014's scored run's settings scaled to this shape (shared/peers/README.md's tiny run; the later value
+      # of a variable wins): the 1024@0.1,2048@0.7,3072@1.0 schedule as 64/128/256 by step (every stage divides the
+      # 1,024-token micro-batch), 2 re-warm steps (32 of ~4,885 scale to less than one), one phase.
+      # EVAL_STRIDE=128 only satisfies ours' check (it must divide EVAL_SEQ_LEN); neither code slides here.
+      peer=rec2014
+      shape+=(PHASED_TTT_NUM_PHASES=1 TRAIN_SEQ_SCHEDULE=64@0.1,128@0.7,256@1.0 TRAIN_SEQ_SCHEDULE_MODE=step
+        SEQ_CHANGE_WARMUP_STEPS=2 COMPILE_SHAPE_WARMUP=1 QK_GAIN_INIT=5.25 AWQ_LITE_ENABLED=1 AWQ_LITE_BITS=8
+        AWQ_LITE_GROUP_TOP_K=1 AWQ_LITE_GROUP_SIZE=64 ASYM_LOGIT_RESCALE=1 EVAL_INCLUDE_TAIL=1 TTT_MASK=no_qv
+        TTT_LOCAL_LR_MULT=0.75 TTT_SHORT_SCORE_FIRST_ENABLED=1 TTT_SHORT_SCORE_FIRST_STEPS=256:8,2000:24
+        EVAL_STRIDE=128)
+    fi ;;
   *) echo "parity_run.sh: preset must be pr1089, frontier_caseops or frontier_2014, got '$preset'" >&2; exit 2 ;;
 esac
 if [[ $code == ours ]]; then
